@@ -1,0 +1,1 @@
+"""Job service REST API (FastAPI). Built in a later issue."""

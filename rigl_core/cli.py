@@ -1,0 +1,248 @@
+"""The `rigl` command line: `rigl plan` previews per-layer sparsity, `rigl train` trains locally.
+
+Bad input exits with status 2 and one line naming the field; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from rigl_core.spec import METHODS, JobSpec, SparsitySpec, format_validation_error
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 3,32,32, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 3,32,32, got {text!r}")
+    return values
+
+
+def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHODS, help="sparse-training method (default rigl)")
+    p.add_argument("--sparsity", type=float, help="target sparsity over masked layers, in [0, 1)")
+    p.add_argument("--distribution", choices=("uniform", "er", "erk"), help="per-layer distribution (default erk)")
+    p.add_argument("--erk-power-scale", type=float, help="ERK exponent (default 1)")
+    first = p.add_mutually_exclusive_group()
+    first.add_argument("--dense-first-layer", dest="dense_first_layer", action="store_true", default=None,
+                       help="keep the first layer dense (default for uniform)")
+    first.add_argument("--no-dense-first-layer", dest="dense_first_layer", action="store_false",
+                       help="mask the first layer too (default for er/erk)")
+    p.add_argument("--include", action="append", help="glob of module names to mask (repeatable)")
+    p.add_argument("--exclude", action="append", help="glob of module names to keep dense (repeatable)")
+    p.add_argument("--hidden-sizes", type=_shape, help="mlp hidden widths, e.g. 300,100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rigl", description="Sparse training with RigL (Evci et al., 2020).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="print the per-layer sparsity plan without training")
+    plan.add_argument("--model", required=True, help="mlp, lenet5 or a torchvision model name")
+    plan.add_argument("--num-classes", type=int, help="output classes (default 10 for built-ins, 1000 otherwise)")
+    plan.add_argument("--input-shape", type=_shape, help="C,H,W (default 1,28,28 for built-ins, 3,224,224 otherwise)")
+    plan.add_argument("--config", type=Path, help="take the sparsity section from a JobSpec file (.json/.yaml)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_sparsity_flags(plan)
+
+    train = sub.add_parser("train", help="train locally and write report, metrics and exports to --out")
+    train.add_argument("--config", type=Path, help="JobSpec file (.json/.yaml); flags override it")
+    train.add_argument("--model", help="mlp, lenet5 or a torchvision model name")
+    train.add_argument("--dataset", help="digits or synthetic")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--optimizer", choices=("sgd", "nesterov", "adam", "adamw"))
+    train.add_argument("--lr", type=float)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--delta-t", type=int, help="steps between mask updates (ΔT)")
+    train.add_argument("--alpha", type=float, help="initial drop fraction α")
+    train.add_argument("--t-end", type=float, help="last mask update as a fraction of training")
+    train.add_argument("--out", type=Path, required=True, help="output directory")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="write DIR/checkpoint.pt every N steps")
+    train.add_argument("--resume", type=Path, help="resume from a checkpoint written by --checkpoint-every")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_sparsity_flags(train)
+    return parser
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        raise UsageError(f"--config: {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: {path} must hold a mapping with sections model, dataset, sparsity, training")
+    return data
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    if value is None:
+        return
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--config: section {key!r} must be a mapping")
+    node[leaf] = value
+
+
+SPARSITY_FLAGS = {
+    "method": "sparsity.method",
+    "sparsity": "sparsity.sparsity",
+    "distribution": "sparsity.distribution",
+    "erk_power_scale": "sparsity.erk_power_scale",
+    "dense_first_layer": "sparsity.dense_first_layer",
+    "include": "sparsity.include",
+    "exclude": "sparsity.exclude",
+    "hidden_sizes": "model.hidden_sizes",
+}
+
+TRAIN_FLAGS = {
+    "model": "model.name",
+    "dataset": "dataset.name",
+    "epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "batch_size": "training.batch_size",
+    "optimizer": "training.optimizer",
+    "lr": "training.lr",
+    "weight_decay": "training.weight_decay",
+    "seed": "training.seed",
+    "device": "training.device",
+    "delta_t": "sparsity.schedule.delta_t",
+    "alpha": "sparsity.schedule.alpha",
+    "t_end": "sparsity.schedule.t_end",
+}
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    tree = _read_config(args.config) if args.config else {}
+    for flag, dotted in {**SPARSITY_FLAGS, **TRAIN_FLAGS}.items():
+        _set(tree, dotted, getattr(args, flag, None))
+    for section in ("model", "dataset"):
+        if section not in tree:
+            raise UsageError(f"{section}: missing; pass --{section if section == 'model' else 'dataset'} or --config")
+    return JobSpec.model_validate(tree)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rigl_core.models import build_model, default_input_shape, default_num_classes
+    from rigl_core.plan import make_plan
+
+    tree = _read_config(args.config).get("sparsity", {}) if args.config else {}
+    for flag, dotted in SPARSITY_FLAGS.items():
+        if dotted.startswith("sparsity."):
+            _set(tree, dotted.removeprefix("sparsity."), getattr(args, flag))
+    sparsity = SparsitySpec.model_validate(tree)
+    from rigl_core.spec import ModelSpec
+
+    model_spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_shape=args.input_shape,
+                           hidden_sizes=args.hidden_sizes)
+    input_shape = model_spec.input_shape or default_input_shape(model_spec.name)
+    num_classes = model_spec.num_classes or default_num_classes(model_spec.name)
+    try:
+        model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta")
+        plan = make_plan(model, input_shape, sparsity)
+    except RuntimeError as exc:  # a shape that does not fit the model
+        raise UsageError(f"--input-shape: {input_shape} does not fit {model_spec.name}: {str(exc).splitlines()[0]}") from None
+    result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_plan_table(result))
+    _warn_partial_sparsity(result)
+    return 0
+
+
+def format_plan_table(plan: dict) -> str:
+    lines = [f"{'layer':<32} {'shape':<20} {'params':>11} {'density':>8} {'flops_sparse':>14}  note"]
+    for row in plan["layers"]:
+        lines.append(
+            f"{row['name']:<32} {'x'.join(map(str, row['shape'])):<20} {row['params']:>11,} "
+            f"{row['density']:>8.4f} {row['flops_sparse']:>14,}  {'' if row['masked'] else row['reason']}"
+        )
+    t = plan["totals"]
+    lines.append(
+        f"sparsity {t['sparsity']:.4f} over masked layers ({t['masked_params']:,} of {t['params']:,} weights); "
+        f"whole network {t['overall_sparsity']:.4f}; inference FLOPs {t['inference_flops_ratio']:.3f}x dense; "
+        f"training FLOPs {t['training_flops_ratio']:.3f}x dense ({plan['method']})"
+    )
+    return "\n".join(lines)
+
+
+def _warn_partial_sparsity(plan: dict) -> None:
+    """Say it out loud when unmasked layers make the whole network much denser than the target."""
+    t = plan["totals"]
+    if plan["method"] == "dense" or t["sparsity"] - t["overall_sparsity"] < 0.01:
+        return
+    dense = [r["name"] for r in plan["layers"] if not r["masked"]]
+    print(
+        f"note: {len(dense)} layer(s) kept dense ({', '.join(dense[:4])}{'…' if len(dense) > 4 else ''}); "
+        f"whole-network sparsity is {t['overall_sparsity']:.3f} while the masked layers are {t['sparsity']:.3f}",
+        file=sys.stderr,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rigl_core.run import run_training
+
+    spec = spec_from_args(args)
+    report = run_training(
+        spec,
+        args.out,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+    _warn_partial_sparsity(report)
+    m = report["final_metrics"]
+    print(
+        f"{spec.sparsity.method} {report['totals']['sparsity']:.3f} sparse: val_accuracy "
+        f"{m.get('val_accuracy', float('nan')):.4f}, {report['steps']} steps in {report['train_seconds']:.1f}s "
+        f"-> {args.out}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        return cmd_train(args)
+    except ValidationError as exc:
+        print(f"rigl: error: {format_validation_error(exc)}", file=sys.stderr)
+    except (UsageError, ValueError) as exc:
+        print(f"rigl: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("rigl: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

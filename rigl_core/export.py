@@ -1,0 +1,90 @@
+"""Exports: the dense state_dict with exact zeros, and a packed sparse safetensors file.
+
+Packed format (`rigl-packed-v1`), readable with numpy alone:
+- `<name>.values`: the active entries of tensor `<name>` in row-major (C) order, original dtype;
+- `<name>.mask`: the boolean mask, flattened row-major and packed 8 per byte with
+  `numpy.packbits(bitorder="little")`, uint8;
+- any tensor that is not masked is stored unchanged under its own name;
+- safetensors metadata key `rigl`: JSON `{"format": "rigl-packed-v1", "tensors": {name: {"shape": [...],
+  "dtype": "float32", "nnz": N}}}` for every packed tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PACKED_FORMAT = "rigl-packed-v1"
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_dense(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """`model.safetensors`: loads with plain `load_state_dict(strict=True)` into the unmodified model."""
+    path = Path(path)
+    save_file(dense_state_dict(model), str(path), metadata=metadata)
+    return path
+
+
+def pack_state_dict(
+    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split masked tensors into values + packed bits; `masks` is keyed by state_dict name."""
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict] = {}
+    for name, tensor in state.items():
+        mask = masks.get(name)
+        if mask is None:
+            tensors[name] = tensor.contiguous()
+            continue
+        flat_mask = mask.detach().cpu().reshape(-1)
+        tensors[f"{name}.values"] = tensor.reshape(-1)[flat_mask].contiguous()
+        bits = np.packbits(flat_mask.numpy().astype(np.uint8), bitorder="little")
+        tensors[f"{name}.mask"] = torch.from_numpy(bits)
+        info[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
+                      "nnz": int(flat_mask.sum())}
+    return tensors, {"rigl": json.dumps({"format": PACKED_FORMAT, "tensors": info})}
+
+
+def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write the packed export; `masks` keyed by module name (e.g. "fc1") or parameter name."""
+    state = dense_state_dict(model)
+    by_param = {(k if k in state else f"{k}.weight"): v for k, v in masks.items()}
+    tensors, metadata = pack_state_dict(state, by_param)
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Unpack to a dense state_dict identical to `model.safetensors`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("rigl", "{}"))
+    if meta.get("format") != PACKED_FORMAT:
+        raise ValueError(f"{path}: not a {PACKED_FORMAT} file")
+    raw = load_file(str(path))
+    state: dict[str, torch.Tensor] = {}
+    packed = meta["tensors"]
+    for name, entry in packed.items():
+        numel = int(np.prod(entry["shape"], dtype=np.int64))
+        bits = np.unpackbits(raw[f"{name}.mask"].numpy(), count=numel, bitorder="little").astype(bool)
+        values = raw[f"{name}.values"]
+        dense = torch.zeros(numel, dtype=values.dtype)
+        dense[torch.from_numpy(bits)] = values
+        state[name] = dense.view(entry["shape"])
+    for key, tensor in raw.items():
+        base = key.rsplit(".", 1)[0]
+        if base in packed and key in (f"{base}.values", f"{base}.mask"):
+            continue
+        state[key] = tensor
+    return state

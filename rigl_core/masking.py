@@ -1,0 +1,77 @@
+"""Applying boolean masks to weights, gradients and optimizer state, and the drop/grow primitive.
+
+Inactive weights are kept at exactly 0 and gradients are masked before every optimizer step.
+With zeroed state, SGD (momentum, Nesterov), Adam and AdamW then leave inactive weights and
+their state at exactly 0 without re-masking after the step: each of their updates is a product
+or a quotient of zeros. The forward pass uses the raw weights, so `p.grad` after backward is the
+dense gradient RigL needs for growth, with no extra copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def random_mask(shape: tuple[int, ...], n_active: int, generator: torch.Generator) -> torch.Tensor:
+    """Exactly `n_active` ones placed by a random shuffle (not Bernoulli), as the reference code does."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    order = torch.randperm(numel, generator=generator)
+    flat = torch.zeros(numel, dtype=torch.bool)
+    flat[order[:n_active]] = True
+    return flat.view(shape)
+
+
+def mask_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero every per-element state slot (momentum, exp_avg, exp_avg_sq, …) at inactive positions."""
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.mul_(mask)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest scores (flattened)."""
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        flat[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
+    return flat.view(scores.shape)
+
+
+@dataclass
+class DropGrow:
+    """Outcome of one drop/grow on one layer; `kept` and `grown` are flat boolean masks."""
+
+    new_mask: torch.Tensor
+    kept: torch.Tensor
+    grown: torch.Tensor
+    n_drop: int
+
+
+def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int) -> DropGrow:
+    """Drop the k active weights of smallest |w|; grow the k non-kept positions of largest grow score.
+
+    Positions dropped in this update may be regrown (they are not in the kept set), as in the paper.
+    Scores are compared in fp32 to avoid bf16 ties.
+    """
+    flat_mask = mask.reshape(-1)
+    n_active = int(flat_mask.sum())
+    k = min(k, n_active)
+    if k <= 0:
+        return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
+    magnitude = weight.detach().reshape(-1).abs().float()
+    # Inactive entries can never be kept: score them below every active weight.
+    keep_scores = torch.where(flat_mask, magnitude, torch.full_like(magnitude, -1.0))
+    kept = topk_mask(keep_scores, n_active - k)
+    grow = grow_score.detach().reshape(-1).float()
+    grow = torch.where(kept, torch.full_like(grow, -float("inf")), grow)
+    grown = topk_mask(grow, k)
+    new_mask = (kept | grown).view(mask.shape)
+    return DropGrow(new_mask, kept, grown, k)

@@ -1,0 +1,55 @@
+"""Mask-update schedule: which steps update masks and the drop fraction f(t) (paper §3(2))."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """Updates at t = 0, ΔT, 2ΔT, … while t < T_end; f(t) = α/2·(1 + cos(π t / T_end)) by default."""
+
+    delta_t: int
+    t_end: int
+    alpha: float = 0.3
+    decay: str = "cosine"
+
+    def is_update_step(self, step: int) -> bool:
+        return 0 <= step < self.t_end and step % self.delta_t == 0
+
+    def drop_fraction(self, step: int) -> float:
+        if not self.is_update_step(step):
+            return 0.0
+        progress = min(step, self.t_end) / self.t_end
+        if self.decay == "cosine":
+            return self.alpha / 2 * (1 + math.cos(math.pi * progress))
+        if self.decay == "linear":
+            return self.alpha * (1 - progress)
+        if self.decay == "constant":
+            return self.alpha
+        raise ValueError(f"unknown decay {self.decay!r}")
+
+    def update_steps(self) -> list[int]:
+        return list(range(0, self.t_end, self.delta_t))
+
+
+def resolve_t_end(total_steps: int, t_end_fraction: float, t_end_steps: int | None) -> int:
+    """T_end in steps; raises ValueError naming the field when it lies after the end of training."""
+    if t_end_steps is not None:
+        if t_end_steps > total_steps:
+            raise ValueError(
+                f"sparsity.schedule.t_end_steps: {t_end_steps} is after the end of training ({total_steps} steps)"
+            )
+        return t_end_steps
+    return max(1, int(t_end_fraction * total_steps))
+
+
+def gmp_sparsity(step: int, final_sparsity: float, begin: int, end: int) -> float:
+    """Zhu & Gupta cubic schedule: s_t = s_f·(1 − (1 − (t − t0)/(t1 − t0))³), dense before t0."""
+    if step < begin:
+        return 0.0
+    if step >= end or end <= begin:
+        return final_sparsity
+    progress = (step - begin) / (end - begin)
+    return final_sparsity * (1 - (1 - progress) ** 3)

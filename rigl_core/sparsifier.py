@@ -1,0 +1,389 @@
+"""Sparse-training methods: dense, static, SET, SNFS, RigL, GMP and SNIP.
+
+A Sparsifier owns the masks and replaces `optimizer.step()` in the training loop:
+
+    loss.backward()
+    update = sparsifier.step(step)   # masks grads, steps the optimizer or updates masks
+
+The methods differ only in when masks change and which scores drop and grow (rigl_spec.md §3-4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from rigl_core.distributions import active_count
+from rigl_core.layers import Layer
+from rigl_core.masking import drop_and_grow, mask_optimizer_state, random_mask, topk_mask
+from rigl_core.schedules import UpdateSchedule, gmp_sparsity
+
+
+@dataclass
+class LayerUpdate:
+    """What one mask update did to one layer."""
+
+    n_active: int
+    dropped: int
+    grown_new: int  # previously inactive positions that became active
+    regrown: int  # positions dropped and regrown in the same update
+
+
+@dataclass
+class MaskUpdate:
+    step: int
+    drop_fraction: float
+    layers: dict[str, LayerUpdate] = field(default_factory=dict)
+
+    @property
+    def churn(self) -> float:
+        """Share of active weights that are new after this update."""
+        active = sum(u.n_active for u in self.layers.values())
+        return sum(u.grown_new for u in self.layers.values()) / active if active else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "drop_fraction": self.drop_fraction,
+            "churn": self.churn,
+            "layers": {name: vars(u) for name, u in self.layers.items()},
+        }
+
+
+class Sparsifier:
+    """Base: fixed masks (the `static` method). Subclasses override the hooks below."""
+
+    method = "static"
+    replaces_step_on_update = False  # RigL/SNFS/SNIP skip the optimizer step on update iterations
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        sparsities: list[float],
+        optimizer: torch.optim.Optimizer | None,
+        schedule: UpdateSchedule,
+        seed: int = 0,
+        grad_accumulation_n: int = 1,
+        snfs_momentum: float = 0.9,
+        gmp_begin: int = 0,
+    ):
+        self.layers = [layer for layer in layers if layer.masked]
+        self.sparsity = {layer.name: s for layer, s in zip(self.layers, sparsities)}
+        self.target_active = {
+            layer.name: max(1, active_count(layer.numel, self.sparsity[layer.name])) for layer in self.layers
+        }
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.seed = seed
+        self.grad_accumulation_n = grad_accumulation_n
+        self.snfs_momentum = snfs_momentum
+        self.gmp_begin = gmp_begin
+        self.masks: dict[str, torch.Tensor] = {}
+        self.record_details = False  # tests: keep kept/grown sets of the last update
+        self.last_details: dict[str, object] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    def init_masks(self) -> None:
+        """Random masks with exact per-layer counts; identical on every rank (seeded, then broadcast)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for layer in self.layers:
+            mask = random_mask(layer.shape, self.target_active[layer.name], generator)
+            self.masks[layer.name] = mask.to(layer.weight.device)
+        self._broadcast_masks()
+        self.apply_masks()
+
+    def apply_masks(self) -> None:
+        """Zero inactive weights and their optimizer state."""
+        with torch.no_grad():
+            for layer in self.layers:
+                mask = self.masks[layer.name]
+                layer.weight.mul_(mask)
+                mask_optimizer_state(self.optimizer, layer.weight, mask)
+
+    def mask_gradients(self) -> None:
+        for layer in self.layers:
+            grad = layer.weight.grad
+            if grad is not None:
+                grad.mul_(self.masks[layer.name])
+
+    # ----------------------------------------------------------------- the step
+    def step(self, step: int) -> MaskUpdate | None:
+        """Replace `optimizer.step()`: returns the mask update made at this step, if any."""
+        self.observe_gradients(step)
+        if self.replaces_step_on_update and self.is_update_step(step):
+            update = self.update_masks(step)
+            self._zero_grads()
+            return update
+        self.mask_gradients()
+        self.optimizer.step()
+        if not self.replaces_step_on_update and self.is_update_step(step):
+            return self.update_masks(step)
+        return None
+
+    def is_update_step(self, step: int) -> bool:
+        return False
+
+    def observe_gradients(self, step: int) -> None:
+        """Hook to read dense gradients before they are masked (SNFS EMA, RigL accumulation)."""
+
+    def update_masks(self, step: int) -> MaskUpdate | None:
+        return None
+
+    # ----------------------------------------------------------------- helpers
+    def _zero_grads(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _drop_grow_all(self, step: int, grow_scores: dict[str, torch.Tensor]) -> MaskUpdate:
+        fraction = self.schedule.drop_fraction(step)
+        update = MaskUpdate(step=step, drop_fraction=fraction)
+        details = {}
+        with torch.no_grad():
+            for layer in self.layers:
+                old = self.masks[layer.name]
+                n_active = int(old.sum())
+                k = int(fraction * n_active)
+                result = drop_and_grow(old, layer.weight, grow_scores[layer.name], k)
+                old_flat = old.reshape(-1)
+                grown_new = int((result.grown & ~old_flat).sum())
+                update.layers[layer.name] = LayerUpdate(
+                    n_active=int(result.new_mask.sum()),
+                    dropped=result.n_drop,
+                    grown_new=grown_new,
+                    regrown=result.n_drop - grown_new,
+                )
+                if self.record_details:
+                    details[layer.name] = {"old": old.clone(), "kept": result.kept, "grown": result.grown}
+                self.masks[layer.name] = result.new_mask
+        self._broadcast_masks()
+        self.apply_masks()
+        if self.record_details:
+            self.last_details = details
+        return update
+
+    def _broadcast_masks(self) -> None:
+        """Rank 0's masks win, so replicas can never diverge (paper App. M bug 1)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for name in sorted(self.masks):
+            mask = self.masks[name]
+            buffer = mask.to(torch.uint8)
+            dist.broadcast(buffer, src=0)
+            self.masks[name] = buffer.bool()
+
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {"method": self.method, "masks": {k: v.cpu() for k, v in self.masks.items()}, "extra": self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method:
+            raise ValueError(f"checkpoint is for method {state['method']!r}, not {self.method!r}")
+        for layer in self.layers:
+            self.masks[layer.name] = state["masks"][layer.name].to(layer.weight.device)
+        self._load_extra_state(state.get("extra", {}))
+        with torch.no_grad():  # re-apply after loading: guards against mask drift
+            for layer in self.layers:
+                layer.weight.mul_(self.masks[layer.name])
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class DenseSparsifier(Sparsifier):
+    """No masks at all: plain optimizer steps."""
+
+    method = "dense"
+
+    def __init__(self, layers, sparsities, optimizer, schedule, **kwargs):
+        super().__init__([], [], optimizer, schedule, **kwargs)
+
+    def step(self, step: int) -> MaskUpdate | None:
+        self.optimizer.step()
+        return None
+
+
+class StaticSparsifier(Sparsifier):
+    method = "static"
+
+
+class SETSparsifier(Sparsifier):
+    """SET: optimizer step first, then drop by magnitude and grow uniformly at random (stateless RNG)."""
+
+    method = "set"
+
+    def is_update_step(self, step: int) -> bool:
+        return self.schedule.is_update_step(step)
+
+    def update_masks(self, step: int) -> MaskUpdate:
+        scores = {}
+        for index, layer in enumerate(self.layers):
+            # Seeded by (seed, step, layer): every replica draws the same numbers.
+            generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
+            scores[layer.name] = torch.rand(layer.shape, generator=generator).to(layer.weight.device)
+        return self._drop_grow_all(step, scores)
+
+
+class RigLSparsifier(Sparsifier):
+    """RigL: on update steps skip the optimizer step, drop smallest |w|, grow largest |dense gradient|."""
+
+    method = "rigl"
+    replaces_step_on_update = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_sums: dict[str, torch.Tensor] = {}  # only alive in the n-1 steps before an update
+
+    def is_update_step(self, step: int) -> bool:
+        return self.schedule.is_update_step(step)
+
+    def _accumulating(self, step: int) -> bool:
+        n = self.grad_accumulation_n
+        if n <= 1:
+            return False
+        next_update = -(-step // self.schedule.delta_t) * self.schedule.delta_t
+        return next_update - step < n and next_update < self.schedule.t_end
+
+    def observe_gradients(self, step: int) -> None:
+        if not self._accumulating(step):
+            return
+        for layer in self.layers:
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            if layer.name in self.grad_sums:
+                self.grad_sums[layer.name].add_(grad)
+            else:
+                self.grad_sums[layer.name] = grad.detach().clone()
+
+    def grow_scores(self, step: int) -> dict[str, torch.Tensor]:
+        scores = {}
+        for layer in self.layers:
+            grad = layer.weight.grad
+            if layer.name in self.grad_sums:
+                grad = self.grad_sums.pop(layer.name)  # already includes this step's gradient
+            if grad is None:
+                grad = torch.zeros_like(layer.weight)
+            scores[layer.name] = grad.abs()
+        return scores
+
+    def update_masks(self, step: int) -> MaskUpdate:
+        return self._drop_grow_all(step, self.grow_scores(step))
+
+    def _extra_state(self) -> dict:
+        return {"grad_sums": {k: v.cpu() for k, v in self.grad_sums.items()}}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.grad_sums = {
+            layer.name: state["grad_sums"][layer.name].to(layer.weight.device)
+            for layer in self.layers
+            if layer.name in state.get("grad_sums", {})
+        }
+
+
+class SNFSSparsifier(RigLSparsifier):
+    """SNFS (sparse momentum, no redistribution): grow by |EMA of dense gradients| updated every step."""
+
+    method = "snfs"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_ema: dict[str, torch.Tensor] = {}
+
+    def observe_gradients(self, step: int) -> None:
+        beta = self.snfs_momentum
+        for layer in self.layers:
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            ema = self.grad_ema.get(layer.name)
+            if ema is None:
+                self.grad_ema[layer.name] = grad.detach() * (1 - beta)
+            else:
+                ema.mul_(beta).add_(grad, alpha=1 - beta)
+
+    def grow_scores(self, step: int) -> dict[str, torch.Tensor]:
+        return {
+            layer.name: self.grad_ema.get(layer.name, torch.zeros_like(layer.weight)).abs() for layer in self.layers
+        }
+
+    def _extra_state(self) -> dict:
+        return {"grad_ema": {k: v.cpu() for k, v in self.grad_ema.items()}}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.grad_ema = {
+            layer.name: state["grad_ema"][layer.name].to(layer.weight.device)
+            for layer in self.layers
+            if layer.name in state.get("grad_ema", {})
+        }
+
+
+class SNIPSparsifier(Sparsifier):
+    """SNIP: dense forward at step 0, keep top |g·w| per layer (no optimizer step), then static."""
+
+    method = "snip"
+    replaces_step_on_update = True
+
+    def init_masks(self) -> None:
+        for layer in self.layers:
+            self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
+
+    def is_update_step(self, step: int) -> bool:
+        return step == 0
+
+    def update_masks(self, step: int) -> MaskUpdate:
+        update = MaskUpdate(step=step, drop_fraction=0.0)
+        with torch.no_grad():
+            for layer in self.layers:
+                grad = layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)
+                saliency = (grad * layer.weight).abs().float()
+                n_active = self.target_active[layer.name]
+                self.masks[layer.name] = topk_mask(saliency, n_active)
+                update.layers[layer.name] = LayerUpdate(n_active, layer.numel - n_active, 0, 0)
+        self._broadcast_masks()
+        self.apply_masks()
+        return update
+
+
+class GMPSparsifier(Sparsifier):
+    """Zhu & Gupta gradual magnitude pruning: dense start, cubic schedule to the target by T_end."""
+
+    method = "gmp"
+
+    def init_masks(self) -> None:
+        for layer in self.layers:
+            self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
+
+    def is_update_step(self, step: int) -> bool:
+        end = self.schedule.t_end
+        if step == end:
+            return True
+        return self.gmp_begin <= step < end and step % self.schedule.delta_t == 0
+
+    def sparsity_at(self, name: str, step: int) -> float:
+        return gmp_sparsity(step, self.sparsity[name], self.gmp_begin, self.schedule.t_end)
+
+    def update_masks(self, step: int) -> MaskUpdate:
+        update = MaskUpdate(step=step, drop_fraction=0.0)
+        with torch.no_grad():
+            for layer in self.layers:
+                old = self.masks[layer.name]
+                n_keep = max(1, active_count(layer.numel, self.sparsity_at(layer.name, step)))
+                n_keep = min(n_keep, int(old.sum()))  # masks only shrink
+                scores = torch.where(old, layer.weight.abs().float(), torch.full_like(layer.weight, -1.0).float())
+                new = topk_mask(scores, n_keep)
+                update.layers[layer.name] = LayerUpdate(n_keep, int(old.sum()) - n_keep, 0, 0)
+                self.masks[layer.name] = new
+        self._broadcast_masks()
+        self.apply_masks()
+        return update
+
+
+SPARSIFIERS: dict[str, type[Sparsifier]] = {
+    cls.method: cls
+    for cls in (DenseSparsifier, StaticSparsifier, SETSparsifier, RigLSparsifier, SNFSSparsifier, SNIPSparsifier, GMPSparsifier)
+}

@@ -1,0 +1,167 @@
+"""JobSpec: the one description of a training job, shared by the CLI, the REST API and the worker.
+
+Every field has the paper's behaviour as default; unknown fields are rejected so a typo never
+silently trains something other than what was asked.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
+DISTRIBUTIONS = ("uniform", "er", "erk")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Which network to train. `name` is a built-in (`mlp`, `lenet5`) or any torchvision classifier."""
+
+    name: str = Field(description="Built-in model name (mlp, lenet5) or a torchvision classification model name.")
+    num_classes: int | None = Field(None, ge=2, le=100_000, description="Output classes; defaults to the dataset's.")
+    input_shape: list[int] | None = Field(
+        None, min_length=1, max_length=4, description="Input shape C,H,W (or C,L / features); defaults to the dataset's."
+    )
+    hidden_sizes: list[int] | None = Field(
+        None, max_length=16, description="MLP hidden layer widths (default 300,100 as LeNet-300-100)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from rigl_core.models import available_models
+
+        if value not in available_models():
+            raise ValueError(f"unknown model {value!r}; try 'mlp', 'lenet5' or a torchvision name such as 'resnet18'")
+        return value
+
+    @field_validator("input_shape", "hidden_sizes")
+    @classmethod
+    def _positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError("all entries must be positive integers")
+        return value
+
+
+class DatasetSpec(_Strict):
+    """Which data to train on. `digits` ships with scikit-learn; `synthetic` is generated."""
+
+    name: Literal["digits", "synthetic"] = Field(description="Dataset name.")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out for validation (fixed split).")
+    split_seed: int = Field(0, description="Seed of the fixed train/validation split.")
+    num_samples: int = Field(2048, ge=16, le=5_000_000, description="synthetic: total samples.")
+    num_classes: int = Field(10, ge=2, le=1000, description="synthetic: number of classes.")
+    input_shape: list[int] = Field(
+        default_factory=lambda: [3, 32, 32], min_length=1, max_length=4, description="synthetic: sample shape."
+    )
+    noise: float = Field(1.0, ge=0.0, le=100.0, description="synthetic: noise scale; larger is harder.")
+
+
+class ScheduleSpec(_Strict):
+    """When masks change and by how much (paper §3(2))."""
+
+    delta_t: int = Field(100, ge=1, description="ΔT: steps between mask updates.")
+    t_end: float = Field(0.75, gt=0.0, le=1.0, description="T_end as a fraction of total training steps.")
+    t_end_steps: int | None = Field(None, ge=1, description="T_end in steps; overrides t_end when set.")
+    alpha: float = Field(0.3, gt=0.0, le=1.0, description="Initial drop fraction α.")
+    decay: Literal["cosine", "constant", "linear"] = Field("cosine", description="Drop-fraction decay.")
+    grad_accumulation_n: int = Field(
+        1, ge=1, le=64, description="RigL: average grow scores over the last n batches before an update."
+    )
+    snfs_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SNFS: EMA coefficient of dense gradients.")
+    gmp_begin: float = Field(0.2, ge=0.0, lt=1.0, description="GMP: pruning starts at this fraction of training.")
+
+
+class SparsitySpec(_Strict):
+    """What is sparse and how it is trained."""
+
+    method: Literal["dense", "static", "set", "snfs", "rigl", "gmp", "snip"] = Field("rigl")
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0, description="Target sparsity S over the masked layers, in [0, 1).")
+    distribution: Literal["uniform", "er", "erk"] = Field("erk")
+    erk_power_scale: float = Field(1.0, ge=0.0, le=1.0, description="ERK exponent; 0 makes ERK uniform.")
+    dense_first_layer: bool | None = Field(
+        None, description="Keep the first layer dense. Default: true for uniform, false for er/erk (paper)."
+    )
+    dense_depthwise: bool = Field(True, description="Keep depthwise convolutions dense (as the paper's MobileNets).")
+    include: list[str] = Field(
+        default_factory=list, description="Glob patterns of module names to mask (default: every conv and linear)."
+    )
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names never masked.")
+    layer_density: dict[str, float] = Field(
+        default_factory=dict, description="Explicit density per module name; such layers are outside the budget."
+    )
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @field_validator("layer_density")
+    @classmethod
+    def _densities(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, density in value.items():
+            if not 0.0 < density <= 1.0:
+                raise ValueError(f"density of {name!r} must be in (0, 1], got {density}")
+        return value
+
+
+class TrainingSpec(_Strict):
+    """Optimisation settings."""
+
+    epochs: int = Field(10, ge=1, le=100_000)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs' length).")
+    batch_size: int = Field(128, ge=1, le=65_536)
+    optimizer: Literal["sgd", "nesterov", "adam", "adamw"] = Field("sgd")
+    lr: float = Field(0.1, gt=0.0, le=100.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    weight_decay_kernels_only: bool = Field(True, description="Decay conv/linear kernels only, not biases or norms.")
+    lr_schedule: Literal["constant", "step", "cosine"] = Field("cosine")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.3, 0.6, 0.9], description="step schedule: fractions of training."
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: LR factor at each milestone.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear LR warm-up length in epochs.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = Field(0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    eval_every_epochs: int = Field(1, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in value) or value != sorted(value):
+            raise ValueError("milestones must be increasing fractions of training in (0, 1)")
+        return value
+
+
+class JobSpec(_Strict):
+    """A complete training job."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+
+def format_validation_error(error: Exception) -> str:
+    """One line naming the first offending field, e.g. `sparsity.sparsity: Input should be less than 1`."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        parts = []
+        for item in error.errors():
+            loc = ".".join(str(p) for p in item["loc"]) or "spec"
+            msg = item["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}")
+        return "; ".join(parts)
+    return str(error)

@@ -1,0 +1,308 @@
+"""The training loop: one JobSpec in, a trained sparse model and a report out.
+
+`rigl train` and the service's worker run this same Trainer with different callbacks. A run can be
+stopped by a callback, checkpointed and resumed with bitwise-identical results on CPU: the data
+order is a pure function of (seed, epoch), the LR a pure function of the step, and the checkpoint
+holds model, optimizer, masks, method state, counters and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rigl_core.data import Dataset, batches_per_epoch, epoch_order, load_dataset
+from rigl_core.models import build_model
+from rigl_core.optim import build_optimizer, lr_at
+from rigl_core.plan import Plan, make_plan
+from rigl_core.schedules import UpdateSchedule, resolve_t_end
+from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
+from rigl_core.spec import JobSpec
+
+CHECKPOINT_VERSION = 1
+
+
+class Callback:
+    """Hooks into the loop; override what you need. `should_stop` is polled after every step."""
+
+    def on_step(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+    def on_eval(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+    def on_mask_update(self, trainer: "Trainer", update: MaskUpdate) -> None: ...
+
+    def should_stop(self, trainer: "Trainer") -> bool:
+        return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"training.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds data, model, optimizer and sparsifier from a JobSpec and trains."""
+
+    def __init__(self, spec: JobSpec, callbacks: Sequence[Callback] = (), progress: bool = False):
+        self.spec = spec
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        t = spec.training
+        self.device = resolve_device(t.device)
+        _seed_everything(t.seed)
+        self.data: Dataset = load_dataset(spec.dataset)
+        self.num_classes = spec.model.num_classes or self.data.num_classes
+        self.input_shape = list(spec.model.input_shape or self.data.input_shape)
+        self._check_data_fits_model()
+        self.model: nn.Module = build_model(
+            spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes
+        ).to(self.device)
+        self.steps_per_epoch = batches_per_epoch(len(self.data.x_train), t.batch_size)
+        self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
+        sched = spec.sparsity.schedule
+        t_end = resolve_t_end(self.total_steps, sched.t_end, sched.t_end_steps)
+        if spec.sparsity.method == "gmp":
+            t_end = min(t_end, self.total_steps - 1)  # the last pruning step must happen
+        self.schedule = UpdateSchedule(sched.delta_t, t_end, sched.alpha, sched.decay)
+        self.plan: Plan = make_plan(self.model, self.input_shape, spec.sparsity)
+        self.optimizer = build_optimizer(self.model, t)
+        gmp_begin = int(sched.gmp_begin * self.total_steps)
+        if spec.sparsity.method == "gmp" and gmp_begin >= t_end:
+            raise ValueError("sparsity.schedule.gmp_begin: pruning must begin before T_end")
+        self.sparsifier: Sparsifier = SPARSIFIERS[spec.sparsity.method](
+            [lp.layer for lp in self.plan.masked],
+            [lp.target_sparsity for lp in self.plan.masked],
+            self.optimizer,
+            self.schedule,
+            seed=t.seed,
+            grad_accumulation_n=sched.grad_accumulation_n,
+            snfs_momentum=sched.snfs_momentum,
+            gmp_begin=gmp_begin,
+        )
+        self.sparsifier.init_masks()
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.x_train = self.data.x_train.to(self.device)
+        self.y_train = self.data.y_train.to(self.device)
+        self.x_val = self.data.x_val.to(self.device)
+        self.y_val = self.data.y_val.to(self.device)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.train_seconds = 0.0
+        self.eval_history: list[dict] = []
+        self.last_train_loss: float | None = None
+        self.stopped_early = False
+
+    # ------------------------------------------------------------------ setup checks
+    def _check_data_fits_model(self) -> None:
+        data_shape = list(self.data.input_shape)
+        if self.spec.model.input_shape is not None and self.spec.model.input_shape != data_shape:
+            raise ValueError(
+                f"model.input_shape: {self.spec.model.input_shape} does not match the dataset's {data_shape}"
+            )
+        max_label = int(max(self.data.y_train.max(), self.data.y_val.max()))
+        if max_label >= self.num_classes:
+            raise ValueError(
+                f"model.num_classes: {self.num_classes} but the dataset has labels up to {max_label}"
+            )
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train until the last step or until a callback asks to stop; returns the report."""
+        t = self.spec.training
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        order = epoch_order(len(self.x_train), t.seed, self.epoch).to(self.device)
+        started = time.perf_counter()
+        eval_seconds = 0.0
+        try:
+            while self.step < self.total_steps:
+                begin = self.batch_in_epoch * t.batch_size
+                index = order[begin : begin + t.batch_size]
+                loss = self._train_step(self.x_train[index], self.y_train[index])
+                self.step += 1
+                self.batch_in_epoch += 1
+                if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
+                    self.last_train_loss = float(loss)
+                    metrics = {"step": self.step, "epoch": self.epoch, "loss": self.last_train_loss,
+                               "lr": self.optimizer.param_groups[0]["lr"]}
+                    for cb in self.callbacks:
+                        cb.on_step(self, metrics)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{self.last_train_loss:.4f}", refresh=False)
+                epoch_done = self.batch_in_epoch == self.steps_per_epoch
+                if epoch_done:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    order = epoch_order(len(self.x_train), t.seed, self.epoch).to(self.device)
+                if (epoch_done and self.epoch % t.eval_every_epochs == 0) or self.step == self.total_steps:
+                    tick = time.perf_counter()
+                    self._evaluate_and_notify(bar)
+                    eval_seconds += time.perf_counter() - tick
+                if bar is not None:
+                    bar.update(1)
+                if any(cb.should_stop(self) for cb in self.callbacks):
+                    self.stopped_early = self.step < self.total_steps
+                    break
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.train_seconds += time.perf_counter() - started - eval_seconds
+            if bar is not None:
+                bar.close()
+        return self.report()
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, self.spec.training)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        update = self.sparsifier.step(self.step)
+        if update is not None:
+            for cb in self.callbacks:
+                cb.on_mask_update(self, update)
+        return loss.detach()
+
+    def _evaluate_and_notify(self, bar) -> None:
+        metrics = {"step": self.step, "epoch": self.epoch, **self.evaluate()}
+        if self.last_train_loss is not None:
+            metrics["train_loss"] = self.last_train_loss
+        self.eval_history.append(metrics)
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
+        if bar is not None:
+            bar.set_postfix(val_acc=f"{metrics['val_accuracy']:.3f}", refresh=False)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        was_training = self.model.training
+        self.model.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        for begin in range(0, len(self.x_val), 1024):
+            x, y = self.x_val[begin : begin + 1024], self.y_val[begin : begin + 1024]
+            logits = self.model(x)
+            total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+        self.model.train(was_training)
+        return {"val_loss": total_loss / count, "val_accuracy": correct / count}
+
+    # ------------------------------------------------------------------ reporting
+    def nnz(self) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in self.sparsifier.masks.items()}
+
+    def leak_check(self) -> dict:
+        """Count nonzero weights at masked-out positions; must be 0."""
+        leaked = {}
+        with torch.no_grad():
+            for layer in self.sparsifier.layers:
+                count = int(torch.count_nonzero(layer.weight * ~self.sparsifier.masks[layer.name]))
+                if count:
+                    leaked[layer.name] = count
+        return {"ok": not leaked, "leaked": leaked}
+
+    def report(self) -> dict:
+        report = self.plan.to_dict(self.nnz())
+        final = self.eval_history[-1] if self.eval_history else {}
+        report.update(
+            {
+                "model": self.spec.model.name,
+                "dataset": self.spec.dataset.name,
+                "final_metrics": {k: v for k, v in final.items() if k not in ("step", "epoch")},
+                "train_seconds": self.train_seconds,
+                "steps": self.step,
+                "total_steps": self.total_steps,
+                "completed": self.step >= self.total_steps,
+                "t_end": self.schedule.t_end,
+                "delta_t": self.schedule.delta_t,
+                "device": str(self.device),
+                "leak_check": self.leak_check(),
+            }
+        )
+        return report
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def checkpoint_state(self) -> dict:
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "spec": self.spec.model_dump_json(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sparsifier": self.sparsifier.state_dict(),
+            "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "train_seconds": self.train_seconds,
+            "eval_history": json.dumps(self.eval_history),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": _numpy_state(),
+                "python": json.dumps(random.getstate()),
+            },
+        }
+        return state
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Atomic write: a crash mid-save never leaves a truncated checkpoint."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.checkpoint_state(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Resume from our own checkpoint (loaded with weights_only=True: never unpickles code)."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {path}: unsupported version {state.get('version')}")
+        saved = JobSpec.model_validate_json(state["spec"])
+        if saved != self.spec:
+            raise ValueError(f"checkpoint {path} was written for a different job spec")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sparsifier.load_state_dict(state["sparsifier"])
+        counters = state["counters"]
+        self.step, self.epoch, self.batch_in_epoch = counters["step"], counters["epoch"], counters["batch_in_epoch"]
+        self.train_seconds = state["train_seconds"]
+        self.eval_history = json.loads(state["eval_history"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        _set_numpy_state(rng["numpy"])
+        version, internal, gauss = json.loads(rng["python"])
+        random.setstate((version, tuple(internal), gauss))
+
+
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached": float(cached)}
+
+
+def _set_numpy_state(state: dict) -> None:
+    keys = state["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached"]))

@@ -1,0 +1,1 @@
+"""Celery worker that runs rigl_core jobs. Built in a later issue."""
