@@ -72,6 +72,11 @@ class LeNet5(nn.Module):
             nn.ReLU(),
             nn.Linear(84, num_classes),
         )
+        # He-normal init: PyTorch's default leaves this deep, narrow ReLU net barely trainable once sparse.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
