@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="print the per-layer sparsity plan without training")
-    plan.add_argument("--model", required=True, help="mlp, lenet5 or a torchvision model name")
+    model = plan.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
+    model.add_argument("--architecture", type=Path, help="declarative JSON architecture file")
     plan.add_argument("--num-classes", type=int, help="output classes (default 10 for built-ins, 1000 otherwise)")
     plan.add_argument("--input-shape", type=_shape, help="C,H,W (default 1,28,28 for built-ins, 3,224,224 otherwise)")
     plan.add_argument("--config", type=Path, help="take the sparsity section from a JobSpec file (.json/.yaml)")
@@ -58,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train locally and write report, metrics and exports to --out")
     train.add_argument("--config", type=Path, help="JobSpec file (.json/.yaml); flags override it")
-    train.add_argument("--model", help="mlp, lenet5 or a torchvision model name")
-    train.add_argument("--dataset", help="digits or synthetic")
+    train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
+    train.add_argument("--architecture", type=Path, help="declarative JSON architecture file (instead of --model)")
+    train.add_argument("--dataset", help="digits, mnist1d, synthetic, mnist, fashion-mnist, cifar10, cifar100, "
+                                         "imagefolder or tensors")
+    train.add_argument("--data-dir", help="directory with mnist/cifar files or images")
+    train.add_argument("--data-path", help="imagefolder folder or .npz/.safetensors file")
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int)
     train.add_argument("--batch-size", type=int)
@@ -132,14 +138,34 @@ TRAIN_FLAGS = {
     "weight_decay": "training.weight_decay",
     "seed": "training.seed",
     "device": "training.device",
+    "data_dir": "dataset.data_dir",
+    "data_path": "dataset.path",
     "delta_t": "sparsity.schedule.delta_t",
     "alpha": "sparsity.schedule.alpha",
     "t_end": "sparsity.schedule.t_end",
 }
 
 
+def _read_architecture(path: Path) -> dict:
+    data = _read_config(path) if path.suffix in (".yaml", ".yml") else None
+    if data is None:
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise UsageError(f"--architecture: cannot read {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--architecture: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--architecture: {path} must hold an object with input_shape and layers")
+    return data
+
+
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     tree = _read_config(args.config) if args.config else {}
+    if args.architecture is not None:
+        model = tree.setdefault("model", {})
+        model["architecture"] = _read_architecture(args.architecture)
+        model.setdefault("name", "custom")
     for flag, dotted in {**SPARSITY_FLAGS, **TRAIN_FLAGS}.items():
         _set(tree, dotted, getattr(args, flag, None))
     for section in ("model", "dataset"):
@@ -149,7 +175,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from rigl_core.models import build_model, default_input_shape, default_num_classes
+    from rigl_core.models import build_model, check_model, default_input_shape, default_num_classes
     from rigl_core.plan import make_plan
 
     tree = _read_config(args.config).get("sparsity", {}) if args.config else {}
@@ -159,15 +185,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sparsity = SparsitySpec.model_validate(tree)
     from rigl_core.spec import ModelSpec
 
-    model_spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_shape=args.input_shape,
-                           hidden_sizes=args.hidden_sizes)
-    input_shape = model_spec.input_shape or default_input_shape(model_spec.name)
-    num_classes = model_spec.num_classes or default_num_classes(model_spec.name)
-    try:
-        model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta")
-        plan = make_plan(model, input_shape, sparsity)
-    except RuntimeError as exc:  # a shape that does not fit the model
-        raise UsageError(f"--input-shape: {input_shape} does not fit {model_spec.name}: {str(exc).splitlines()[0]}") from None
+    if args.architecture is not None:
+        model_spec = ModelSpec(architecture=_read_architecture(args.architecture), num_classes=args.num_classes,
+                               input_shape=args.input_shape)
+        input_shape = model_spec.architecture.input_shape
+        from rigl_core.architecture import infer
+
+        num_classes = model_spec.num_classes or infer(model_spec.architecture)[1][-1]
+    else:
+        model_spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_shape=args.input_shape,
+                               hidden_sizes=args.hidden_sizes)
+        input_shape = model_spec.input_shape or default_input_shape(model_spec.name)
+        num_classes = model_spec.num_classes or default_num_classes(model_spec.name)
+    model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta",
+                        architecture=model_spec.architecture)
+    check_model(model, input_shape, num_classes)
+    plan = make_plan(model, input_shape, sparsity)
     result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))

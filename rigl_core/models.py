@@ -9,7 +9,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-BUILTIN_MODELS = ("mlp", "lenet5")
+BUILTIN_MODELS = ("mlp", "lenet5", "wrn-22-2", "resnet18-cifar")
+CUSTOM = "custom"  # a declarative JSON architecture (rigl_core.architecture)
 
 
 @functools.lru_cache(maxsize=1)
@@ -20,13 +21,15 @@ def torchvision_classifiers() -> tuple[str, ...]:
 
 
 def available_models() -> tuple[str, ...]:
-    return BUILTIN_MODELS + torchvision_classifiers()
+    return BUILTIN_MODELS + (CUSTOM,) + torchvision_classifiers()
 
 
 def default_input_shape(name: str) -> list[int]:
-    """Input shape used by `rigl plan` when none is given: MNIST for the built-ins, ImageNet otherwise."""
-    if name in BUILTIN_MODELS:
+    """Input shape used by `rigl plan` when none is given: MNIST, CIFAR or ImageNet shaped."""
+    if name in ("mlp", "lenet5"):
         return [1, 28, 28]
+    if name in ("wrn-22-2", "resnet18-cifar"):
+        return [3, 32, 32]
     return [3, 224, 224]
 
 
@@ -63,7 +66,7 @@ class LeNet5(nn.Module):
         )
         h, w = input_shape[1] // 4, input_shape[2] // 4
         if h < 1 or w < 1:
-            raise ValueError("lenet5 needs inputs of at least 4×4")
+            raise ValueError("model.name: lenet5 needs inputs of at least 4×4")
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(16 * h * w, 120),
@@ -82,25 +85,119 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+class WideBasicBlock(nn.Module):
+    """Pre-activation wide basic block (Zagoruyko & Komodakis 2016), 1×1 conv shortcut when shapes change."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """CIFAR WideResNet-depth-k; WRN-22-2 is the paper's CIFAR-10 model (§4.3)."""
+
+    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WideResNet depth must be 6n+4")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        blocks = []
+        in_planes = widths[0]
+        for group, planes in enumerate(widths[1:]):
+            for i in range(n):
+                blocks.append(WideBasicBlock(in_planes, planes, stride=(1 if group == 0 else 2) if i == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.conv1(x))
+        out = self.pool(torch.relu(self.bn(out)))
+        return self.fc(torch.flatten(out, 1))
+
+
+def _resnet18_cifar(num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision ResNet-18 with the CIFAR stem: 3×3 stride-1 conv, no max-pool."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
 def build_model(
     name: str,
     num_classes: int,
     input_shape: list[int],
     hidden_sizes: list[int] | None = None,
     device: torch.device | str | None = None,
+    architecture=None,
 ) -> nn.Module:
     """Build a freshly initialised model; `device="meta"` builds shapes only (for plans and validation)."""
+    if name == CUSTOM:
+        from rigl_core.architecture import build_architecture
+
+        if architecture is None:
+            raise ValueError("model.architecture: required when model.name is 'custom'")
+        return build_architecture(architecture, num_classes, device=device)
     with torch.device(device or "cpu"):
+        if name == "wrn-22-2":
+            return WideResNet(22, 2, num_classes, input_shape[0])
+        if name == "resnet18-cifar":
+            return _resnet18_cifar(num_classes, input_shape[0])
         if name == "mlp":
             return MLP(math.prod(input_shape), num_classes, hidden_sizes)
         if name == "lenet5":
             if len(input_shape) != 3:
-                raise ValueError("lenet5 needs an input shape C,H,W")
+                raise ValueError(f"model.name: lenet5 needs a C,H,W input, the data has shape {list(input_shape)}")
             return LeNet5(input_shape, num_classes)
         if name in torchvision_classifiers():
             import torchvision
 
             if hidden_sizes is not None:
-                raise ValueError("hidden_sizes applies to mlp only")
+                raise ValueError("model.hidden_sizes: applies to mlp only")
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise ValueError(f"unknown model {name!r}")
+
+
+def check_model(model: nn.Module, input_shape: list[int], num_classes: int) -> None:
+    """Run one forward on the meta device: rejects an input shape the model cannot take.
+
+    Raises ValueError naming `model.input_shape` or `model.num_classes`.
+    """
+    meta = model if next(model.parameters()).device.type == "meta" else None
+    if meta is None:
+        import copy
+
+        meta = copy.deepcopy(model).to("meta")
+    try:
+        with torch.no_grad():
+            out = meta.eval()(torch.empty(2, *input_shape, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"model.input_shape: {list(input_shape)} does not fit this model: {first}") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(f"model.num_classes: the model outputs {list(out.shape[1:])} per sample, "
+                         f"expected [{num_classes}]")

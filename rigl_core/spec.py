@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rigl_core.architecture import Architecture
 
 METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -20,9 +22,16 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Which network to train. `name` is a built-in (`mlp`, `lenet5`) or any torchvision classifier."""
+    """Which network to train: a built-in, any torchvision classifier, or a declarative architecture."""
 
-    name: str = Field(description="Built-in model name (mlp, lenet5) or a torchvision classification model name.")
+    name: str = Field(
+        "custom",
+        description="mlp, lenet5, wrn-22-2, resnet18-cifar, a torchvision classification model name, or "
+        "'custom' with `architecture`.",
+    )
+    architecture: Architecture | None = Field(
+        None, description="Declarative JSON architecture (layers with shape inference); implies name 'custom'."
+    )
     num_classes: int | None = Field(None, ge=2, le=100_000, description="Output classes; defaults to the dataset's.")
     input_shape: list[int] | None = Field(
         None, min_length=1, max_length=4, description="Input shape C,H,W (or C,L / features); defaults to the dataset's."
@@ -40,6 +49,23 @@ class ModelSpec(_Strict):
             raise ValueError(f"unknown model {value!r}; try 'mlp', 'lenet5' or a torchvision name such as 'resnet18'")
         return value
 
+    @model_validator(mode="after")
+    def _architecture_or_name(self) -> "ModelSpec":
+        if self.name == "custom" and self.architecture is None:
+            raise ValueError("model.name is required (or give model.architecture)")
+        if self.architecture is not None and self.name != "custom":
+            raise ValueError("model.architecture: give either a built-in name or an architecture, not both")
+        if self.architecture is not None:
+            if self.input_shape not in (None, self.architecture.input_shape):
+                raise ValueError("model.input_shape: differs from architecture.input_shape")
+            from rigl_core.architecture import ArchitectureError, infer
+
+            try:
+                infer(self.architecture)
+            except ArchitectureError as exc:
+                raise ValueError(f"architecture.{exc.field}: {exc.message}") from None
+        return self
+
     @field_validator("input_shape", "hidden_sizes")
     @classmethod
     def _positive(cls, value: list[int] | None) -> list[int] | None:
@@ -48,18 +74,41 @@ class ModelSpec(_Strict):
         return value
 
 
-class DatasetSpec(_Strict):
-    """Which data to train on. `digits` ships with scikit-learn; `synthetic` is generated."""
+DATASETS = ("digits", "mnist1d", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
+            "tensors")
 
-    name: Literal["digits", "synthetic"] = Field(description="Dataset name.")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out for validation (fixed split).")
+
+class DatasetSpec(_Strict):
+    """Which data to train on. `digits`, `mnist1d` and `synthetic` need no files."""
+
+    name: Literal["digits", "mnist1d", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
+                  "tensors"] = Field(description="Dataset name.")
+    data_dir: str | None = Field(None, description="Directory holding mnist/fashion-mnist/cifar files or images.")
+    path: str | None = Field(None, description="imagefolder: the folder; tensors: the .npz/.safetensors file.")
+    download: bool = Field(False, description="mnist/fashion-mnist/cifar: fetch into data_dir if missing.")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out when there is no validation set.")
     split_seed: int = Field(0, description="Seed of the fixed train/validation split.")
+    normalize: bool = Field(True, description="tensors: standardise per channel with training-set statistics.")
+    augment: Literal["auto", "none", "crop-flip"] = Field(
+        "auto", description="auto: random crop + flip for cifar, none otherwise."
+    )
+    image_size: int = Field(32, ge=8, le=512, description="imagefolder: images are resized to this square size.")
+    max_samples: int = Field(200_000, ge=1, description="imagefolder: refuse folders with more images.")
+    max_bytes: int = Field(2 * 1024**3, ge=1, description="tensors: refuse larger files.")
     num_samples: int = Field(2048, ge=16, le=5_000_000, description="synthetic: total samples.")
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic: number of classes.")
     input_shape: list[int] = Field(
         default_factory=lambda: [3, 32, 32], min_length=1, max_length=4, description="synthetic: sample shape."
     )
     noise: float = Field(1.0, ge=0.0, le=100.0, description="synthetic: noise scale; larger is harder.")
+
+    @model_validator(mode="after")
+    def _files_named(self) -> "DatasetSpec":
+        if self.name in ("mnist", "fashion-mnist", "cifar10", "cifar100") and self.data_dir is None:
+            raise ValueError(f"data_dir is required for {self.name!r}")
+        if self.name in ("imagefolder", "tensors") and self.path is None:
+            raise ValueError(f"path is required for {self.name!r}")
+        return self
 
 
 class ScheduleSpec(_Strict):

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rigl_core.data import Dataset, batches_per_epoch, epoch_order, load_dataset
-from rigl_core.models import build_model
+from rigl_core.datasets import Dataset, batches_per_epoch, epoch_order, load_dataset
+from rigl_core.models import build_model, check_model
 from rigl_core.optim import build_optimizer, lr_at
 from rigl_core.plan import Plan, make_plan
 from rigl_core.schedules import UpdateSchedule, resolve_t_end
@@ -69,11 +69,13 @@ class Trainer:
         _seed_everything(t.seed)
         self.data: Dataset = load_dataset(spec.dataset)
         self.num_classes = spec.model.num_classes or self.data.num_classes
-        self.input_shape = list(spec.model.input_shape or self.data.input_shape)
+        self.input_shape = self.data.input_shape
         self._check_data_fits_model()
         self.model: nn.Module = build_model(
-            spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes
+            spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes,
+            architecture=spec.model.architecture,
         ).to(self.device)
+        check_model(self.model, self.input_shape, self.num_classes)
         self.steps_per_epoch = batches_per_epoch(len(self.data.x_train), t.batch_size)
         self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
         sched = spec.sparsity.schedule
@@ -98,10 +100,7 @@ class Trainer:
         )
         self.sparsifier.init_masks()
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        self.x_train = self.data.x_train.to(self.device)
-        self.y_train = self.data.y_train.to(self.device)
-        self.x_val = self.data.x_val.to(self.device)
-        self.y_val = self.data.y_val.to(self.device)
+        self.data = self.data.to(self.device)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -113,10 +112,12 @@ class Trainer:
     # ------------------------------------------------------------------ setup checks
     def _check_data_fits_model(self) -> None:
         data_shape = list(self.data.input_shape)
-        if self.spec.model.input_shape is not None and self.spec.model.input_shape != data_shape:
-            raise ValueError(
-                f"model.input_shape: {self.spec.model.input_shape} does not match the dataset's {data_shape}"
-            )
+        declared = self.spec.model.input_shape or (
+            self.spec.model.architecture.input_shape if self.spec.model.architecture else None
+        )
+        if declared is not None and list(declared) != data_shape:
+            field = "model.input_shape" if self.spec.model.input_shape else "model.architecture.input_shape"
+            raise ValueError(f"{field}: {list(declared)} does not match the dataset's {data_shape}")
         max_label = int(max(self.data.y_train.max(), self.data.y_val.max()))
         if max_label >= self.num_classes:
             raise ValueError(
@@ -132,14 +133,16 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        order = epoch_order(len(self.x_train), t.seed, self.epoch).to(self.device)
+        data = self.data
+        order = epoch_order(len(data.x_train), t.seed, self.epoch).to(self.device)
         started = time.perf_counter()
         eval_seconds = 0.0
         try:
             while self.step < self.total_steps:
                 begin = self.batch_in_epoch * t.batch_size
                 index = order[begin : begin + t.batch_size]
-                loss = self._train_step(self.x_train[index], self.y_train[index])
+                x = data.prepare(data.x_train[index], train=True, seed=t.seed, step=self.step)
+                loss = self._train_step(x, data.y_train[index])
                 self.step += 1
                 self.batch_in_epoch += 1
                 if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
@@ -154,7 +157,7 @@ class Trainer:
                 if epoch_done:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                    order = epoch_order(len(self.x_train), t.seed, self.epoch).to(self.device)
+                    order = epoch_order(len(data.x_train), t.seed, self.epoch).to(self.device)
                 if (epoch_done and self.epoch % t.eval_every_epochs == 0) or self.step == self.total_steps:
                     tick = time.perf_counter()
                     self._evaluate_and_notify(bar)
@@ -201,8 +204,9 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total_loss, correct, count = 0.0, 0, 0
-        for begin in range(0, len(self.x_val), 1024):
-            x, y = self.x_val[begin : begin + 1024], self.y_val[begin : begin + 1024]
+        data = self.data
+        for begin in range(0, len(data.x_val), 1024):
+            x, y = data.prepare(data.x_val[begin : begin + 1024], train=False), data.y_val[begin : begin + 1024]
             logits = self.model(x)
             total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())

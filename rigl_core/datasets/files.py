@@ -1,0 +1,198 @@
+"""Datasets read from a data directory: MNIST / Fashion-MNIST (IDX files), CIFAR-10/100 (binary
+version), and ImageFolder. No pickle is ever loaded: CIFAR is read from its binary release.
+
+Downloads happen only when the spec asks (`download: true`) and the host has internet.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rigl_core.datasets import Dataset, DatasetError, channel_stats, split
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _data_dir(spec) -> Path:
+    if spec.data_dir is None:
+        raise DatasetError(f"dataset.data_dir: required for {spec.name!r}")
+    root = Path(spec.data_dir).expanduser()
+    if not root.is_dir() and not spec.download:
+        raise DatasetError(f"dataset.data_dir: {root} is not a directory")
+    return root
+
+
+# ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX)
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The IDX format: 2 zero bytes, a type code (0x08 = uint8), the rank, big-endian int32 dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"dataset.data_dir: {path.name} is not an unsigned-byte IDX file")
+    rank = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"dataset.data_dir: {path.name} is truncated")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, folder: str, stem: str) -> Path:
+    for base in (root / folder / "raw", root / folder, root):
+        for name in (stem, stem + ".gz"):
+            if (base / name).is_file():
+                return base / name
+    raise DatasetError(f"dataset.data_dir: {stem} not found under {root} (looked in {folder}/raw, {folder}, .)")
+
+
+def idx_dataset(spec) -> Dataset:
+    root = _data_dir(spec)
+    folder = IDX_FOLDERS[spec.name]
+    if spec.download:
+        import torchvision
+
+        cls = torchvision.datasets.MNIST if spec.name == "mnist" else torchvision.datasets.FashionMNIST
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    parts = {}
+    for part, (images, labels) in IDX_FILES.items():
+        x = read_idx(_find_idx(root, folder, images))
+        y = read_idx(_find_idx(root, folder, labels))
+        if len(x) != len(y):
+            raise DatasetError(f"dataset.data_dir: {images} and {labels} differ in length")
+        parts[part] = (torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)))
+    (xt, yt), (xv, yv) = parts["train"], parts["val"]
+    mean, std = channel_stats(xt, 1 / 255)
+    return Dataset(xt, yt, xv, yv, num_classes=10, scale=1 / 255, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------- CIFAR (binary version)
+CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-bin",
+        "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
+        "val": ["test_batch.bin"],
+        "label_bytes": 1,
+        "classes": 10,
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    },
+    "cifar100": {
+        "folder": "cifar-100-binary",
+        "train": ["train.bin"],
+        "val": ["test.bin"],
+        "label_bytes": 2,  # coarse label, then fine label
+        "classes": 100,
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    },
+}
+
+
+def read_cifar_binary(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records of `label_bytes` label bytes then 3072 pixel bytes (R, G, B planes of 32×32)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    record = label_bytes + 3072
+    if raw.size % record:
+        raise DatasetError(f"dataset.data_dir: {path.name} is not a CIFAR binary file")
+    raw = raw.reshape(-1, record)
+    return raw[:, label_bytes:].reshape(-1, 3, 32, 32), raw[:, label_bytes - 1].astype(np.int64)
+
+
+def _download_cifar(root: Path, url: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / url.rsplit("/", 1)[1]
+    if not archive.exists():
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:  # noqa: S310
+            shutil.copyfileobj(response, out)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+
+
+def cifar_dataset(spec) -> Dataset:
+    info = CIFAR[spec.name]
+    root = _data_dir(spec)
+    folder = root / info["folder"]
+    if spec.download and not folder.is_dir():
+        _download_cifar(root, info["url"])
+    if not folder.is_dir():
+        raise DatasetError(f"dataset.data_dir: {info['folder']}/ not found under {root} "
+                           f"(the binary version of {spec.name}; set download: true to fetch it)")
+    parts = {}
+    for part in ("train", "val"):
+        xs, ys = [], []
+        for name in info[part]:
+            if not (folder / name).is_file():
+                raise DatasetError(f"dataset.data_dir: {info['folder']}/{name} is missing")
+            x, y = read_cifar_binary(folder / name, info["label_bytes"])
+            xs.append(x)
+            ys.append(y)
+        parts[part] = (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+    (xt, yt), (xv, yv) = parts["train"], parts["val"]
+    mean, std = channel_stats(xt, 1 / 255)
+    augment = spec.augment in ("auto", "crop-flip")
+    return Dataset(xt, yt, xv, yv, num_classes=info["classes"], scale=1 / 255, mean=mean, std=std, augment=augment)
+
+
+# ---------------------------------------------------------------- ImageFolder
+def _load_images(folder: Path, size: int, classes: list[str], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).rglob("*")):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                continue
+            if len(images) >= limit:
+                raise DatasetError(f"dataset.max_samples: the folder holds more than {limit} images")
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            except OSError as exc:
+                raise DatasetError(f"dataset.path: cannot read image {path.relative_to(folder)}: {exc}") from None
+            labels.append(label)
+    if not images:
+        raise DatasetError(f"dataset.path: no images under {folder}")
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def imagefolder_dataset(spec) -> Dataset:
+    """`path` (under `data_dir` if relative) holds one subfolder per class, or `train/` and `val/` that do."""
+    base = Path(spec.path).expanduser() if spec.path else None
+    if base is None:
+        raise DatasetError("dataset.path: required for imagefolder")
+    if not base.is_absolute() and spec.data_dir:
+        base = Path(spec.data_dir) / base
+    if not base.is_dir():
+        raise DatasetError(f"dataset.path: {base} is not a directory")
+    has_split = (base / "train").is_dir() and (base / "val").is_dir()
+    train_dir = base / "train" if has_split else base
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DatasetError(f"dataset.path: {train_dir} needs at least two class subfolders")
+    x, y = _load_images(train_dir, spec.image_size, classes, spec.max_samples)
+    if has_split:
+        missing = [c for c in sorted(p.name for p in (base / "val").iterdir() if p.is_dir()) if c not in classes]
+        if missing:
+            raise DatasetError(f"dataset.path: val/ has classes {missing} that train/ lacks")
+        xv, yv = _load_images(base / "val", spec.image_size, classes, spec.max_samples)
+        xt, yt = x, y
+    else:
+        xt, yt, xv, yv = split(x, y, spec.val_fraction, spec.split_seed)
+    mean, std = channel_stats(xt, 1 / 255)
+    augment = spec.augment == "crop-flip"
+    return Dataset(xt, yt, xv, yv, num_classes=len(classes), scale=1 / 255, mean=mean, std=std, augment=augment)

@@ -1,0 +1,19 @@
+"""Name → loader for every dataset a JobSpec can name."""
+
+from __future__ import annotations
+
+from rigl_core.datasets.builtin import digits, mnist1d, synthetic
+from rigl_core.datasets.files import cifar_dataset, idx_dataset, imagefolder_dataset
+from rigl_core.datasets.tensors import tensors_dataset
+
+SOURCES = {
+    "digits": digits,
+    "mnist1d": mnist1d,
+    "synthetic": synthetic,
+    "mnist": idx_dataset,
+    "fashion-mnist": idx_dataset,
+    "cifar10": cifar_dataset,
+    "cifar100": cifar_dataset,
+    "imagefolder": imagefolder_dataset,
+    "tensors": tensors_dataset,
+}

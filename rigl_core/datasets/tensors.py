@@ -1,0 +1,99 @@
+"""Uploaded tensors: a `.npz` or `.safetensors` file holding `x` and `y` (optionally `x_val`, `y_val`).
+
+Validated before anything trains: keys, dtypes, shapes, label range, finiteness and size, each
+failure a DatasetError naming the key. `.npz` is read with allow_pickle=False: never unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rigl_core.datasets import Dataset, DatasetError, channel_stats, split
+
+MAX_CLASSES = 10_000
+ALLOWED_KEYS = {"x", "y", "x_val", "y_val"}
+
+
+def read_tensor_file(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DatasetError(f"dataset.path: {path} does not exist")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DatasetError(f"dataset.path: {size:,} bytes is over the {max_bytes:,}-byte limit")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(path))
+        else:
+            raise DatasetError(f"dataset.path: expected a .npz or .safetensors file, got {path.name!r}")
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad upload
+        raise DatasetError(f"dataset.path: cannot read {path.name}: {str(exc).splitlines()[0]}") from None
+    return arrays
+
+
+def validate_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check an uploaded set of arrays; returns them unchanged or raises DatasetError naming the key."""
+    unknown = sorted(set(arrays) - ALLOWED_KEYS)
+    if unknown:
+        raise DatasetError(f"dataset.path: unexpected arrays {unknown}; allowed: x, y, x_val, y_val")
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DatasetError(f"dataset.path: missing array {key!r}")
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise DatasetError("dataset.path: give both x_val and y_val, or neither")
+    for xk, yk in (("x", "y"), ("x_val", "y_val")):
+        if xk not in arrays:
+            continue
+        x, y = arrays[xk], arrays[yk]
+        if x.dtype.kind not in "fiu":
+            raise DatasetError(f"dataset.{xk}: dtype {x.dtype} is not numeric")
+        if not 2 <= x.ndim <= 4:
+            raise DatasetError(f"dataset.{xk}: expected 2 to 4 dimensions (N, features…), got shape {list(x.shape)}")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DatasetError(f"dataset.{yk}: expected a 1-D integer array of labels, got {y.dtype} {list(y.shape)}")
+        if len(x) != len(y):
+            raise DatasetError(f"dataset.{yk}: {len(y)} labels for {len(x)} samples in {xk}")
+        if len(x) == 0:
+            raise DatasetError(f"dataset.{xk}: no samples")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise DatasetError(f"dataset.{xk}: contains NaN or infinite values")
+        if y.min() < 0 or y.max() >= MAX_CLASSES:
+            raise DatasetError(f"dataset.{yk}: labels must be in [0, {MAX_CLASSES}), got {y.min()}..{y.max()}")
+    if "x_val" in arrays and arrays["x_val"].shape[1:] != arrays["x"].shape[1:]:
+        raise DatasetError(f"dataset.x_val: sample shape {list(arrays['x_val'].shape[1:])} differs from x's "
+                           f"{list(arrays['x'].shape[1:])}")
+    return arrays
+
+
+def tensors_dataset(spec) -> Dataset:
+    path = Path(spec.path).expanduser() if spec.path else None
+    if path is None:
+        raise DatasetError("dataset.path: required for tensors")
+    if not path.is_absolute() and spec.data_dir:
+        path = Path(spec.data_dir) / path
+    arrays = validate_arrays(read_tensor_file(path, spec.max_bytes))
+    integer_images = arrays["x"].dtype == np.uint8
+    x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
+    y = torch.from_numpy(arrays["y"].astype(np.int64))
+    if not integer_images:
+        x = x.float()
+    if "x_val" in arrays:
+        xv = torch.from_numpy(np.ascontiguousarray(arrays["x_val"]))
+        xv = xv if integer_images else xv.float()
+        xt, yt, yv = x, y, torch.from_numpy(arrays["y_val"].astype(np.int64))
+    else:
+        xt, yt, xv, yv = split(x, y, spec.val_fraction, spec.split_seed)
+    num_classes = int(max(yt.max(), yv.max())) + 1
+    scale = 1 / 255 if integer_images else 1.0
+    mean, std = channel_stats(xt, scale) if spec.normalize else (None, None)
+    augment = spec.augment == "crop-flip"
+    return Dataset(xt, yt, xv, yv, num_classes=max(2, num_classes), scale=scale, mean=mean, std=std, augment=augment)
