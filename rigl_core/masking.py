@@ -37,11 +37,33 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.T
             value.mul_(mask)
 
 
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of a flat tensor; exact, and fast on large CPU tensors.
+
+    torch.topk over tens of millions of entries costs seconds on a CPU. Entries at or above a
+    threshold estimated from a fixed sample are taken first; whenever at least k pass, the top k
+    of those are exactly the top k of all (every entry ≥ the k-th largest passes). Otherwise it
+    falls back to a full topk.
+    """
+    n = scores.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    if n < 2_000_000 or k > n // 8:
+        return torch.topk(scores, k, sorted=False).indices
+    generator = torch.Generator(device=scores.device).manual_seed(n + k)  # identical on every rank
+    sample = scores[torch.randint(0, n, (65_536,), generator=generator, device=scores.device)]
+    rank = max(1, int(65_536 * (1 - min(1.0, 2.0 * k / n))))  # aim for about 2k candidates
+    threshold = torch.kthvalue(sample.float(), rank).values
+    candidates = (scores >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return torch.topk(scores, k, sorted=False).indices
+    return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest scores (flattened)."""
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        flat[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
+    flat[topk_indices(scores.reshape(-1), k)] = True
     return flat.view(scores.shape)
 
 
@@ -67,11 +89,14 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Te
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
     magnitude = weight.detach().reshape(-1).abs().float()
-    # Inactive entries can never be kept: score them below every active weight.
-    keep_scores = torch.where(flat_mask, magnitude, torch.full_like(magnitude, -1.0))
-    kept = topk_mask(keep_scores, n_active - k)
+    # Drop = the k largest of -|w| among active; inactive entries can never be dropped (or kept).
+    drop_scores = magnitude.neg_().masked_fill_(~flat_mask, -float("inf"))
+    kept = flat_mask.clone()
+    kept[topk_indices(drop_scores, k)] = False
+    del drop_scores
     grow = grow_score.detach().reshape(-1).float()
-    grow = torch.where(kept, torch.full_like(grow, -float("inf")), grow)
-    grown = topk_mask(grow, k)
+    grow = torch.where(kept, -float("inf"), grow)  # a new tensor: the gradient itself is untouched
+    grown = torch.zeros_like(flat_mask)
+    grown[topk_indices(grow, k)] = True
     new_mask = (kept | grown).view(mask.shape)
     return DropGrow(new_mask, kept, grown, k)
