@@ -48,7 +48,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.numel()
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    if n < 2_000_000 or k > n // 8:
+    if n < 100_000 or k > n // 8:
         return torch.topk(scores, k, sorted=False).indices
     generator = torch.Generator(device=scores.device).manual_seed(n + k)  # identical on every rank
     sample = scores[torch.randint(0, n, (65_536,), generator=generator, device=scores.device)]

@@ -181,3 +181,18 @@ def test_static_masks_never_change_and_set_grows_randomly():
             assert update is not None and update.churn > 0
             assert not torch.equal(b0, bias.detach())  # SET takes the optimizer step on update iterations
     _check_state_zero(opt, set_sp)
+
+
+def test_fast_topk_is_exact():
+    from rigl_core.masking import topk_indices
+
+    generator = torch.Generator().manual_seed(0)
+    for n, k in ((300_000, 10), (300_000, 30_000), (1_000_000, 5_000)):
+        scores = torch.randn(n, generator=generator)
+        scores[: n // 2] = -float("inf")  # like kept/inactive positions
+        got = set(topk_indices(scores, k).tolist())
+        assert got == set(torch.topk(scores, k).indices.tolist())
+    ties = torch.zeros(500_000)
+    ties[:100] = 1.0
+    picked = topk_indices(ties, 1000)
+    assert picked.numel() == 1000 and ties[picked].sum() == 100  # all the ones, then any of the tied zeros
