@@ -82,7 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, help="resume from a checkpoint written by --checkpoint-every")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_sparsity_flags(train)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """`rigl serve`, `rigl worker`, … come from the service packages through entry points, so
+    rigl_core never imports them."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="rigl.commands"):
+        try:
+            entry.load()(sub)
+        except ImportError as exc:  # the service's dependencies are optional for library users
+            print(f"rigl: note: command {entry.name!r} unavailable: {exc}", file=sys.stderr)
 
 
 def _read_config(path: Path) -> dict:
@@ -264,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         if args.command == "plan":
             return cmd_plan(args)
         return cmd_train(args)

@@ -157,11 +157,14 @@ def build_model(
 ) -> nn.Module:
     """Build a freshly initialised model; `device="meta"` builds shapes only (for plans and validation)."""
     if name == CUSTOM:
-        from rigl_core.architecture import build_architecture
+        from rigl_core.architecture import ArchitectureError, build_architecture
 
         if architecture is None:
             raise ValueError("model.architecture: required when model.name is 'custom'")
-        return build_architecture(architecture, num_classes, device=device)
+        try:
+            return build_architecture(architecture, num_classes, device=device)
+        except ArchitectureError as exc:
+            raise ValueError(f"model.architecture.{exc.field}: {exc.message}") from None
     with torch.device(device or "cpu"):
         if name == "wrn-22-2":
             return WideResNet(22, 2, num_classes, input_shape[0])

@@ -6,12 +6,14 @@ silently trains something other than what was asked.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rigl_core.architecture import Architecture
 
+UPLOADED_ARCHITECTURE = re.compile(r"^arch_[0-9a-f]{20}$")
 METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
 DISTRIBUTIONS = ("uniform", "er", "erk")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
@@ -45,6 +47,8 @@ class ModelSpec(_Strict):
     def _known_model(cls, value: str) -> str:
         from rigl_core.models import available_models
 
+        if UPLOADED_ARCHITECTURE.match(value):
+            return value  # an architecture uploaded to the service; it resolves the reference
         if value not in available_models():
             raise ValueError(f"unknown model {value!r}; try 'mlp', 'lenet5' or a torchvision name such as 'resnet18'")
         return value

@@ -1,0 +1,73 @@
+"""One error shape for every 4xx: `{"error": {"code", "message", "field"}}`. A 5xx is a bug."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]-]*): (.*)$", re.S)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+def from_value_error(exc: Exception, status: int = 422, code: str = "invalid_job") -> ApiError:
+    """rigl_core errors read 'field: message'; keep the field apart."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    match = FIELD_PREFIX.match(text)
+    if match:
+        return ApiError(status, code, match.group(2), field=match.group(1))
+    return ApiError(status, code, text)
+
+
+def _loc_to_field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _body(code: str, message: str, field: str | None) -> dict:
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        return JSONResponse(_body(exc.code, exc.message, exc.field), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            return JSONResponse(_body("invalid_json", f"body is not valid JSON: {message}", "body"), 422)
+        details = [
+            {"field": _loc_to_field(e["loc"]), "message": str(e["msg"]).removeprefix("Value error, ")}
+            for e in exc.errors()
+        ]
+        body = _body("invalid_request", message, _loc_to_field(first["loc"]))
+        body["error"]["details"] = details
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic(_request: Request, exc: ValidationError):
+        first = exc.errors()[0]
+        return JSONResponse(_body("invalid_request", first["msg"].removeprefix("Value error, "),
+                                  _loc_to_field(first["loc"])), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return JSONResponse(_body(codes.get(exc.status_code, "http_error"), str(exc.detail), None),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -1,0 +1,141 @@
+"""Architectures (built-in list, upload declarative JSON), datasets (list, upload tensors), plan."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.context import Context, get_context
+from api.errors import ApiError, from_value_error
+from api.schemas import architecture_json, dataset_json
+from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
+from rigl_core.models import BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes
+from rigl_core.spec import DATASETS, ModelSpec, SparsitySpec
+
+router = APIRouter(prefix="/v1", tags=["resources"])
+
+
+class ArchitectureUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    architecture: Architecture
+
+
+class PlanRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelSpec
+    sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
+    input_shape: list[int] | None = Field(None, min_length=1, max_length=4)
+    num_classes: int | None = Field(None, ge=2, le=100_000)
+
+
+@router.get("/architectures")
+def list_architectures(ctx: Context = Depends(get_context)) -> dict:
+    return {"object": "list", "builtin": list(BUILTIN_MODELS), "torchvision": "any torchvision classification "
+            "model name, e.g. resnet18", "data": [architecture_json(a) for a in ctx.store.list_architectures(ctx.owner)]}
+
+
+@router.post("/architectures", status_code=201)
+def upload_architecture(body: ArchitectureUpload, ctx: Context = Depends(get_context)) -> dict:
+    try:
+        _, out_shape, params = infer(body.architecture, Limits(max_params=ctx.settings.max_params))
+    except ArchitectureError as exc:
+        raise ApiError(422, "invalid_architecture", exc.message, f"architecture.{exc.field}") from None
+    if len(out_shape) != 1:
+        raise ApiError(422, "invalid_architecture", f"must end in a flat vector of logits, got {list(out_shape)}",
+                       "architecture.layers")
+    row = ctx.store.add_architecture(body.name, body.architecture.model_dump(mode="json", exclude_none=True),
+                                     params, owner=ctx.owner or "local")
+    return architecture_json(row)
+
+
+@router.get("/architectures/{arch_id}")
+def get_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> dict:
+    row = ctx.store.get_architecture(arch_id, ctx.owner)
+    if row is None:
+        raise ApiError(404, "not_found", f"no architecture {arch_id!r}", "arch_id")
+    return architecture_json(row)
+
+
+@router.get("/datasets")
+def list_datasets(ctx: Context = Depends(get_context)) -> dict:
+    return {"object": "list", "builtin": [d for d in DATASETS if d != "tensors"],
+            "data": [dataset_json(d) for d in ctx.store.list_datasets(ctx.owner)]}
+
+
+@router.post("/datasets", status_code=201)
+async def upload_dataset(request: Request, name: str = Query(..., min_length=1, max_length=200),
+                         format: str = Query("npz", pattern="^(npz|safetensors)$"),
+                         ctx: Context = Depends(get_context)) -> dict:
+    """Raw body: a .npz or .safetensors file with x, y (optionally x_val, y_val). Never unpickled."""
+    cap = ctx.settings.max_upload_bytes
+    folder = ctx.artifacts.root / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".upload-{uuid.uuid4().hex}.{format}"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise ApiError(413, "too_large", f"upload over {cap} bytes", "body")
+                digest.update(chunk)
+                f.write(chunk)
+        if size == 0:
+            raise ApiError(422, "invalid_dataset", "empty upload", "body")
+        meta = await run_in_threadpool(_inspect_upload, tmp, cap)
+        row = ctx.store.add_dataset(name=name, format=format, size=size, sha256=digest.hexdigest(),
+                                    owner=ctx.owner or "local", **meta)
+        os.replace(tmp, ctx.artifacts.dataset_file(row.id, format))
+        return dataset_json(row)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _inspect_upload(path, cap) -> dict:
+    from rigl_core.datasets import DatasetError
+    from rigl_core.datasets.tensors import read_tensor_file, validate_arrays
+
+    try:
+        arrays = validate_arrays(read_tensor_file(path, cap))
+    except DatasetError as exc:
+        raise from_value_error(exc, code="invalid_dataset") from None
+    labels = [arrays["y"]] + ([arrays["y_val"]] if "y_val" in arrays else [])
+    return {"num_samples": int(len(arrays["x"])), "num_val": int(len(arrays.get("x_val", []))),
+            "input_shape": [int(d) for d in arrays["x"].shape[1:]],
+            "num_classes": max(2, int(max(int(y.max()) for y in labels)) + 1)}
+
+
+@router.post("/plan")
+def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
+    """The same plan as `rigl plan`: per-layer densities and FLOPs, without training."""
+    from rigl_core.plan import make_plan
+    from rigl_core.spec import UPLOADED_ARCHITECTURE
+
+    model = body.model
+    architecture = model.architecture
+    if UPLOADED_ARCHITECTURE.match(model.name):
+        row = ctx.store.get_architecture(model.name, ctx.owner)
+        if row is None:
+            raise ApiError(422, "invalid_request", f"no uploaded architecture {model.name!r}", "model.name")
+        architecture = Architecture.model_validate(row.spec)
+    name = "custom" if architecture is not None else model.name
+    if architecture is not None:
+        input_shape = architecture.input_shape
+        num_classes = body.num_classes or model.num_classes or infer(architecture)[1][-1]
+    else:
+        input_shape = body.input_shape or model.input_shape or default_input_shape(name)
+        num_classes = body.num_classes or model.num_classes or default_num_classes(name)
+    try:
+        meta = build_model(name, num_classes, input_shape, model.hidden_sizes, device="meta",
+                           architecture=architecture)
+        check_model(meta, input_shape, num_classes)
+        result = make_plan(meta, input_shape, body.sparsity).to_dict()
+    except (ValueError, RuntimeError) as exc:
+        raise from_value_error(exc, code="invalid_request") from None
+    return {"object": "plan", "model": name, "input_shape": input_shape, "num_classes": num_classes, **result}

@@ -1,0 +1,49 @@
+"""JSON shapes of the API's objects (built from store rows)."""
+
+from __future__ import annotations
+
+from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job
+
+
+def iso(value):
+    return value.isoformat() if value is not None else None
+
+
+def job_json(job: Job) -> dict:
+    total = job.total_steps or 0
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "attempt": job.attempt,
+        "progress": {"step": job.step, "total_steps": total, "fraction": (job.step / total) if total else 0.0},
+        "metrics": job.metrics,
+        "result": job.result,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "cancel_requested": job.cancel_requested,
+        "spec": job.spec,
+    }
+
+
+def event_json(event: Event) -> dict:
+    return {"id": event.id, "object": "event", "created_at": iso(event.created_at), "type": event.type,
+            "level": event.level, "message": event.message, "data": event.data}
+
+
+def checkpoint_json(row: Checkpoint) -> dict:
+    return {"id": row.id, "object": "checkpoint", "kind": row.kind, "step": row.step, "filename": row.filename,
+            "sha256": row.sha256, "size": row.size, "created_at": iso(row.created_at), "metrics": row.metrics}
+
+
+def architecture_json(row: ArchitectureRecord) -> dict:
+    return {"id": row.id, "object": "architecture", "name": row.name, "params": row.params,
+            "created_at": iso(row.created_at), "architecture": row.spec}
+
+
+def dataset_json(row: DatasetRecord) -> dict:
+    return {"id": row.id, "object": "dataset", "name": row.name, "format": row.format, "size": row.size,
+            "sha256": row.sha256, "num_samples": row.num_samples, "num_val": row.num_val,
+            "input_shape": row.input_shape, "num_classes": row.num_classes, "created_at": iso(row.created_at)}

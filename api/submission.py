@@ -1,0 +1,83 @@
+"""Turn a submitted JobSpec into a runnable one, rejecting at submit time what could never run.
+
+Uploaded architectures and datasets are referenced by id and resolved to server-side content;
+users never name server paths. The model is built on the meta device against the dataset's shape,
+so impossible architectures/datasets fail here with a 422 naming the field, not later in a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import PurePosixPath
+
+from rigl_core.datasets.describe import describe
+from rigl_core.models import build_model, check_model
+from rigl_core.plan import make_plan
+from rigl_core.schedules import resolve_t_end
+from rigl_core.spec import UPLOADED_ARCHITECTURE, JobSpec
+from store.artifacts import Artifacts
+from store.jobs import JobStore
+from store.settings import Settings
+
+from api.errors import ApiError, from_value_error
+
+
+def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Settings, owner: str | None
+            ) -> tuple[dict, int]:
+    """Returns (resolved spec as JSON, total training steps) or raises ApiError."""
+    tree = spec.model_dump(mode="json")
+    model, dataset = tree["model"], tree["dataset"]
+    if UPLOADED_ARCHITECTURE.match(model["name"]):
+        record = store.get_architecture(model["name"], owner)
+        if record is None:
+            raise ApiError(422, "invalid_job", f"no uploaded architecture {model['name']!r}", "model.name")
+        model["architecture"], model["name"] = record.spec, "custom"
+    if dataset.get("data_dir") is not None:
+        raise ApiError(422, "invalid_job", "the server sets data_dir; leave it out", "dataset.data_dir")
+    if dataset.get("download"):
+        raise ApiError(422, "invalid_job", "the service does not download datasets; ask the operator to "
+                                           "place them in the datasets directory", "dataset.download")
+    num_train, num_classes, input_shape = None, None, None
+    if dataset["name"] == "tensors":
+        record = store.get_dataset(dataset["path"], owner)
+        if record is None:
+            raise ApiError(422, "invalid_job", f"no uploaded dataset {dataset['path']!r}", "dataset.path")
+        dataset["path"] = str(artifacts.dataset_file(record.id, record.format))
+        input_shape, num_classes = list(record.input_shape), record.num_classes
+        num_train = record.num_samples if record.num_val else record.num_samples - max(
+            1, int(round(record.num_samples * spec.dataset.val_fraction)))
+    else:
+        if dataset["name"] in ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"):
+            dataset["data_dir"] = str(settings.datasets_dir)
+        if dataset["name"] == "imagefolder":
+            path = PurePosixPath(dataset["path"])
+            if path.is_absolute() or ".." in path.parts:
+                raise ApiError(422, "invalid_job", "must be a folder inside the datasets directory", "dataset.path")
+        shape = describe(spec.dataset)
+        input_shape, num_classes, num_train = shape.input_shape, shape.num_classes, shape.num_train
+    resolved = JobSpec.model_validate(tree)
+    num_classes = resolved.model.num_classes or num_classes
+    try:
+        if num_classes is not None:
+            meta = build_model(resolved.model.name, num_classes, input_shape, resolved.model.hidden_sizes,
+                               device="meta", architecture=resolved.model.architecture)
+            check_model(meta, input_shape, num_classes)
+            params = sum(p.numel() for p in meta.parameters())
+            if params > settings.max_params:
+                raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
+                                                 f"{settings.max_params:,}", "model")
+            make_plan(meta, input_shape, resolved.sparsity)
+        if resolved.training.epochs > settings.max_epochs:
+            raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
+        total_steps = 0
+        if num_train is not None:
+            total_steps = resolved.training.epochs * math.ceil(num_train / resolved.training.batch_size)
+            if resolved.training.max_steps:
+                total_steps = min(total_steps, resolved.training.max_steps)
+            schedule = resolved.sparsity.schedule
+            resolve_t_end(total_steps, schedule.t_end, schedule.t_end_steps)
+    except ApiError:
+        raise
+    except (ValueError, RuntimeError) as exc:
+        raise from_value_error(exc) from None
+    return tree, total_steps

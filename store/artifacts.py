@@ -1,0 +1,50 @@
+"""Artifact paths, always built on the server from ids and checked to stay inside the root."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+ID_PATTERN = re.compile(r"^[a-z]+_[0-9a-f]{20}$")
+
+
+class Artifacts:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise PermissionError(f"{path} escapes the artifact root")
+        return resolved
+
+    def job_dir(self, job_id: str) -> Path:
+        if not ID_PATTERN.match(job_id):
+            raise ValueError(f"bad job id {job_id!r}")
+        path = self._inside(self.root / "jobs" / job_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def job_file(self, job_id: str, filename: str) -> Path:
+        if "/" in filename or "\\" in filename or filename.startswith("."):
+            raise ValueError(f"bad artifact name {filename!r}")
+        path = self._inside(self.root / "jobs" / job_id / filename)
+        if path.is_symlink():
+            raise PermissionError(f"{path} is a symlink")
+        return path
+
+    def dataset_file(self, dataset_id: str, fmt: str) -> Path:
+        if not ID_PATTERN.match(dataset_id) or fmt not in ("npz", "safetensors"):
+            raise ValueError(f"bad dataset id {dataset_id!r}")
+        folder = self._inside(self.root / "datasets")
+        folder.mkdir(parents=True, exist_ok=True)
+        return self._inside(folder / f"{dataset_id}.{fmt}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

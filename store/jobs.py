@@ -1,0 +1,240 @@
+"""JobStore: every read and write the API and the worker make, as short transactions.
+
+Claiming is a compare-and-set on the job row with a fresh lease token, so a duplicate delivery of
+the same message finds nothing to claim and exits at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import sessionmaker
+
+from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, make_engine, make_sessionmaker, utcnow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+CLAIMABLE = ("queued", "requeued")
+
+
+class JobStore:
+    def __init__(self, database_url: str):
+        self.engine = make_engine(database_url)
+        self.sessions: sessionmaker = make_sessionmaker(self.engine)
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local") -> Job:
+        with self.sessions.begin() as s:
+            job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner)
+            s.add(job)
+            s.flush()
+            s.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
+        return job
+
+    def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
+        with self.sessions() as s:
+            query = select(Job).where(Job.id == job_id)
+            if owner is not None:
+                query = query.where(Job.owner == owner)
+            return s.scalars(query).first()
+
+    def list_jobs(self, limit: int = 20, after: str | None = None, status: str | None = None,
+                  owner: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        with self.sessions() as s:
+            query = select(Job).order_by(Job.seq.desc())
+            if owner is not None:
+                query = query.where(Job.owner == owner)
+            if status:
+                query = query.where(Job.status == status)
+            if after:
+                anchor = s.scalars(select(Job.seq).where(Job.id == after)).first()
+                if anchor is None:
+                    raise KeyError(after)
+                query = query.where(Job.seq < anchor)
+            rows = list(s.scalars(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def claim(self, job_id: str, max_attempts: int) -> tuple[Job | None, str]:
+        """Take the job for this process. Returns (job, token) or (None, why-not)."""
+        token = uuid.uuid4().hex
+        now = utcnow()
+        with self.sessions.begin() as s:
+            job = s.scalars(select(Job).where(Job.id == job_id)).first()
+            if job is None:
+                return None, "unknown job"
+            if job.status in TERMINAL:
+                return None, f"already {job.status}"
+            if job.status == "cancelling" or (job.cancel_requested and job.status in CLAIMABLE):
+                self._set_status(s, job, "cancelled", "cancelled before it started")
+                return None, "cancelled"
+            if job.status not in CLAIMABLE:
+                return None, f"already {job.status} elsewhere"
+            if job.attempt >= max_attempts:
+                job.error_code, job.error_message = "too_many_attempts", f"gave up after {job.attempt} attempts"
+                self._set_status(s, job, "failed", job.error_message)
+                return None, "too many attempts"
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(CLAIMABLE), Job.attempt == job.attempt)
+                .values(status="running", lease_token=token, heartbeat_at=now, attempt=job.attempt + 1,
+                        started_at=job.started_at or now)
+            )
+            if result.rowcount != 1:
+                return None, "claimed by another worker"
+            s.add(Event(job_id=job_id, type="status", message=f"running (attempt {job.attempt + 1})",
+                        data={"status": "running", "attempt": job.attempt + 1}))
+        return self.get_job(job_id), token
+
+    def heartbeat(self, job_id: str, token: str, step: int, metrics: dict | None = None) -> dict:
+        """Record progress; returns {"lease": still ours, "cancel": cancellation requested}."""
+        values = {"heartbeat_at": utcnow(), "step": step}
+        if metrics is not None:
+            values["metrics"] = metrics
+        with self.sessions.begin() as s:
+            result = s.execute(update(Job).where(Job.id == job_id, Job.lease_token == token).values(**values))
+            cancel = s.scalars(select(Job.cancel_requested).where(Job.id == job_id)).first()
+        return {"lease": result.rowcount == 1, "cancel": bool(cancel)}
+
+    def finish(self, job_id: str, token: str | None, status: str, message: str = "", result: dict | None = None,
+               error_code: str | None = None) -> bool:
+        with self.sessions.begin() as s:
+            query = select(Job).where(Job.id == job_id)
+            job = s.scalars(query.with_for_update()).first()
+            if job is None or (token is not None and job.lease_token != token):
+                return False
+            job.result = result if result is not None else job.result
+            if error_code:
+                job.error_code, job.error_message = error_code, message
+            self._set_status(s, job, status, message)
+            job.lease_token = None
+        return True
+
+    def requeue(self, job_id: str, token: str | None, message: str) -> bool:
+        """Give the job back (worker shutting down, or a stale lease found by the reaper)."""
+        with self.sessions.begin() as s:
+            query = update(Job).where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
+            if token is not None:
+                query = query.where(Job.lease_token == token)
+            result = s.execute(query.values(status="requeued", lease_token=None))
+            if result.rowcount == 1:
+                s.add(Event(job_id=job_id, type="status", message=message, data={"status": "requeued"}))
+        return result.rowcount == 1
+
+    def stale_jobs(self, lease_seconds: int) -> list[str]:
+        cutoff = utcnow() - dt.timedelta(seconds=lease_seconds)
+        with self.sessions() as s:
+            return list(s.scalars(select(Job.id).where(Job.status.in_(("running", "cancelling")),
+                                                       or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))))
+
+    def request_cancel(self, job_id: str, owner: str | None = None) -> Job | None:
+        with self.sessions.begin() as s:
+            query = select(Job).where(Job.id == job_id)
+            if owner is not None:
+                query = query.where(Job.owner == owner)
+            job = s.scalars(query.with_for_update()).first()
+            if job is None:
+                return None
+            if job.status in TERMINAL:
+                return job
+            job.cancel_requested = True
+            if job.status in CLAIMABLE:
+                self._set_status(s, job, "cancelled", "cancelled before it started")
+            else:
+                self._set_status(s, job, "cancelling", "cancellation requested")
+        return self.get_job(job_id)
+
+    @staticmethod
+    def _set_status(session, job: Job, status: str, message: str) -> None:
+        job.status = status
+        if status in TERMINAL:
+            job.finished_at = utcnow()
+        session.add(Event(job_id=job.id, type="status", message=message or status, data={"status": status},
+                          level="error" if status == "failed" else "info"))
+
+    # ------------------------------------------------------------------ events
+    def add_events(self, job_id: str, events: Iterable[dict]) -> None:
+        with self.sessions.begin() as s:
+            for e in events:
+                s.add(Event(job_id=job_id, type=e["type"], message=e.get("message", ""), data=e.get("data"),
+                            level=e.get("level", "info")))
+
+    def list_events(self, job_id: str, after: int = 0, limit: int = 100, types: tuple[str, ...] | None = None
+                    ) -> list[Event]:
+        with self.sessions() as s:
+            query = select(Event).where(Event.job_id == job_id, Event.id > after)
+            if types:
+                query = query.where(Event.type.in_(types))
+            return list(s.scalars(query.order_by(Event.id).limit(limit)))
+
+    # ------------------------------------------------------------------ checkpoints
+    def add_checkpoint(self, job_id: str, kind: str, step: int, filename: str, sha256: str, size: int,
+                       metrics: dict | None = None) -> Checkpoint:
+        with self.sessions.begin() as s:
+            if kind == "resume":  # one resume checkpoint per job: the newest replaces the row
+                for old in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                              Checkpoint.kind == "resume")):
+                    s.delete(old)
+            row = Checkpoint(job_id=job_id, kind=kind, step=step, filename=filename, sha256=sha256, size=size,
+                             metrics=metrics)
+            s.add(row)
+            s.add(Event(job_id=job_id, type="checkpoint", message=f"{kind} checkpoint at step {step}",
+                        data={"kind": kind, "step": step, "sha256": sha256}))
+        return row
+
+    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                                  .order_by(Checkpoint.created_at)))
+
+    def latest_checkpoint(self, job_id: str, kind: str) -> Checkpoint | None:
+        with self.sessions() as s:
+            return s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == kind)
+                             .order_by(Checkpoint.step.desc())).first()
+
+    # ------------------------------------------------------------------ uploads
+    def add_architecture(self, name: str, spec: dict, params: int, owner: str = "local") -> ArchitectureRecord:
+        with self.sessions.begin() as s:
+            row = ArchitectureRecord(name=name, spec=spec, params=params, owner=owner)
+            s.add(row)
+        return row
+
+    def get_architecture(self, arch_id: str, owner: str | None = None) -> ArchitectureRecord | None:
+        with self.sessions() as s:
+            query = select(ArchitectureRecord).where(ArchitectureRecord.id == arch_id)
+            if owner is not None:
+                query = query.where(ArchitectureRecord.owner == owner)
+            return s.scalars(query).first()
+
+    def list_architectures(self, owner: str | None = None) -> list[ArchitectureRecord]:
+        with self.sessions() as s:
+            query = select(ArchitectureRecord).order_by(ArchitectureRecord.created_at.desc())
+            if owner is not None:
+                query = query.where(ArchitectureRecord.owner == owner)
+            return list(s.scalars(query))
+
+    def add_dataset(self, **fields) -> DatasetRecord:
+        with self.sessions.begin() as s:
+            row = DatasetRecord(**fields)
+            s.add(row)
+        return row
+
+    def get_dataset(self, dataset_id: str, owner: str | None = None) -> DatasetRecord | None:
+        with self.sessions() as s:
+            query = select(DatasetRecord).where(DatasetRecord.id == dataset_id)
+            if owner is not None:
+                query = query.where(DatasetRecord.owner == owner)
+            return s.scalars(query).first()
+
+    def list_datasets(self, owner: str | None = None) -> list[DatasetRecord]:
+        with self.sessions() as s:
+            query = select(DatasetRecord).order_by(DatasetRecord.created_at.desc())
+            if owner is not None:
+                query = query.where(DatasetRecord.owner == owner)
+            return list(s.scalars(query))
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")

@@ -1,0 +1,66 @@
+"""Service configuration from `RIGL_*` environment variables, with embedded defaults.
+
+With nothing set, everything lives under one data directory: an SQLite database, the artifacts,
+and a filesystem message queue (kombu's own transport), so `rigl serve` needs no servers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RIGL_", extra="ignore")
+
+    data_dir: Path = Field(Path("~/.rigl"), description="Root of the embedded defaults.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker; default kombu's filesystem transport.")
+    artifact_dir: Path | None = Field(None, description="Checkpoints, exports, reports, uploads.")
+    datasets_dir: Path | None = Field(None, description="Read-only directory for mnist/cifar/imagefolder data.")
+    queue: str = Field("rigl-train", description="Celery queue the training tasks go to.")
+    max_body_bytes: int = Field(1024 * 1024, description="JSON request body cap (bytes received).")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Dataset upload cap.")
+    max_params: int = Field(100_000_000, description="Largest model a job may train.")
+    max_epochs: int = Field(10_000)
+    checkpoint_every_steps: int = Field(200, ge=1)
+    event_every_steps: int = Field(20, ge=1)
+    cancel_poll_seconds: float = Field(1.0, gt=0)
+    lease_seconds: int = Field(120, ge=5, description="A running job whose heartbeat is older is requeued.")
+    job_time_limit_seconds: int = Field(3 * 24 * 3600)
+    max_attempts: int = Field(3, ge=1)
+
+    def resolved(self) -> "Settings":
+        """Fill the defaults that depend on data_dir and create the directories."""
+        data = self.data_dir.expanduser().resolve()
+        artifacts = (self.artifact_dir or data / "artifacts").expanduser().resolve()
+        updates = {"data_dir": data, "artifact_dir": artifacts}
+        if self.database_url is None:
+            updates["database_url"] = f"sqlite:///{data / 'rigl.db'}"
+        if self.broker_url is None:
+            updates["broker_url"] = "filesystem://"
+        if self.datasets_dir is None:
+            updates["datasets_dir"] = data / "datasets"
+        settings = self.model_copy(update=updates)
+        for path in (data, artifacts):
+            path.mkdir(parents=True, exist_ok=True)
+        if settings.broker_url.startswith("filesystem://"):
+            settings.broker_folder.mkdir(parents=True, exist_ok=True)
+        return settings
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Longer than any job may run, so Redis never redelivers a job that is still training."""
+        return 2 * self.job_time_limit_seconds
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings().resolved()

@@ -1,0 +1,97 @@
+"""Helpers for the service tests: real PostgreSQL databases, Redis queues, worker and server processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("RIGL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("RIGL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+JOB = {"model": {"name": "mlp"}, "dataset": {"name": "digits"},
+       "sparsity": {"method": "rigl", "sparsity": 0.9, "distribution": "erk"},
+       "training": {"epochs": 2, "batch_size": 64}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def redis_available() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS, socket_timeout=3).ping())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@contextmanager
+def temporary_postgres_database():
+    """A fresh database for one test module, dropped afterwards."""
+    import psycopg
+
+    name = f"rigl_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    try:
+        yield f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def cleanup_redis_queue(queue: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    for key in client.scan_iter(f"*{queue}*"):
+        client.delete(key)
+
+
+def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "worker", "--loglevel", "INFO",
+                             "--name", f"test-{uuid.uuid4().hex[:6]}@%h"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
