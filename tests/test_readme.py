@@ -68,3 +68,12 @@ def test_readme_numpy_reader_and_library_example(tmp_path):
     for name, tensor in dense.items():
         np.testing.assert_array_equal(arrays[name], tensor.numpy())
     assert torch.is_tensor(dense["fc1.weight"])
+
+
+def test_readme_architecture_example_is_valid(tmp_path):
+    from rigl_core.cli import main
+
+    (example,) = blocks("json")
+    path = tmp_path / "arch.json"
+    path.write_text(example)
+    assert main(["plan", "--architecture", str(path), "--sparsity", "0.9", "--json"]) == 0

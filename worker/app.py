@@ -17,7 +17,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     transport_options: dict = {"visibility_timeout": settings.visibility_timeout}
     if settings.broker_url.startswith("filesystem://"):
         folder = str(settings.broker_folder)
-        transport_options = {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}
+        transport_options = {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False,
+                             "control_folder": str(settings.broker_folder / "control")}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
