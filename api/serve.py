@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"rigl serve: API on http://{args.host}:{args.port} (docs at /docs); data in {settings.data_dir}; "
           f"database {settings.database_url.split('://')[0]}; broker {settings.broker_url.split('://')[0]}",
           file=sys.stderr, flush=True)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the imported torch/FastAPI objects never die: keep them out of every GC pass
+    gc.set_threshold(50_000, 20, 20)  # fewer young-generation passes under request load
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

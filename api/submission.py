@@ -7,6 +7,8 @@ so impossible architectures/datasets fail here with a 422 naming the field, not 
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from pathlib import PurePosixPath
 
@@ -59,14 +61,11 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     num_classes = resolved.model.num_classes or num_classes
     try:
         if num_classes is not None:
-            meta = build_model(resolved.model.name, num_classes, input_shape, resolved.model.hidden_sizes,
-                               device="meta", architecture=resolved.model.architecture)
-            check_model(meta, input_shape, num_classes)
-            params = sum(p.numel() for p in meta.parameters())
+            params = _checked_params(json.dumps(tree["model"], sort_keys=True), json.dumps(input_shape), num_classes,
+                                     resolved.sparsity.model_dump_json())
             if params > settings.max_params:
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
-            make_plan(meta, input_shape, resolved.sparsity)
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
         total_steps = 0
@@ -81,3 +80,18 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     except (ValueError, RuntimeError) as exc:
         raise from_value_error(exc) from None
     return tree, total_steps
+
+
+@functools.lru_cache(maxsize=512)
+def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str) -> int:
+    """Build on the meta device, run one forward and plan the sparsity; cached, since sweeps resubmit
+    the same model many times. Raises ValueError naming the field."""
+    from rigl_core.spec import ModelSpec, SparsitySpec
+
+    model = ModelSpec.model_validate_json(model_json)
+    input_shape = json.loads(input_shape_json)
+    meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
+                       architecture=model.architecture)
+    check_model(meta, input_shape, num_classes)
+    make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json))
+    return sum(p.numel() for p in meta.parameters())

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     max_params: int = Field(100_000_000, description="Largest model a job may train.")
     max_epochs: int = Field(10_000)
     checkpoint_every_steps: int = Field(200, ge=1)
+    checkpoint_min_seconds: float = Field(30.0, ge=0, description="…and at least this long since the last one.")
     event_every_steps: int = Field(20, ge=1)
     cancel_poll_seconds: float = Field(1.0, gt=0)
     lease_seconds: int = Field(120, ge=5, description="A running job whose heartbeat is older is requeued.")

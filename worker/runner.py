@@ -36,6 +36,7 @@ class StoreCallback(Callback):
         self.pending: list[dict] = []
         self.latest: dict = {}
         self.last_poll = 0.0
+        self.last_checkpoint = time.monotonic()
         self.cancel = False
         self.lost_lease = False
         self.shutdown = False
@@ -58,15 +59,16 @@ class StoreCallback(Callback):
         self.latest = {**self.latest, **{k: v for k, v in metrics.items() if k.startswith("val_")}}
         self.pending.append({"type": "eval", "message": f"epoch {metrics['epoch']}: val_accuracy "
                                                           f"{metrics['val_accuracy']:.4f}", "data": metrics})
-        self.flush(trainer.step)
 
     def on_mask_update(self, trainer, update):
         self.pending.append({"type": "mask_update", "message": f"mask update at step {update.step}",
                              "data": update.to_dict()})
 
     def should_stop(self, trainer) -> bool:
-        if trainer.step % self.settings.checkpoint_every_steps == 0 and trainer.step < trainer.total_steps:
+        if (trainer.step % self.settings.checkpoint_every_steps == 0 and trainer.step < trainer.total_steps
+                and time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_seconds):
             save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id)
+            self.last_checkpoint = time.monotonic()
         if time.monotonic() - self.last_poll >= self.settings.cancel_poll_seconds:
             self.flush(trainer.step)
         if self.shutdown_flag():

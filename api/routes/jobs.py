@@ -7,7 +7,7 @@ import json
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api.context import Context, get_context
 from api.errors import ApiError
@@ -50,8 +50,12 @@ def list_jobs(limit: int = Query(20, ge=1, le=100), after: str | None = Query(No
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, ctx: Context = Depends(get_context)) -> dict:
-    return job_json(_job_or_404(ctx, job_id))
+async def get_job(job_id: str, ctx: Context = Depends(get_context)) -> Response:
+    """The hottest route (clients poll it): one indexed lookup, no thread hop, pre-encoded JSON."""
+    job = ctx.store.get_job_view(job_id, ctx.owner)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
+    return Response(json.dumps(job_json(job)), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202)
