@@ -30,10 +30,49 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci
 
 
-def test_quick_start_command_trains(tmp_path):
+def test_quick_start_serve_command_and_curl_submit(tmp_path):
+    """Runs README's service command (on a free port and a temporary data dir) and its curl line."""
+    import os
+    import signal
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from service_helpers import free_port, wait_for
+
     run_command = commands()[0]
-    assert run_command.startswith("pip install -e . && rigl train")
-    train = run_command.split("&& ", 1)[1].replace("--epochs 20", "--epochs 2").replace("runs/first", str(tmp_path / "first"))
+    assert run_command == "pip install -e . && rigl serve"
+    port = free_port()
+    serve = run_command.split("&& ", 1)[1] + f" --port {port} --data-dir {tmp_path / 'data'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
+    server = subprocess.Popen(serve, shell=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def ready():
+            probe = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/readyz"], capture_output=True)
+            return probe.returncode == 0
+
+        wait_for(ready, 60, what="rigl serve")
+        curl = commands()[2].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        job = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
+        assert job["status"] == "queued"
+
+        def finished():
+            out = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/v1/jobs/{job['id']}"],
+                                 capture_output=True, text=True).stdout
+            return json.loads(out)["status"] in ("succeeded", "failed") and json.loads(out)
+
+        assert wait_for(finished, 120, what="the job")["status"] == "succeeded"
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=30)
+        time.sleep(0.1)
+
+
+def test_local_train_command_trains(tmp_path):
+    train = commands()[3]
+    assert train.startswith("rigl train")
+    train = train.replace("--epochs 20", "--epochs 2").replace("runs/first", str(tmp_path / "first"))
     proc = subprocess.run(train, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "first" / "report.json").read_text())
@@ -41,7 +80,7 @@ def test_quick_start_command_trains(tmp_path):
 
 
 def test_plan_command_in_readme(tmp_path):
-    plan = commands()[2]
+    plan = commands()[4]
     assert plan.startswith("rigl plan")
     proc = subprocess.run(plan, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
