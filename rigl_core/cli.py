@@ -82,8 +82,89 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, help="resume from a checkpoint written by --checkpoint-every")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_sparsity_flags(train)
+    _add_client_commands(sub)
     _add_plugin_commands(sub)
     return parser
+
+
+def _add_client_commands(sub) -> None:
+    """Commands that talk to a running service (RIGL_API_URL, RIGL_API_KEY)."""
+    submit = sub.add_parser("submit", help="submit a JobSpec file (.json/.yaml) to the service")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--wait", action="store_true", help="then follow it with a progress bar")
+    submit.set_defaults(handler=cmd_submit)
+    status = sub.add_parser("status", help="show a job")
+    status.add_argument("job_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    watch = sub.add_parser("watch", help="live progress bar (loss, accuracy) until the job ends")
+    watch.add_argument("job_id")
+    watch.set_defaults(handler=cmd_watch)
+    download = sub.add_parser("download", help="download a job's sparse checkpoint")
+    download.add_argument("job_id")
+    download.add_argument("--format", choices=("dense", "packed"), default="dense")
+    download.add_argument("--out", type=Path, help="file or directory (default: the server's file name)")
+    download.set_defaults(handler=cmd_download)
+    jobs = sub.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--status")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(handler=cmd_jobs)
+
+
+def _client():
+    from rigl_core.client import Client
+
+    return Client()
+
+
+def _job_line(job) -> str:
+    d = job.data
+    p = d["progress"]
+    sparsity = d.get("spec", {}).get("sparsity", {})
+    result = d.get("result") or {}
+    accuracy = (result.get("final_metrics") or {}).get("val_accuracy") or (d.get("metrics") or {}).get("val_accuracy")
+    line = (f"{d['id']}  {d['status']:<10} {p['step']:>7}/{p['total_steps']:<7} "
+            f"{sparsity.get('method', 'rigl'):<6} S={sparsity.get('sparsity', 0.9)}")
+    return line + (f"  val_accuracy {accuracy:.4f}" if accuracy is not None else "")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise UsageError(f"file: {args.file} does not exist")
+    job = _client().submit(_read_config(args.file))
+    print(job.id)
+    if args.wait:
+        return _follow(job.id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = _client().get(args.job_id)
+    print(json.dumps(job.data, indent=2) if args.json else _job_line(job))
+    if job.data.get("error"):
+        print(f"error: {job.data['error']['code']}: {job.data['error']['message']}", file=sys.stderr)
+    return 0
+
+
+def _follow(job_id: str) -> int:
+    job = _client().wait(job_id, progress=True)
+    print(_job_line(job))
+    return 0 if job.status == "succeeded" else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return _follow(args.job_id)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    print(_client().download(args.job_id, format=args.format, path=args.out))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    for job in _client().list(status=args.status, limit=args.limit):
+        print(_job_line(job))
+    return 0
 
 
 def _add_plugin_commands(sub) -> None:
@@ -284,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     except ValidationError as exc:
         print(f"rigl: error: {format_validation_error(exc)}", file=sys.stderr)
-    except (UsageError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - client errors from the service, shown as one line
+        from rigl_core.client import RiglError, Unavailable
+
+        if not isinstance(exc, (RiglError, UsageError, ValueError)):
+            raise
         print(f"rigl: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, Unavailable) else 2
     except KeyboardInterrupt:
         print("rigl: interrupted", file=sys.stderr)
         return 130

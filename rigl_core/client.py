@@ -1,0 +1,276 @@
+"""Python client for the RigL job service.
+
+    from rigl_core.client import Client
+    client = Client()                       # RIGL_API_URL (default http://127.0.0.1:8000), RIGL_API_KEY
+    job = client.submit({"model": {"name": "mlp"}, "dataset": {"name": "digits"}})
+    job.wait(progress=True)                 # tqdm bar with loss / accuracy
+    job.download(format="dense", path="model.safetensors")
+
+Connection errors and 502/503/504 are retried with exponential backoff; every other error raises
+a typed RiglError carrying the server's code, message and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+RETRY_STATUS = (502, 503, 504)
+
+
+class RiglError(Exception):
+    """An error answer from the service (or no answer at all)."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None, field: str | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+class InvalidRequest(RiglError):
+    """422/400: the request (a JobSpec, an upload) is wrong; `field` says where."""
+
+
+class NotFound(RiglError):
+    """404: no such job, checkpoint, architecture or dataset (or not yours)."""
+
+
+class AuthError(RiglError):
+    """401/403: missing, revoked or insufficient API key."""
+
+
+class RateLimited(RiglError):
+    """429: too many jobs or requests; `retry_after` seconds."""
+
+    retry_after: float | None = None
+
+
+class Unavailable(RiglError):
+    """The service did not answer, or answered 5xx, after all retries."""
+
+
+def _error_for(response: httpx.Response) -> RiglError:
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        error = {}
+    message = error.get("message") or response.text[:200] or response.reason_phrase
+    cls = {400: InvalidRequest, 401: AuthError, 403: AuthError, 404: NotFound, 413: InvalidRequest,
+           422: InvalidRequest, 429: RateLimited}.get(response.status_code)
+    if cls is None:
+        cls = Unavailable if response.status_code >= 500 else RiglError
+    exc = cls(message, response.status_code, error.get("code"), error.get("field"))
+    if isinstance(exc, RateLimited):
+        exc.retry_after = float(response.headers.get("Retry-After", 0) or 0)
+    return exc
+
+
+class Job:
+    """A job on the server; attributes mirror the JSON job object. `refresh()` re-reads it."""
+
+    def __init__(self, client: "Client", data: dict):
+        self._client = client
+        self.data = data
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        p = self.data.get("progress", {})
+        return f"Job({self.data['id']}, {self.data['status']}, step {p.get('step')}/{p.get('total_steps')})"
+
+    @property
+    def done(self) -> bool:
+        return self.data["status"] in TERMINAL
+
+    def refresh(self) -> "Job":
+        self.data = self._client.get(self.data["id"]).data
+        return self
+
+    def wait(self, progress: bool = False, timeout: float | None = None, poll: float = 1.0) -> "Job":
+        return self._client.wait(self.data["id"], progress=progress, timeout=timeout, poll=poll, _job=self)
+
+    def events(self, after: int = 0) -> Iterator[dict]:
+        return self._client.events(self.data["id"], after=after)
+
+    def cancel(self) -> "Job":
+        self.data = self._client.cancel(self.data["id"]).data
+        return self
+
+    def download(self, format: str = "dense", path: str | os.PathLike | None = None) -> Path:
+        return self._client.download(self.data["id"], format=format, path=path)
+
+    def report(self) -> dict:
+        return self._client.report(self.data["id"])
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
+                 retries: int = 5, backoff: float = 0.5):
+        self.base_url = (base_url or os.environ.get("RIGL_API_URL") or "http://127.0.0.1:8000").rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get("RIGL_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.retries, self.backoff = retries, backoff
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError) as exc:
+                if attempt == self.retries:
+                    raise Unavailable(f"cannot reach {self.base_url}: {exc}") from None
+            else:
+                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                    if response.status_code >= 400:
+                        raise _error_for(response)
+                    return response
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise Unavailable(f"cannot reach {self.base_url}")  # unreachable
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, spec: Any, idempotency_key: str | None = None) -> Job:
+        """`spec`: a dict, a rigl_core JobSpec, or a path to a .json/.yaml JobSpec file."""
+        body = _spec_body(spec)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return Job(self, self._request("POST", "/v1/jobs", json=body, headers=headers).json())
+
+    def get(self, job_id: str) -> Job:
+        return Job(self, self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def list(self, status: str | None = None, limit: int = 20, after: str | None = None) -> list[Job]:
+        params = {"limit": limit, **({"status": status} if status else {}), **({"after": after} if after else {})}
+        return [Job(self, j) for j in self._request("GET", "/v1/jobs", params=params).json()["data"]]
+
+    def iter_jobs(self, status: str | None = None) -> Iterator[Job]:
+        after = None
+        while True:
+            params = {"limit": 100, **({"status": status} if status else {}), **({"after": after} if after else {})}
+            page = self._request("GET", "/v1/jobs", params=params).json()
+            for data in page["data"]:
+                yield Job(self, data)
+            if not page["has_more"] or not page["data"]:
+                return
+            after = page["data"][-1]["id"]
+
+    def cancel(self, job_id: str) -> Job:
+        return Job(self, self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll: float = 1.0,
+             _job: Job | None = None) -> Job:
+        """Poll until the job ends; with `progress` a tqdm bar shows steps, loss and accuracy."""
+        job = _job or self.get(job_id)
+        deadline = time.monotonic() + timeout if timeout else None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=job.data["progress"]["total_steps"] or None, unit="step", desc=job_id,
+                       dynamic_ncols=True)
+        try:
+            while True:
+                job.data = self.get(job_id).data
+                if bar is not None:
+                    p = job.data["progress"]
+                    bar.total = p["total_steps"] or bar.total
+                    bar.n = p["step"]
+                    metrics = job.data.get("metrics") or {}
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "val_accuracy")},
+                                    refresh=False)
+                    bar.set_description(f"{job_id} {job.data['status']}")
+                    bar.refresh()
+                if job.done:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job.data['status']} after {timeout}s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict]:
+        """Server-sent events until the job ends; reconnects with Last-Event-ID if the stream drops."""
+        last = after
+        failures = 0
+        while True:
+            try:
+                headers = {"Last-Event-ID": str(last)} if last else {}
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events/stream", headers=headers,
+                                      timeout=httpx.Timeout(30.0, read=60.0)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise _error_for(response)
+                    data = None
+                    for line in response.iter_lines():
+                        if line.startswith("data: "):
+                            data = json.loads(line[6:])
+                        elif line == "" and data is not None:
+                            last = data["id"]
+                            failures = 0
+                            yield data
+                            data = None
+                return
+            except (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError):
+                failures += 1
+                if failures > self.retries:
+                    raise Unavailable(f"event stream of {job_id} keeps failing") from None
+                time.sleep(min(self.backoff * 2 ** failures, 10.0))
+
+    def download(self, job_id: str, format: str = "dense", path: str | os.PathLike | None = None) -> Path:
+        """Save the checkpoint; the content hash is checked against the server's."""
+        response = self._request("GET", f"/v1/jobs/{job_id}/checkpoint", params={"format": format})
+        disposition = response.headers.get("content-disposition", "")
+        name = disposition.split("filename=")[-1].strip('"') if "filename=" in disposition else f"{job_id}.safetensors"
+        target = Path(path) if path is not None else Path(name)
+        if target.is_dir():
+            target = target / name
+        expected = response.headers.get("x-content-sha256")
+        if expected and hashlib.sha256(response.content).hexdigest() != expected:
+            raise RiglError(f"checkpoint of {job_id} arrived corrupted (sha256 mismatch)")
+        target.write_bytes(response.content)
+        return target
+
+    def report(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}/sparsity").json()
+
+    def metrics(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}/metrics").json()
+
+    def plan(self, model: dict, sparsity: dict | None = None, **extra) -> dict:
+        return self._request("POST", "/v1/plan", json={"model": model, "sparsity": sparsity or {}, **extra}).json()
+
+
+def _spec_body(spec: Any) -> dict:
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    if hasattr(spec, "model_dump"):
+        return spec.model_dump(mode="json", exclude_unset=True)
+    return dict(spec)

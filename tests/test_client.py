@@ -1,0 +1,129 @@
+"""The Python client and the client CLI commands against a real `rigl serve` (embedded defaults)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+from safetensors.torch import load_file
+
+from rigl_core.cli import main
+from rigl_core.client import Client, InvalidRequest, NotFound, Unavailable
+from rigl_core.models import build_model
+from service_helpers import JOB, ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
+    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port), "--data-dir",
+                                str(root / "data")], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    client = Client(url, retries=20, backoff=0.25)  # retries until the server is up
+    client.get_readyz = lambda: client._request("GET", "/readyz").json()
+    assert client.get_readyz()["status"] == "ok"
+    yield url, root
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=30)
+
+
+def test_submit_wait_report_download_load(server, tmp_path, capsys):
+    url, _ = server
+    with Client(url) as client:
+        job = client.submit(JOB)
+        assert job.status == "queued"
+        done = job.wait(progress=True, timeout=120)
+        assert done.status == "succeeded" and done.result["leak_check_ok"]
+        assert "step" in capsys.readouterr().err  # the tqdm bar
+        report = job.report()
+        assert report["final"] and abs(report["totals"]["sparsity"] - 0.9) < 0.002
+        path = job.download(format="dense", path=tmp_path)
+        assert path.name.startswith(job.id)
+        model = build_model("mlp", 10, [1, 8, 8])
+        model.load_state_dict(load_file(str(path)), strict=True)
+        packed = job.download(format="packed", path=tmp_path / "p.safetensors")
+        assert packed.stat().st_size < path.stat().st_size
+        types = [e["type"] for e in job.events()]
+        assert types[0] == "status" and "mask_update" in types and types[-1] == "status"
+        assert job.id in [j.id for j in client.list(limit=5)]
+        assert any(j.id == job.id for j in client.iter_jobs(status="succeeded"))
+
+
+def test_typed_errors_carry_the_server_message(server):
+    url, _ = server
+    with Client(url) as client:
+        with pytest.raises(InvalidRequest) as info:
+            client.submit({**JOB, "sparsity": {"sparsity": 1.0}})
+        assert info.value.field == "sparsity.sparsity" and info.value.status == 422
+        with pytest.raises(NotFound) as info:
+            client.get("job_missing")
+        assert info.value.code == "not_found"
+
+
+def test_cancel_and_cli_commands(server, tmp_path, capsys, monkeypatch):
+    url, _ = server
+    monkeypatch.setenv("RIGL_API_URL", url)
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({**JOB, "training": {"epochs": 1, "batch_size": 64}}))
+    assert main(["submit", str(spec), "--wait"]) == 0
+    job_id = capsys.readouterr().out.split()[0]
+    assert main(["status", job_id]) == 0
+    assert "succeeded" in capsys.readouterr().out
+    assert main(["jobs", "--limit", "3"]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["download", job_id, "--format", "packed", "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert (tmp_path / "x.safetensors").exists()
+    assert main(["watch", job_id]) == 0
+    capsys.readouterr()
+    assert main(["status", "job_missing"]) == 2
+    assert capsys.readouterr().err.strip() == "rigl: error: job_id: no job 'job_missing'"
+    with Client(url) as client:
+        long = client.submit({**JOB, "training": {"epochs": 500, "batch_size": 64}})
+        wait_for(lambda: client.get(long.id).status == "running", 60, what="running")
+        assert long.cancel().status in ("cancelling", "cancelled")
+        assert long.wait(timeout=60).status == "cancelled"
+
+
+class Flaky(http.server.BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        Flaky.calls += 1
+        if Flaky.calls <= 2:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = json.dumps({"id": "job_x", "status": "queued", "progress": {"step": 0, "total_steps": 1}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_retries_on_503_and_gives_up_on_dead_hosts():
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with Client(f"http://127.0.0.1:{httpd.server_port}", retries=3, backoff=0.01) as client:
+            assert client.get("job_x").status == "queued"
+        assert Flaky.calls == 3
+    finally:
+        httpd.shutdown()
+    with Client(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01) as client:
+        with pytest.raises(Unavailable):
+            client.get("job_x")
