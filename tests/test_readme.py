@@ -1,15 +1,21 @@
-"""README stays true: its two set-up commands, its code blocks, and CI calling the test command."""
+"""README stays true: every command block runs here, in order, against a real `rigl serve`."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
+
+from service_helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -19,81 +25,91 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def commands() -> list[str]:
-    return [line for block in blocks("bash") for line in block.splitlines() if line and not line.startswith("#")]
+def commands(block: str) -> list[str]:
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
 
 
-def test_ci_runs_the_readme_test_command():
-    test_command = commands()[1]
-    assert test_command == 'pip install -e ".[test]" && pytest'
+BASH = blocks("bash")
+PYTHON = blocks("python")
+SERVE, TEST, CURL, LOCAL_TRAIN, TUTORIAL, PLAN, TRAIN_LENET = BASH[:7]
+
+
+def test_two_setup_commands_and_ci():
+    assert commands(SERVE) == ["pip install -e . && rigl serve"]
+    assert commands(TEST) == ['pip install -e ".[test]" && pytest']
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert test_command in ci
+    assert commands(TEST)[0] in ci
 
 
-def test_quick_start_serve_command_and_curl_submit(tmp_path):
-    """Runs README's service command (on a free port and a temporary data dir) and its curl line."""
-    import os
-    import signal
-    import sys
-    import time
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from service_helpers import free_port, wait_for
-
-    run_command = commands()[0]
-    assert run_command == "pip install -e . && rigl serve"
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """README's service command, on a free port and a temporary data dir."""
+    root = tmp_path_factory.mktemp("readme")
     port = free_port()
-    serve = run_command.split("&& ", 1)[1] + f" --port {port} --data-dir {tmp_path / 'data'}"
+    serve = commands(SERVE)[0].split("&& ", 1)[1] + f" --port {port} --data-dir {root / 'data'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
     server = subprocess.Popen(serve, shell=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def ready():
+        return subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/readyz"], capture_output=True).returncode == 0
+
     try:
-        def ready():
-            probe = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/readyz"], capture_output=True)
-            return probe.returncode == 0
-
         wait_for(ready, 60, what="rigl serve")
-        curl = commands()[2].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-        job = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
-        assert job["status"] == "queued"
-
-        def finished():
-            out = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/v1/jobs/{job['id']}"],
-                                 capture_output=True, text=True).stdout
-            return json.loads(out)["status"] in ("succeeded", "failed") and json.loads(out)
-
-        assert wait_for(finished, 120, what="the job")["status"] == "succeeded"
+        yield port, {**env, "RIGL_API_URL": f"http://127.0.0.1:{port}"}, root
     finally:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=30)
-        time.sleep(0.1)
 
 
-def test_local_train_command_trains(tmp_path):
-    train = commands()[3]
-    assert train.startswith("rigl train")
-    train = train.replace("--epochs 20", "--epochs 2").replace("runs/first", str(tmp_path / "first"))
-    proc = subprocess.run(train, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+def run_shell(script: str, port: int, env: dict, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    script = script.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_quick_start_curl_submits(served, tmp_path):
+    port, env, _ = served
+    job = json.loads(run_shell(CURL, port, env, tmp_path).stdout)
+    assert job["status"] == "queued" and job["spec"]["sparsity"]["sparsity"] == 0.9
+
+
+def test_tutorial_end_to_end(served, tmp_path):
+    """plan → submit → watch → report → download in bash, then the plain-PyTorch loader and the client."""
+    port, env, _ = served
+    result = run_shell(TUTORIAL, port, env, tmp_path)
+    assert "fc1" in result.stdout and '"final": true' in result.stdout  # plan table, final report
+    assert (tmp_path / "model.safetensors").exists()
+    loader = subprocess.run([sys.executable, "-c", PYTHON[0]], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert loader.returncode == 0, loader.stderr
+    assert "sparsity 0.900" in loader.stdout and "torch.Size([1, 10])" in loader.stdout
+    client = subprocess.run([sys.executable, "-c", PYTHON[1] + "\nprint(types[0], types[-1])"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.split()[-2:] == ["status", "status"]
+    assert (tmp_path / "model.packed.safetensors").exists()
+
+
+def test_local_train_plan_and_lenet_commands(tmp_path):
+    for block in (LOCAL_TRAIN, TRAIN_LENET):
+        script = block.replace("--epochs 20", "--epochs 2").replace("--epochs 10", "--epochs 2")
+        script = script.replace("runs/", f"{tmp_path}/")
+        run_shell(script, 0, dict(os.environ), ROOT)
     report = json.loads((tmp_path / "first" / "report.json").read_text())
     assert abs(report["totals"]["sparsity"] - 0.9) < 0.002
-
-
-def test_plan_command_in_readme(tmp_path):
-    plan = commands()[4]
-    assert plan.startswith("rigl plan")
-    proc = subprocess.run(plan, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert abs(json.loads(proc.stdout)["totals"]["inference_flops_ratio"] - 0.242) < 0.01
+    assert (tmp_path / "lenet" / "model.packed.safetensors").exists()
+    plan = run_shell(PLAN, 0, dict(os.environ), ROOT)
+    assert abs(json.loads(plan.stdout)["totals"]["inference_flops_ratio"] - 0.242) < 0.01
 
 
 def test_readme_numpy_reader_and_library_example(tmp_path):
-    python_blocks = blocks("python")
-    reader, example = python_blocks[0], python_blocks[1]
+    reader, example = PYTHON[2], PYTHON[3]
     scope: dict = {}
     exec(example, scope)  # trains 2 epochs
-    report = scope["report"]
-    assert report["totals"]["sparsity"] > 0.89
+    assert scope["report"]["totals"]["sparsity"] > 0.89
     from rigl_core.run import run_training
     from rigl_core.spec import JobSpec
 
@@ -116,3 +132,11 @@ def test_readme_architecture_example_is_valid(tmp_path):
     path = tmp_path / "arch.json"
     path.write_text(example)
     assert main(["plan", "--architecture", str(path), "--sparsity", "0.9", "--json"]) == 0
+
+
+def test_jobspec_reference_is_generated_and_current():
+    from rigl_core.docs import END, START, reference
+
+    section = README[README.index(START): README.index(END) + len(END)]
+    assert section == reference(), "run `python -m rigl_core.docs` to refresh README"
+    assert "`sparsity.schedule.delta_t`" in section and "`training.device`" in section
