@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from api import errors
 from api.context import Context, celery_enqueue
 from api.limits import BodyLimit
+from api.reaper import Reaper
 from api.routes import jobs, resources
 from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None, enqueue=None) -> FastAPI:
+def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
     settings = (settings or get_settings()).resolved()
     store = JobStore(settings.database_url)
     context = Context(settings=settings, store=store, artifacts=Artifacts(settings.artifact_dir),
                       enqueue=enqueue or celery_enqueue(settings))
-    app = FastAPI(title="RigL Service", version="0.1.0",
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        sweeper = None
+        if reaper:
+            sweeper = Reaper(store, context.enqueue, settings.lease_seconds, settings.reaper_interval_seconds)
+            sweeper.start()
+        yield
+        if sweeper is not None:
+            sweeper.stop()
+
+    app = FastAPI(title="RigL Service", version="0.1.0", lifespan=lifespan,
                   description="Train sparse networks with RigL: submit jobs, watch them, download sparse checkpoints.")
     app.state.context = context
     errors.install(app)

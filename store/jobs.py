@@ -70,8 +70,13 @@ class JobStore:
             rows = list(s.scalars(query.limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
-    def claim(self, job_id: str, max_attempts: int) -> tuple[Job | None, str]:
-        """Take the job for this process. Returns (job, token) or (None, why-not)."""
+    def claim(self, job_id: str, max_attempts: int, lease_seconds: float = 120) -> tuple[Job | None, str]:
+        """Take the job for this process. Returns (job, token) or (None, why-not).
+
+        A job is claimable when queued/requeued, or when its holder stopped heart-beating for
+        `lease_seconds` (a killed worker). The compare-and-set on (status, attempt, lease_token)
+        means two deliveries of one message can never both win.
+        """
         token = uuid.uuid4().hex
         now = utcnow()
         with self.sessions.begin() as s:
@@ -80,24 +85,29 @@ class JobStore:
                 return None, "unknown job"
             if job.status in TERMINAL:
                 return None, f"already {job.status}"
-            if job.status == "cancelling" or (job.cancel_requested and job.status in CLAIMABLE):
-                self._set_status(s, job, "cancelled", "cancelled before it started")
-                return None, "cancelled"
-            if job.status not in CLAIMABLE:
+            held = job.status in ("running", "cancelling")
+            if held and not _stale(job.heartbeat_at, now, lease_seconds):
                 return None, f"already {job.status} elsewhere"
+            if job.cancel_requested:
+                self._set_status(s, job, "cancelled", "cancelled before it (re)started")
+                job.lease_token = None
+                return None, "cancelled"
             if job.attempt >= max_attempts:
                 job.error_code, job.error_message = "too_many_attempts", f"gave up after {job.attempt} attempts"
                 self._set_status(s, job, "failed", job.error_message)
+                job.lease_token = None
                 return None, "too many attempts"
             result = s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status.in_(CLAIMABLE), Job.attempt == job.attempt)
+                .where(Job.id == job_id, Job.status == job.status, Job.attempt == job.attempt,
+                       Job.lease_token.is_(None) if job.lease_token is None else Job.lease_token == job.lease_token)
                 .values(status="running", lease_token=token, heartbeat_at=now, attempt=job.attempt + 1,
                         started_at=job.started_at or now)
             )
             if result.rowcount != 1:
                 return None, "claimed by another worker"
-            s.add(Event(job_id=job_id, type="status", message=f"running (attempt {job.attempt + 1})",
+            note = " after a lost worker" if held else ""
+            s.add(Event(job_id=job_id, type="status", message=f"running (attempt {job.attempt + 1}){note}",
                         data={"status": "running", "attempt": job.attempt + 1}))
         return self.get_job(job_id), token
 
@@ -136,11 +146,29 @@ class JobStore:
                 s.add(Event(job_id=job_id, type="status", message=message, data={"status": "requeued"}))
         return result.rowcount == 1
 
-    def stale_jobs(self, lease_seconds: int) -> list[str]:
+    def stale_jobs(self, lease_seconds: float) -> list[str]:
         cutoff = utcnow() - dt.timedelta(seconds=lease_seconds)
         with self.sessions() as s:
             return list(s.scalars(select(Job.id).where(Job.status.in_(("running", "cancelling")),
                                                        or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))))
+
+    def requeue_stale(self, lease_seconds: float) -> list[str]:
+        """The reaper's half: jobs whose worker died are marked `requeued` (their message may be lost)."""
+        requeued = []
+        for job_id in self.stale_jobs(lease_seconds):
+            with self.sessions.begin() as s:
+                job = s.scalars(select(Job).where(Job.id == job_id)).first()
+                if job is None or job.status not in ("running", "cancelling") or not _stale(
+                        job.heartbeat_at, utcnow(), lease_seconds):
+                    continue
+                result = s.execute(update(Job).where(Job.id == job_id, Job.lease_token == job.lease_token,
+                                                     Job.status == job.status)
+                                   .values(status="requeued", lease_token=None))
+                if result.rowcount == 1:
+                    s.add(Event(job_id=job_id, type="status", level="warn",
+                                message=f"worker lost at step {job.step}; requeued", data={"status": "requeued"}))
+                    requeued.append(job_id)
+        return requeued
 
     def request_cancel(self, job_id: str, owner: str | None = None) -> Job | None:
         with self.sessions.begin() as s:
@@ -252,3 +280,11 @@ class JobStore:
     def ping(self) -> None:
         with self.engine.connect() as connection:
             connection.exec_driver_sql("SELECT 1")
+
+
+def _stale(heartbeat: dt.datetime | None, now: dt.datetime, lease_seconds: float) -> bool:
+    if heartbeat is None:
+        return True
+    if heartbeat.tzinfo is None:  # SQLite hands back naive UTC
+        heartbeat = heartbeat.replace(tzinfo=dt.timezone.utc)
+    return (now - heartbeat).total_seconds() > lease_seconds

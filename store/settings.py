@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     checkpoint_min_seconds: float = Field(30.0, ge=0, description="…and at least this long since the last one.")
     event_every_steps: int = Field(20, ge=1)
     cancel_poll_seconds: float = Field(1.0, gt=0)
-    lease_seconds: int = Field(120, ge=5, description="A running job whose heartbeat is older is requeued.")
+    lease_seconds: float = Field(120, gt=0, description="A running job whose heartbeat is older is requeued.")
+    reaper_interval_seconds: float = Field(15, gt=0, description="How often the API looks for lost jobs.")
     job_time_limit_seconds: int = Field(3 * 24 * 3600)
     max_attempts: int = Field(3, ge=1)
 

@@ -101,7 +101,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None, shut
     """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
     store = store or JobStore(settings.database_url)
     artifacts = Artifacts(settings.artifact_dir)
-    job, token = store.claim(job_id, settings.max_attempts)
+    job, token = store.claim(job_id, settings.max_attempts, settings.lease_seconds)
     if job is None:
         log.info("job %s not run: %s", job_id, token)
         return "skipped"
