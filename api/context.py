@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from fastapi import Request
 
+from api.errors import ApiError
 from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings
@@ -18,11 +19,24 @@ class Context:
     store: JobStore
     artifacts: Artifacts
     enqueue: Callable[[str], None]
-    owner: str | None = None  # auth comes later; None sees everything
+    owner: str | None = None  # whose objects this request may see; None: all (admin, or auth off)
+    principal: str = "local"  # who is asking; owns what this request creates
 
 
 def get_context(request: Request) -> Context:
-    return request.app.state.context
+    """Authenticates the request (Bearer API key) when auth is on; 401 otherwise."""
+    base: Context = request.app.state.context
+    if not base.settings.auth:
+        return base
+    from store.keys import authenticate
+
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    principal = authenticate(base.store, key.strip()) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise ApiError(401, "unauthorized", "missing, unknown or revoked API key (Authorization: Bearer …)",
+                       "Authorization", headers={"WWW-Authenticate": "Bearer"})
+    return replace(base, owner=None if principal.admin else principal.owner, principal=principal.owner)
 
 
 def celery_enqueue(settings: Settings) -> Callable[[str], None]:

@@ -12,12 +12,18 @@ from collections.abc import Iterable
 
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, make_engine, make_sessionmaker, utcnow
+from store.db import (ArchitectureRecord, Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, make_engine,
+                      make_sessionmaker, utcnow)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class IdempotencyConflict(Exception):
+    """Another request with the same Idempotency-Key won the race."""
 CLAIMABLE = ("queued", "requeued")
 
 
@@ -27,13 +33,33 @@ class JobStore:
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
 
     # ------------------------------------------------------------------ jobs
-    def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local") -> Job:
-        with self.sessions.begin() as s:
-            job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner)
-            s.add(job)
-            s.flush()
-            s.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
+    def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local",
+                   idempotency: tuple[str, str] | None = None) -> Job:
+        """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
+        requests with one key create one job (the loser gets IdempotencyConflict and replays)."""
+        try:
+            with self.sessions.begin() as s:
+                job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner)
+                s.add(job)
+                s.flush()
+                s.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
+                if idempotency is not None:
+                    s.add(IdempotencyRecord(owner=owner, key=idempotency[0], body_sha256=idempotency[1],
+                                            job_id=job.id))
+        except IntegrityError:
+            if idempotency is None:
+                raise
+            raise IdempotencyConflict() from None
         return job
+
+    def idempotent_job(self, owner: str, key: str) -> IdempotencyRecord | None:
+        with self.sessions() as s:
+            return s.get(IdempotencyRecord, (owner, key))
+
+    def count_active(self, owner: str) -> int:
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(Job).where(
+                Job.owner == owner, Job.status.in_(("queued", "running", "requeued", "cancelling")))) or 0
 
     def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         with self.sessions() as s:

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(None, description="Checkpoints, exports, reports, uploads.")
     datasets_dir: Path | None = Field(None, description="Read-only directory for mnist/cifar/imagefolder data.")
     queue: str = Field("rigl-train", description="Celery queue the training tasks go to.")
+    auth: bool | None = Field(None, description="Require API keys; default on except in the embedded mode.")
+    max_active_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have.")
     max_body_bytes: int = Field(1024 * 1024, description="JSON request body cap (bytes received).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Dataset upload cap.")
     max_params: int = Field(100_000_000, description="Largest model a job may train.")
@@ -46,6 +48,10 @@ class Settings(BaseSettings):
             updates["broker_url"] = "filesystem://"
         if self.datasets_dir is None:
             updates["datasets_dir"] = data / "datasets"
+        if self.auth is None:  # embedded single-user mode: SQLite + filesystem broker on one machine
+            embedded = (updates.get("database_url", self.database_url).startswith("sqlite")
+                        and updates.get("broker_url", self.broker_url).startswith("filesystem://"))
+            updates["auth"] = not embedded
         settings = self.model_copy(update=updates)
         for path in (data, artifacts):
             path.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ def test_kill_workers_nothing_lost_nothing_twice_resume_exact(tmp_path):
                "RIGL_CANCEL_POLL_SECONDS": "0.3", "RIGL_CHECKPOINT_EVERY_STEPS": "25",
                "RIGL_CHECKPOINT_MIN_SECONDS": "0"}
         settings = Settings(data_dir=tmp_path, database_url=database_url, broker_url=REDIS, queue=queue,
-                            lease_seconds=3, reaper_interval_seconds=0.5)
+                            lease_seconds=3, reaper_interval_seconds=0.5, auth=False)
         workers = [start_worker_group(env, tmp_path / f"worker{i}.log") for i in range(2)]
         kills = 0
         try:

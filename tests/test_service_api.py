@@ -179,3 +179,97 @@ def test_health_and_openapi(api):
     schema = api.get("/openapi.json").json()
     assert "/v1/jobs/{job_id}/events/stream" in schema["paths"]
     assert json.dumps(schema)
+
+
+@pytest.fixture()
+def secured(tmp_path):
+    from api.app import create_app
+    from store.jobs import JobStore
+    from store.keys import create_key
+
+    settings = Settings(data_dir=tmp_path, auth=True, max_active_jobs_per_owner=3).resolved()
+    store = JobStore(settings.database_url)
+    keys = {name: create_key(store, owner, admin=admin) for name, owner, admin in
+            (("alice", "alice", False), ("bob", "bob", False), ("root", "ops", True))}
+    with TestClient(create_app(settings, enqueue=lambda job_id: None)) as client:
+        client.keys = {name: key for name, (_, key) in keys.items()}
+        client.key_ids = {name: row.id for name, (row, _) in keys.items()}
+        client.store = store
+        yield client
+
+
+def as_(client, who):
+    return {"Authorization": f"Bearer {client.keys[who]}"}
+
+
+def test_auth_owner_isolation_admin_and_revocation(secured):
+    from store.keys import revoke_key
+
+    assert secured.get("/v1/jobs").status_code == 401
+    response = secured.get("/v1/jobs", headers={"Authorization": "Bearer rigl_key_00000000000000000000_" + "x" * 43})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert secured.get("/healthz").status_code == 200  # probes stay open
+    job = secured.post("/v1/jobs", json=JOB, headers=as_(secured, "alice")).json()
+    assert secured.get(f"/v1/jobs/{job['id']}", headers=as_(secured, "alice")).status_code == 200
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events", f"/v1/jobs/{job['id']}/sparsity",
+                 f"/v1/jobs/{job['id']}/checkpoints", f"/v1/jobs/{job['id']}/checkpoint"):
+        assert secured.get(path, headers=as_(secured, "bob")).status_code == 404, path
+    assert secured.post(f"/v1/jobs/{job['id']}/cancel", headers=as_(secured, "bob")).status_code == 404
+    assert secured.get("/v1/jobs", headers=as_(secured, "bob")).json()["data"] == []
+    assert [j["id"] for j in secured.get("/v1/jobs", headers=as_(secured, "root")).json()["data"]] == [job["id"]]
+    arch = {"input_shape": [4], "layers": [{"type": "linear", "out_features": 2}]}
+    arch_id = secured.post("/v1/architectures", json={"name": "a", "architecture": arch},
+                           headers=as_(secured, "alice")).json()["id"]
+    assert secured.get(f"/v1/architectures/{arch_id}", headers=as_(secured, "bob")).status_code == 404
+    revoke_key(secured.store, secured.key_ids["alice"])
+    assert secured.get(f"/v1/jobs/{job['id']}", headers=as_(secured, "alice")).status_code == 401
+
+
+def test_keys_are_stored_as_hashes(secured):
+    from store.keys import list_keys
+
+    for row in list_keys(secured.store):
+        assert len(row.secret_sha256) == 64
+        assert all(row.secret_sha256 not in key for key in secured.keys.values())
+
+
+def test_idempotency_key(secured):
+    headers = {**as_(secured, "alice"), "Idempotency-Key": "run-42"}
+    first = secured.post("/v1/jobs", json=JOB, headers=headers)
+    again = secured.post("/v1/jobs", json=JOB, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    other = secured.post("/v1/jobs", json={**JOB, "training": {"epochs": 3}}, headers=headers)
+    assert other.status_code == 422 and error_of(other)["field"] == "Idempotency-Key"
+    bob = secured.post("/v1/jobs", json=JOB, headers={**as_(secured, "bob"), "Idempotency-Key": "run-42"})
+    assert bob.json()["id"] != first.json()["id"]  # keys are per owner
+    listed = secured.get("/v1/jobs", headers=as_(secured, "alice")).json()["data"]
+    assert len(listed) == 1
+
+
+def test_concurrent_jobs_per_owner_get_429_with_retry_after(secured):
+    for _ in range(3):
+        assert secured.post("/v1/jobs", json=JOB, headers=as_(secured, "alice")).status_code == 201
+    response = secured.post("/v1/jobs", json=JOB, headers=as_(secured, "alice"))
+    assert response.status_code == 429 and response.headers["retry-after"] == "30"
+    assert error_of(response)["code"] == "too_many_jobs"
+    assert secured.post("/v1/jobs", json=JOB, headers=as_(secured, "bob")).status_code == 201  # per owner
+
+
+def test_keys_cli(tmp_path, capsys, monkeypatch):
+    from rigl_core.cli import main
+    from store.jobs import JobStore
+    from store.keys import authenticate
+
+    monkeypatch.setenv("RIGL_DATA_DIR", str(tmp_path))
+    assert main(["keys", "create", "--owner", "carol", "--name", "laptop"]) == 0
+    key = capsys.readouterr().out.strip()
+    store = JobStore(f"sqlite:///{tmp_path / 'rigl.db'}")
+    principal = authenticate(store, key)
+    assert principal.owner == "carol" and not principal.admin
+    assert main(["keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert principal.key_id in listing and key.split("_")[-1] not in listing
+    assert main(["keys", "revoke", principal.key_id]) == 0
+    assert authenticate(store, key) is None
+    assert main(["keys", "revoke", principal.key_id]) == 2

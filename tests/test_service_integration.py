@@ -38,7 +38,7 @@ def service(tmp_path_factory):
         env = {**os.environ, "RIGL_DATA_DIR": str(root), "RIGL_DATABASE_URL": database_url,
                "RIGL_BROKER_URL": REDIS, "RIGL_QUEUE": queue, "RIGL_EVENT_EVERY_STEPS": "5",
                "RIGL_CHECKPOINT_EVERY_STEPS": "20", "RIGL_CHECKPOINT_MIN_SECONDS": "0"}
-        settings = Settings(data_dir=root, database_url=database_url, broker_url=REDIS, queue=queue)
+        settings = Settings(data_dir=root, database_url=database_url, broker_url=REDIS, queue=queue, auth=False)
         worker = start_worker(env, root / "worker.log")
         try:
             with TestClient(create_app(settings)) as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -14,7 +15,7 @@ from api.errors import ApiError
 from api.schemas import checkpoint_json, event_json, job_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
-from store.jobs import TERMINAL
+from store.jobs import TERMINAL, IdempotencyConflict
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "cancelling", "requeued")
@@ -28,13 +29,40 @@ def _job_or_404(ctx: Context, job_id: str):
 
 
 @router.post("", status_code=201)
-def create_job(spec: JobSpec, ctx: Context = Depends(get_context)) -> dict:
-    """Validate, store as `queued`, enqueue. The body is a JobSpec; unknown fields are rejected."""
+def create_job(spec: JobSpec, response: Response, ctx: Context = Depends(get_context),
+               idempotency_key: str | None = Header(None, min_length=1, max_length=200)) -> dict:
+    """Validate, store as `queued`, enqueue. The body is a JobSpec; unknown fields are rejected.
+
+    With `Idempotency-Key`, the same key and body replay the first job; another body is a 422.
+    """
+    body = spec.model_dump(mode="json", exclude_unset=True)
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        replay = _replay(ctx, idempotency_key, digest, response)
+        if replay is not None:
+            return replay
+    if ctx.store.count_active(ctx.principal) >= ctx.settings.max_active_jobs_per_owner:
+        raise ApiError(429, "too_many_jobs", f"at most {ctx.settings.max_active_jobs_per_owner} queued or running "
+                                             "jobs per owner; retry when one ends", None, headers={"Retry-After": "30"})
     resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
-    job = ctx.store.create_job(spec.model_dump(mode="json", exclude_unset=True), resolved, total_steps,
-                               owner=ctx.owner or "local")
+    try:
+        job = ctx.store.create_job(body, resolved, total_steps, owner=ctx.principal,
+                                   idempotency=(idempotency_key, digest) if idempotency_key else None)
+    except IdempotencyConflict:
+        return _replay(ctx, idempotency_key, digest, response)
     ctx.enqueue(job.id)
     return job_json(job)
+
+
+def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
+    record = ctx.store.idempotent_job(ctx.principal, key)
+    if record is None:
+        return None
+    if record.body_sha256 != digest:
+        raise ApiError(422, "idempotency_mismatch", "this Idempotency-Key was used with a different body",
+                       "Idempotency-Key")
+    response.headers["Idempotent-Replayed"] = "true"
+    return job_json(ctx.store.get_job(record.job_id))
 
 
 @router.get("")

@@ -50,7 +50,7 @@ def upload_architecture(body: ArchitectureUpload, ctx: Context = Depends(get_con
         raise ApiError(422, "invalid_architecture", f"must end in a flat vector of logits, got {list(out_shape)}",
                        "architecture.layers")
     row = ctx.store.add_architecture(body.name, body.architecture.model_dump(mode="json", exclude_none=True),
-                                     params, owner=ctx.owner or "local")
+                                     params, owner=ctx.principal)
     return architecture_json(row)
 
 
@@ -90,7 +90,7 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
             raise ApiError(422, "invalid_dataset", "empty upload", "body")
         meta = await run_in_threadpool(_inspect_upload, tmp, cap)
         row = ctx.store.add_dataset(name=name, format=format, size=size, sha256=digest.hexdigest(),
-                                    owner=ctx.owner or "local", **meta)
+                                    owner=ctx.principal, **meta)
         os.replace(tmp, ctx.artifacts.dataset_file(row.id, format))
         return dataset_json(row)
     finally:
