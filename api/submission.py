@@ -77,7 +77,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
             resolve_t_end(total_steps, schedule.t_end, schedule.t_end_steps)
     except ApiError:
         raise
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc) from None
     return tree, total_steps
 

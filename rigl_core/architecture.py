@@ -132,8 +132,8 @@ class Architecture(BaseModel):
     @field_validator("input_shape")
     @classmethod
     def _positive(cls, value):
-        if any(v <= 0 for v in value):
-            raise ValueError("entries must be positive")
+        if any(not 0 < v <= 65_536 for v in value):
+            raise ValueError("entries must be integers in 1..65536")
         return value
 
 

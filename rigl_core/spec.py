@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rigl_core.architecture import Architecture
 
+MAX_DIM = 65_536  # largest single dimension (width, channels, spatial size) a spec may name
+MAX_SYNTHETIC_VALUES = 200_000_000  # synthetic datasets: samples × values per sample
 UPLOADED_ARCHITECTURE = re.compile(r"^arch_[0-9a-f]{20}$")
 METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -73,8 +75,8 @@ class ModelSpec(_Strict):
     @field_validator("input_shape", "hidden_sizes")
     @classmethod
     def _positive(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(v <= 0 for v in value):
-            raise ValueError("all entries must be positive integers")
+        if value is not None and any(not 0 < v <= MAX_DIM for v in value):
+            raise ValueError(f"all entries must be integers in 1..{MAX_DIM}")
         return value
 
 
@@ -106,8 +108,19 @@ class DatasetSpec(_Strict):
     )
     noise: float = Field(1.0, ge=0.0, le=100.0, description="synthetic: noise scale; larger is harder.")
 
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, value: list[int]) -> list[int]:
+        if any(not 0 < v <= MAX_DIM for v in value):
+            raise ValueError(f"all entries must be integers in 1..{MAX_DIM}")
+        return value
+
     @model_validator(mode="after")
     def _files_named(self) -> "DatasetSpec":
+        import math
+
+        if self.name == "synthetic" and self.num_samples * math.prod(self.input_shape) > MAX_SYNTHETIC_VALUES:
+            raise ValueError(f"num_samples × input_shape exceeds {MAX_SYNTHETIC_VALUES:,} values")
         if self.name in ("mnist", "fashion-mnist", "cifar10", "cifar100") and self.data_dir is None:
             raise ValueError(f"data_dir is required for {self.name!r}")
         if self.name in ("imagefolder", "tensors") and self.path is None:

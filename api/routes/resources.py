@@ -8,6 +8,8 @@ import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.context import Context, get_context
@@ -30,7 +32,7 @@ class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelSpec
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
-    input_shape: list[int] | None = Field(None, min_length=1, max_length=4)
+    input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] | None = Field(None, min_length=1, max_length=4)
     num_classes: int | None = Field(None, ge=2, le=100_000)
 
 
@@ -136,6 +138,6 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
                            architecture=architecture)
         check_model(meta, input_shape, num_classes)
         result = make_plan(meta, input_shape, body.sparsity).to_dict()
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc, code="invalid_request") from None
     return {"object": "plan", "model": name, "input_shape": input_shape, "num_classes": num_classes, **result}

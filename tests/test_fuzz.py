@@ -1,0 +1,62 @@
+"""Fuzz the API from its own OpenAPI schema (schemathesis): no generated request may get a 5xx.
+Path-traversal attempts on every download route must get a 404."""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from api.app import create_app  # noqa: E402
+from store.settings import Settings  # noqa: E402
+
+pytestmark = pytest.mark.slow
+COUNT = {"requests": 0, "5xx": 0}
+
+
+def _app(tmp_root):
+    return create_app(Settings(data_dir=tmp_root, auth=False, max_upload_bytes=100_000), enqueue=lambda _id: None,
+                      reaper=False)
+
+
+import tempfile  # noqa: E402
+
+APP = _app(tempfile.mkdtemp(prefix="rigl-fuzz-"))
+SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@SCHEMA.exclude(path_regex=".*/events/stream$").parametrize()
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_no_server_errors(case):
+    response = case.call()
+    COUNT["requests"] += 1
+    if response.status_code >= 500:
+        COUNT["5xx"] += 1
+    assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
+    content_type = response.headers.get("content-type") or ""
+    content_type = content_type[0] if isinstance(content_type, list) else content_type
+    if response.status_code >= 400 and content_type.startswith("application/json"):
+        assert "error" in response.json()
+
+
+def test_fuzzed_enough_requests():
+    assert COUNT["5xx"] == 0
+    assert COUNT["requests"] >= 1000, COUNT
+    print(f"\nfuzz: {COUNT['requests']} requests, {COUNT['5xx']} 5xx")
+
+
+TRAVERSALS = ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/etc/passwd",
+              "%2Fetc%2Fpasswd", "job_x%2F..%2F..%2Fsecret", "..", "....//....//etc/passwd", "job_x#../../etc"]
+
+
+@pytest.mark.parametrize("attempt", TRAVERSALS)
+def test_path_traversal_on_download_routes_is_404(attempt):
+    from fastapi.testclient import TestClient
+
+    with TestClient(APP) as client:
+        for route in ("/v1/jobs/{}/checkpoint", "/v1/jobs/{}/checkpoint?format=packed", "/v1/jobs/{}/checkpoints",
+                      "/v1/jobs/{}/sparsity", "/v1/architectures/{}"):
+            response = client.get(route.format(attempt))
+            assert response.status_code == 404, (route, attempt, response.status_code)
+            assert "root:" not in response.text
