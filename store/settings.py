@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(15, gt=0, description="How often the API looks for lost jobs.")
     job_time_limit_seconds: int = Field(3 * 24 * 3600)
     max_attempts: int = Field(3, ge=1)
+    fault_kill_at_step: int | None = Field(None, description="Tests only: the worker SIGKILLs itself at this step.")
 
     def resolved(self) -> "Settings":
         """Fill the defaults that depend on data_dir and create the directories."""

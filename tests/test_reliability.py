@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,13 @@ def start_worker_group(env, log_path):
                             stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
+def _parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return None
+
+
 def kill_group(process):
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -57,9 +65,9 @@ def test_kill_workers_nothing_lost_nothing_twice_resume_exact(tmp_path):
         env = {**os.environ, "RIGL_DATA_DIR": str(tmp_path), "RIGL_DATABASE_URL": database_url,
                "RIGL_BROKER_URL": REDIS, "RIGL_QUEUE": queue, "RIGL_LEASE_SECONDS": "3",
                "RIGL_CANCEL_POLL_SECONDS": "0.3", "RIGL_CHECKPOINT_EVERY_STEPS": "25",
-               "RIGL_CHECKPOINT_MIN_SECONDS": "0"}
+               "RIGL_CHECKPOINT_MIN_SECONDS": "0", "RIGL_MAX_ATTEMPTS": "5"}
         settings = Settings(data_dir=tmp_path, database_url=database_url, broker_url=REDIS, queue=queue,
-                            lease_seconds=3, reaper_interval_seconds=0.5, auth=False)
+                            lease_seconds=3, reaper_interval_seconds=0.5, auth=False, max_attempts=5)
         workers = [start_worker_group(env, tmp_path / f"worker{i}.log") for i in range(2)]
         kills = 0
         try:
@@ -68,15 +76,23 @@ def test_kill_workers_nothing_lost_nothing_twice_resume_exact(tmp_path):
                 for kill in range(3):
                     # wait until some job is well into training (a resume checkpoint exists), then kill its worker
                     def busy():
-                        jobs = [api.get(f"/v1/jobs/{i}").json() for i in ids]
-                        running = [j for j in jobs if j["status"] == "running" and j["progress"]["step"] > 60]
-                        return running or None
+                        """(job, index of the worker training it), for a job well into training."""
+                        for job_id in ids:
+                            job = api.get(f"/v1/jobs/{job_id}").json()
+                            if (job["status"] != "running" or job["progress"]["step"] <= 60 or not job["worker"]
+                                    or job["attempt"] > 1):  # spread the kills over different jobs
+                                continue
+                            parent = _parent_pid(int(job["worker"].rsplit(":", 1)[1]))
+                            for index, worker in enumerate(workers):
+                                if worker.pid == parent:
+                                    return index
+                        return None
 
-                    wait_for(busy, 180, interval=0.2, what="a busy job")
-                    victim = workers[kill % 2]
-                    kill_group(victim)
+                    index = wait_for(lambda: (lambda i: (i,) if i is not None else None)(busy()), 180, interval=0.2,
+                                     what="a busy job")[0]
+                    kill_group(workers[index])
                     kills += 1
-                    workers[kill % 2] = start_worker_group(env, tmp_path / f"worker{kill % 2}.log")
+                    workers[index] = start_worker_group(env, tmp_path / f"worker{index}.log")
                     time.sleep(1.0)
 
                 def all_done():
@@ -108,3 +124,144 @@ def test_kill_workers_nothing_lost_nothing_twice_resume_exact(tmp_path):
             for worker in workers:
                 kill_group(worker)
             cleanup_redis_queue(queue)
+
+
+def _env(tmp_path, database_url, broker, queue, **extra):
+    env = {**os.environ, "RIGL_DATA_DIR": str(tmp_path), "RIGL_DATABASE_URL": database_url,
+           "RIGL_BROKER_URL": broker, "RIGL_QUEUE": queue, "RIGL_LEASE_SECONDS": "3",
+           "RIGL_CANCEL_POLL_SECONDS": "0.3", "RIGL_CHECKPOINT_EVERY_STEPS": "25", "RIGL_CHECKPOINT_MIN_SECONDS": "0"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _api(tmp_path, database_url, broker, queue):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    settings = Settings(data_dir=tmp_path, database_url=database_url, broker_url=broker, queue=queue,
+                        lease_seconds=3, reaper_interval_seconds=0.5, auth=False)
+    return TestClient(create_app(settings))
+
+
+def _statuses(api, job_id):
+    events = api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
+    return [e["data"]["status"] for e in events if e["type"] == "status"], events
+
+
+def test_sigterm_checkpoints_requeues_and_the_next_worker_resumes(tmp_path):
+    queue = f"rigl-term-{uuid.uuid4().hex[:8]}"
+    with temporary_postgres_database() as database_url:
+        env = _env(tmp_path, database_url, REDIS, queue)
+        first = start_worker_group(env, tmp_path / "w1.log")
+        second = None
+        try:
+            with _api(tmp_path, database_url, REDIS, queue) as api:
+                job = api.post("/v1/jobs", json=LONG_JOB).json()
+                wait_for(lambda: api.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] > 60, 120,
+                         what="training")
+                first.send_signal(signal.SIGTERM)  # warm shutdown of the worker's main process
+                first.wait(timeout=60)
+                statuses, _ = _statuses(api, job["id"])
+                assert statuses[-1] == "requeued"
+                second = start_worker_group(env, tmp_path / "w2.log")
+                final = wait_for(lambda: (lambda j: j if j["status"] == "succeeded" else None)(
+                    api.get(f"/v1/jobs/{job['id']}").json()), 120, what="resume")
+                statuses, events = _statuses(api, job["id"])
+                assert statuses == ["queued", "running", "requeued", "running", "succeeded"]
+                resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
+                assert resumed and resumed[0] > 60
+                assert final["attempt"] == 2
+                print(f"\nreliability: sigterm: 1 job, 1 worker stopped with SIGTERM, requeued at step >{60}, "
+                      f"resumed from step {resumed[0]}, 1 succeeded, 0 lost, 0 duplicated")
+        finally:
+            for worker in (first, second):
+                if worker is not None:
+                    kill_group(worker)
+            cleanup_redis_queue(queue)
+
+
+def test_poison_job_fails_after_the_attempt_cap(tmp_path):
+    queue = f"rigl-poison-{uuid.uuid4().hex[:8]}"
+    with temporary_postgres_database() as database_url:
+        env = _env(tmp_path, database_url, REDIS, queue, RIGL_FAULT_KILL_AT_STEP=5, RIGL_MAX_ATTEMPTS=3)
+        worker = start_worker_group(env, tmp_path / "w.log")
+        try:
+            with _api(tmp_path, database_url, REDIS, queue) as api:
+                job = api.post("/v1/jobs", json=LONG_JOB).json()
+                final = wait_for(lambda: (lambda j: j if j["status"] in ("failed", "succeeded") else None)(
+                    api.get(f"/v1/jobs/{job['id']}").json()), 120, what="the attempt cap")
+                assert final["status"] == "failed" and final["error"]["code"] == "too_many_attempts"
+                assert final["attempt"] == 3
+                statuses, _ = _statuses(api, job["id"])
+                assert statuses.count("running") == 3 and statuses[-1] == "failed"
+                assert worker.poll() is None  # the worker survived its children dying
+                print("\nreliability: poison: 1 job killing its worker process every attempt, ended failed after "
+                      "3 attempts (too_many_attempts), no loop")
+        finally:
+            kill_group(worker)
+            cleanup_redis_queue(queue)
+
+
+def _start_redis(port, folder):
+    return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
+                             "--appendfsync", "always", "--save", "", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _redis_up(port):
+    import redis
+
+    try:
+        return redis.Redis(port=port, socket_timeout=1).ping()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_redis_restart_with_queued_and_running_jobs(tmp_path):
+    """A private redis-server with appendonly: restarted once with jobs queued (no worker), once mid-training."""
+    from service_helpers import free_port
+
+    port = free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    (tmp_path / "redis").mkdir()
+    redis_proc = _start_redis(port, tmp_path / "redis")
+    wait_for(lambda: _redis_up(port), 20, what="redis")
+    queue = f"rigl-redis-{uuid.uuid4().hex[:8]}"
+    worker = None
+    with temporary_postgres_database() as database_url:
+        env = _env(tmp_path, database_url, broker, queue)
+        try:
+            with _api(tmp_path, database_url, broker, queue) as api:
+                small = {**JOB, "training": {"epochs": 2, "batch_size": 64}}
+                queued = [api.post("/v1/jobs", json=small).json()["id"] for _ in range(4)]
+                redis_proc.terminate()
+                redis_proc.wait(timeout=20)
+                redis_proc = _start_redis(port, tmp_path / "redis")  # AOF replays the queue
+                wait_for(lambda: _redis_up(port), 20, what="redis again")
+                worker = start_worker_group(env, tmp_path / "w.log")
+                for job_id in queued:
+                    final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
+                        api.get(f"/v1/jobs/{job_id}").json()), 120, what=job_id)
+                    assert final["status"] == "succeeded"
+                running = api.post("/v1/jobs", json=LONG_JOB).json()["id"]
+                wait_for(lambda: api.get(f"/v1/jobs/{running}").json()["progress"]["step"] > 60, 120, what="training")
+                redis_proc.kill()
+                redis_proc.wait(timeout=20)
+                time.sleep(1.0)
+                redis_proc = _start_redis(port, tmp_path / "redis")
+                wait_for(lambda: _redis_up(port), 20, what="redis restarted")
+                final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
+                    api.get(f"/v1/jobs/{running}").json()), 240, what="the running job")
+                assert final["status"] == "succeeded", final
+                for job_id in [*queued, running]:
+                    statuses, _ = _statuses(api, job_id)
+                    assert statuses.count("running") == statuses.count("requeued") + 1  # never two at once
+                    assert statuses.count("succeeded") == 1
+                print("\nreliability: redis: 2 Redis restarts (4 jobs queued, 1 running), 5 submitted, 5 succeeded, "
+                      "0 lost, 0 duplicated")
+        finally:
+            if worker is not None:
+                kill_group(worker)
+            redis_proc.kill()
+            redis_proc.wait(timeout=20)

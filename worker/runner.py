@@ -6,6 +6,9 @@ Celery-free, so it can be tested and reused; the Celery task is a thin wrapper a
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
 import time
 import traceback
 
@@ -47,6 +50,7 @@ class StoreCallback(Callback):
             self.pending = []
         state = self.store.heartbeat(self.job_id, self.token, step, self.latest or None)
         self.cancel = self.cancel or state["cancel"]
+        self.shutdown = self.shutdown or state["preempt"]
         self.lost_lease = not state["lease"]
         self.last_poll = time.monotonic()
 
@@ -65,6 +69,8 @@ class StoreCallback(Callback):
                              "data": update.to_dict()})
 
     def should_stop(self, trainer) -> bool:
+        if self.settings.fault_kill_at_step is not None and trainer.step == self.settings.fault_kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the poison-job test
         if (trainer.step % self.settings.checkpoint_every_steps == 0 and trainer.step < trainer.total_steps
                 and time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_seconds):
             save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id)
@@ -101,7 +107,8 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None, shut
     """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
     store = store or JobStore(settings.database_url)
     artifacts = Artifacts(settings.artifact_dir)
-    job, token = store.claim(job_id, settings.max_attempts, settings.lease_seconds)
+    job, token = store.claim(job_id, settings.max_attempts, settings.lease_seconds,
+                             worker=f"{socket.gethostname()}:{os.getpid()}")
     if job is None:
         log.info("job %s not run: %s", job_id, token)
         return "skipped"
