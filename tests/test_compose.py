@@ -119,7 +119,7 @@ def test_compose_worker_command_runs_a_job_on_real_redis(tmp_path):
                 env[key] = str(value)
         env.update({"RIGL_DATABASE_URL": database_url, "RIGL_BROKER_URL": REDIS, "RIGL_QUEUE": queue,
                     "RIGL_DATA_DIR": str(tmp_path), "RIGL_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-                    "RIGL_DATASETS_DIR": str(tmp_path / "datasets"), "REMAP_SIGTERM": worker["environment"]["REMAP_SIGTERM"]})
+                    "RIGL_DATASETS_DIR": str(tmp_path / "datasets")})
         log = open(tmp_path / "worker.log", "wb")
         process = subprocess.Popen(worker["command"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
