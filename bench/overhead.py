@@ -136,6 +136,18 @@ def machine_info() -> dict:
     }
 
 
+def git_state() -> dict:
+    """The commit measured, and whether the working tree differed from it (rigl_core changes matter)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rigl_core"], capture_output=True,
+                               text=True, cwd=ROOT, check=True).stdout.strip()
+        return {"commit": commit, "rigl_core_dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
+
 def loadavg() -> list[float]:
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
@@ -326,7 +338,10 @@ def render(results: dict) -> str:
         f"Date: {results['date']}. Machine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']}, "
         f"{m['threads']} torch threads, Python {m['python']}, device cpu. "
         f"Load average at start {results['loadavg_start']}, at end {results['loadavg_end']} "
-        "(other processes shared the machine; methods are interleaved so noise hits them alike).",
+        "(other processes shared the machine; methods are interleaved so noise hits them alike)."
+        + (f" Code: commit {results['git']['commit']}"
+           + (" with uncommitted rigl_core changes" if results["git"].get("rigl_core_dirty") else "") + "."
+           if results.get("git") else ""),
         "",
         "Settings: " + "; ".join(s["describe"][c] for c in results["configs"]) + ". "
         f"{s['repeats']} repeats; each repeat runs every method once, order rotated per repeat; one discarded "
@@ -418,7 +433,7 @@ def render(results: dict) -> str:
                     f"{med['mask_gradients']:.2f} ({tot['mask_gradients']:.2f} s, {calls['mask_gradients']} calls) | "
                     f"{updates} | {tot['drop_and_grow'] * 1000:.0f} total | {tot['apply_masks'] * 1000:.0f} total |")
     lines += ["", "Raw numbers: `bench/results/" + results["json_name"] + "`. "
-              "Command: `" + results["command"] + "`.", ""]
+              "Command: `" + results["command"].strip() + "`.", ""]
     return "\n".join(lines)
 
 
@@ -475,13 +490,14 @@ def main() -> None:
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "git": git_state(),
         "loadavg_start": loadavg(),
         "configs": configs,
         "settings": {"repeats": repeats, "quick": args.quick, "methods": methods,
                      "specs": {c: spec_tree(c, "rigl", args.quick) for c in configs},
                      "describe": {c: describe(c, args.quick) for c in configs}},
         "targets": {"time": TARGETS, "rss": RSS_TARGET},
-        "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/overhead.py"] + sys.argv[1:]),
         "json_name": json_path.name,
         "time": {},
         "memory": {},
