@@ -81,7 +81,6 @@ class Sparsifier:
         self.snfs_momentum = snfs_momentum
         self.gmp_begin = gmp_begin
         self.masks: dict[str, torch.Tensor] = {}
-        self._inactive: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mask -> its inverse, cached
         self.record_details = False  # tests: keep kept/grown sets of the last update
         self.last_details: dict[str, object] = {}
 
@@ -104,20 +103,10 @@ class Sparsifier:
                 mask_optimizer_state(self.optimizer, layer.weight, mask)
 
     def mask_gradients(self) -> None:
-        """Zero gradients at inactive positions: one masked_fill per layer (2× faster than multiplying
-        by a bool mask, which converts it to float every step)."""
         for layer in self.layers:
             grad = layer.weight.grad
             if grad is not None:
-                grad.masked_fill_(self._inactive_mask(layer.name), 0.0)
-
-    def _inactive_mask(self, name: str) -> torch.Tensor:
-        mask = self.masks[name]
-        cached = self._inactive.get(name)
-        if cached is None or cached[0] is not mask:  # masks are replaced, never edited in place
-            cached = (mask, ~mask)
-            self._inactive[name] = cached
-        return cached[1]
+                grad.mul_(self.masks[layer.name])
 
     # ----------------------------------------------------------------- the step
     def step(self, step: int) -> MaskUpdate | None:
@@ -147,16 +136,18 @@ class Sparsifier:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def _drop_grow_all(self, step: int, grow_scores: dict[str, torch.Tensor]) -> MaskUpdate:
+    def _drop_grow_all(self, step: int, grow_score) -> MaskUpdate:
+        """`grow_score(index, layer)` is called one layer at a time, so only one layer's scores are
+        ever alive (the peak-memory cost of an update is one layer, not the whole model)."""
         fraction = self.schedule.drop_fraction(step)
         update = MaskUpdate(step=step, drop_fraction=fraction)
         details = {}
         with torch.no_grad():
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 old = self.masks[layer.name]
                 n_active = int(old.sum())
                 k = int(fraction * n_active)
-                result = drop_and_grow(old, layer.weight, grow_scores[layer.name], k)
+                result = drop_and_grow(old, layer.weight, grow_score(index, layer), k)
                 old_flat = old.reshape(-1)
                 grown_new = int((result.grown & ~old_flat).sum())
                 update.layers[layer.name] = LayerUpdate(
@@ -231,12 +222,12 @@ class SETSparsifier(Sparsifier):
         return self.schedule.is_update_step(step)
 
     def update_masks(self, step: int) -> MaskUpdate:
-        scores = {}
-        for index, layer in enumerate(self.layers):
+        def random_scores(index: int, layer: Layer) -> torch.Tensor:
             # Seeded by (seed, step, layer): every replica draws the same numbers.
             generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
-            scores[layer.name] = torch.rand(layer.shape, generator=generator).to(layer.weight.device)
-        return self._drop_grow_all(step, scores)
+            return torch.rand(layer.shape, generator=generator).to(layer.weight.device)
+
+        return self._drop_grow_all(step, random_scores)
 
 
 class RigLSparsifier(Sparsifier):
@@ -271,19 +262,17 @@ class RigLSparsifier(Sparsifier):
             else:
                 self.grad_sums[layer.name] = grad.detach().clone()
 
-    def grow_scores(self, step: int) -> dict[str, torch.Tensor]:
-        scores = {}
-        for layer in self.layers:
-            grad = layer.weight.grad
-            if layer.name in self.grad_sums:
-                grad = self.grad_sums.pop(layer.name)  # already includes this step's gradient
-            if grad is None:
-                grad = torch.zeros_like(layer.weight)
-            scores[layer.name] = grad.abs()
-        return scores
+    def grow_score(self, index: int, layer: Layer) -> torch.Tensor:
+        """|dense gradient| of this minibatch (or of the last n, accumulated) for one layer."""
+        grad = layer.weight.grad
+        if layer.name in self.grad_sums:
+            grad = self.grad_sums.pop(layer.name)  # already includes this step's gradient
+        if grad is None:
+            grad = torch.zeros_like(layer.weight)
+        return grad.abs()
 
     def update_masks(self, step: int) -> MaskUpdate:
-        return self._drop_grow_all(step, self.grow_scores(step))
+        return self._drop_grow_all(step, self.grow_score)
 
     def _extra_state(self) -> dict:
         return {"grad_sums": {k: v.cpu() for k, v in self.grad_sums.items()}}
@@ -317,10 +306,8 @@ class SNFSSparsifier(RigLSparsifier):
             else:
                 ema.mul_(beta).add_(grad, alpha=1 - beta)
 
-    def grow_scores(self, step: int) -> dict[str, torch.Tensor]:
-        return {
-            layer.name: self.grad_ema.get(layer.name, torch.zeros_like(layer.weight)).abs() for layer in self.layers
-        }
+    def grow_score(self, index: int, layer: Layer) -> torch.Tensor:
+        return self.grad_ema.get(layer.name, torch.zeros_like(layer.weight)).abs()
 
     def _extra_state(self) -> dict:
         return {"grad_ema": {k: v.cpu() for k, v in self.grad_ema.items()}}
