@@ -22,7 +22,7 @@ def main() -> None:
                              "tests/test_reliability.py", "tests/test_fuzz.py"], cwd=ROOT, capture_output=True,
                             text=True)
     lines = re.findall(r"^(?:reliability|fuzz): .*$", result.stdout, flags=re.M)
-    summary = re.findall(r"^=+ (.*) =+$", result.stdout, flags=re.M)
+    summary = re.findall(r"(\d+ passed[^=]*?) in [\d.]+s", result.stdout)
     text = "\n".join([
         "# Reliability report",
         "",

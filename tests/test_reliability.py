@@ -118,7 +118,7 @@ def test_kill_workers_nothing_lost_nothing_twice_resume_exact(tmp_path):
                 for other in exports[1:]:
                     for name, tensor in exports[0].items():
                         assert torch.equal(tensor, other[name]), name
-                print(f"\nreliability: 10 jobs, {kills} workers killed, 10 succeeded, 0 failed, 0 lost, "
+                print(f"\nreliability: kill: 10 jobs, {kills} workers killed, 10 succeeded, 0 failed, 0 lost, "
                       f"{duplicated} duplicated, resumed from steps {sorted(resumed_steps)}")
         finally:
             for worker in workers:
