@@ -77,6 +77,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
+    env["RIGL_MAX_ACTIVE_JOBS_PER_OWNER"] = "1000000"  # measure throughput, not the per-owner limit
     server = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port), "--data-dir",
                                str(tmp / "data")], env=env, stdout=open(tmp / "serve.log", "wb"),
                               stderr=subprocess.STDOUT, cwd=ROOT)

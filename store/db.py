@@ -6,7 +6,7 @@ import datetime as dt
 import time
 import uuid
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -48,6 +48,9 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # latest train/eval metrics
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # summary of the final report
+
+
+Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only
 
 
 class Event(Base):
