@@ -278,18 +278,10 @@ class JobStore:
         return row
 
     def get_architecture(self, arch_id: str, owner: str | None = None) -> ArchitectureRecord | None:
-        with self.sessions() as s:
-            query = select(ArchitectureRecord).where(ArchitectureRecord.id == arch_id)
-            if owner is not None:
-                query = query.where(ArchitectureRecord.owner == owner)
-            return s.scalars(query).first()
+        return self._get_owned(ArchitectureRecord, arch_id, owner)
 
     def list_architectures(self, owner: str | None = None) -> list[ArchitectureRecord]:
-        with self.sessions() as s:
-            query = select(ArchitectureRecord).order_by(ArchitectureRecord.created_at.desc())
-            if owner is not None:
-                query = query.where(ArchitectureRecord.owner == owner)
-            return list(s.scalars(query))
+        return self._list_owned(ArchitectureRecord, owner)
 
     def add_dataset(self, **fields) -> DatasetRecord:
         with self.sessions.begin() as s:
@@ -298,17 +290,24 @@ class JobStore:
         return row
 
     def get_dataset(self, dataset_id: str, owner: str | None = None) -> DatasetRecord | None:
-        with self.sessions() as s:
-            query = select(DatasetRecord).where(DatasetRecord.id == dataset_id)
-            if owner is not None:
-                query = query.where(DatasetRecord.owner == owner)
-            return s.scalars(query).first()
+        return self._get_owned(DatasetRecord, dataset_id, owner)
 
     def list_datasets(self, owner: str | None = None) -> list[DatasetRecord]:
+        return self._list_owned(DatasetRecord, owner)
+
+    def _get_owned(self, record, record_id: str, owner: str | None):
+        """One upload by id; with `owner`, someone else's is as good as missing."""
         with self.sessions() as s:
-            query = select(DatasetRecord).order_by(DatasetRecord.created_at.desc())
+            query = select(record).where(record.id == record_id)
             if owner is not None:
-                query = query.where(DatasetRecord.owner == owner)
+                query = query.where(record.owner == owner)
+            return s.scalars(query).first()
+
+    def _list_owned(self, record, owner: str | None) -> list:
+        with self.sessions() as s:
+            query = select(record).order_by(record.created_at.desc())
+            if owner is not None:
+                query = query.where(record.owner == owner)
             return list(s.scalars(query))
 
     def ping(self) -> None:

@@ -143,7 +143,7 @@ def _run_ranks(method: str, out_dir: Path) -> list[dict]:
     assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S}s\n{errors}"
     codes = [proc.exitcode for proc in procs]
     assert codes == [0] * WORLD_SIZE, f"exit codes {codes}\n{errors}"
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
 def _assert_same_masks(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:

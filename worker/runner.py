@@ -24,18 +24,12 @@ log = logging.getLogger("rigl.worker")
 RESUME_FILE = "resume.pt"
 
 
-class ShutdownRequested(Exception):
-    """The worker process is stopping: checkpoint and give the job back."""
-
-
 class StoreCallback(Callback):
     """Streams metrics/mask updates into the store (throttled), checkpoints, heartbeats, checks cancel."""
 
-    def __init__(self, store: JobStore, artifacts: Artifacts, job_id: str, token: str, settings: Settings,
-                 shutdown_flag=lambda: False):
+    def __init__(self, store: JobStore, artifacts: Artifacts, job_id: str, token: str, settings: Settings):
         self.store, self.artifacts, self.job_id, self.token = store, artifacts, job_id, token
         self.settings = settings
-        self.shutdown_flag = shutdown_flag
         self.pending: list[dict] = []
         self.latest: dict = {}
         self.last_poll = 0.0
@@ -77,8 +71,6 @@ class StoreCallback(Callback):
             self.last_checkpoint = time.monotonic()
         if time.monotonic() - self.last_poll >= self.settings.cancel_poll_seconds:
             self.flush(trainer.step)
-        if self.shutdown_flag():
-            self.shutdown = True
         return self.cancel or self.lost_lease or self.shutdown
 
 
@@ -103,7 +95,7 @@ def summary(report: dict) -> dict:
     }
 
 
-def run_job(job_id: str, settings: Settings, store: JobStore | None = None, shutdown_flag=lambda: False) -> str:
+def run_job(job_id: str, settings: Settings, store: JobStore | None = None) -> str:
     """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
     store = store or JobStore(settings.database_url)
     artifacts = Artifacts(settings.artifact_dir)
@@ -112,7 +104,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None, shut
     if job is None:
         log.info("job %s not run: %s", job_id, token)
         return "skipped"
-    callback = StoreCallback(store, artifacts, job_id, token, settings, shutdown_flag)
+    callback = StoreCallback(store, artifacts, job_id, token, settings)
     try:
         spec = JobSpec.model_validate(job.resolved_spec)
         trainer = Trainer(spec, callbacks=[callback])
