@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from api import errors
+from api import dashboard, errors
 from api.context import Context, celery_enqueue
 from api.limits import BodyLimit
 from api.reaper import Reaper
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(resources.router)
+    dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

@@ -29,6 +29,8 @@ class LayerUpdate:
     dropped: int
     grown_new: int  # previously inactive positions that became active
     regrown: int  # positions dropped and regrown in the same update
+    ever_active: int = 0  # positions active at any time so far (in-time over-parameterisation)
+    numel: int = 0
 
 
 @dataclass
@@ -43,11 +45,18 @@ class MaskUpdate:
         active = sum(u.n_active for u in self.layers.values())
         return sum(u.grown_new for u in self.layers.values()) / active if active else 0.0
 
+    @property
+    def exploration(self) -> float:
+        """Share of the masked weights that have ever been active (Liu et al. 2021's ITOP rate)."""
+        numel = sum(u.numel for u in self.layers.values())
+        return sum(u.ever_active for u in self.layers.values()) / numel if numel else 0.0
+
     def to_dict(self) -> dict:
         return {
             "step": self.step,
             "drop_fraction": self.drop_fraction,
             "churn": self.churn,
+            "exploration": self.exploration,
             "layers": {name: vars(u) for name, u in self.layers.items()},
         }
 
@@ -81,6 +90,9 @@ class Sparsifier:
         self.snfs_momentum = snfs_momentum
         self.gmp_begin = gmp_begin
         self.masks: dict[str, torch.Tensor] = {}
+        # Bool union of every mask so far; made at the first drop/grow update (until then it equals
+        # the mask), so static and pruning methods never pay for it.
+        self.ever_active: dict[str, torch.Tensor] = {}
         self.record_details = False  # tests: keep kept/grown sets of the last update
         self.last_details: dict[str, object] = {}
 
@@ -131,6 +143,16 @@ class Sparsifier:
     def update_masks(self, step: int) -> MaskUpdate | None:
         return None
 
+    def ever_active_counts(self) -> dict[str, int]:
+        """Per layer, how many positions have been active at some step (the mask's own count until
+        the first drop/grow update)."""
+        return {name: int(self.ever_active[name].sum()) if name in self.ever_active else int(mask.sum())
+                for name, mask in self.masks.items()}
+
+    def exploration(self) -> float:
+        numel = sum(layer.numel for layer in self.layers)
+        return sum(self.ever_active_counts().values()) / numel if numel else 0.0
+
     # ----------------------------------------------------------------- helpers
     def _zero_grads(self) -> None:
         if self.optimizer is not None:
@@ -150,11 +172,17 @@ class Sparsifier:
                 result = drop_and_grow(old, layer.weight, grow_score(index, layer), k)
                 old_flat = old.reshape(-1)
                 grown_new = int((result.grown & ~old_flat).sum())
+                ever = self.ever_active.get(layer.name)
+                if ever is None:
+                    ever = self.ever_active[layer.name] = old.clone()
+                ever |= result.new_mask
                 update.layers[layer.name] = LayerUpdate(
                     n_active=int(result.new_mask.sum()),
                     dropped=result.n_drop,
                     grown_new=grown_new,
                     regrown=result.n_drop - grown_new,
+                    ever_active=int(ever.sum()),
+                    numel=layer.numel,
                 )
                 if self.record_details:
                     details[layer.name] = {"old": old.clone(), "kept": result.kept, "grown": result.grown}
@@ -177,13 +205,16 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        return {"method": self.method, "masks": {k: v.cpu() for k, v in self.masks.items()}, "extra": self._extra_state()}
+        return {"method": self.method, "masks": {k: v.cpu() for k, v in self.masks.items()},
+                "ever_active": {k: v.cpu() for k, v in self.ever_active.items()}, "extra": self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.method:
             raise ValueError(f"checkpoint is for method {state['method']!r}, not {self.method!r}")
         for layer in self.layers:
             self.masks[layer.name] = state["masks"][layer.name].to(layer.weight.device)
+        self.ever_active = {layer.name: state["ever_active"][layer.name].to(layer.weight.device)
+                            for layer in self.layers if layer.name in state.get("ever_active", {})}
         self._load_extra_state(state.get("extra", {}))
         with torch.no_grad():  # re-apply after loading: guards against mask drift
             for layer in self.layers:
@@ -326,6 +357,9 @@ class SNIPSparsifier(Sparsifier):
     method = "snip"
     replaces_step_on_update = True
 
+    def ever_active_counts(self) -> dict[str, int]:
+        return {layer.name: layer.numel for layer in self.layers}  # dense for the saliency step
+
     def init_masks(self) -> None:
         for layer in self.layers:
             self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
@@ -341,7 +375,8 @@ class SNIPSparsifier(Sparsifier):
                 saliency = (grad * layer.weight).abs().float()
                 n_active = self.target_active[layer.name]
                 self.masks[layer.name] = topk_mask(saliency, n_active)
-                update.layers[layer.name] = LayerUpdate(n_active, layer.numel - n_active, 0, 0)
+                update.layers[layer.name] = LayerUpdate(n_active, layer.numel - n_active, 0, 0,
+                                                        ever_active=layer.numel, numel=layer.numel)
         self._broadcast_masks()
         self.apply_masks()
         return update
@@ -351,6 +386,9 @@ class GMPSparsifier(Sparsifier):
     """Zhu & Gupta gradual magnitude pruning: dense start, cubic schedule to the target by T_end."""
 
     method = "gmp"
+
+    def ever_active_counts(self) -> dict[str, int]:
+        return {layer.name: layer.numel for layer in self.layers}  # starts dense
 
     def init_masks(self) -> None:
         for layer in self.layers:
@@ -374,7 +412,8 @@ class GMPSparsifier(Sparsifier):
                 n_keep = min(n_keep, int(old.sum()))  # masks only shrink
                 scores = torch.where(old, layer.weight.abs().float(), torch.full_like(layer.weight, -1.0).float())
                 new = topk_mask(scores, n_keep)
-                update.layers[layer.name] = LayerUpdate(n_keep, int(old.sum()) - n_keep, 0, 0)
+                update.layers[layer.name] = LayerUpdate(n_keep, int(old.sum()) - n_keep, 0, 0,
+                                                        ever_active=layer.numel, numel=layer.numel)
                 self.masks[layer.name] = new
         self._broadcast_masks()
         self.apply_masks()

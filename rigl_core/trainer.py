@@ -230,6 +230,12 @@ class Trainer:
 
     def report(self) -> dict:
         report = self.plan.to_dict(self.nnz())
+        ever = self.sparsifier.ever_active_counts()
+        for row in report["layers"]:  # unmasked layers are dense throughout: all of them explored
+            row["exploration"] = ever[row["name"]] / row["params"] if row["name"] in ever else 1.0
+        params = report["totals"]["params"]
+        report["totals"]["exploration"] = (sum(r["exploration"] * r["params"] for r in report["layers"]) / params
+                                           if params else 0.0)
         final = self.eval_history[-1] if self.eval_history else {}
         report.update(
             {

@@ -124,18 +124,19 @@ class JobStore:
                 self._set_status(s, job, "failed", job.error_message)
                 job.lease_token = None
                 return None, "too many attempts"
+            attempt = job.attempt + 1  # read before the UPDATE, which also refreshes `job` in this session
             result = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == job.status, Job.attempt == job.attempt,
                        Job.lease_token.is_(None) if job.lease_token is None else Job.lease_token == job.lease_token)
-                .values(status="running", lease_token=token, heartbeat_at=now, attempt=job.attempt + 1,
+                .values(status="running", lease_token=token, heartbeat_at=now, attempt=attempt,
                         started_at=job.started_at or now, worker=worker)
             )
             if result.rowcount != 1:
                 return None, "claimed by another worker"
             note = " after a lost worker" if held else ""
-            s.add(Event(job_id=job_id, type="status", message=f"running (attempt {job.attempt + 1}){note}",
-                        data={"status": "running", "attempt": job.attempt + 1}))
+            s.add(Event(job_id=job_id, type="status", message=f"running (attempt {attempt}){note}",
+                        data={"status": "running", "attempt": attempt}))
         return self.get_job(job_id), token
 
     def heartbeat(self, job_id: str, token: str, step: int, metrics: dict | None = None) -> dict:

@@ -138,6 +138,34 @@ def test_masks_actually_change_and_nnz_is_kept():
         assert int(sp.masks[layer.name].sum()) == sp.target_active[layer.name]
 
 
+@pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
+def test_exploration_is_the_union_of_every_mask_so_far(method):
+    model, opt, sp, data, target = _setup(method=method)
+    union = {k: v.clone() for k, v in sp.masks.items()}
+    numel = sum(layer.numel for layer in sp.layers)
+    assert sp.exploration() == pytest.approx(sum(int(m.sum()) for m in union.values()) / numel)
+    loss_fn = nn.CrossEntropyLoss()
+    seen = []
+    for step in range(60):
+        x, y = _batch(data, target, step)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        update = sp.step(step)
+        if update is None:
+            continue
+        for name, mask in sp.masks.items():
+            union[name] |= mask
+            assert torch.equal(sp.ever_active[name], union[name])
+            assert update.layers[name].ever_active == int(union[name].sum())
+        expected = sum(int(m.sum()) for m in union.values()) / numel
+        assert update.exploration == pytest.approx(expected) == pytest.approx(sp.exploration())
+        seen.append(update.exploration)
+    assert seen == sorted(seen) and seen[-1] > 0.2  # grows past the 20% density as weights are regrown elsewhere
+    restored = SPARSIFIERS[method](sp.layers, [sp.sparsity[layer.name] for layer in sp.layers], opt, sp.schedule)
+    restored.load_state_dict(sp.state_dict())  # resume keeps the history, not just the masks
+    assert restored.ever_active_counts() == sp.ever_active_counts()
+
+
 def test_grad_accumulation_scores_average_last_n_batches():
     model, opt, sp, data, target = _setup(delta_t=10, t_end=40, grad_accumulation_n=3)
     loss_fn = nn.CrossEntropyLoss()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,6 +172,39 @@ def test_plan_endpoint_matches_cli(api):
     assert abs(response.json()["totals"]["inference_flops_ratio"] - 0.242) < 0.01
     bad = api.post("/v1/plan", json={"model": {"name": "mlp"}, "sparsity": {"distribution": "triangle"}})
     assert bad.status_code == 422 and error_of(bad)["field"] == "sparsity.distribution"
+
+
+def test_plan_follows_the_dataset_shape(api):
+    body = {"model": {"name": "mlp"}, "dataset": {"name": "synthetic", "input_shape": [3, 4, 4], "num_classes": 5}}
+    plan = api.post("/v1/plan", json=body).json()
+    assert plan["input_shape"] == [3, 4, 4] and plan["num_classes"] == 5
+    assert plan["layers"][0]["shape"][1] == 48 and plan["layers"][-1]["shape"][0] == 5
+    missing = api.post("/v1/plan", json={"model": {"name": "mlp"}, "dataset": {"name": "tensors", "path": "ds_nope"}})
+    assert missing.status_code == 422 and error_of(missing)["field"] == "dataset.path"
+
+
+def test_claim_event_counts_attempts_from_one(api):
+    job = api.post("/v1/jobs", json=JOB).json()
+    store = api.app.state.context.store
+    claimed, _token = store.claim(job["id"], max_attempts=3, lease_seconds=60, worker="test")
+    assert claimed.attempt == 1
+    running = [e for e in api.get(f"/v1/jobs/{job['id']}/events").json()["data"] if e["type"] == "status"][-1]
+    assert running["message"] == "running (attempt 1)" and running["data"]["attempt"] == 1
+
+
+def test_dashboard_is_served_from_the_package(api):
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    scripts = re.findall(r'src="([^"]+)"', page.text)
+    assert scripts == ["/static/charts.js", "/static/app.js"]
+    for asset in [*scripts, "/static/style.css", "/static/favicon.svg"]:
+        response = api.get(asset)
+        assert response.status_code == 200 and len(response.content) > 100, asset
+        # no CDN or other remote fetches: everything the page loads comes from this server
+        assert not re.search(r"(src|href|url)\s*[=(]\s*[\"']?(https?:)?//", response.text), asset
+    assert api.get("/static/../api/app.py").status_code == 404
+    assert "/" not in api.get("/openapi.json").json()["paths"]
 
 
 def test_health_and_openapi(api):

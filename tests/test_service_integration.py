@@ -76,12 +76,21 @@ def test_submit_run_report_download(service):
     after = service.get(f"/v1/jobs/{job['id']}/events?after={ids[2]}").json()["data"]
     assert [e["id"] for e in after] == ids[3:]
 
+    assert [e["message"] for e in events if e["type"] == "status"][1] == "running (attempt 1)"
+
     metrics = service.get(f"/v1/jobs/{job['id']}/metrics").json()
     assert len(metrics["eval"]) == 2 and metrics["train"]
+    updates = metrics["mask_updates"]
+    assert [u["step"] for u in updates] == [e["data"]["step"] for e in events if e["type"] == "mask_update"]
+    explored = [u["exploration"] for u in updates]
+    assert explored == sorted(explored) and 0.1 < explored[0] <= explored[-1] <= 1.0  # ever-active only grows
+    assert all("layers" not in u and 0 <= u["churn"] <= u["drop_fraction"] + 1e-9 for u in updates)
 
     report = service.get(f"/v1/jobs/{job['id']}/sparsity").json()
     assert report["final"] and report["leak_check"]["ok"]
     layers = {row["name"]: row for row in report["layers"]}
+    assert abs(report["totals"]["exploration"] * report["totals"]["params"]
+               - sum(r["exploration"] * r["params"] for r in report["layers"])) < 1
 
     listed = service.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
     assert {c["kind"] for c in listed} >= {"dense", "packed"}

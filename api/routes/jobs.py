@@ -135,16 +135,23 @@ async def stream_events(job_id: str, request: Request, after: int = Query(0, ge=
 
 @router.get("/{job_id}/metrics")
 def metrics(job_id: str, ctx: Context = Depends(get_context)) -> dict:
+    """Every curve of a job: training loss, evaluations, and per mask update its drop fraction, churn
+    and exploration (the per-layer detail of updates stays in the event stream)."""
     job = _job_or_404(ctx, job_id)
-    train, evals, cursor = [], [], 0
+    series = {"metrics": [], "eval": [], "mask_update": []}
+    cursor = 0
     while True:
-        events = ctx.store.list_events(job_id, cursor, 1000, types=("metrics", "eval"))
+        events = ctx.store.list_events(job_id, cursor, 1000, types=tuple(series))
         for e in events:
-            (train if e.type == "metrics" else evals).append(e.data)
+            data = e.data
+            if e.type == "mask_update":
+                data = {k: v for k, v in data.items() if k != "layers"}
+            series[e.type].append(data)
         if len(events) < 1000:
             break
         cursor = events[-1].id
-    return {"object": "metrics", "job_id": job.id, "latest": job.metrics, "train": train, "eval": evals}
+    return {"object": "metrics", "job_id": job.id, "latest": job.metrics, "train": series["metrics"],
+            "eval": series["eval"], "mask_updates": series["mask_update"]}
 
 
 @router.get("/{job_id}/sparsity")

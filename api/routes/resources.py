@@ -17,7 +17,7 @@ from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
 from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
 from rigl_core.models import BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes
-from rigl_core.spec import DATASETS, ModelSpec, SparsitySpec
+from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 
 router = APIRouter(prefix="/v1", tags=["resources"])
 
@@ -34,6 +34,7 @@ class PlanRequest(BaseModel):
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] | None = Field(None, min_length=1, max_length=4)
     num_classes: int | None = Field(None, ge=2, le=100_000)
+    dataset: DatasetSpec | None = Field(None, description="Plan against this dataset's input shape and classes.")
 
 
 @router.get("/architectures")
@@ -113,6 +114,21 @@ def _inspect_upload(path, cap) -> dict:
             "num_classes": max(2, int(max(int(y.max()) for y in labels)) + 1)}
 
 
+def _dataset_shape(dataset: DatasetSpec | None, ctx: Context) -> tuple[list[int] | None, int | None]:
+    """A dataset's sample shape and classes, built-in or uploaded (by id), without loading it."""
+    if dataset is None:
+        return None, None
+    if dataset.name == "tensors":
+        row = ctx.store.get_dataset(dataset.path or "", ctx.owner)
+        if row is None:
+            raise ApiError(422, "invalid_request", f"no uploaded dataset {dataset.path!r}", "dataset.path")
+        return list(row.input_shape), row.num_classes
+    from rigl_core.datasets.describe import describe
+
+    shape = describe(dataset)
+    return (shape.input_shape, shape.num_classes) if shape else (None, None)
+
+
 @router.post("/plan")
 def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
     """The same plan as `rigl plan`: per-layer densities and FLOPs, without training."""
@@ -131,8 +147,9 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         input_shape = architecture.input_shape
         num_classes = body.num_classes or model.num_classes or infer(architecture)[1][-1]
     else:
-        input_shape = body.input_shape or model.input_shape or default_input_shape(name)
-        num_classes = body.num_classes or model.num_classes or default_num_classes(name)
+        data_shape, data_classes = _dataset_shape(body.dataset, ctx)
+        input_shape = body.input_shape or model.input_shape or data_shape or default_input_shape(name)
+        num_classes = body.num_classes or model.num_classes or data_classes or default_num_classes(name)
     try:
         meta = build_model(name, num_classes, input_shape, model.hidden_sizes, device="meta",
                            architecture=architecture)

@@ -1,0 +1,526 @@
+// The dashboard: jobs list, live job page (SSE), submit form with plan preview, compare view.
+// Plain DOM code; every user-provided string goes through textContent, never innerHTML.
+"use strict";
+
+const KEY_STORAGE = "rigl.apiKey";
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const DEFAULTS = { method: "rigl", sparsity: 0.9, distribution: "erk" };
+let teardown = () => {};  // stops the current view's timers and streams
+
+// ------------------------------------------------------------------ small DOM helpers
+function h(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "class") node.className = v;
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    node.appendChild(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+const $ = sel => document.querySelector(sel);
+const pct = v => (Number.isFinite(v) ? (100 * v).toFixed(1) + "%" : "—");
+const num = (v, d = 4) => (Number.isFinite(v) ? v.toFixed(d) : "—");
+const when = iso => (iso ? new Date(iso).toLocaleString() : "—");
+
+function banner(message, kind) {
+  const b = $("#banner");
+  b.textContent = message || "";
+  b.className = "banner " + (kind || "error");
+  b.hidden = !message;
+}
+
+// ------------------------------------------------------------------ API access
+function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
+
+function authHeaders(extra) {
+  const headers = { ...(extra || {}) };
+  if (apiKey()) headers.Authorization = "Bearer " + apiKey();
+  return headers;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.field ? `${e.field}: ${e.message}` : e.message || `HTTP ${status}`);
+    this.status = status;
+    this.field = e.field;
+  }
+}
+
+async function api(path, options) {
+  const o = options || {};
+  const headers = authHeaders(o.body !== undefined ? { "Content-Type": "application/json" } : {});
+  const resp = await fetch(path, { method: o.method || "GET", headers,
+    body: o.body !== undefined ? JSON.stringify(o.body) : undefined, signal: o.signal });
+  let body = null;
+  try { body = await resp.json(); } catch (_) { /* empty or not JSON */ }
+  if (resp.status === 401) updateKeyState(true);
+  else if (resp.ok && !apiKey()) updateKeyState(false, true);
+  if (!resp.ok) throw new ApiError(resp.status, body);
+  return body;
+}
+
+/** Server-sent events read with fetch, so the API key can travel in a header. Resumes after drops. */
+async function streamEvents(jobId, onEvent, state) {
+  let after = 0;
+  while (!state.stopped) {
+    try {
+      const resp = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/events/stream?after=${after}`,
+        { headers: authHeaders({ Accept: "text/event-stream" }), signal: state.controller.signal });
+      if (!resp.ok) throw new ApiError(resp.status, await resp.json().catch(() => null));
+      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          const data = block.split("\n").filter(l => l.startsWith("data:")).map(l => l.slice(5).trim()).join("\n");
+          if (!data) continue;
+          const event = JSON.parse(data);
+          after = Math.max(after, event.id);
+          onEvent(event);
+        }
+      }
+      if (await state.finished()) return;  // the server ends the stream when the job has ended
+    } catch (err) {
+      if (state.stopped) return;
+      if (err instanceof ApiError && err.status < 500) { banner(err.message); return; }
+    }
+    await new Promise(r => setTimeout(r, 1000));
+  }
+}
+
+async function download(jobId, format) {
+  const resp = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/checkpoint?format=${format}`,
+    { headers: authHeaders() });
+  if (!resp.ok) throw new ApiError(resp.status, await resp.json().catch(() => null));
+  const blob = await resp.blob();
+  const url = URL.createObjectURL(blob);
+  const a = h("a", { href: url, download: `${jobId}-${format === "packed" ? "model.packed" : "model"}.safetensors` });
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+// ------------------------------------------------------------------ API key (kept for this tab only)
+function updateKeyState(rejected, open) {
+  const has = !!apiKey();
+  $("#key-state").textContent = rejected ? "API key needed or rejected"
+    : has ? "key set for this session" : open ? "this server needs no key" : "";
+  $("#key-state").className = rejected ? "warn" : "muted";
+  $("#key-forget").hidden = !has;
+  $("#key-input").hidden = has && !rejected;
+  $("#key-save").hidden = has && !rejected;
+}
+
+function setupKeyForm() {
+  $("#key-form").addEventListener("submit", ev => {
+    ev.preventDefault();
+    const value = $("#key-input").value.trim();
+    if (!value) return;
+    sessionStorage.setItem(KEY_STORAGE, value);
+    $("#key-input").value = "";
+    banner("");
+    updateKeyState(false);
+    route();
+  });
+  $("#key-forget").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY_STORAGE);
+    updateKeyState(false);
+    route();
+  });
+  updateKeyState(false);
+}
+
+// ------------------------------------------------------------------ job facts
+function jobMethod(job) { return (job.spec.sparsity && job.spec.sparsity.method) || DEFAULTS.method; }
+function jobSparsity(job) {
+  if (job.result && Number.isFinite(job.result.sparsity)) return job.result.sparsity;
+  if (jobMethod(job) === "dense") return 0;
+  const s = job.spec.sparsity && job.spec.sparsity.sparsity;
+  return Number.isFinite(s) ? s : DEFAULTS.sparsity;
+}
+function jobAccuracy(job) {
+  const final = job.result && job.result.final_metrics;
+  if (final && Number.isFinite(final.val_accuracy)) return final.val_accuracy;
+  return job.metrics && Number.isFinite(job.metrics.val_accuracy) ? job.metrics.val_accuracy : NaN;
+}
+function statusBadge(status) { return h("span", { class: `status status-${status}` }, status); }
+function progressBar(job) {
+  const f = job.status === "succeeded" ? 1 : job.progress.fraction || 0;
+  return h("div", { class: "progress", title: `${job.progress.step} / ${job.progress.total_steps} steps` },
+    h("div", { class: "progress-fill", style: `width:${(100 * f).toFixed(1)}%` }),
+    h("span", { class: "progress-text" }, `${(100 * f).toFixed(0)}%`));
+}
+
+// ------------------------------------------------------------------ jobs list
+function jobsView(view) {
+  const selected = new Set();
+  const table = h("tbody");
+  const compare = h("button", { id: "compare-selected", disabled: true,
+    onclick: () => { location.hash = "#/compare?ids=" + [...selected].join(","); } }, "Compare selected");
+  const more = h("button", { hidden: true }, "Load more");
+  let cursor = null;
+  view.replaceChildren(
+    h("div", { class: "toolbar" }, h("h1", {}, "Jobs"), h("a", { class: "button", href: "#/submit" }, "New job"), compare),
+    h("table", { class: "jobs", id: "jobs-table" },
+      h("thead", {}, h("tr", {}, ["", "Job", "Status", "Progress", "Method", "Sparsity", "Accuracy", "Created"]
+        .map(t => h("th", {}, t)))), table),
+    more);
+
+  function row(job) {
+    const box = h("input", { type: "checkbox", "aria-label": "select " + job.id, checked: selected.has(job.id),
+      onchange: ev => { ev.target.checked ? selected.add(job.id) : selected.delete(job.id); compare.disabled = selected.size < 1; } });
+    return h("tr", { "data-job": job.id },
+      h("td", {}, box),
+      h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.id)),
+      h("td", {}, statusBadge(job.status)),
+      h("td", {}, progressBar(job)),
+      h("td", {}, jobMethod(job)),
+      h("td", {}, pct(jobSparsity(job))),
+      h("td", {}, pct(jobAccuracy(job))),
+      h("td", {}, when(job.created_at)));
+  }
+
+  async function load(append) {
+    const params = new URLSearchParams({ limit: "50" });
+    if (append && cursor) params.set("after", cursor);
+    try {
+      const page = await api("/v1/jobs?" + params);
+      if (!append) table.replaceChildren();
+      for (const job of page.data) table.appendChild(row(job));
+      if (!page.data.length && !append) {
+        table.appendChild(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No jobs yet: ",
+          h("a", { href: "#/submit" }, "submit one"), ".")));
+      }
+      cursor = page.data.length ? page.data[page.data.length - 1].id : cursor;
+      more.hidden = !page.has_more;
+      banner("");
+    } catch (err) { banner(err.message); }
+  }
+  more.addEventListener("click", () => load(true));
+  load(false);
+  const timer = setInterval(() => { if (more.hidden) load(false); }, 3000);
+  return () => clearInterval(timer);
+}
+
+// ------------------------------------------------------------------ job page
+function jobView(view, jobId) {
+  const state = { stopped: false, controller: new AbortController(), finished: async () => true };
+  const data = { job: null, train: [], eval: [], updates: [], layers: null, totals: null, final: false, log: [] };
+  const ids = ["chart-loss", "chart-accuracy", "chart-density", "chart-drop", "chart-exploration", "chart-flops"];
+  const charts = Object.fromEntries(ids.map(id => [id, h("div", { class: "chart-box", id })]));
+  const header = h("div", { class: "toolbar" });
+  const summary = h("dl", { class: "summary", id: "job-summary" });
+  const checkpoints = h("div", { id: "checkpoints" });
+  const log = h("ol", { class: "log", id: "event-log" });
+  const spec = h("pre", { class: "spec", id: "job-spec" });
+  view.replaceChildren(header, summary,
+    h("section", { class: "grid" }, ...ids.map(id => charts[id])),
+    h("section", { class: "two" },
+      h("div", {}, h("h2", {}, "Checkpoints"), checkpoints, h("h2", {}, "Submitted spec"), spec),
+      h("div", {}, h("h2", {}, "Events"), log)));
+
+  let pending = false;
+  function scheduleRender() {
+    if (pending) return;
+    pending = true;
+    setTimeout(() => { pending = false; render(); }, 150);
+  }
+
+  function render() {
+    const job = data.job;
+    if (!job) return;
+    const cancel = h("button", { id: "cancel-job", class: "danger", hidden: TERMINAL.has(job.status) || job.cancel_requested,
+      onclick: async () => {
+        try { data.job = await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" }); render(); } catch (err) { banner(err.message); }
+      } }, "Cancel job");
+    header.replaceChildren(h("h1", {}, "Job ", h("code", {}, job.id)), statusBadge(job.status), progressBar(job), cancel);
+    const totals = data.totals || {};
+    const latest = data.updates[data.updates.length - 1];
+    const facts = [
+      ["Model", (job.spec.model && job.spec.model.name) || "—"],
+      ["Dataset", (job.spec.dataset && job.spec.dataset.name) || "—"],
+      ["Method", jobMethod(job)],
+      ["Distribution", (job.spec.sparsity && job.spec.sparsity.distribution) || DEFAULTS.distribution],
+      ["Sparsity", pct(jobSparsity(job))],
+      ["Accuracy", pct(jobAccuracy(job))],
+      ["Steps", `${job.progress.step} / ${job.progress.total_steps}`],
+      ["Exploration", pct(Number.isFinite(totals.exploration) ? totals.exploration : latest ? latest.exploration : NaN)],
+      ["Training FLOPs", Number.isFinite(totals.training_flops_ratio) ? `${num(totals.training_flops_ratio, 3)}× dense` : "—"],
+      ["Inference FLOPs", Number.isFinite(totals.inference_flops_ratio) ? `${num(totals.inference_flops_ratio, 3)}× dense` : "—"],
+      ["Created", when(job.created_at)],
+      ["Finished", when(job.finished_at)],
+    ];
+    if (job.error) facts.push(["Error", `${job.error.code}: ${job.error.message}`]);
+    summary.replaceChildren(...facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+    spec.textContent = JSON.stringify(job.spec, null, 2);
+
+    Charts.line(charts["chart-loss"], "Loss", [
+      { name: "train loss", points: data.train.map(m => [m.step, m.loss]) },
+      { name: "val loss", points: data.eval.map(m => [m.step, m.val_loss]), markers: true },
+    ], { xLabel: "step", yLabel: "loss" });
+    Charts.line(charts["chart-accuracy"], "Validation accuracy", [
+      { name: "val accuracy", points: data.eval.map(m => [m.step, m.val_accuracy]), markers: true, color: "#16a34a" },
+    ], { xLabel: "step", yLabel: "accuracy", yMin: 0, yMax: 1 });
+    renderDensity();
+    Charts.line(charts["chart-drop"], "Drop fraction and mask churn per update", [
+      { name: "drop fraction", points: data.updates.map(u => [u.step, u.drop_fraction]) },
+      { name: "churn", points: data.updates.map(u => [u.step, u.churn]) },
+    ], { xLabel: "step", yLabel: "fraction", yMin: 0, empty: "no mask updates (yet) for this method" });
+    Charts.line(charts["chart-exploration"], "Exploration: share of weights ever active", [
+      { name: "ever active", points: data.updates.map(u => [u.step, u.exploration]), color: "#7c3aed" },
+    ], { xLabel: "step", yLabel: "share of masked weights", yMin: 0, empty: "no mask updates (yet) for this method" });
+    const flops = Number.isFinite(totals.training_flops_ratio)
+      ? [totals.training_flops_ratio, totals.inference_flops_ratio] : [];
+    Charts.bars(charts["chart-flops"], "FLOPs vs dense (dense = 1)", flops.length ? ["training", "inference"] : [],
+      [{ name: "sparse / dense", values: flops, color: "#0891b2" }, { name: "dense", values: flops.map(() => 1), color: "#cbd5e1" }],
+      { yMax: 1, yLabel: "× dense FLOPs" });
+  }
+
+  function renderDensity() {
+    const rows = (data.layers || []).filter(r => r.masked);
+    const latest = data.updates.length ? data.updates[data.updates.length - 1].layers : null;
+    const achieved = rows.map(r => {
+      if (data.final) return r.density;
+      const u = latest && latest[r.name];
+      return u && u.numel ? u.n_active / u.numel : r.density;
+    });
+    Charts.bars(charts["chart-density"], `Per-layer density: target vs ${data.final ? "achieved" : "current"}`,
+      rows.map(r => r.name), [
+        { name: "target", values: rows.map(r => r.target_density), color: "#94a3b8" },
+        { name: data.final ? "achieved" : "current", values: achieved, color: "#2563eb" },
+      ], { yMax: 1, yLabel: "density", empty: "no masked layers" });
+  }
+
+  async function refreshJob() {
+    try {
+      const was = data.job && data.job.status;
+      data.job = await api(`/v1/jobs/${jobId}`);
+      if (was !== data.job.status || !data.layers) await refreshReport();
+      if (TERMINAL.has(data.job.status)) await refreshCheckpoints();
+      banner("");
+      scheduleRender();
+    } catch (err) { banner(err.message); }
+    return data.job;
+  }
+
+  async function refreshReport() {
+    try {
+      const report = await api(`/v1/jobs/${jobId}/sparsity`);
+      data.layers = report.layers;
+      data.totals = report.totals;
+      data.final = report.final;
+    } catch (_) { /* no plan for this job (e.g. an unknown shape): the chart says so */ }
+  }
+
+  async function refreshCheckpoints() {
+    try {
+      const list = await api(`/v1/jobs/${jobId}/checkpoints`);
+      const exports = list.data.filter(c => c.kind === "dense" || c.kind === "packed");
+      checkpoints.replaceChildren(...(exports.length ? exports.map(c =>
+        h("div", { class: "checkpoint" },
+          h("button", { id: `download-${c.kind}`, onclick: () => download(jobId, c.kind).catch(e => banner(e.message)) },
+            `Download ${c.kind}`),
+          h("span", { class: "muted" }, ` ${c.filename}, ${Charts.fmt(c.size)}B, step ${c.step}, sha256 ${c.sha256.slice(0, 12)}…`)))
+        : [h("p", { class: "muted" }, "No sparse checkpoint: the job did not succeed.")]));
+    } catch (err) { banner(err.message); }
+  }
+
+  function onEvent(event) {
+    const d = event.data || {};
+    if (event.type === "metrics") data.train.push(d);
+    else if (event.type === "eval") data.eval.push(d);
+    else if (event.type === "mask_update") data.updates.push(d);
+    if (event.type !== "metrics") {
+      log.prepend(h("li", { class: `level-${event.level}` }, h("span", { class: "muted" }, when(event.created_at) + " "),
+        h("b", {}, event.type), " ", event.message));
+      while (log.childElementCount > 200) log.lastChild.remove();
+    }
+    if (event.type === "status" || event.type === "checkpoint") refreshJob();
+    scheduleRender();
+  }
+
+  checkpoints.appendChild(h("p", { class: "muted" }, "Checkpoints appear when the job has finished."));
+  state.finished = async () => TERMINAL.has((await refreshJob()).status);
+  refreshJob().then(() => { if (data.job) streamEvents(jobId, onEvent, state); });
+  const poll = setInterval(() => { if (data.job && !TERMINAL.has(data.job.status)) refreshJob(); }, 2000);
+  return () => { state.stopped = true; state.controller.abort(); clearInterval(poll); };
+}
+
+// ------------------------------------------------------------------ submit form
+function submitView(view) {
+  const field = (label, input, hint) => h("label", {}, h("span", {}, label), input, hint ? h("small", { class: "muted" }, hint) : null);
+  const select = (name, options, value) => h("select", { name, id: `f-${name}` },
+    options.map(o => h("option", { value: o, selected: o === value }, o)));
+  const number = (name, value, attrs) => h("input", { type: "number", name, id: `f-${name}`, value, ...(attrs || {}) });
+  const form = h("form", { id: "submit-form", class: "form" },
+    field("Model", select("model", ["mlp", "lenet5", "wrn-22-2", "resnet18-cifar"], "mlp"), "built-in or uploaded architecture"),
+    field("Dataset", select("dataset", ["digits", "mnist1d", "synthetic"], "digits")),
+    field("Method", select("method", ["rigl", "set", "snfs", "static", "snip", "gmp", "dense"], "rigl")),
+    field("Sparsity", number("sparsity", "0.9", { min: 0, max: 0.999, step: 0.01 }), "share of masked weights that are zero"),
+    field("Distribution", select("distribution", ["erk", "er", "uniform"], "erk")),
+    field("ΔT (steps between updates)", number("delta_t", "100", { min: 1, step: 1 })),
+    field("α (initial drop fraction)", number("alpha", "0.3", { min: 0.01, max: 1, step: 0.01 })),
+    field("Epochs", number("epochs", "10", { min: 1, step: 1 })),
+    field("Batch size", number("batch_size", "128", { min: 1, step: 1 })),
+    field("Optimizer", select("optimizer", ["sgd", "nesterov", "adam", "adamw"], "sgd")),
+    field("Learning rate", number("lr", "0.1", { min: 0.000001, step: "any" })));
+  const json = h("textarea", { id: "spec-json", rows: 18, spellcheck: "false", "aria-label": "JobSpec JSON" });
+  const submit = h("button", { type: "button", id: "submit-job", class: "primary" }, "Submit job");
+  const error = h("p", { id: "submit-error", class: "error", hidden: true });
+  const planBox = h("div", { class: "chart-box", id: "plan-chart" });
+  const planTable = h("tbody");
+  const planTotals = h("p", { id: "plan-totals", class: "muted" }, "Plan preview loads as you edit.");
+  view.replaceChildren(h("h1", {}, "New job"),
+    h("section", { class: "two" },
+      h("div", {}, form, h("h2", {}, "JobSpec"), h("p", { class: "muted" }, "Built from the form; edit it for any other field (see /docs)."),
+        json, error, submit),
+      h("div", {}, h("h2", {}, "Plan preview"), planTotals, planBox,
+        h("table", { class: "plan", id: "plan-table" }, h("thead", {}, h("tr", {},
+          ["Layer", "Params", "Target density", "FLOPs"].map(t => h("th", {}, t)))), planTable))));
+
+  const uploads = { models: {}, datasets: {} };
+  function fromForm() {
+    const v = name => form.elements[name].value;
+    const model = uploads.models[v("model")] ? { name: uploads.models[v("model")] } : { name: v("model") };
+    const dataset = uploads.datasets[v("dataset")] ? { name: "tensors", path: uploads.datasets[v("dataset")] } : { name: v("dataset") };
+    return {
+      model, dataset,
+      sparsity: { method: v("method"), sparsity: +v("sparsity"), distribution: v("distribution"),
+        schedule: { delta_t: +v("delta_t"), alpha: +v("alpha") } },
+      training: { epochs: +v("epochs"), batch_size: +v("batch_size"), optimizer: v("optimizer"), lr: +v("lr") },
+    };
+  }
+  function currentSpec() {
+    try { return JSON.parse(json.value); } catch (err) { throw new Error("JobSpec: not valid JSON: " + err.message); }
+  }
+
+  let planTimer = null;
+  let planSeq = 0;
+  function schedulePlan() {
+    clearTimeout(planTimer);
+    planTimer = setTimeout(runPlan, 250);
+  }
+  async function runPlan() {
+    const seq = ++planSeq;
+    let spec;
+    try { spec = currentSpec(); } catch (err) { planTotals.textContent = err.message; return; }
+    try {
+      const plan = await api("/v1/plan", { method: "POST", body: { model: spec.model, sparsity: spec.sparsity || {}, dataset: spec.dataset } });
+      if (seq !== planSeq) return;
+      const t = plan.totals;
+      planTotals.textContent = `${plan.model} on input ${JSON.stringify(plan.input_shape)}: ${Charts.fmt(t.params)} params, ` +
+        `${Charts.fmt(t.nnz)} nonzero, sparsity ${pct(t.sparsity)} of masked weights; inference FLOPs ` +
+        `${num(t.inference_flops_ratio, 3)}× dense, training FLOPs ${num(t.training_flops_ratio, 3)}× dense`;
+      planTotals.className = "";
+      const rows = plan.layers;
+      Charts.bars(planBox, "Planned density per layer", rows.map(r => r.name),
+        [{ name: "target density", values: rows.map(r => r.target_density), color: "#2563eb" }], { yMax: 1, yLabel: "density" });
+      planTable.replaceChildren(...rows.map(r => h("tr", {}, h("td", {}, r.name), h("td", {}, Charts.fmt(r.params)),
+        h("td", {}, pct(r.target_density) + (r.masked ? "" : ` (${r.reason})`)), h("td", {}, Charts.fmt(r.flops_sparse)))));
+    } catch (err) {
+      if (seq !== planSeq) return;
+      planTotals.textContent = "Plan: " + err.message;
+      planTotals.className = "error";
+    }
+  }
+
+  form.addEventListener("input", () => { json.value = JSON.stringify(fromForm(), null, 2); schedulePlan(); });
+  json.addEventListener("input", schedulePlan);
+  submit.addEventListener("click", async () => {
+    error.hidden = true;
+    submit.disabled = true;
+    try {
+      const job = await api("/v1/jobs", { method: "POST", body: currentSpec() });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (err) {
+      error.textContent = err.message;
+      error.hidden = false;
+    } finally { submit.disabled = false; }
+  });
+
+  (async () => {  // uploaded architectures and datasets join the choices
+    try {
+      const [archs, datasets] = await Promise.all([api("/v1/architectures"), api("/v1/datasets")]);
+      for (const a of archs.data) {
+        const label = `${a.name} (${a.id})`;
+        uploads.models[label] = a.id;
+        form.elements.model.appendChild(h("option", { value: label }, label));
+      }
+      for (const name of datasets.builtin) {
+        if (![...form.elements.dataset.options].some(o => o.value === name)) form.elements.dataset.appendChild(h("option", { value: name }, name));
+      }
+      for (const d of datasets.data) {
+        const label = `${d.name} (${d.id})`;
+        uploads.datasets[label] = d.id;
+        form.elements.dataset.appendChild(h("option", { value: label }, label));
+      }
+    } catch (err) { banner(err.message); }
+  })();
+  json.value = JSON.stringify(fromForm(), null, 2);
+  runPlan();
+  return () => clearTimeout(planTimer);
+}
+
+// ------------------------------------------------------------------ compare view
+function compareView(view, query) {
+  const ids = (query.get("ids") || "").split(",").filter(Boolean);
+  const chart = h("div", { class: "chart-box wide", id: "compare-chart" });
+  const table = h("tbody");
+  view.replaceChildren(h("h1", {}, "Compare: accuracy vs sparsity"),
+    h("p", { class: "muted" }, ids.length ? "Selected jobs, coloured by method." : "No jobs selected: showing the latest finished jobs. Pick jobs on the ",
+      ids.length ? null : h("a", { href: "#/" }, "jobs list"), ids.length ? null : "."),
+    chart, h("table", { class: "jobs", id: "compare-table" }, h("thead", {}, h("tr", {},
+      ["Job", "Method", "Distribution", "Sparsity", "Accuracy", "Inference FLOPs", "Training FLOPs"].map(t => h("th", {}, t)))), table));
+  (async () => {
+    try {
+      const jobs = ids.length ? await Promise.all(ids.map(id => api(`/v1/jobs/${encodeURIComponent(id)}`)))
+        : (await api("/v1/jobs?status=succeeded&limit=100")).data;
+      const points = jobs.filter(j => Number.isFinite(jobAccuracy(j))).map(j =>
+        ({ x: jobSparsity(j), y: jobAccuracy(j), label: j.id.slice(-6), group: jobMethod(j) }));
+      const xs = points.map(p => p.x), ys = points.map(p => p.y);
+      Charts.scatter(chart, "Validation accuracy vs sparsity (lines join jobs of one method)", points, {
+        xLabel: "sparsity", yLabel: "validation accuracy", xFmt: v => (100 * v).toFixed(0) + "%", connect: true,
+        xMin: Math.max(0, Math.min(...xs) - 0.05), xMax: Math.min(1, Math.max(...xs) + 0.05),
+        yMin: Math.max(0, Math.min(...ys) - 0.05), yMax: Math.min(1, Math.max(...ys) + 0.05),
+        empty: "no finished jobs to compare yet" });
+      table.replaceChildren(...jobs.map(j => h("tr", {}, h("td", {}, h("a", { href: `#/jobs/${j.id}` }, j.id)),
+        h("td", {}, jobMethod(j)), h("td", {}, (j.spec.sparsity && j.spec.sparsity.distribution) || DEFAULTS.distribution),
+        h("td", {}, pct(jobSparsity(j))), h("td", {}, pct(jobAccuracy(j))),
+        h("td", {}, j.result ? num(j.result.inference_flops_ratio, 3) + "×" : "—"),
+        h("td", {}, j.result ? num(j.result.training_flops_ratio, 3) + "×" : "—"))));
+    } catch (err) { banner(err.message); }
+  })();
+  return () => {};
+}
+
+// ------------------------------------------------------------------ routing
+function route() {
+  teardown();
+  banner("");
+  const [path, queryString] = (location.hash.slice(1) || "/").split("?");
+  const query = new URLSearchParams(queryString || "");
+  const view = $("#view");
+  const parts = path.split("/").filter(Boolean);
+  let active = "jobs";
+  if (parts[0] === "jobs" && parts[1]) teardown = jobView(view, decodeURIComponent(parts[1]));
+  else if (parts[0] === "submit") { active = "submit"; teardown = submitView(view); }
+  else if (parts[0] === "compare") { active = "compare"; teardown = compareView(view, query); }
+  else teardown = jobsView(view);
+  document.querySelectorAll("[data-nav]").forEach(a => a.classList.toggle("active", a.dataset.nav === active));
+}
+
+window.addEventListener("hashchange", route);
+document.addEventListener("DOMContentLoaded", () => { setupKeyForm(); route(); });
