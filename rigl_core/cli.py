@@ -1,4 +1,5 @@
-"""The `rigl` command line: `rigl plan` previews per-layer sparsity, `rigl train` trains locally.
+"""The `rigl` command line: `rigl plan` previews per-layer sparsity, `rigl train` trains locally,
+`rigl report` draws a run's charts, and the client commands talk to a running service.
 
 Bad input exits with status 2 and one line naming the field; never a traceback.
 """
@@ -83,8 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_sparsity_flags(train)
     _add_client_commands(sub)
+    _add_report_command(sub)
     _add_plugin_commands(sub)
     return parser
+
+
+def _add_report_command(sub) -> None:
+    report = sub.add_parser("report", help="render a run's charts to a PNG (a --out directory or a job id)")
+    report.add_argument("source", metavar="SOURCE",
+                        help="a `rigl train --out` directory, or a job id on the service (RIGL_API_URL)")
+    report.add_argument("--png", type=Path, help="write the figure here")
+    report.add_argument("--json", action="store_true", help="print the normalised report data as JSON")
+    report.set_defaults(handler=cmd_report)
 
 
 def _add_client_commands(sub) -> None:
@@ -164,6 +175,41 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     for job in _client().list(status=args.status, limit=args.limit):
         print(_job_line(job))
+    return 0
+
+
+def _is_job_id(source: str) -> bool:
+    """Service job ids are `job_` + hex; anything else (or an existing path) is a local directory, so a
+    mistyped directory gets "does not exist", not a connection error."""
+    return source.startswith("job_") and not Path(source).exists()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rigl_core.report_data import ReportSourceError, from_output_dir, from_service
+
+    if args.png is None and not args.json:
+        raise UsageError("--png: required (or --json to print the data)")
+    if args.png is not None and args.png.is_dir():
+        raise UsageError(f"--png: {args.png} is a directory; give a file name like report.png")
+    try:
+        if _is_job_id(args.source):
+            with _client() as client:
+                data = from_service(client, args.source)
+        else:
+            data = from_output_dir(args.source)
+    except ReportSourceError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(data, indent=2))
+    if args.png is not None:
+        from rigl_core.report_png import render
+
+        try:
+            path = render(data, args.png)
+        except OSError as exc:
+            raise UsageError(f"--png: cannot write {args.png}: {exc.strerror or exc}") from None
+        if not args.json:
+            print(path)
     return 0
 
 

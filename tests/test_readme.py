@@ -31,7 +31,7 @@ def commands(block: str) -> list[str]:
 
 BASH = blocks("bash")
 PYTHON = blocks("python")
-SERVE, TEST, CURL, LOCAL_TRAIN, TUTORIAL, PLAN, TRAIN_LENET = BASH[:7]
+SERVE, TEST, CURL, LOCAL_TRAIN, TUTORIAL, PLAN, TRAIN_LENET, REPORT = BASH[:8]
 
 
 def test_two_setup_commands_and_ci():
@@ -103,6 +103,16 @@ def test_local_train_plan_and_lenet_commands(tmp_path):
     assert (tmp_path / "lenet" / "model.packed.safetensors").exists()
     plan = run_shell(PLAN, 0, dict(os.environ), ROOT)
     assert abs(json.loads(plan.stdout)["totals"]["inference_flops_ratio"] - 0.242) < 0.01
+
+
+def test_report_command_draws_the_png(tmp_path):
+    script = REPORT.replace("--epochs 10", "--epochs 2").replace("runs/", f"{tmp_path}/")
+    assert "rigl report" in script
+    run_shell(script, 0, dict(os.environ), ROOT)
+    from PIL import Image
+
+    with Image.open(tmp_path / "digits" / "report.png") as image:
+        assert image.width >= 1200 and len(set(image.convert("RGB").getdata())) > 50
 
 
 def test_readme_numpy_reader_and_library_example(tmp_path):

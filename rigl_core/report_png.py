@@ -1,0 +1,196 @@
+"""Draw a run's normalised report (report_data.py) as one PNG of six panels, for papers and CI.
+
+The figure is built on matplotlib's Agg canvas directly rather than through pyplot, so rendering never
+needs a display, never touches the process-wide backend (a notebook that imports this keeps its own)
+and keeps no global figure state between calls.
+
+Panels: (a) training and validation loss, (b) validation accuracy, (c) target vs achieved density per
+masked layer, (d) drop fraction and mask churn per update, (e) exploration (share of the masked weights
+ever active), (f) training and inference FLOPs as a fraction of dense. A panel without data says so
+instead of failing: a dense or static run has no mask updates, a queued job has no curves yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+TARGET_COLOR = "#9ecae1"  # density bars; tests look for these exact colours in the image
+ACHIEVED_COLOR = "#08519c"
+TRAIN_COLOR, VAL_COLOR = "#31a354", "#de2d26"
+ACCURACY_COLOR = "#756bb1"
+DROP_COLOR, CHURN_COLOR = "#fd8d3c", "#8c510a"
+EXPLORATION_COLOR = "#1b9e77"
+FLOPS_COLORS = ("#fc9272", "#fdd0a2")  # training, inference
+MAX_LAYERS = 32  # beyond this the bars are unreadable: show the largest layers, say so in the panel title
+NAME_CHARS = 18
+
+
+def _values(rows: list[dict], key: str) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777777", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _line(ax, xs, ys, color, label) -> None:
+    ax.plot(xs, ys, color=color, label=label, linewidth=1.6, marker="o" if len(xs) <= 30 else None,
+            markersize=3.5)
+
+
+def _loss(ax, data: dict) -> None:
+    ax.set_title("(a) loss", loc="left")
+    steps, loss = _values(data["train"], "loss")
+    label = "training loss"
+    if not loss:  # the service may log few training steps; the per-epoch mean is in every evaluation
+        steps, loss = _values(data["eval"], "train_loss")
+        label = "training loss (epoch mean)"
+    val_steps, val_loss = _values(data["eval"], "val_loss")
+    if not loss and not val_loss:
+        _no_data(ax, "no loss logged yet")
+        return
+    if loss:
+        _line(ax, steps, loss, TRAIN_COLOR, label)
+    if val_loss:
+        _line(ax, val_steps, val_loss, VAL_COLOR, "validation loss")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+
+
+def _accuracy(ax, data: dict) -> None:
+    ax.set_title("(b) validation accuracy", loc="left")
+    steps, accuracy = _values(data["eval"], "val_accuracy")
+    if not accuracy:
+        _no_data(ax, "no evaluation yet")
+        return
+    _line(ax, steps, accuracy, ACCURACY_COLOR, "validation accuracy")
+    ax.annotate(f"{accuracy[-1]:.4f}", (steps[-1], accuracy[-1]), textcoords="offset points", xytext=(-4, -14),
+                ha="right", fontsize=9, color=ACCURACY_COLOR)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else "…" + name[-(NAME_CHARS - 1):]
+
+
+def _densities(ax, data: dict) -> None:
+    masked = [r for r in data["layers"] if r["masked"] and r["target_density"] is not None]
+    title = "(c) density per masked layer"
+    if not masked:
+        ax.set_title(title, loc="left")
+        _no_data(ax, "no masked layers (dense method)" if data["method"] == "dense" else "no per-layer data")
+        return
+    if len(masked) > MAX_LAYERS:
+        largest = {id(r) for r in sorted(masked, key=lambda r: -r["params"])[:MAX_LAYERS]}
+        title += f" ({MAX_LAYERS} largest of {len(masked)})"
+        masked = [r for r in masked if id(r) in largest]  # keep network order
+    n = len(masked)
+    measured = data["final"] and all(r["density"] is not None for r in masked)
+    ax.set_title(title, loc="left")
+    width = 0.4 if measured else 0.6
+    xs = list(range(n))
+    ax.bar([x - width / 2 if measured else x for x in xs], [r["target_density"] for r in masked], width,
+           color=TARGET_COLOR, label="target" if measured else "target (plan: job not finished)")
+    if measured:
+        ax.bar([x + width / 2 for x in xs], [r["density"] for r in masked], width, color=ACHIEVED_COLOR,
+               label="achieved")
+    top = max(max(r["target_density"] for r in masked), max((r["density"] or 0) for r in masked))
+    ax.set_ylim(0, top * 1.25 + 0.01)  # headroom for the legend above the tallest bar
+    ax.set_yticks([t for t in ax.get_yticks() if t <= 1.0 + 1e-9])  # no density ticks past 1
+    ax.set_ylabel("density")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_short(r["name"]) for r in masked], rotation=0 if n <= 5 else 90,
+                       fontsize=max(6, min(9, int(240 / n))))
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.legend(fontsize=8, loc="upper left", ncols=2)
+
+
+def _no_updates(data: dict) -> str:
+    if data["method"] in ("dense", "static"):
+        return f"no mask updates ({data['method']} method)"
+    return "no mask updates yet"
+
+
+def _updates(ax, data: dict) -> None:
+    ax.set_title("(d) drop fraction and mask churn per update", loc="left")
+    steps, drop = _values(data["mask_updates"], "drop_fraction")
+    churn_steps, churn = _values(data["mask_updates"], "churn")
+    if not drop and not churn:
+        _no_data(ax, _no_updates(data))
+        return
+    if drop:
+        _line(ax, steps, drop, DROP_COLOR, "drop fraction")
+    if churn:
+        _line(ax, churn_steps, churn, CHURN_COLOR, "churn (new weights / active)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+
+
+def _exploration(ax, data: dict) -> None:
+    ax.set_title("(e) exploration: share of weights ever active", loc="left")
+    steps, explored = _values(data["mask_updates"], "exploration")
+    if not explored:
+        _no_data(ax, _no_updates(data))
+        return
+    _line(ax, steps, explored, EXPLORATION_COLOR, "ever active")
+    sparsity = data["totals"].get("sparsity")
+    if sparsity is not None:  # the floor: a method that never moves the mask explores only its density
+        ax.axhline(1 - sparsity, color="#999999", linestyle="--", linewidth=1, label=f"density {1 - sparsity:.3f}")
+    ax.set_ylim(0, min(1.02, max(explored) * 1.25))
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _flops(ax, data: dict) -> None:
+    ax.set_title("(f) FLOPs as a fraction of dense", loc="left")
+    totals = data["totals"]
+    bars = [(label, totals.get(key), color) for label, key, color in
+            (("training", "training_flops_ratio", FLOPS_COLORS[0]),
+             ("inference", "inference_flops_ratio", FLOPS_COLORS[1]))
+            if totals.get(key) is not None]
+    if not bars:
+        _no_data(ax, "no FLOPs data")
+        return
+    xs = range(len(bars))
+    ax.bar(xs, [b[1] for b in bars], 0.55, color=[b[2] for b in bars], edgecolor="#555555")
+    for x, (_, value, _) in zip(xs, bars):
+        ax.text(x, value + 0.02, f"{value:.3f}×", ha="center", va="bottom", fontsize=10)
+    ax.axhline(1.0, color="#555555", linestyle="--", linewidth=1)
+    ax.text(len(bars) - 0.5, 1.0, "dense", ha="right", va="bottom", fontsize=8, color="#555555")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([b[0] for b in bars])
+    ax.set_ylim(0, max(1.15, max(b[1] for b in bars) * 1.15))
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+
+
+PANELS = (_loss, _accuracy, _densities, _updates, _exploration, _flops)
+BAR_PANELS = (_densities, _flops)
+STEP_PANELS = (0, 1, 3, 4)  # share one step axis, the whole run, so the curves line up by eye
+
+
+def render(data: dict, path: str | Path, dpi: int = 150) -> Path:
+    """Write the six-panel figure to `path` as PNG (whatever its suffix) and return the path."""
+    figure = Figure(figsize=(16, 9), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 3)
+    for panel, ax in zip(PANELS, axes.flat):
+        panel(ax, data)
+        if ax.has_data():
+            ax.grid(alpha=0.25, axis="y" if panel in BAR_PANELS else "both")
+    if data.get("total_steps"):
+        for i in STEP_PANELS:
+            if axes.flat[i].has_data():
+                axes.flat[i].set_xlim(0, data["total_steps"] * 1.02)
+    figure.suptitle(data["title"], fontsize=13)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=dpi, facecolor="white")
+    return path
