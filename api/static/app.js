@@ -232,12 +232,16 @@ function jobView(view, jobId) {
       h("div", {}, h("h2", {}, "Checkpoints"), checkpoints, h("h2", {}, "Submitted spec"), spec),
       h("div", {}, h("h2", {}, "Events"), log)));
 
-  let pending = false;
+  // At most one redraw a second, on an animation frame: a hidden tab draws nothing, and a busy
+  // stream costs the browser (often on the same machine as training) a redraw, not one per event.
+  let timer = null;
+  let lastRender = -1e9;
   function scheduleRender() {
-    if (pending) return;
-    pending = true;
-    setTimeout(() => { pending = false; render(); }, 150);
+    if (timer) return;
+    const wait = Math.max(0, lastRender + 1000 - performance.now());
+    timer = setTimeout(() => requestAnimationFrame(() => { timer = null; lastRender = performance.now(); render(); }), wait);
   }
+  const drawn = { train: -1, eval: -1, updates: -1, layers: null, final: null, totals: null };
 
   function render() {
     const job = data.job;
@@ -267,26 +271,35 @@ function jobView(view, jobId) {
     summary.replaceChildren(...facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     spec.textContent = JSON.stringify(job.spec, null, 2);
 
-    Charts.line(charts["chart-loss"], "Loss", [
-      { name: "train loss", points: data.train.map(m => [m.step, m.loss]) },
-      { name: "val loss", points: data.eval.map(m => [m.step, m.val_loss]), markers: true },
-    ], { xLabel: "step", yLabel: "loss" });
-    Charts.line(charts["chart-accuracy"], "Validation accuracy", [
-      { name: "val accuracy", points: data.eval.map(m => [m.step, m.val_accuracy]), markers: true, color: "#16a34a" },
-    ], { xLabel: "step", yLabel: "accuracy", yMin: 0, yMax: 1 });
-    renderDensity();
-    Charts.line(charts["chart-drop"], "Drop fraction and mask churn per update", [
-      { name: "drop fraction", points: data.updates.map(u => [u.step, u.drop_fraction]) },
-      { name: "churn", points: data.updates.map(u => [u.step, u.churn]) },
-    ], { xLabel: "step", yLabel: "fraction", yMin: 0, empty: "no mask updates (yet) for this method" });
-    Charts.line(charts["chart-exploration"], "Exploration: share of weights ever active", [
-      { name: "ever active", points: data.updates.map(u => [u.step, u.exploration]), color: "#7c3aed" },
-    ], { xLabel: "step", yLabel: "share of masked weights", yMin: 0, empty: "no mask updates (yet) for this method" });
-    const flops = Number.isFinite(totals.training_flops_ratio)
-      ? [totals.training_flops_ratio, totals.inference_flops_ratio] : [];
-    Charts.bars(charts["chart-flops"], "FLOPs vs dense (dense = 1)", flops.length ? ["training", "inference"] : [],
-      [{ name: "sparse / dense", values: flops, color: "#0891b2" }, { name: "dense", values: flops.map(() => 1), color: "#cbd5e1" }],
-      { yMax: 1, yLabel: "× dense FLOPs" });
+    // Charts are redrawn only when their data changed.
+    if (drawn.train !== data.train.length || drawn.eval !== data.eval.length) {
+      Charts.line(charts["chart-loss"], "Loss", [
+        { name: "train loss", points: data.train.map(m => [m.step, m.loss]) },
+        { name: "val loss", points: data.eval.map(m => [m.step, m.val_loss]), markers: true },
+      ], { xLabel: "step", yLabel: "loss" });
+      Charts.line(charts["chart-accuracy"], "Validation accuracy", [
+        { name: "val accuracy", points: data.eval.map(m => [m.step, m.val_accuracy]), markers: true, color: "#16a34a" },
+      ], { xLabel: "step", yLabel: "accuracy", yMin: 0, yMax: 1 });
+    }
+    if (drawn.updates !== data.updates.length || drawn.layers !== data.layers || drawn.final !== data.final) {
+      renderDensity();
+      Charts.line(charts["chart-drop"], "Drop fraction and mask churn per update", [
+        { name: "drop fraction", points: data.updates.map(u => [u.step, u.drop_fraction]) },
+        { name: "churn", points: data.updates.map(u => [u.step, u.churn]) },
+      ], { xLabel: "step", yLabel: "fraction", yMin: 0, empty: "no mask updates (yet) for this method" });
+      Charts.line(charts["chart-exploration"], "Exploration: share of weights ever active", [
+        { name: "ever active", points: data.updates.map(u => [u.step, u.exploration]), color: "#7c3aed" },
+      ], { xLabel: "step", yLabel: "share of masked weights", yMin: 0, empty: "no mask updates (yet) for this method" });
+    }
+    if (drawn.totals !== data.totals) {
+      const flops = Number.isFinite(totals.training_flops_ratio)
+        ? [totals.training_flops_ratio, totals.inference_flops_ratio] : [];
+      Charts.bars(charts["chart-flops"], "FLOPs vs dense (dense = 1)", flops.length ? ["training", "inference"] : [],
+        [{ name: "sparse / dense", values: flops, color: "#0891b2" }, { name: "dense", values: flops.map(() => 1), color: "#cbd5e1" }],
+        { yMax: 1, yLabel: "× dense FLOPs" });
+    }
+    Object.assign(drawn, { train: data.train.length, eval: data.eval.length, updates: data.updates.length,
+      layers: data.layers, final: data.final, totals: data.totals });
   }
 
   function renderDensity() {

@@ -85,6 +85,21 @@ const Charts = (() => {
     return [lo, hi];
   }
 
+  /** At most ~2×buckets points, keeping each bucket's lowest and highest value so spikes survive. */
+  function thin(points, buckets) {
+    if (points.length <= 2 * buckets) return points;
+    const out = [];
+    const size = points.length / buckets;
+    for (let b = 0; b < buckets; b++) {
+      const chunk = points.slice(Math.floor(b * size), Math.floor((b + 1) * size));
+      if (!chunk.length) continue;
+      let lo = chunk[0], hi = chunk[0];
+      for (const p of chunk) { if (p[1] < lo[1]) lo = p; if (p[1] > hi[1]) hi = p; }
+      if (lo === hi) out.push(lo); else out.push(...(lo[0] < hi[0] ? [lo, hi] : [hi, lo]));
+    }
+    return out;
+  }
+
   /** series: [{name, color, points: [[x, y], ...]}]; options: xLabel, yLabel, yMin, yMax. */
   function line(container, title, series, options) {
     const o = options || {};
@@ -100,8 +115,8 @@ const Charts = (() => {
       const pts = s.points.filter(p => Number.isFinite(p[1]));
       if (!pts.length) return;
       const color = s.color || PALETTE[i % PALETTE.length];
-      el("polyline", { points: pts.map(p => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" "),
-        fill: "none", stroke: color, "stroke-width": 2, class: "series", "data-series": s.name }, svg);
+      el("polyline", { points: thin(pts, 300).map(p => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" "),
+        fill: "none", stroke: color, "stroke-width": 2, class: "series", "data-series": s.name, "data-n": pts.length }, svg);
       if (pts.length <= 60 || s.markers) {
         for (const p of pts) {
           const dot = el("circle", { cx: x(p[0]), cy: y(p[1]), r: 2.5, fill: color }, svg);
