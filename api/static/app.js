@@ -291,6 +291,12 @@ function jobView(view, jobId) {
         { name: "ever active", points: data.updates.map(u => [u.step, u.exploration]), color: "#7c3aed" },
       ], { xLabel: "step", yLabel: "share of masked weights", yMin: 0, empty: "no mask updates (yet) for this method" });
     }
+    if (data.log.length) {
+      log.prepend(...data.log.slice(-200).reverse().map(event => h("li", { class: `level-${event.level}` },
+        h("span", { class: "muted" }, when(event.created_at) + " "), h("b", {}, event.type), " ", event.message)));
+      data.log = [];
+      while (log.childElementCount > 200) log.lastChild.remove();
+    }
     if (drawn.totals !== data.totals) {
       const flops = Number.isFinite(totals.training_flops_ratio)
         ? [totals.training_flops_ratio, totals.inference_flops_ratio] : [];
@@ -356,11 +362,7 @@ function jobView(view, jobId) {
     if (event.type === "metrics") data.train.push(d);
     else if (event.type === "eval") data.eval.push(d);
     else if (event.type === "mask_update") data.updates.push(d);
-    if (event.type !== "metrics") {
-      log.prepend(h("li", { class: `level-${event.level}` }, h("span", { class: "muted" }, when(event.created_at) + " "),
-        h("b", {}, event.type), " ", event.message));
-      while (log.childElementCount > 200) log.lastChild.remove();
-    }
+    if (event.type !== "metrics") data.log.push(event);  // drawn with the next render, not one DOM write per event
     if (event.type === "status" || event.type === "checkpoint") refreshJob();
     scheduleRender();
   }
