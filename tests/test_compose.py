@@ -140,3 +140,17 @@ def test_compose_worker_command_runs_a_job_on_real_redis(tmp_path):
         finally:
             stop(process)
             cleanup_redis_queue(queue)
+
+
+def test_images_ship_the_dashboard_assets():
+    """The API image does `COPY api` + `pip install .`: package data must name every dashboard file."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["api"]
+    assets = [p.relative_to(ROOT / "api").as_posix() for p in (ROOT / "api" / "static").rglob("*") if p.is_file()]
+    assert {"static/index.html", "static/app.js", "static/charts.js", "static/style.css"} <= set(assets)
+    assert all(any(fnmatch.fnmatch(a, pattern) for pattern in patterns) for a in assets), (assets, patterns)
+    dockerfile = (ROOT / "docker" / "api.Dockerfile").read_text()
+    assert "COPY api ./api" in dockerfile and "RUN pip install ." in dockerfile

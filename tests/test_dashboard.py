@@ -119,6 +119,13 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     expect(page.locator("#plan-totals")).to_contain_text("sparsity 80.0% of masked weights")
     assert page.locator("#plan-chart rect.bar").count() == 3
 
+    # Fields typed into the JSON survive later form edits.
+    spec = page.input_value("#spec-json").replace('"epochs": 10,', '"epochs": 10, "label_smoothing": 0.05,')
+    page.fill("#spec-json", spec)
+    page.fill("#f-batch_size", "64")
+    merged = page.input_value("#spec-json")
+    assert '"label_smoothing": 0.05' in merged and '"batch_size": 64' in merged
+
     # 3. Bad input comes back naming the field; nothing is submitted.
     page.fill("#f-sparsity", "1.5")
     page.click("#submit-job")

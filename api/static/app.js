@@ -452,7 +452,26 @@ function submitView(view) {
     }
   }
 
-  form.addEventListener("input", () => { json.value = JSON.stringify(fromForm(), null, 2); schedulePlan(); });
+  // Form edits are merged into the JSON, so fields typed into the JSON by hand survive them.
+  function merge(base, patch) {
+    const out = { ...base };
+    for (const [k, v] of Object.entries(patch)) {
+      const both = v && typeof v === "object" && !Array.isArray(v) && out[k] && typeof out[k] === "object";
+      out[k] = both ? merge(out[k], v) : v;
+    }
+    return out;
+  }
+  form.addEventListener("input", () => {
+    let base = {};
+    try { base = JSON.parse(json.value); } catch (_) { /* unparsable JSON: the form starts it afresh */ }
+    const patch = fromForm();
+    const spec = merge(base, patch);
+    // a different model or dataset replaces the whole section (its other fields belonged to the old one)
+    if (base.model && base.model.name !== patch.model.name) spec.model = patch.model;
+    if (base.dataset && base.dataset.name !== patch.dataset.name) spec.dataset = patch.dataset;
+    json.value = JSON.stringify(spec, null, 2);
+    schedulePlan();
+  });
   json.addEventListener("input", schedulePlan);
   submit.addEventListener("click", async () => {
     error.hidden = true;
