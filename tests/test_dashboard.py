@@ -117,7 +117,7 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     expect(page.locator("#plan-table tbody tr")).to_have_count(3)  # fc1, fc2, fc3
     page.fill("#f-sparsity", "0.8")
     expect(page.locator("#plan-totals")).to_contain_text("sparsity 80.0% of masked weights")
-    assert page.locator("#plan-chart rect.bar").count() == 3
+    expect(page.locator("#plan-chart rect.bar")).to_have_count(3)
 
     # Fields typed into the JSON survive later form edits.
     spec = page.input_value("#spec-json").replace('"epochs": 10,', '"epochs": 10, "label_smoothing": 0.05,')
@@ -145,16 +145,18 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     # 5. The charts: curves from the stream, per-layer density (target and achieved per masked layer).
     expect(page.locator("#chart-density .chart-title")).to_have_text("Per-layer density: target vs achieved")
     expect(page.locator("#chart-density rect.bar")).to_have_count(6)
-    assert page.locator("#chart-loss polyline.series").count() == 2
-    assert page.locator("#chart-accuracy circle").count() >= 4  # one evaluation per epoch
-    assert page.locator("#chart-drop polyline.series").count() == 2
-    assert page.locator("#chart-exploration polyline.series").count() == 1
+    # (charts redraw at most once a second: expect() waits for the redraw that follows the last events)
+    expect(page.locator("#chart-loss polyline.series")).to_have_count(2)
+    expect(page.locator("#chart-accuracy circle")).to_have_count(4)  # one evaluation per epoch
+    expect(page.locator("#chart-drop polyline.series")).to_have_count(2)
+    expect(page.locator("#chart-exploration polyline.series")).to_have_count(1)
     expect(page.locator("#chart-flops rect.bar")).to_have_count(4)
+    expect(page.locator("#event-log")).to_contain_text("dense checkpoint")
     summary = page.locator("#job-summary").inner_text()
     assert "rigl" in summary and "80.0%" in summary
     exploration = float(re.search(r"Exploration\s+([\d.]+)%", summary).group(1))
     assert 20.0 < exploration <= 100.0  # ever-active share grows past the 20% density
-    expect(page.locator("#event-log")).to_contain_text("mask_update")
+    assert "mask_update" in page.inner_text("#event-log")
     expect(page.locator("#job-spec")).to_contain_text('"delta_t": 10')
 
     # 6. The sparse checkpoint downloads through the button and is 80% sparse in masked layers.
@@ -171,6 +173,14 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     shot = ARTIFACTS / "dashboard_job.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
+    from PIL import Image
+
+    with Image.open(shot) as image:  # the charts are really drawn: their series colours fill pixels
+        counts = {colour: n for n, colour in image.convert("RGB").getcolors(maxcolors=1 << 24)}
+    # bars (achieved, target, FLOPs) fill areas; the exploration line is a thin anti-aliased stroke
+    for colour, least in (((0x25, 0x63, 0xEB), 1000), ((0x94, 0xA3, 0xB8), 1000), ((0x08, 0x91, 0xB2), 1000),
+                          ((0x7C, 0x3A, 0xED), 50)):
+        assert counts.get(colour, 0) > least, (colour, counts.get(colour, 0))
     assert "succeeded" in page.inner_text("main") and "Download dense" in page.inner_text("main")
 
     # 7. The jobs list shows it; compare plots accuracy against sparsity for the selection.
