@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "worker", "--loglevel", "WARNING"],
                                   env=os.environ.copy())
-    print(f"rigl serve: API on http://{args.host}:{args.port} (docs at /docs); data in {settings.data_dir}; "
+    print(f"rigl serve: dashboard and API on http://{args.host}:{args.port} (API docs at /docs); "
+          f"data in {settings.data_dir}; "
           f"database {settings.database_url.split('://')[0]}; broker {settings.broker_url.split('://')[0]}",
           file=sys.stderr, flush=True)
     import gc
