@@ -514,7 +514,8 @@ function compareView(view, query) {
   const chart = h("div", { class: "chart-box wide", id: "compare-chart" });
   const table = h("tbody");
   view.replaceChildren(h("h1", {}, "Compare: accuracy vs sparsity"),
-    h("p", { class: "muted" }, ids.length ? "Selected jobs, coloured by method." : "No jobs selected: showing the latest finished jobs. Pick jobs on the ",
+    h("p", { class: "muted" }, ids.length ? "Selected jobs; one colour per method, lines join a method's jobs by sparsity."
+      : "No jobs selected: showing the latest finished jobs. Pick jobs on the ",
       ids.length ? null : h("a", { href: "#/" }, "jobs list"), ids.length ? null : "."),
     chart, h("table", { class: "jobs", id: "compare-table" }, h("thead", {}, h("tr", {},
       ["Job", "Method", "Distribution", "Sparsity", "Accuracy", "Inference FLOPs", "Training FLOPs"].map(t => h("th", {}, t)))), table));
@@ -525,7 +526,7 @@ function compareView(view, query) {
       const points = jobs.filter(j => Number.isFinite(jobAccuracy(j))).map(j =>
         ({ x: jobSparsity(j), y: jobAccuracy(j), label: j.id.slice(-6), group: jobMethod(j) }));
       const xs = points.map(p => p.x), ys = points.map(p => p.y);
-      Charts.scatter(chart, "Validation accuracy vs sparsity (lines join jobs of one method)", points, {
+      Charts.scatter(chart, "Validation accuracy vs sparsity", points, {
         xLabel: "sparsity", yLabel: "validation accuracy", xFmt: v => (100 * v).toFixed(0) + "%", connect: true,
         xMin: Math.max(0, Math.min(...xs) - 0.05), xMax: Math.min(1, Math.max(...xs) + 0.05),
         yMin: Math.max(0, Math.min(...ys) - 0.05), yMax: Math.min(1, Math.max(...ys) + 0.05),
