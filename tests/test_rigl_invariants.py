@@ -41,6 +41,13 @@ def _batch(data, target, step, size=32):
     return data[i : i + size], target[i : i + size]
 
 
+def _backward(model, opt, data, target, step):
+    """One minibatch's dense gradients, as a training loop computes them before `sparsifier.step`."""
+    x, y = _batch(data, target, step)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
 def _check_state_zero(opt, sp):
     for layer in sp.layers:
         inactive = ~sp.masks[layer.name]
@@ -53,13 +60,10 @@ def _check_state_zero(opt, sp):
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_rigl_invariants_every_update(optimizer):
     model, opt, sp, data, target = _setup(optimizer=optimizer)
-    loss_fn = nn.CrossEntropyLoss()
     targets = {layer.name: sp.target_active[layer.name] for layer in sp.layers}
     updates = []
     for step in range(60):
-        x, y = _batch(data, target, step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        _backward(model, opt, data, target, step)
         before = {l.name: l.weight.detach().clone() for l in sp.layers}
         grads = {l.name: l.weight.grad.detach().clone() for l in sp.layers}
         others_before = [p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")]
@@ -105,11 +109,8 @@ def test_rigl_invariants_every_update(optimizer):
 
 def test_grown_weights_state_zero_and_regrown_state_kept_adam():
     model, opt, sp, data, target = _setup(optimizer="adam", delta_t=5)
-    loss_fn = nn.CrossEntropyLoss()
     for step in range(26):
-        x, y = _batch(data, target, step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        _backward(model, opt, data, target, step)
         state_before = {l.name: opt.state[l.weight]["exp_avg"].clone() if l.weight in opt.state else None
                         for l in sp.layers}
         update = sp.step(step)
@@ -126,11 +127,8 @@ def test_grown_weights_state_zero_and_regrown_state_kept_adam():
 def test_masks_actually_change_and_nnz_is_kept():
     model, opt, sp, data, target = _setup()
     initial = {k: v.clone() for k, v in sp.masks.items()}
-    loss_fn = nn.CrossEntropyLoss()
     for step in range(40):
-        x, y = _batch(data, target, step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        _backward(model, opt, data, target, step)
         sp.step(step)
     changed = sum(int((initial[k] != v).sum()) for k, v in sp.masks.items())
     assert changed > 0
@@ -144,12 +142,9 @@ def test_exploration_is_the_union_of_every_mask_so_far(method):
     union = {k: v.clone() for k, v in sp.masks.items()}
     numel = sum(layer.numel for layer in sp.layers)
     assert sp.exploration() == pytest.approx(sum(int(m.sum()) for m in union.values()) / numel)
-    loss_fn = nn.CrossEntropyLoss()
     seen = []
     for step in range(60):
-        x, y = _batch(data, target, step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        _backward(model, opt, data, target, step)
         update = sp.step(step)
         if update is None:
             continue
@@ -168,12 +163,9 @@ def test_exploration_is_the_union_of_every_mask_so_far(method):
 
 def test_grad_accumulation_scores_average_last_n_batches():
     model, opt, sp, data, target = _setup(delta_t=10, t_end=40, grad_accumulation_n=3)
-    loss_fn = nn.CrossEntropyLoss()
     history = []
     for step in range(21):
-        x, y = _batch(data, target, step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        _backward(model, opt, data, target, step)
         history.append({l.name: l.weight.grad.detach().clone() for l in sp.layers})
         if step == 20:
             expected = {n: sum(h[n] for h in history[18:21]).abs() for n in history[-1]}
@@ -196,12 +188,9 @@ def test_static_masks_never_change_and_set_grows_randomly():
     assert all(torch.equal(initial[k], v) for k, v in static.masks.items())
 
     model, opt, set_sp, data, target = _setup(method="set")
-    loss_fn = nn.CrossEntropyLoss()
     bias = [p for n, p in model.named_parameters() if n.endswith("bias")][0]
     for step in range(9):
-        x, y = _batch(data, target, step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        _backward(model, opt, data, target, step)
         b0 = bias.detach().clone()
         update = set_sp.step(step)
         if step == 4:
