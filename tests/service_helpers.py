@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,3 +96,38 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def embedded_service(data_dir: Path, log_path: Path | None = None, **env):
+    """`rigl serve` (API + one worker, SQLite and the filesystem broker under `data_dir`) on a free
+    port, with none of the caller's RIGL_* settings but `env`; yields its URL once /readyz answers."""
+    import httpx
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
+    environ.update(RIGL_DATA_DIR=str(data_dir), **env)
+    port = free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port)], env=environ,
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 90, what="rigl serve")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if log_path:
+            log.close()
+

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -16,7 +12,7 @@ from safetensors.torch import load_file
 from rigl_core.cli import main
 from rigl_core.client import Client, InvalidRequest, NotFound, Unavailable
 from rigl_core.models import build_model
-from service_helpers import JOB, ROOT, free_port, wait_for
+from service_helpers import JOB, embedded_service, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("client")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
-    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port), "--data-dir",
-                                str(root / "data")], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    client = Client(url, retries=20, backoff=0.25)  # retries until the server is up
-    client.get_readyz = lambda: client._request("GET", "/readyz").json()
-    assert client.get_readyz()["status"] == "ok"
-    yield url, root
-    process.send_signal(signal.SIGINT)
-    process.wait(timeout=30)
+    with embedded_service(root / "data") as url:
+        yield url, root
 
 
 def test_submit_wait_report_download_load(server, tmp_path, capsys):

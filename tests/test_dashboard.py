@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from service_helpers import ROOT, free_port, wait_for
+from service_helpers import ROOT, embedded_service
 
 CHROMIUM = os.environ.get("RIGL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = os.environ.get("RIGL_REQUIRE_BROWSER") == "1"
@@ -47,34 +46,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing is not None, reason=m
 def server(tmp_path_factory):
     """`rigl serve` (API + one worker) with keys required, and one key for `alice`."""
     data = tmp_path_factory.mktemp("dashboard") / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
-    env.update(RIGL_DATA_DIR=str(data), RIGL_AUTH="true", RIGL_EVENT_EVERY_STEPS="1")
+    settings = {"RIGL_AUTH": "true", "RIGL_EVENT_EVERY_STEPS": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}, "RIGL_DATA_DIR": str(data), **settings}
     key = subprocess.run([sys.executable, "-m", "rigl_core.cli", "keys", "create", "--owner", "alice"], env=env,
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
-    port = free_port()
-    log = open(data.parent / "serve.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port)], env=env,
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        import httpx
-
-        try:
-            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 90, what="rigl serve")
+    with embedded_service(data, log_path=data.parent / "serve.log", **settings) as base:
         yield base, key
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,6 @@ drew nothing (or drew the wrong series) fails.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from rigl_core import report_png as rp
 from rigl_core.cli import main
 from rigl_core.client import Client
 from rigl_core.report_data import from_output_dir
-from service_helpers import JOB, ROOT, free_port, wait_for
+from service_helpers import JOB, embedded_service, wait_for
 
 PANEL_COLOURS = {  # (row, column) of the 2x3 grid -> colours its data is drawn in
     (0, 0): (rp.TRAIN_COLOR, rp.VAL_COLOR),
@@ -52,6 +48,15 @@ def pixel_counts(path) -> dict[tuple[int, int], dict[str, int]]:
             found = dict(zip(values.tolist(), n.tolist()))
             counts[row, col] = {c: found.get(int(c[1:], 16), 0)
                                 for colours in PANEL_COLOURS.values() for c in colours}
+    return counts
+
+
+def assert_every_panel_drawn(path) -> dict[tuple[int, int], dict[str, int]]:
+    """Each panel shows its series in its own colours (more than a legend handle's worth)."""
+    counts = pixel_counts(path)
+    for cell, colours in PANEL_COLOURS.items():
+        for colour in colours:
+            assert counts[cell][colour] >= MIN_PIXELS, (cell, colour, counts[cell])
     return counts
 
 
@@ -92,10 +97,7 @@ def test_local_run_renders_every_panel(rigl_run, tmp_path, capsys):
     assert main(["report", str(rigl_run), "--png", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert_png(out)
-    counts = pixel_counts(out)
-    for cell, colours in PANEL_COLOURS.items():
-        for colour in colours:
-            assert counts[cell][colour] >= MIN_PIXELS, (cell, colour, counts[cell])
+    counts = assert_every_panel_drawn(out)
     # the density bars are bars, not just legend patches
     assert counts[0, 2][rp.TARGET_COLOR] > 5000 and counts[0, 2][rp.ACHIEVED_COLOR] > 5000
 
@@ -168,20 +170,8 @@ def test_diverged_and_truncated_metrics_still_render(rigl_run, tmp_path, capsys)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `rigl serve` (embedded SQLite, filesystem broker, one worker)."""
-    root = tmp_path_factory.mktemp("report-serve")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
-    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port), "--data-dir",
-                                str(root / "data")], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with Client(url, retries=20, backoff=0.25) as client:  # retries until the server is up
-            assert client._request("GET", "/readyz").json()["status"] == "ok"
+    with embedded_service(tmp_path_factory.mktemp("report-serve") / "data") as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -199,10 +189,7 @@ def test_service_job_by_id(server, tmp_path, capsys, monkeypatch):
         assert main(["report", done.id, "--png", str(out)]) == 0
         assert capsys.readouterr().out.strip() == str(out)
         assert_png(out)
-        counts = pixel_counts(out)
-        for cell, colours in PANEL_COLOURS.items():
-            for colour in colours:
-                assert counts[cell][colour] >= MIN_PIXELS, (cell, colour, counts[cell])
+        assert_every_panel_drawn(out)
         assert main(["report", done.id, "--json"]) == 0
         data = json.loads(capsys.readouterr().out)
         assert data["source"] == done.id and data["status"] == "succeeded" and data["final"]
