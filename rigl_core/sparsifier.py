@@ -66,6 +66,7 @@ class Sparsifier:
 
     method = "static"
     replaces_step_on_update = False  # RigL/SNFS/SNIP skip the optimizer step on update iterations
+    starts_dense = False  # SNIP and GMP: every weight is active until the first update prunes
 
     def __init__(
         self,
@@ -98,7 +99,12 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- lifecycle
     def init_masks(self) -> None:
-        """Random masks with exact per-layer counts; identical on every rank (seeded, then broadcast)."""
+        """Random masks with exact per-layer counts; identical on every rank (seeded, then broadcast).
+        Methods that start dense get all-true masks instead."""
+        if self.starts_dense:
+            for layer in self.layers:
+                self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
+            return
         generator = torch.Generator().manual_seed(self.seed)
         for layer in self.layers:
             mask = random_mask(layer.shape, self.target_active[layer.name], generator)
@@ -145,7 +151,9 @@ class Sparsifier:
 
     def ever_active_counts(self) -> dict[str, int]:
         """Per layer, how many positions have been active at some step (the mask's own count until
-        the first drop/grow update)."""
+        the first drop/grow update; every position for methods that start dense)."""
+        if self.starts_dense:
+            return {layer.name: layer.numel for layer in self.layers}
         return {name: int(self.ever_active[name].sum()) if name in self.ever_active else int(mask.sum())
                 for name, mask in self.masks.items()}
 
@@ -356,13 +364,7 @@ class SNIPSparsifier(Sparsifier):
 
     method = "snip"
     replaces_step_on_update = True
-
-    def ever_active_counts(self) -> dict[str, int]:
-        return {layer.name: layer.numel for layer in self.layers}  # dense for the saliency step
-
-    def init_masks(self) -> None:
-        for layer in self.layers:
-            self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
+    starts_dense = True  # dense for the saliency step
 
     def is_update_step(self, step: int) -> bool:
         return step == 0
@@ -386,13 +388,7 @@ class GMPSparsifier(Sparsifier):
     """Zhu & Gupta gradual magnitude pruning: dense start, cubic schedule to the target by T_end."""
 
     method = "gmp"
-
-    def ever_active_counts(self) -> dict[str, int]:
-        return {layer.name: layer.numel for layer in self.layers}  # starts dense
-
-    def init_masks(self) -> None:
-        for layer in self.layers:
-            self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
+    starts_dense = True
 
     def is_update_step(self, step: int) -> bool:
         end = self.schedule.t_end
