@@ -217,7 +217,8 @@ function jobsView(view) {
 
 // ------------------------------------------------------------------ job page
 function jobView(view, jobId) {
-  const state = { stopped: false, controller: new AbortController(), finished: async () => true };
+  const state = { stopped: false, controller: new AbortController(),
+    finished: async () => TERMINAL.has((await refreshJob()).status) };  // asked when a stream ends
   const data = { job: null, train: [], eval: [], updates: [], layers: null, totals: null, final: false, log: [] };
   const ids = ["chart-loss", "chart-accuracy", "chart-density", "chart-drop", "chart-exploration", "chart-flops"];
   const charts = Object.fromEntries(ids.map(id => [id, h("div", { class: "chart-box", id })]));
@@ -368,7 +369,6 @@ function jobView(view, jobId) {
   }
 
   checkpoints.appendChild(h("p", { class: "muted" }, "Checkpoints appear when the job has finished."));
-  state.finished = async () => TERMINAL.has((await refreshJob()).status);
   refreshJob().then(() => { if (data.job) streamEvents(jobId, onEvent, state); });
   const poll = setInterval(() => { if (data.job && !TERMINAL.has(data.job.status)) refreshJob(); }, 2000);
   return () => { state.stopped = true; state.controller.abort(); clearInterval(poll); };
