@@ -2,7 +2,8 @@
 
 A killed worker never acks its message, and Redis would only redeliver it after the visibility
 timeout (days), so the database lease is what brings such a job back within a minute. The attempt
-cap in `JobStore.claim` ends a job that keeps killing its worker.
+cap in `JobStore.claim` ends a job that keeps killing its worker. It also sends the messages that
+could not be sent while the broker was down (store/dispatch.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import threading
 from typing import Callable
 
+from store.dispatch import dispatch, redispatch
 from store.jobs import JobStore
 
 log = logging.getLogger("rigl.reaper")
@@ -28,11 +30,14 @@ class Reaper(threading.Thread):
             self.sweep()
 
     def sweep(self) -> list[str]:
+        """Requeue and re-send jobs whose worker died; re-send jobs whose message never reached the broker."""
         try:
             requeued = self.store.requeue_stale(self.lease_seconds)
             for job_id in requeued:
                 log.warning("job %s lost its worker; requeued", job_id)
-                self.enqueue(job_id)
+                dispatch(self.store, self.enqueue, job_id)
+            for job_id in redispatch(self.store, self.enqueue):
+                log.info("job %s sent to the broker, which is reachable again", job_id)
             return requeued
         except Exception:  # noqa: BLE001 - a database hiccup must not kill the thread
             log.exception("reaper sweep failed")

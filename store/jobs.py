@@ -20,11 +20,12 @@ from store.db import (ArchitectureRecord, Checkpoint, DatasetRecord, Event, Idem
                       make_sessionmaker, utcnow)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+CLAIMABLE = ("queued", "requeued")
+UNDISPATCHED = "broker_unavailable"  # error code of a queued job whose message is not in the broker yet
 
 
 class IdempotencyConflict(Exception):
     """Another request with the same Idempotency-Key won the race."""
-CLAIMABLE = ("queued", "requeued")
 
 
 class JobStore:
@@ -130,7 +131,8 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == job.status, Job.attempt == job.attempt,
                        Job.lease_token.is_(None) if job.lease_token is None else Job.lease_token == job.lease_token)
                 .values(status="running", lease_token=token, heartbeat_at=now, attempt=attempt,
-                        started_at=job.started_at or now, worker=worker)
+                        started_at=job.started_at or now, worker=worker,
+                        error_code=None, error_message=None)  # a live job's only error: broker_unavailable
             )
             if result.rowcount != 1:
                 return None, "claimed by another worker"
@@ -139,9 +141,12 @@ class JobStore:
                         data={"status": "running", "attempt": attempt}))
         return self.get_job(job_id), token
 
-    def heartbeat(self, job_id: str, token: str, step: int, metrics: dict | None = None) -> dict:
-        """Record progress; returns {"lease": still ours, "cancel": cancellation requested}."""
-        values = {"heartbeat_at": utcnow(), "step": step}
+    def heartbeat(self, job_id: str, token: str, step: int | None, metrics: dict | None = None) -> dict:
+        """Renew the lease and record progress (`step` None: not started yet, keep the stored one).
+        Returns {"lease": still ours, "cancel": cancellation requested, "preempt": …}."""
+        values: dict = {"heartbeat_at": utcnow()}
+        if step is not None:
+            values["step"] = step
         if metrics is not None:
             values["metrics"] = metrics
         with self.sessions.begin() as s:
@@ -204,6 +209,23 @@ class JobStore:
                                 message=f"worker lost at step {job.step}; requeued", data={"status": "requeued"}))
                     requeued.append(job_id)
         return requeued
+
+    # ------------------------------------------------------------------ dispatch
+    def mark_undispatched(self, job_id: str, reason: str) -> None:
+        """Its message could not be sent: it waits in the database, visibly, until the reaper sends it."""
+        with self.sessions.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status.in_(CLAIMABLE))
+                      .values(error_code=UNDISPATCHED, error_message=reason))
+
+    def mark_dispatched(self, job_id: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.error_code == UNDISPATCHED)
+                      .values(error_code=None, error_message=None))
+
+    def undispatched_jobs(self, limit: int = 100) -> list[str]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Job.id).where(Job.status.in_(CLAIMABLE), Job.error_code == UNDISPATCHED)
+                                  .order_by(Job.seq).limit(limit)))
 
     def request_cancel(self, job_id: str, owner: str | None = None) -> Job | None:
         with self.sessions.begin() as s:

@@ -181,6 +181,39 @@ def test_sigterm_checkpoints_requeues_and_the_next_worker_resumes(tmp_path):
             cleanup_redis_queue(queue)
 
 
+def test_sigterm_to_the_training_process_checkpoints_instead_of_failing(tmp_path):
+    """Celery SIGTERMs the pool process running a task when it loses the broker. The job must
+    checkpoint and requeue at its next step, never die inside a database call and end `failed`."""
+    queue = f"rigl-child-{uuid.uuid4().hex[:8]}"
+    with temporary_postgres_database() as database_url:
+        env = _env(tmp_path, database_url, REDIS, queue)
+        worker = start_worker_group(env, tmp_path / "w.log")
+        try:
+            with _api(tmp_path, database_url, REDIS, queue) as api:
+                job_id = api.post("/v1/jobs", json=LONG_JOB).json()["id"]
+                job = wait_for(lambda: (lambda j: j if j["progress"]["step"] > 60 else None)(
+                    api.get(f"/v1/jobs/{job_id}").json()), 120, what="training")
+                child = int(job["worker"].rsplit(":", 1)[1])
+                assert _parent_pid(child) == worker.pid
+                for _ in range(3):  # repeated, as a flurry of signals would land during database calls
+                    os.kill(child, signal.SIGTERM)
+                    time.sleep(0.05)
+                final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
+                    api.get(f"/v1/jobs/{job_id}").json()), 180, what="the job")
+                assert final["status"] == "succeeded", final
+                statuses, events = _statuses(api, job_id)
+                assert statuses == ["queued", "running", "requeued", "running", "succeeded"]
+                assert any("SIGTERM" in e["message"] for e in events if e["type"] == "status")
+                resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
+                assert resumed and resumed[0] > 60
+                assert worker.poll() is None  # the worker's main process carried on
+                print(f"\nreliability: sigterm-child: 3 SIGTERMs to the training process at step >60, requeued, "
+                      f"resumed from step {resumed[0]} by the same worker, 1 succeeded, 0 failed")
+        finally:
+            kill_group(worker)
+            cleanup_redis_queue(queue)
+
+
 def test_poison_job_fails_after_the_attempt_cap(tmp_path):
     queue = f"rigl-poison-{uuid.uuid4().hex[:8]}"
     with temporary_postgres_database() as database_url:
@@ -219,14 +252,14 @@ def _redis_up(port):
 
 
 def test_redis_restart_with_queued_and_running_jobs(tmp_path):
-    """A private redis-server with appendonly: restarted once with jobs queued (no worker), once mid-training."""
+    """A private redis-server with appendonly: down when the first job is submitted, restarted once
+    with jobs queued (no worker), once mid-training."""
     from service_helpers import free_port
 
     port = free_port()
     broker = f"redis://127.0.0.1:{port}/0"
     (tmp_path / "redis").mkdir()
-    redis_proc = _start_redis(port, tmp_path / "redis")
-    wait_for(lambda: _redis_up(port), 20, what="redis")
+    redis_proc = None
     queue = f"rigl-redis-{uuid.uuid4().hex[:8]}"
     worker = None
     with temporary_postgres_database() as database_url:
@@ -234,7 +267,14 @@ def test_redis_restart_with_queued_and_running_jobs(tmp_path):
         try:
             with _api(tmp_path, database_url, broker, queue) as api:
                 small = {**JOB, "training": {"epochs": 2, "batch_size": 64}}
-                queued = [api.post("/v1/jobs", json=small).json()["id"] for _ in range(4)]
+                early = api.post("/v1/jobs", json=small)  # no broker yet: stored, accepted, marked
+                assert early.status_code == 201, early.text
+                assert early.json()["error"]["code"] == "broker_unavailable"
+                redis_proc = _start_redis(port, tmp_path / "redis")
+                wait_for(lambda: _redis_up(port), 20, what="redis")
+                wait_for(lambda: api.get(f"/v1/jobs/{early.json()['id']}").json()["error"] is None, 30,
+                         what="the reaper sending the early job")
+                queued = [early.json()["id"], *[api.post("/v1/jobs", json=small).json()["id"] for _ in range(4)]]
                 redis_proc.terminate()
                 redis_proc.wait(timeout=20)
                 redis_proc = _start_redis(port, tmp_path / "redis")  # AOF replays the queue
@@ -258,10 +298,15 @@ def test_redis_restart_with_queued_and_running_jobs(tmp_path):
                     statuses, _ = _statuses(api, job_id)
                     assert statuses.count("running") == statuses.count("requeued") + 1  # never two at once
                     assert statuses.count("succeeded") == 1
-                print("\nreliability: redis: 2 Redis restarts (4 jobs queued, 1 running), 5 submitted, 5 succeeded, "
-                      "0 lost, 0 duplicated")
+                _, events = _statuses(api, running)
+                resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
+                assert resumed and resumed[0] > 0, resumed  # Celery cancelled it; it checkpointed, not failed
+                print("\nreliability: redis: 1 job submitted with Redis down (201, sent by the reaper later), "
+                      f"2 Redis restarts (5 jobs queued, 1 running: resumed from step {resumed[0]}), "
+                      "6 submitted, 6 succeeded, 0 lost, 0 duplicated")
         finally:
             if worker is not None:
                 kill_group(worker)
-            redis_proc.kill()
-            redis_proc.wait(timeout=20)
+            if redis_proc is not None:
+                redis_proc.kill()
+                redis_proc.wait(timeout=20)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 
@@ -19,36 +20,57 @@ from rigl_core.trainer import Callback, Trainer
 from store.artifacts import Artifacts, sha256_file
 from store.jobs import JobStore
 from store.settings import Settings
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("rigl.worker")
 RESUME_FILE = "resume.pt"
 
 
 class StoreCallback(Callback):
-    """Streams metrics/mask updates into the store (throttled), checkpoints, heartbeats, checks cancel."""
+    """Streams metrics/mask updates into the store (batched), checkpoints, and stops the loop when the
+    job is cancelled, preempted, lost or its process is asked to stop. The Heartbeat thread keeps the
+    lease and reads the flags, so a slow start or a long evaluation can't lose the job."""
 
-    def __init__(self, store: JobStore, artifacts: Artifacts, job_id: str, token: str, settings: Settings):
+    def __init__(self, store: JobStore, artifacts: Artifacts, job_id: str, token: str, settings: Settings,
+                 stop_requested: threading.Event | None = None):
         self.store, self.artifacts, self.job_id, self.token = store, artifacts, job_id, token
         self.settings = settings
         self.pending: list[dict] = []
+        self.step: int | None = None  # None until training starts: the heartbeat keeps the stored step
         self.latest: dict = {}
-        self.last_poll = 0.0
+        self.last_flush = time.monotonic()
         self.last_checkpoint = time.monotonic()
-        self.cancel = False
-        self.lost_lease = False
-        self.shutdown = False
+        self.stop_requested = stop_requested or threading.Event()
+        self.heartbeat = Heartbeat(store, job_id, token, settings.cancel_poll_seconds,
+                                   progress=lambda: (self.step, self.latest or None))
 
-    def flush(self, step: int) -> None:
+    @property
+    def cancel(self) -> bool:
+        return self.heartbeat.cancel
+
+    @property
+    def lost_lease(self) -> bool:
+        return self.heartbeat.lost_lease
+
+    @property
+    def shutdown(self) -> bool:
+        """The worker is shutting down (preempt flag) or this process got SIGTERM: checkpoint and requeue."""
+        return self.heartbeat.preempt or self.stop_requested.is_set()
+
+    def flush(self) -> None:
         if self.pending:
             self.store.add_events(self.job_id, self.pending)
             self.pending = []
-        state = self.store.heartbeat(self.job_id, self.token, step, self.latest or None)
-        self.cancel = self.cancel or state["cancel"]
-        self.shutdown = self.shutdown or state["preempt"]
-        self.lost_lease = not state["lease"]
-        self.last_poll = time.monotonic()
+        self.last_flush = time.monotonic()
+
+    def sync(self, step: int) -> None:
+        """Before the runner decides what happened: every event written, progress and flags fresh."""
+        self.step = step
+        self.flush()
+        self.heartbeat.beat_now()
 
     def on_step(self, trainer, metrics):
+        self.step = trainer.step
         self.latest = {**self.latest, "loss": metrics["loss"], "lr": metrics["lr"]}
         if trainer.step % self.settings.event_every_steps == 0:
             self.pending.append({"type": "metrics", "message": f"step {trainer.step}", "data": metrics})
@@ -69,8 +91,8 @@ class StoreCallback(Callback):
                 and time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_seconds):
             save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id)
             self.last_checkpoint = time.monotonic()
-        if time.monotonic() - self.last_poll >= self.settings.cancel_poll_seconds:
-            self.flush(trainer.step)
+        if time.monotonic() - self.last_flush >= self.settings.cancel_poll_seconds:
+            self.flush()
         return self.cancel or self.lost_lease or self.shutdown
 
 
@@ -95,8 +117,12 @@ def summary(report: dict) -> dict:
     }
 
 
-def run_job(job_id: str, settings: Settings, store: JobStore | None = None) -> str:
-    """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
+def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
+            stop_requested: threading.Event | None = None) -> str:
+    """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run).
+
+    `stop_requested` (set from a SIGTERM handler) makes the job checkpoint and requeue at the next step.
+    """
     store = store or JobStore(settings.database_url)
     artifacts = Artifacts(settings.artifact_dir)
     job, token = store.claim(job_id, settings.max_attempts, settings.lease_seconds,
@@ -104,24 +130,28 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None) -> s
     if job is None:
         log.info("job %s not run: %s", job_id, token)
         return "skipped"
-    callback = StoreCallback(store, artifacts, job_id, token, settings)
+    callback = StoreCallback(store, artifacts, job_id, token, settings, stop_requested)
+    callback.heartbeat.start()
     try:
         spec = JobSpec.model_validate(job.resolved_spec)
         trainer = Trainer(spec, callbacks=[callback])
         resume = store.latest_checkpoint(job_id, "resume")
         if resume is not None:
             trainer.load_checkpoint(artifacts.job_file(job_id, resume.filename))
+            callback.step = trainer.step
             store.add_events(job_id, [{"type": "message", "message": f"resumed from step {trainer.step}",
                                        "data": {"resumed_from_step": trainer.step}}])
         report = trainer.fit()
-        callback.flush(trainer.step)
+        callback.sync(trainer.step)
         if callback.lost_lease:
             log.warning("job %s: lease lost, stopping without writing", job_id)
             return "skipped"
         if trainer.stopped_early:
             save_resume_checkpoint(trainer, store, artifacts, job_id)
             if callback.shutdown and not callback.cancel:
-                store.requeue(job_id, token, f"worker shutting down at step {trainer.step}; will resume")
+                why = "worker process stopped (SIGTERM)" if callback.stop_requested.is_set() else \
+                    "worker shutting down"
+                store.requeue(job_id, token, f"{why} at step {trainer.step}; will resume")
                 return "requeued"
             store.finish(job_id, token, "cancelled", f"cancelled at step {trainer.step}")
             return "cancelled"
@@ -143,3 +173,5 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None) -> s
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         store.finish(job_id, token, "failed", message, error_code=code)
         return "failed"
+    finally:
+        callback.heartbeat.stop()

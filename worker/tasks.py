@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import rigl_core.trainer  # noqa: F401 - preload torch in the parent so each fresh child starts fast
 from celery.signals import worker_shutting_down
 
@@ -10,13 +13,26 @@ from worker.app import app
 
 @app.task(name="rigl.train", acks_late=True, reject_on_worker_lost=True)
 def train(job_id: str) -> str:
+    """SIGTERM to this pool process (Celery cancels running tasks when it loses the broker; an
+    operator's `kill`) asks the job to checkpoint and requeue at the next step. Billiard's default
+    handler raised SystemExit wherever the process was, even inside a database call, and a job
+    interrupted there was marked failed."""
+    from store.dispatch import dispatch
+    from store.jobs import JobStore
     from store.settings import get_settings
     from worker.runner import run_job
 
-    outcome = run_job(job_id, get_settings())
-    if outcome == "requeued":  # preempted by a shutdown: checkpointed; send it to the next worker
-        train.apply_async(args=[job_id], queue=get_settings().queue)
-    return outcome
+    stop_requested = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
+    try:
+        settings = get_settings()
+        store = JobStore(settings.database_url)
+        outcome = run_job(job_id, settings, store, stop_requested=stop_requested)
+        if outcome == "requeued":  # checkpointed; send it to the next worker (or leave it to the reaper)
+            dispatch(store, lambda job: train.apply_async(args=[job], queue=settings.queue), job_id)
+        return outcome
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @worker_shutting_down.connect

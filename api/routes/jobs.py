@@ -15,6 +15,7 @@ from api.errors import ApiError
 from api.schemas import checkpoint_json, event_json, job_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
+from store.dispatch import dispatch
 from store.jobs import TERMINAL, IdempotencyConflict
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -50,7 +51,8 @@ def create_job(spec: JobSpec, response: Response, ctx: Context = Depends(get_con
                                    idempotency=(idempotency_key, digest) if idempotency_key else None)
     except IdempotencyConflict:
         return _replay(ctx, idempotency_key, digest, response)
-    ctx.enqueue(job.id)
+    if not dispatch(ctx.store, ctx.enqueue, job.id):  # stored and accepted; the reaper sends it later
+        job = ctx.store.get_job(job.id)
     return job_json(job)
 
 
