@@ -44,6 +44,19 @@ def _line(ax, xs, ys, color, label) -> None:
             markersize=3.5)
 
 
+def _lines(ax, series: list[tuple], empty: str) -> bool:
+    """Draw each (steps, values, colour, label) that has points, or say `empty` when none has."""
+    drawn = [line for line in series if line[1]]
+    if not drawn:
+        _no_data(ax, empty)
+        return False
+    for steps, values, color, label in drawn:
+        _line(ax, steps, values, color, label)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    return True
+
+
 def _loss(ax, data: dict) -> None:
     ax.set_title("(a) loss", loc="left")
     steps, loss = _values(data["train"], "loss")
@@ -52,15 +65,8 @@ def _loss(ax, data: dict) -> None:
         steps, loss = _values(data["eval"], "train_loss")
         label = "training loss (epoch mean)"
     val_steps, val_loss = _values(data["eval"], "val_loss")
-    if not loss and not val_loss:
-        _no_data(ax, "no loss logged yet")
-        return
-    if loss:
-        _line(ax, steps, loss, TRAIN_COLOR, label)
-    if val_loss:
-        _line(ax, val_steps, val_loss, VAL_COLOR, "validation loss")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    _lines(ax, [(steps, loss, TRAIN_COLOR, label), (val_steps, val_loss, VAL_COLOR, "validation loss")],
+           "no loss logged yet")
 
 
 def _accuracy(ax, data: dict) -> None:
@@ -122,16 +128,9 @@ def _updates(ax, data: dict) -> None:
     ax.set_title("(d) drop fraction and mask churn per update", loc="left")
     steps, drop = _values(data["mask_updates"], "drop_fraction")
     churn_steps, churn = _values(data["mask_updates"], "churn")
-    if not drop and not churn:
-        _no_data(ax, _no_updates(data))
-        return
-    if drop:
-        _line(ax, steps, drop, DROP_COLOR, "drop fraction")
-    if churn:
-        _line(ax, churn_steps, churn, CHURN_COLOR, "churn (new weights / active)")
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    if _lines(ax, [(steps, drop, DROP_COLOR, "drop fraction"),
+                   (churn_steps, churn, CHURN_COLOR, "churn (new weights / active)")], _no_updates(data)):
+        ax.set_ylim(bottom=0)
 
 
 def _exploration(ax, data: dict) -> None:
