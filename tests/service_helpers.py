@@ -21,6 +21,14 @@ JOB = {"model": {"name": "mlp"}, "dataset": {"name": "digits"},
        "training": {"epochs": 2, "batch_size": 64}}
 
 
+def job_history(api, job_id: str) -> tuple[list[str], list[int], list[dict]]:
+    """(its status sequence, the steps it resumed from, all its events), from a job's event log."""
+    events = api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
+    return statuses, resumed, events
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

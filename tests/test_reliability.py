@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from service_helpers import (JOB, REDIS, ROOT, cleanup_redis_queue, postgres_available, redis_available,
-                            temporary_postgres_database, wait_for)
+from service_helpers import (JOB, REDIS, ROOT, cleanup_redis_queue, job_history, postgres_available,
+                             redis_available, temporary_postgres_database, wait_for)
 from store.settings import Settings
 
 pytestmark = [
@@ -104,12 +104,10 @@ def test_kill_workers_nothing_lost_nothing_twice_resume_exact(tmp_path):
                                                                               for j in finals]
                 resumed_steps, duplicated = [], 0
                 for job in finals:
-                    events = api.get(f"/v1/jobs/{job['id']}/events?limit=1000").json()["data"]
-                    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+                    statuses, resumed, _ = job_history(api, job["id"])
                     runs, requeues = statuses.count("running"), statuses.count("requeued")
                     duplicated += runs - requeues - 1  # every extra run must follow a requeue
-                    resumed_steps += [e["data"]["resumed_from_step"] for e in events
-                                      if e["type"] == "message" and "resumed_from_step" in (e["data"] or {})]
+                    resumed_steps += resumed
                     assert abs(job["result"]["sparsity"] - 0.9) < 0.002
                     assert job["result"]["steps"] == job["progress"]["total_steps"]
                 assert duplicated == 0
@@ -144,11 +142,6 @@ def _api(tmp_path, database_url, broker, queue):
     return TestClient(create_app(settings))
 
 
-def _statuses(api, job_id):
-    events = api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
-    return [e["data"]["status"] for e in events if e["type"] == "status"], events
-
-
 def test_sigterm_checkpoints_requeues_and_the_next_worker_resumes(tmp_path):
     queue = f"rigl-term-{uuid.uuid4().hex[:8]}"
     with temporary_postgres_database() as database_url:
@@ -162,14 +155,13 @@ def test_sigterm_checkpoints_requeues_and_the_next_worker_resumes(tmp_path):
                          what="training")
                 first.send_signal(signal.SIGTERM)  # warm shutdown of the worker's main process
                 first.wait(timeout=60)
-                statuses, _ = _statuses(api, job["id"])
+                statuses, _, _ = job_history(api, job["id"])
                 assert statuses[-1] == "requeued"
                 second = start_worker_group(env, tmp_path / "w2.log")
                 final = wait_for(lambda: (lambda j: j if j["status"] == "succeeded" else None)(
                     api.get(f"/v1/jobs/{job['id']}").json()), 120, what="resume")
-                statuses, events = _statuses(api, job["id"])
+                statuses, resumed, _ = job_history(api, job["id"])
                 assert statuses == ["queued", "running", "requeued", "running", "succeeded"]
-                resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
                 assert resumed and resumed[0] > 60
                 assert final["attempt"] == 2
                 print(f"\nreliability: sigterm: 1 job, 1 worker stopped with SIGTERM, requeued at step >{60}, "
@@ -201,10 +193,9 @@ def test_sigterm_to_the_training_process_checkpoints_instead_of_failing(tmp_path
                 final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
                     api.get(f"/v1/jobs/{job_id}").json()), 180, what="the job")
                 assert final["status"] == "succeeded", final
-                statuses, events = _statuses(api, job_id)
+                statuses, resumed, events = job_history(api, job_id)
                 assert statuses == ["queued", "running", "requeued", "running", "succeeded"]
                 assert any("SIGTERM" in e["message"] for e in events if e["type"] == "status")
-                resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
                 assert resumed and resumed[0] > 60
                 assert worker.poll() is None  # the worker's main process carried on
                 print(f"\nreliability: sigterm-child: 3 SIGTERMs to the training process at step >60, requeued, "
@@ -226,7 +217,7 @@ def test_poison_job_fails_after_the_attempt_cap(tmp_path):
                     api.get(f"/v1/jobs/{job['id']}").json()), 120, what="the attempt cap")
                 assert final["status"] == "failed" and final["error"]["code"] == "too_many_attempts"
                 assert final["attempt"] == 3
-                statuses, _ = _statuses(api, job["id"])
+                statuses, _, _ = job_history(api, job["id"])
                 assert statuses.count("running") == 3 and statuses[-1] == "failed"
                 assert worker.poll() is None  # the worker survived its children dying
                 print("\nreliability: poison: 1 job killing its worker process every attempt, ended failed after "
@@ -295,11 +286,10 @@ def test_redis_restart_with_queued_and_running_jobs(tmp_path):
                     api.get(f"/v1/jobs/{running}").json()), 240, what="the running job")
                 assert final["status"] == "succeeded", final
                 for job_id in [*queued, running]:
-                    statuses, _ = _statuses(api, job_id)
+                    statuses, _, _ = job_history(api, job_id)
                     assert statuses.count("running") == statuses.count("requeued") + 1  # never two at once
                     assert statuses.count("succeeded") == 1
-                _, events = _statuses(api, running)
-                resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})]
+                _, resumed, _ = job_history(api, running)
                 assert resumed and resumed[0] > 0, resumed  # Celery cancelled it; it checkpointed, not failed
                 print("\nreliability: redis: 1 job submitted with Redis down (201, sent by the reaper later), "
                       f"2 Redis restarts (5 jobs queued, 1 running: resumed from step {resumed[0]}), "

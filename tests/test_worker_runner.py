@@ -9,7 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service_helpers import JOB
+from service_helpers import JOB, job_history
 from store.settings import Settings
 
 
@@ -22,11 +22,6 @@ def service(tmp_path):
     settings = Settings(data_dir=tmp_path, cancel_poll_seconds=0.2, lease_seconds=1.0).resolved()
     with TestClient(create_app(settings, enqueue=sent.append, reaper=False)) as client:
         yield client, settings, sent
-
-
-def _statuses(api, job_id):
-    events = api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
-    return [e["data"]["status"] for e in events if e["type"] == "status"], events
 
 
 def test_the_heartbeat_thread_keeps_the_lease_while_the_training_loop_is_silent(service):
@@ -65,10 +60,10 @@ def test_a_stop_request_checkpoints_requeues_and_the_next_run_resumes(service):
     assert [c["kind"] for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]] == ["resume"]
 
     assert run_job(job_id, settings) == "succeeded"
-    statuses, events = _statuses(api, job_id)
+    statuses, resumed, events = job_history(api, job_id)
     assert statuses == ["queued", "running", "requeued", "running", "succeeded"]
     assert any("SIGTERM" in e["message"] for e in events if e["type"] == "status")
-    assert [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in (e["data"] or {})] == [1]
+    assert resumed == [1]
 
 
 def test_a_job_whose_message_could_not_be_sent_waits_visibly_and_the_reaper_sends_it(tmp_path):
