@@ -44,5 +44,5 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
-        if self.is_alive() and threading.current_thread() is not self:
+        if self.is_alive():
             self.join(timeout=self.interval + 10)
