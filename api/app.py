@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 
 from api import dashboard, errors
 from api.context import Context, celery_enqueue
+from api.janitor import Janitor
 from api.limits import BodyLimit
+from api.origin_guard import OriginGuard, split_list
 from api.reaper import Reaper
 from api.routes import jobs, resources
 from store.artifacts import Artifacts
@@ -24,13 +26,18 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
                       enqueue=enqueue or celery_enqueue(settings))
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        sweeper = None
+        context.artifacts.remove_orphan_uploads(settings.orphan_upload_seconds)  # left by a crash mid-upload
+        sweeper = janitor = None
         if reaper:
             sweeper = Reaper(store, context.enqueue, settings.lease_seconds, settings.reaper_interval_seconds)
             sweeper.start()
+            janitor = Janitor(store, context.artifacts, settings.cleanup_interval_seconds, settings.retention_days)
+            janitor.start()
         yield
         if sweeper is not None:
             sweeper.stop()
+        if janitor is not None:
+            janitor.stop()
 
     app = FastAPI(title="RigL Service", version="0.1.0", lifespan=lifespan,
                   description="Train sparse networks with RigL: submit jobs, watch them, download sparse checkpoints.")
@@ -41,7 +48,9 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
+        """Liveness: answered on the event loop, touching neither the database nor the threadpool, so it
+        stays fast while requests wait on a locked table (every route that blocks is a plain `def`)."""
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"])
@@ -53,4 +62,6 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
         return {"status": "ok", "database": "ok"}
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(("POST", "/v1/datasets"),))
+    app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # outermost: Host, cross-site
+                       allowed_origins=split_list(settings.allowed_origins))
     return app

@@ -1,9 +1,12 @@
 """The reaper: finds jobs whose worker died (stale heartbeat), requeues and re-enqueues them.
 
 A killed worker never acks its message, and Redis would only redeliver it after the visibility
-timeout (days), so the database lease is what brings such a job back within a minute. The attempt
-cap in `JobStore.claim` ends a job that keeps killing its worker. It also sends the messages that
-could not be sent while the broker was down (store/dispatch.py).
+timeout (days), so the database lease is what brings such a job back within a minute. Staleness is
+judged by the database's clock, the one heartbeats are stamped with, so a worker whose clock is off
+is neither reaped while alive nor kept alive when dead. A run found this way counts as a failed
+attempt (a clean SIGTERM requeue does not), and the attempt cap in `JobStore.claim` ends a job that
+keeps killing its worker. It also sends the messages that could not be sent while the broker was
+down (store/dispatch.py).
 """
 
 from __future__ import annotations

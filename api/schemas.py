@@ -9,7 +9,8 @@ def iso(value):
     return value.isoformat() if value is not None else None
 
 
-def job_json(job: Job) -> dict:
+def job_json(job: Job, admin: bool = False) -> dict:
+    """`admin`: show `worker` (the holder's host:pid), which is infrastructure detail, not the owner's."""
     total = job.total_steps or 0
     return {
         "id": job.id,
@@ -19,7 +20,7 @@ def job_json(job: Job) -> dict:
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "attempt": job.attempt,
-        "worker": job.worker,
+        "worker": job.worker if admin else None,
         "progress": {"step": job.step, "total_steps": total, "fraction": (job.step / total) if total else 0.0},
         "metrics": job.metrics,
         "result": job.result,

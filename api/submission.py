@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-from pathlib import PurePosixPath
 
-from rigl_core.datasets.describe import describe
 from rigl_core.models import build_model, check_model
 from rigl_core.plan import make_plan
 from rigl_core.schedules import resolve_t_end
@@ -21,7 +18,9 @@ from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings
 
+from api.costs import check_costs
 from api.errors import ApiError, from_value_error
+from api.server_datasets import resolve_server_dataset
 
 
 def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Settings, owner: str | None
@@ -48,31 +47,23 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         input_shape, num_classes = list(record.input_shape), record.num_classes
         num_train = record.num_samples if record.num_val else record.num_samples - max(
             1, int(round(record.num_samples * spec.dataset.val_fraction)))
-    else:
-        if dataset["name"] in ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"):
-            dataset["data_dir"] = str(settings.datasets_dir)
-        if dataset["name"] == "imagefolder":
-            path = PurePosixPath(dataset["path"])
-            if path.is_absolute() or ".." in path.parts:
-                raise ApiError(422, "invalid_job", "must be a folder inside the datasets directory", "dataset.path")
-        shape = describe(spec.dataset)
-        input_shape, num_classes, num_train = shape.input_shape, shape.num_classes, shape.num_train
+    else:  # the datasets directory is their implicit data_dir; an imagefolder path is resolved and confined
+        input_shape, num_classes, num_train = resolve_server_dataset(spec.dataset, dataset, settings)
     resolved = JobSpec.model_validate(tree)
     num_classes = resolved.model.num_classes or num_classes
     try:
+        flops_per_example = None
         if num_classes is not None:
-            params = _checked_params(json.dumps(tree["model"], sort_keys=True), json.dumps(input_shape), num_classes,
-                                     resolved.sparsity.model_dump_json())
+            params, flops_per_example = _checked_params(json.dumps(tree["model"], sort_keys=True),
+                                                        json.dumps(input_shape), num_classes,
+                                                        resolved.sparsity.model_dump_json())
             if params > settings.max_params:
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
-        total_steps = 0
+        total_steps = check_costs(resolved, settings, num_train, flops_per_example)
         if num_train is not None:
-            total_steps = resolved.training.epochs * math.ceil(num_train / resolved.training.batch_size)
-            if resolved.training.max_steps:
-                total_steps = min(total_steps, resolved.training.max_steps)
             schedule = resolved.sparsity.schedule
             resolve_t_end(total_steps, schedule.t_end, schedule.t_end_steps)
     except ApiError:
@@ -83,9 +74,11 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
 
 
 @functools.lru_cache(maxsize=512)
-def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str) -> int:
+def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str
+                    ) -> tuple[int, float]:
     """Build on the meta device, run one forward and plan the sparsity; cached, since sweeps resubmit
-    the same model many times. Raises ValueError naming the field."""
+    the same model many times. Returns (parameters, training FLOPs per example: the plan's training
+    FLOPs ratio × 3 × dense forward FLOPs). Raises ValueError naming the field."""
     from rigl_core.spec import ModelSpec, SparsitySpec
 
     model = ModelSpec.model_validate_json(model_json)
@@ -93,5 +86,6 @@ def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sp
     meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
                        architecture=model.architecture)
     check_model(meta, input_shape, num_classes)
-    make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json))
-    return sum(p.numel() for p in meta.parameters())
+    plan = make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json))
+    dense_forward = sum(layer.flops_dense for layer in plan.layers)
+    return sum(p.numel() for p in meta.parameters()), 3 * dense_forward * plan.training_flops_ratio()

@@ -35,30 +35,34 @@ class Limits(BaseModel):
     max_kernel: int = 31
 
 
+MAX_SIZE = 1_048_576  # any single count a layer may name (features, channels, sizes, strides): bounded before use
+MAX_POOL_OUTPUT = 1024  # adaptive pooling's output side: 1e9 would build a 1e18-feature flatten
+
+
 class _Layer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str | None = Field(None, pattern=NAME_PATTERN, description="Module name (for include/exclude).")
 
 
 class Linear(_Layer):
     type: Literal["linear"]
-    out_features: int = Field(ge=1)
+    out_features: int = Field(ge=1, le=MAX_SIZE)
     bias: bool = True
 
 
 class _Conv(_Layer):
-    out_channels: int = Field(ge=1)
-    kernel_size: int = Field(ge=1)
+    out_channels: int = Field(ge=1, le=MAX_SIZE)
+    kernel_size: int = Field(ge=1, le=MAX_SIZE)
     stride: int = Field(1, ge=1, le=16)
     padding: int | Literal["same"] = 0
-    groups: int = Field(1, ge=1)
+    groups: int = Field(1, ge=1, le=MAX_SIZE)
     bias: bool = True
 
     @field_validator("padding")
     @classmethod
     def _padding(cls, value):
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be >= 0 or 'same'")
+        if isinstance(value, int) and not 0 <= value <= 1024:
+            raise ValueError("must be an integer in 0..1024 or 'same'")
         return value
 
 
@@ -88,13 +92,13 @@ class Activation(_Layer):
 
 class Pool(_Layer):
     type: Literal["maxpool", "avgpool"]
-    kernel_size: int = Field(ge=1)
-    stride: int | None = Field(None, ge=1)
+    kernel_size: int = Field(ge=1, le=MAX_SIZE)
+    stride: int | None = Field(None, ge=1, le=MAX_SIZE)
 
 
 class AdaptiveAvgPool(_Layer):
     type: Literal["adaptive-avg-pool"]
-    output_size: int = Field(1, ge=1)
+    output_size: int = Field(1, ge=1, le=MAX_POOL_OUTPUT)
 
 
 class Flatten(_Layer):
@@ -125,7 +129,7 @@ Residual.model_rebuild()
 class Architecture(BaseModel):
     """A whole network: the input shape (without batch) and the layers in order."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     input_shape: list[int] = Field(min_length=1, max_length=3, description="C,H,W for conv2d; C,L for conv1d; F.")
     layers: list[LayerSpec] = Field(min_length=1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _add_client_commands(sub) -> None:
     download = sub.add_parser("download", help="download a job's sparse checkpoint")
     download.add_argument("job_id")
     download.add_argument("--format", choices=("dense", "packed"), default="dense")
-    download.add_argument("--out", type=Path, help="file or directory (default: the server's file name)")
+    download.add_argument("--out", type=Path, help="file or directory (default: the server's file name, reduced to a safe base name, here)")
     download.set_defaults(handler=cmd_download)
     jobs = sub.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--status")
@@ -311,6 +312,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     for section in ("model", "dataset"):
         if section not in tree:
             raise UsageError(f"{section}: missing; pass --{section if section == 'model' else 'dataset'} or --config")
+    dataset = tree["dataset"] if isinstance(tree["dataset"], dict) else {}
+    for key in ("data_dir", "path"):  # a local run's own paths: `~` is expanded here, never by the loaders
+        if isinstance(dataset.get(key), str):
+            dataset[key] = os.path.expanduser(dataset[key])
     return JobSpec.model_validate(tree)
 
 

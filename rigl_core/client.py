@@ -7,7 +7,10 @@
     job.download(format="dense", path="model.safetensors")
 
 Connection errors and 502/503/504 are retried with exponential backoff; every other error raises
-a typed RiglError carrying the server's code, message and field.
+a typed RiglError carrying the server's code, message and field. `submit()` sends an
+Idempotency-Key (one per call, the same on its retries), so a POST that reached the server before
+a proxy answered 504 is not turned into a second job. `download()` never lets the server choose
+where a file goes: the caller's path, or a sanitised base name in the current directory.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import hashlib
 import json
 import os
 import time
+import unicodedata
+import uuid
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -133,16 +139,18 @@ class Client:
         self.close()
 
     # ------------------------------------------------------------------ transport
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, retry: bool = True, **kwargs) -> httpx.Response:
+        """`retry=False`: a request that must not be repeated once sent is retried only when the
+        connection could not be opened."""
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 response = self.http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError) as exc:
-                if attempt == self.retries:
+                if attempt == self.retries or not (retry or isinstance(exc, httpx.ConnectError)):
                     raise Unavailable(f"cannot reach {self.base_url}: {exc}") from None
             else:
-                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                if response.status_code not in RETRY_STATUS or attempt == self.retries or not retry:
                     if response.status_code >= 400:
                         raise _error_for(response)
                     return response
@@ -152,9 +160,12 @@ class Client:
 
     # ------------------------------------------------------------------ jobs
     def submit(self, spec: Any, idempotency_key: str | None = None) -> Job:
-        """`spec`: a dict, a rigl_core JobSpec, or a path to a .json/.yaml JobSpec file."""
+        """`spec`: a dict, a rigl_core JobSpec, or a path to a .json/.yaml JobSpec file.
+
+        Retried POSTs carry one Idempotency-Key (a new uuid4 per call unless given), so the server
+        answers a retry of a POST it already accepted with that same job."""
         body = _spec_body(spec)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        headers = {"Idempotency-Key": idempotency_key or f"rigl-client-{uuid.uuid4()}"}
         return Job(self, self._request("POST", "/v1/jobs", json=body, headers=headers).json())
 
     def get(self, job_id: str) -> Job:
@@ -239,10 +250,13 @@ class Client:
                 time.sleep(min(self.backoff * 2 ** failures, 10.0))
 
     def download(self, job_id: str, format: str = "dense", path: str | os.PathLike | None = None) -> Path:
-        """Save the checkpoint; the content hash is checked against the server's."""
+        """Save the checkpoint to `path` (a file, or a folder), else into the current directory; the
+        content hash is checked against the server's. The server's file name is only a suggestion:
+        reduced to a plain base name (no folders, no leading dot, no control characters, ending in
+        .safetensors), else `<job_id>-<format>.safetensors`."""
         response = self._request("GET", f"/v1/jobs/{job_id}/checkpoint", params={"format": format})
-        disposition = response.headers.get("content-disposition", "")
-        name = disposition.split("filename=")[-1].strip('"') if "filename=" in disposition else f"{job_id}.safetensors"
+        name = (safe_filename(_disposition_filename(response.headers.get("content-disposition", "")))
+                or safe_filename(f"{job_id}-{format}.safetensors") or f"checkpoint-{format}.safetensors")
         target = Path(path) if path is not None else Path(name)
         if target.is_dir():
             target = target / name
@@ -252,6 +266,15 @@ class Client:
         target.write_bytes(response.content)
         return target
 
+    def upload_dataset(self, path: str | os.PathLike, name: str | None = None, format: str | None = None) -> dict:
+        """Upload a .npz or .safetensors file (x, y, optionally x_val, y_val) as the raw body, sent as
+        application/octet-stream; returns the dataset object. Use it as
+        `"dataset": {"name": "tensors", "path": dataset["id"]}`. Not retried once sent."""
+        path = Path(path)
+        params = {"name": name or path.stem, "format": format or path.suffix.lstrip(".") or "npz"}
+        return self._request("POST", "/v1/datasets", retry=False, params=params, content=path.read_bytes(),
+                             headers={"Content-Type": "application/octet-stream"}).json()
+
     def report(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}/sparsity").json()
 
@@ -260,6 +283,31 @@ class Client:
 
     def plan(self, model: dict, sparsity: dict | None = None, **extra) -> dict:
         return self._request("POST", "/v1/plan", json={"model": model, "sparsity": sparsity or {}, **extra}).json()
+
+
+def _disposition_filename(disposition: str) -> str | None:
+    """The file name of a Content-Disposition header (`filename*=UTF-8''…` included), unsanitised."""
+    if not disposition:
+        return None
+    message = Message()
+    message["content-disposition"] = disposition
+    try:
+        return message.get_filename()
+    except (ValueError, LookupError):
+        return None
+
+
+def safe_filename(name: str | None) -> str | None:
+    """A server-suggested name reduced to a base name that stays in its folder, or None: no path
+    parts (either slash), not '.', '..', empty or hidden, no control or format characters (bidi
+    overrides), at most 200 characters, ending in .safetensors (never a .bashrc or a script)."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").split("/")[-1].strip()
+    if (not base or base.startswith(".") or len(base) > 200 or not base.endswith(".safetensors")
+            or any(unicodedata.category(c).startswith("C") for c in base)):
+        return None
+    return base
 
 
 def _spec_body(spec: Any) -> dict:

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rigl_core.architecture import Architecture
 
 MAX_DIM = 65_536  # largest single dimension (width, channels, spatial size) a spec may name
+MAX_SEED = 2**32 - 1  # seeds are 32-bit everywhere (numpy, torch's generators): larger ones overflow later
+MAX_STEPS = 2**31 - 1  # steps are stored as 32-bit integers (PostgreSQL INTEGER)
+MAX_LIST = 256  # entries of a list or mapping field (patterns, milestones, per-layer densities)
 MAX_SYNTHETIC_VALUES = 200_000_000  # synthetic datasets: samples × values per sample
 UPLOADED_ARCHITECTURE = re.compile(r"^arch_[0-9a-f]{20}$")
 METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
@@ -22,7 +25,8 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinity/NaN are refused in every float field: they are not JSON, and break storage and training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -93,14 +97,15 @@ class DatasetSpec(_Strict):
     path: str | None = Field(None, description="imagefolder: the folder; tensors: the .npz/.safetensors file.")
     download: bool = Field(False, description="mnist/fashion-mnist/cifar: fetch into data_dir if missing.")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out when there is no validation set.")
-    split_seed: int = Field(0, description="Seed of the fixed train/validation split.")
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the fixed train/validation split.")
     normalize: bool = Field(True, description="tensors: standardise per channel with training-set statistics.")
     augment: Literal["auto", "none", "crop-flip"] = Field(
         "auto", description="auto: random crop + flip for cifar, none otherwise."
     )
     image_size: int = Field(32, ge=8, le=512, description="imagefolder: images are resized to this square size.")
-    max_samples: int = Field(200_000, ge=1, description="imagefolder: refuse folders with more images.")
-    max_bytes: int = Field(2 * 1024**3, ge=1, description="tensors: refuse larger files.")
+    max_samples: int = Field(200_000, ge=1, le=100_000_000,
+                             description="imagefolder: refuse folders with more images.")
+    max_bytes: int = Field(2 * 1024**3, ge=1, le=2**40, description="tensors: refuse larger files.")
     num_samples: int = Field(2048, ge=16, le=5_000_000, description="synthetic: total samples.")
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic: number of classes.")
     input_shape: list[int] = Field(
@@ -121,8 +126,8 @@ class DatasetSpec(_Strict):
 
         if self.name == "synthetic" and self.num_samples * math.prod(self.input_shape) > MAX_SYNTHETIC_VALUES:
             raise ValueError(f"num_samples × input_shape exceeds {MAX_SYNTHETIC_VALUES:,} values")
-        if self.name in ("mnist", "fashion-mnist", "cifar10", "cifar100") and self.data_dir is None:
-            raise ValueError(f"data_dir is required for {self.name!r}")
+        # mnist/cifar need no data_dir here: the service supplies its datasets directory, and the CLI's
+        # loader says "dataset.data_dir: required" when a local run leaves it out.
         if self.name in ("imagefolder", "tensors") and self.path is None:
             raise ValueError(f"path is required for {self.name!r}")
         return self
@@ -131,9 +136,9 @@ class DatasetSpec(_Strict):
 class ScheduleSpec(_Strict):
     """When masks change and by how much (paper §3(2))."""
 
-    delta_t: int = Field(100, ge=1, description="ΔT: steps between mask updates.")
+    delta_t: int = Field(100, ge=1, le=MAX_STEPS, description="ΔT: steps between mask updates.")
     t_end: float = Field(0.75, gt=0.0, le=1.0, description="T_end as a fraction of total training steps.")
-    t_end_steps: int | None = Field(None, ge=1, description="T_end in steps; overrides t_end when set.")
+    t_end_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="T_end in steps; overrides t_end when set.")
     alpha: float = Field(0.3, gt=0.0, le=1.0, description="Initial drop fraction α.")
     decay: Literal["cosine", "constant", "linear"] = Field("cosine", description="Drop-fraction decay.")
     grad_accumulation_n: int = Field(
@@ -155,11 +160,14 @@ class SparsitySpec(_Strict):
     )
     dense_depthwise: bool = Field(True, description="Keep depthwise convolutions dense (as the paper's MobileNets).")
     include: list[str] = Field(
-        default_factory=list, description="Glob patterns of module names to mask (default: every conv and linear)."
+        default_factory=list, max_length=MAX_LIST,
+        description="Glob patterns of module names to mask (default: every conv and linear).",
     )
-    exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names never masked.")
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_LIST,
+                               description="Glob patterns of module names never masked.")
     layer_density: dict[str, float] = Field(
-        default_factory=dict, description="Explicit density per module name; such layers are outside the budget."
+        default_factory=dict, max_length=MAX_LIST,
+        description="Explicit density per module name; such layers are outside the budget.",
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
 
@@ -176,7 +184,8 @@ class TrainingSpec(_Strict):
     """Optimisation settings."""
 
     epochs: int = Field(10, ge=1, le=100_000)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs' length).")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                  description="Stop after this many steps (overrides epochs' length).")
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: Literal["sgd", "nesterov", "adam", "adamw"] = Field("sgd")
     lr: float = Field(0.1, gt=0.0, le=100.0)
@@ -185,15 +194,16 @@ class TrainingSpec(_Strict):
     weight_decay_kernels_only: bool = Field(True, description="Decay conv/linear kernels only, not biases or norms.")
     lr_schedule: Literal["constant", "step", "cosine"] = Field("cosine")
     milestones: list[float] = Field(
-        default_factory=lambda: [0.3, 0.6, 0.9], description="step schedule: fractions of training."
+        default_factory=lambda: [0.3, 0.6, 0.9], max_length=MAX_LIST,
+        description="step schedule: fractions of training.",
     )
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: LR factor at each milestone.")
-    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear LR warm-up length in epochs.")
+    warmup_epochs: float = Field(0.0, ge=0.0, le=100_000, description="Linear LR warm-up length in epochs.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    seed: int = Field(0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    eval_every_epochs: int = Field(1, ge=1)
-    log_every_steps: int = Field(10, ge=1)
+    eval_every_epochs: int = Field(1, ge=1, le=100_000)
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
 
     @field_validator("device")
     @classmethod

@@ -8,6 +8,7 @@ holds model, optimizer, masks, method state, counters and RNG states.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -275,12 +276,26 @@ class Trainer:
         return state
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Atomic write: a crash mid-save never leaves a truncated checkpoint."""
+        """Atomic write: a crash mid-save never leaves a truncated checkpoint, and a failed write (a
+        full disk) leaves no temp file behind. The temp name is `path` + ".tmp": callers that may race
+        (two holders of one job) give each writer its own `path`. A full disk raises NoSpaceError.
+
+        torch.save writes through a Python file object: given a path, its C++ writer reports a full
+        disk as an opaque RuntimeError; through `write()` it is OSError(ENOSPC)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.checkpoint_state(), tmp)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(self.checkpoint_state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if _is_no_space(exc):
+                raise NoSpaceError(f"no space left on the device while writing the checkpoint {path.name}") from exc
+            raise
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -305,6 +320,24 @@ class Trainer:
         _set_numpy_state(rng["numpy"])
         version, internal, gauss = json.loads(rng["python"])
         random.setstate((version, tuple(internal), gauss))
+
+
+class NoSpaceError(OSError):
+    """The disk filled up while writing a checkpoint (the partial file has been removed)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _is_no_space(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _numpy_state() -> dict:

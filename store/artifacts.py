@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import time
 from pathlib import Path
 
 ID_PATTERN = re.compile(r"^[a-z]+_[0-9a-f]{20}$")
+
+
+def issued_id(value: str) -> bool:
+    """Shaped like an id this server hands out. Anything else can't exist, and is refused before it reaches
+    the database (PostgreSQL raises on a NUL byte in a text value: a 500)."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
 class Artifacts:
@@ -25,6 +33,32 @@ class Artifacts:
         path = self._inside(self.root / "jobs" / job_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def remove_job_dir(self, job_id: str) -> None:
+        """Delete a job's artifact directory and everything in it (symlinks are removed, not followed)."""
+        if not ID_PATTERN.match(job_id):
+            raise ValueError(f"bad job id {job_id!r}")
+        path = self.root / "jobs" / job_id
+        if path.is_symlink():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def remove_orphan_uploads(self, older_than_seconds: float) -> int:
+        """Remove `.upload-*` temp files an interrupted upload left behind (a crash or kill mid-upload);
+        only those older than `older_than_seconds`, so an upload in progress is never hit."""
+        folder = self.root / "datasets"
+        if not folder.is_dir():
+            return 0
+        cutoff, removed = time.time() - older_than_seconds, 0
+        for path in folder.glob(".upload-*"):
+            try:
+                if (path.is_symlink() or path.is_file()) and path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def job_file(self, job_id: str, filename: str) -> Path:
         if "/" in filename or "\\" in filename or filename.startswith("."):

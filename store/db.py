@@ -6,7 +6,7 @@ import datetime as dt
 import time
 import uuid
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -14,6 +14,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def db_now(session) -> dt.datetime:
+    """The database's clock (aware UTC): leases are written and judged by one clock, whatever the
+    clocks of the API and worker machines say. PostgreSQL's clock_timestamp(); SQLite's 'now' (its
+    clock is the machine's, which the API and worker of an embedded setup share)."""
+    if session.get_bind().dialect.name == "sqlite":
+        value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.timezone.utc)
+    value = session.execute(text("SELECT clock_timestamp()")).scalar_one()
+    return value.astimezone(dt.timezone.utc)
 
 
 def new_id(prefix: str) -> str:
@@ -38,7 +49,10 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # runs started, resumptions included
+    # runs that ended in a clean checkpoint-and-requeue (SIGTERM, warm shutdown): they don't count
+    # against max_attempts; a run that died without one (found by the reaper) does
+    preemptions: Mapped[int] = mapped_column(Integer, default=0)
     lease_token: Mapped[str | None] = mapped_column(String(40), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the current holder
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -132,6 +146,28 @@ class IdempotencyRecord(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class OwnerLock(Base):
+    """One row per owner, written first in any transaction that must see the owner's jobs exactly
+    (the active-job cap, deleting an upload): the row lock on PostgreSQL, the write lock on SQLite,
+    serialises them, so count-then-insert can't overshoot."""
+
+    __tablename__ = "owner_locks"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    touched_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PendingDeletion(Base):
+    """`DELETE /v1/jobs/{id}` of a job that is still running: it is cancelled, and its rows and files
+    are removed by the API's cleanup sweep once it has stopped. Also written before any purge, so an
+    interrupted purge is finished by the next sweep."""
+
+    __tablename__ = "pending_deletions"
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def make_engine(url: str) -> Engine:
     """SQLite gets WAL and a busy timeout so the API and the worker process can share it."""
     if url.startswith("sqlite"):
@@ -145,7 +181,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # connect_timeout: a worker whose database is unreachable fails fast and retries (worker/retry.py)
+        # instead of hanging in connect()
+        connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
     for attempt in range(5):  # the API and workers may start together and race to create the tables
         try:
             Base.metadata.create_all(engine)

@@ -26,16 +26,58 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have.")
     max_body_bytes: int = Field(1024 * 1024, description="JSON request body cap (bytes received).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Dataset upload cap.")
+    max_upload_inflated_bytes: int = Field(2 * 1024**3, ge=1, description="Most bytes an upload's arrays may "
+                                           "declare once inflated (checked from its headers before reading).")
+    max_upload_compression_ratio: float = Field(100.0, ge=1, description="An .npz member over 1 MiB that inflates "
+                                                "more than this many-fold is refused as a decompression bomb.")
+    max_imagefolder_images: int = Field(200_000, ge=1, description="imagefolder: most images a job's folder "
+                                        "may hold (counted at submit time).")
+    max_imagefolder_bytes: int = Field(8 * 1024**3, ge=1, description="imagefolder: most bytes its decoded "
+                                       "images may take (images × 3 × image_size²).")
     max_params: int = Field(100_000_000, description="Largest model a job may train.")
     max_epochs: int = Field(10_000)
+    max_total_steps: int = Field(10_000_000, ge=1, le=2**31 - 1,
+                                 description="Most optimizer steps one job may take (epochs × steps per epoch).")
+    max_training_flops: float = Field(1e19, gt=0, description="Most estimated training FLOPs one job may cost "
+                                      "(plan's training FLOPs per example × examples seen).")
+    max_synthetic_values: int = Field(200_000_000, ge=1, le=200_000_000, description="synthetic datasets: most "
+                                      "samples × values per sample (at most rigl_core's own ceiling).")
+    retention_days: float | None = Field(None, gt=0, description="Finished jobs older than this are deleted "
+                                         "with their artifacts by the API's cleanup sweep; None: kept.")
+    cleanup_interval_seconds: float = Field(60, gt=0, description="How often the API's cleanup sweep runs "
+                                            "(pending deletions, resume checkpoints of finished jobs, retention).")
+    orphan_upload_seconds: float = Field(600, ge=0, description="`.upload-*` temp files older than this are "
+                                         "removed at API startup (an upload in progress is younger).")
     checkpoint_every_steps: int = Field(200, ge=1)
     checkpoint_min_seconds: float = Field(30.0, ge=0, description="…and at least this long since the last one.")
     event_every_steps: int = Field(20, ge=1)
+    max_metrics_events: int = Field(2000, ge=10, description="Most `metrics` events one job writes: long jobs "
+                                    "emit every max(event_every_steps, total_steps / this) steps.")
+    max_metric_points: int = Field(2000, ge=10, description="Most points per series GET …/metrics returns "
+                                   "(thinned evenly, first and last kept); ?max_points lowers it.")
+    max_streams_per_owner: int = Field(50, ge=1, description="Open event streams one owner may hold per API "
+                                       "process; past it a new stream gets 429.")
+    stream_keepalive_seconds: float = Field(15, gt=0, description="An idle event stream sends a comment line "
+                                            "this often (proxies close silent connections).")
+    stream_idle_seconds: float = Field(600, gt=0, description="An event stream that delivered no event for this "
+                                       "long closes (the client reconnects with Last-Event-ID).")
+    stream_poll_seconds: float = Field(0.5, gt=0, description="How often the API reads new events of a "
+                                       "streamed job: one query per job per interval, however many streams.")
     cancel_poll_seconds: float = Field(1.0, gt=0)
     lease_seconds: float = Field(120, gt=0, description="A running job whose heartbeat is older is requeued.")
     reaper_interval_seconds: float = Field(15, gt=0, description="How often the API looks for lost jobs.")
     job_time_limit_seconds: int = Field(3 * 24 * 3600)
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(3, ge=1, description="Failed runs (lost workers) before a job fails; clean "
+                              "preemptions (SIGTERM, warm shutdown: checkpoint and requeue) don't count.")
+    time_limit_grace_seconds: int = Field(300, ge=1, description="A run checkpoints and ends `time_limit` this "
+                                          "long before job_time_limit_seconds; Celery's soft limit is at half of it.")
+    db_retry_seconds: float = Field(600, ge=0, description="How long a worker retries a database write that "
+                                    "fails for a transient reason (outage, restart) before giving up.")
+    allowed_hosts: str | None = Field(None, description="Comma-separated Host names the API answers ('*': any); "
+                                      "IP literals always. Default in `rigl serve` with keys off: loopback names + "
+                                      "--host; with keys on: any.")
+    allowed_origins: str = Field("", description="Comma-separated extra origins (https://host[:port]) that may "
+                                 "send POST/PUT/PATCH/DELETE from a browser, besides the API's own.")
     fault_kill_at_step: int | None = Field(None, description="Tests only: the worker SIGKILLs itself at this step.")
 
     def resolved(self) -> "Settings":

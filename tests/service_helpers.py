@@ -106,11 +106,25 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None, what: str = "the API") -> None:
+    """Wait until `url`/readyz answers 200; fail at once if `process` (the server) has exited."""
+    import httpx
+
+    def ready() -> bool:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout, what=what)
+
+
 @contextmanager
 def embedded_service(data_dir: Path, log_path: Path | None = None, **env):
     """`rigl serve` (API + one worker, SQLite and the filesystem broker under `data_dir`) on a free
     port, with none of the caller's RIGL_* settings but `env`; yields its URL once /readyz answers."""
-    import httpx
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
     environ.update(RIGL_DATA_DIR=str(data_dir), **env)
@@ -119,15 +133,8 @@ def embedded_service(data_dir: Path, log_path: Path | None = None, **env):
     process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port)], env=environ,
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(ready, 90, what="rigl serve")
+        wait_ready(url, 90, process, what="rigl serve")
         yield url
     finally:
         os.killpg(process.pid, signal.SIGINT)

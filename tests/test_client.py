@@ -6,6 +6,7 @@ import http.server
 import json
 import threading
 
+import httpx
 import pytest
 from safetensors.torch import load_file
 
@@ -113,3 +114,91 @@ def test_retries_on_503_and_gives_up_on_dead_hosts():
     with Client(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01) as client:
         with pytest.raises(Unavailable):
             client.get("job_x")
+
+
+# ---------------------------------------------------------------- issue 11, item 10
+class Malicious(http.server.BaseHTTPRequestHandler):
+    """A server that suggests a file name outside the caller's folder for every checkpoint."""
+
+    filename = "../../x"
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        body = b"not really weights"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Disposition", f'attachment; filename="{Malicious.filename}"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("filename", ["../../x", "../../x.safetensors", "..\\\\..\\\\x.safetensors", ".bashrc", ".."])
+def test_download_never_writes_where_the_server_says(tmp_path, monkeypatch, filename):
+    Malicious.filename = filename
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Malicious)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    here = tmp_path / "a" / "b"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    try:
+        with Client(f"http://127.0.0.1:{httpd.server_port}", retries=0) as client:
+            path = client.download("job_evil")
+            assert path.resolve().parent == here
+            assert path.name == ("x.safetensors" if filename.endswith("x.safetensors") else "job_evil-dense.safetensors")
+            assert path.read_bytes() == b"not really weights"
+            folder = tmp_path / "out"
+            folder.mkdir()
+            assert client.download("job_evil", path=folder).resolve().parent == folder
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert all(p.startswith(("a/b/", "out/")) for p in written), written
+
+
+def test_a_proxy_504_after_forwarding_the_post_still_makes_one_job(server):
+    """The proxy forwards the first POST to the real server, drops its answer and says 504; the
+    client retries with the same Idempotency-Key and gets that job back."""
+    url, _ = server
+    seen: list[str | None] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+            seen.append(self.headers.get("Idempotency-Key"))
+            upstream = httpx.post(f"{url}{self.path}", content=body, headers=headers, timeout=30)
+            status, data = (504, b"gateway timeout") if len(seen) == 1 else (upstream.status_code, upstream.content)
+            self.send_response(status)
+            self.send_header("Content-Type", upstream.headers.get("content-type", "text/plain"))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    spec = {**JOB, "training": {"epochs": 1, "batch_size": 64}}
+    try:
+        with Client(url) as direct:
+            before = {j.id for j in direct.iter_jobs()}
+            with Client(f"http://127.0.0.1:{httpd.server_port}", backoff=0.01) as client:
+                job = client.submit(spec)
+            created = {j.id for j in direct.iter_jobs()} - before
+            assert created == {job.id}, created
+            assert len(seen) == 2 and seen[0] and seen[0] == seen[1]
+            with Client(f"http://127.0.0.1:{httpd.server_port}", backoff=0.01) as client:
+                other = client.submit(spec)
+            assert other.id != job.id  # a new submit is a new job
+            for created_job in (job, other):  # not needed any further: leave the worker idle
+                direct.cancel(created_job.id)
+            for created_job in (job, other):
+                direct.wait(created_job.id, timeout=60, poll=0.2)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

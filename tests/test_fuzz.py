@@ -13,6 +13,8 @@ from store.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 COUNT = {"requests": 0, "5xx": 0}
+METHODS: dict[str, int] = {}  # requests per HTTP method
+DELETES: dict[str, int] = {}  # requests per DELETE route: they are fuzzed too
 
 
 def _app(tmp_root):
@@ -31,6 +33,9 @@ SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
 def test_no_server_errors(case):
     response = case.call()
     COUNT["requests"] += 1
+    METHODS[case.method.upper()] = METHODS.get(case.method.upper(), 0) + 1
+    if case.method.upper() == "DELETE":
+        DELETES[case.path] = DELETES.get(case.path, 0) + 1
     if response.status_code >= 500:
         COUNT["5xx"] += 1
     assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
@@ -42,8 +47,11 @@ def test_no_server_errors(case):
 
 def test_fuzzed_enough_requests():
     assert COUNT["5xx"] == 0
-    assert COUNT["requests"] >= 1000, COUNT
-    print(f"\nfuzz: {COUNT['requests']} requests, {COUNT['5xx']} 5xx")
+    assert COUNT["requests"] >= 5000, COUNT
+    assert set(DELETES) >= {"/v1/jobs/{job_id}", "/v1/datasets/{dataset_id}", "/v1/architectures/{arch_id}"}, DELETES
+    methods = ", ".join(f"{method} {count}" for method, count in sorted(METHODS.items()))
+    deletes = ", ".join(f"{route} {count}" for route, count in sorted(DELETES.items()) if count > 1)
+    print(f"\nfuzz: {COUNT['requests']} requests, {COUNT['5xx']} 5xx; by method {methods}; DELETE routes {deletes}")
 
 
 TRAVERSALS = ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/etc/passwd",

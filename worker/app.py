@@ -36,7 +36,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.queue,
         task_time_limit=settings.job_time_limit_seconds,
-        task_soft_time_limit=max(1, settings.job_time_limit_seconds - 300),
+        # the run itself checkpoints and ends `time_limit` at limit - grace (worker/runner.py); the soft
+        # limit is the fallback, half the grace later, and the hard limit the last resort
+        task_soft_time_limit=max(1, settings.job_time_limit_seconds - settings.time_limit_grace_seconds // 2),
         visibility_timeout=settings.visibility_timeout,
     )
     return app

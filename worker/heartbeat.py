@@ -3,7 +3,9 @@
 Before it existed the lease was renewed between training steps only, so a slow start (importing,
 loading a dataset, first CUDA context) or a long evaluation could outlast the lease: the reaper
 requeued a healthy job and the worker threw its work away. The thread writes progress and reads
-the cancel / preempt flags; the training loop only looks at what it last saw.
+the cancel / preempt flags; the training loop only looks at what it last saw. Its writes stamp
+the lease with the database's clock (JobStore.heartbeat), so a worker whose clock is off is judged
+fairly; while the database is unreachable it keeps trying every interval.
 """
 
 from __future__ import annotations
@@ -28,11 +30,19 @@ class Heartbeat(threading.Thread):
         self.lock = threading.Lock()  # one beat at a time: the thread's and a final beat_now()
 
     def run(self) -> None:
+        failures = 0
         while not self.stopping.wait(self.interval):
             try:
                 self.beat_now()
-            except Exception:  # noqa: BLE001 - a database hiccup: try again next interval
-                log.warning("job %s: heartbeat failed; retrying", self.job_id, exc_info=True)
+            except Exception as error:  # noqa: BLE001 - a database outage: keep trying every interval
+                failures += 1
+                if failures == 1 or failures % 50 == 0:
+                    log.warning("job %s: heartbeat failed %d times (%s); retrying", self.job_id, failures,
+                                type(error).__name__)
+                continue
+            if failures:
+                log.info("job %s: heartbeat back after %d failures", self.job_id, failures)
+                failures = 0
 
     def beat_now(self) -> None:
         with self.lock:

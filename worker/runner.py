@@ -1,10 +1,17 @@
 """Run one job from the store: claim it, train with callbacks that stream into the store, finish it.
 
-Celery-free, so it can be tested and reused; the Celery task is a thin wrapper around `run_job`.
+Celery-free, so it can be tested and reused; the Celery task is a thin wrapper around `run_slot`.
+
+Every write carries the run's lease token and is refused once the lease is lost (JobStore._fence),
+and every file the run publishes is written under a name of its own (attempt and step in the resume
+checkpoint's name, `.a<attempt>.tmp` temp names for the exports), so a worker that lost its lease can
+never overwrite its successor's files or rows. A database that is briefly unreachable is waited out
+(worker/retry.py), never turned into a failed job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -12,36 +19,66 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
+from typing import Callable
 
 from rigl_core.export import save_dense, save_packed
-from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT, write_json
+from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
 from rigl_core.spec import JobSpec
-from rigl_core.trainer import Callback, Trainer
+from rigl_core.trainer import Callback, NoSpaceError, Trainer, _is_no_space
 from store.artifacts import Artifacts, sha256_file
-from store.jobs import JobStore
+from store.db import Job
+from store.jobs import JobStore, LeaseLost
+from store.scrub import scrub_paths
 from store.settings import Settings
+from store.user_paths import check_job_paths
 from worker.heartbeat import Heartbeat
+from worker.retry import is_transient, retry_transient
+
+try:  # the Celery task's fallback when the cooperative time-limit check could not stop the run in time
+    from celery.exceptions import SoftTimeLimitExceeded
+except ImportError:  # pragma: no cover - celery is a dependency of the service
+    class SoftTimeLimitExceeded(Exception):  # type: ignore[no-redef]
+        pass
 
 log = logging.getLogger("rigl.worker")
-RESUME_FILE = "resume.pt"
+NO_SPACE_MESSAGE = "no space left on the artifact volume while writing the checkpoint"
+MAX_PENDING_EVENTS = 5000  # kept while the database is down; beyond it the oldest metrics events go
+
+
+def resume_name(attempt: int, step: int) -> str:
+    """Each resume checkpoint gets its own file: a stale holder and its successor never share one, and
+    a published row never points at a file that is being overwritten."""
+    return f"resume.a{attempt}.s{step}.pt"
+
+
+def no_space(error: BaseException) -> bool:
+    """A full disk, however the writer reported it (safetensors wraps the OS error in its own)."""
+    text = str(error)
+    return _is_no_space(error) or "No space left on device" in text or "StorageFull" in text
 
 
 class StoreCallback(Callback):
     """Streams metrics/mask updates into the store (batched), checkpoints, and stops the loop when the
-    job is cancelled, preempted, lost or its process is asked to stop. The Heartbeat thread keeps the
-    lease and reads the flags, so a slow start or a long evaluation can't lose the job."""
+    job is cancelled, preempted, lost, out of time or its process is asked to stop. The Heartbeat
+    thread keeps the lease and reads the flags, so a slow start or a long evaluation can't lose the job."""
 
-    def __init__(self, store: JobStore, artifacts: Artifacts, job_id: str, token: str, settings: Settings,
-                 stop_requested: threading.Event | None = None):
-        self.store, self.artifacts, self.job_id, self.token = store, artifacts, job_id, token
-        self.settings = settings
+    def __init__(self, store: JobStore, artifacts: Artifacts, job: Job, token: str, settings: Settings,
+                 stop_requested: threading.Event | None = None, deadline: float | None = None):
+        self.store, self.artifacts, self.token, self.settings = store, artifacts, token, settings
+        self.job_id, self.attempt = job.id, job.attempt
         self.pending: list[dict] = []
         self.step: int | None = None  # None until training starts: the heartbeat keeps the stored step
         self.latest: dict = {}
         self.last_flush = time.monotonic()
+        self.flush_retry_at = 0.0
+        self.flush_delay = 0.0
         self.last_checkpoint = time.monotonic()
+        self.deadline = deadline  # time.monotonic() by which the run must checkpoint and end (time limit)
+        self.timed_out = False
+        self.write_refused = False  # a write was refused: the lease is gone
         self.stop_requested = stop_requested or threading.Event()
-        self.heartbeat = Heartbeat(store, job_id, token, settings.cancel_poll_seconds,
+        self.heartbeat = Heartbeat(store, job.id, token, settings.cancel_poll_seconds,
                                    progress=lambda: (self.step, self.latest or None))
 
     @property
@@ -50,29 +87,84 @@ class StoreCallback(Callback):
 
     @property
     def lost_lease(self) -> bool:
-        return self.heartbeat.lost_lease
+        return self.heartbeat.lost_lease or self.write_refused
 
     @property
     def shutdown(self) -> bool:
         """The worker is shutting down (preempt flag) or this process got SIGTERM: checkpoint and requeue."""
         return self.heartbeat.preempt or self.stop_requested.is_set()
 
-    def flush(self) -> None:
-        if self.pending:
-            self.store.add_events(self.job_id, self.pending)
-            self.pending = []
-        self.last_flush = time.monotonic()
+    def flush(self, force: bool = False) -> None:
+        """Write the pending events. The database being down keeps them for a later try (with backoff);
+        an event the database refuses is dropped with a log line; neither stops the training."""
+        now = time.monotonic()
+        self.last_flush = now
+        if not self.pending or (not force and now < self.flush_retry_at):
+            return
+        try:
+            self.store.add_events(self.job_id, self.pending, token=self.token)
+        except LeaseLost:
+            self.pending, self.write_refused = [], True
+            return
+        except Exception as error:  # noqa: BLE001 - sorted below; events never fail the job
+            if is_transient(error):
+                self.flush_delay = min(10.0, max(0.5, self.flush_delay * 2))
+                self.flush_retry_at = now + self.flush_delay
+                log.warning("job %s: %d events not written yet (%s); retrying in %.1f s", self.job_id,
+                            len(self.pending), type(error).__name__, self.flush_delay)
+                self._trim_pending()
+                return
+            self._write_one_by_one()
+            return
+        self.pending, self.flush_delay, self.flush_retry_at = [], 0.0, 0.0
+
+    def _trim_pending(self) -> None:
+        if len(self.pending) > MAX_PENDING_EVENTS:
+            excess = len(self.pending) - MAX_PENDING_EVENTS
+            metrics = [i for i, e in enumerate(self.pending) if e["type"] == "metrics"][:excess]
+            drop = set(metrics)
+            self.pending = [e for i, e in enumerate(self.pending) if i not in drop][-MAX_PENDING_EVENTS:]
+
+    def _write_one_by_one(self) -> None:
+        """A batch the database refused (not an outage): keep every event it accepts."""
+        kept, dropped = self.pending, 0
+        self.pending = []
+        for event in kept:
+            try:
+                self.store.add_events(self.job_id, [event], token=self.token)
+            except LeaseLost:
+                self.write_refused = True
+                return
+            except Exception as error:  # noqa: BLE001
+                if is_transient(error):  # the database went away meanwhile: keep the rest for later
+                    self.pending = kept[kept.index(event):]
+                    return
+                dropped += 1
+                log.error("job %s: dropped a %s event the database refused: %s", self.job_id, event["type"],
+                          str(error).splitlines()[0])
 
     def sync(self, step: int) -> None:
-        """Before the runner decides what happened: every event written, progress and flags fresh."""
+        """Before the runner decides what happened: every event written, progress and flags fresh
+        (waiting out a database outage for up to db_retry_seconds)."""
         self.step = step
-        self.flush()
-        self.heartbeat.beat_now()
+        budget = self.settings.db_retry_seconds
+        deadline = time.monotonic() + budget
+        self.flush(force=True)
+        while self.pending and not self.write_refused and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.1, self.flush_retry_at - time.monotonic())))
+            self.flush(force=True)
+        retry_transient(self.heartbeat.beat_now, max(0.0, deadline - time.monotonic()),
+                        f"job {self.job_id}: final heartbeat")
+
+    def note(self, message: str, level: str = "info", data: dict | None = None) -> None:
+        self.pending.append({"type": "message", "level": level, "message": message, "data": data})
 
     def on_step(self, trainer, metrics):
         self.step = trainer.step
         self.latest = {**self.latest, "loss": metrics["loss"], "lr": metrics["lr"]}
-        if trainer.step % self.settings.event_every_steps == 0:
+        every = max(self.settings.event_every_steps,  # long jobs: at most ~max_metrics_events metrics events
+                    -(-trainer.total_steps // self.settings.max_metrics_events))
+        if trainer.step % every == 0:
             self.pending.append({"type": "metrics", "message": f"step {trainer.step}", "data": metrics})
 
     def on_eval(self, trainer, metrics):
@@ -87,20 +179,81 @@ class StoreCallback(Callback):
     def should_stop(self, trainer) -> bool:
         if self.settings.fault_kill_at_step is not None and trainer.step == self.settings.fault_kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the poison-job test
-        if (trainer.step % self.settings.checkpoint_every_steps == 0 and trainer.step < trainer.total_steps
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True  # the runner checkpoints, then ends the job `time_limit`
+        elif (trainer.step % self.settings.checkpoint_every_steps == 0 and trainer.step < trainer.total_steps
                 and time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_seconds):
-            save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id)
-            self.last_checkpoint = time.monotonic()
+            self.periodic_checkpoint(trainer)
         if time.monotonic() - self.last_flush >= self.settings.cancel_poll_seconds:
             self.flush()
-        return self.cancel or self.lost_lease or self.shutdown
+        return self.cancel or self.lost_lease or self.shutdown or self.timed_out
+
+    def periodic_checkpoint(self, trainer) -> None:
+        """A periodic checkpoint that can't be written (full disk, database down) is skipped with a
+        warning: training goes on, and the previous checkpoint stays the one to resume from."""
+        self.last_checkpoint = time.monotonic()
+        try:
+            save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id, self.token, self.attempt)
+        except LeaseLost:
+            self.write_refused = True
+        except Exception as error:  # noqa: BLE001 - sorted below
+            if no_space(error):
+                self.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
+                          level="warn", data={"step": trainer.step, "code": "no_space"})
+            elif is_transient(error):
+                log.warning("job %s: checkpoint at step %d not recorded (database unavailable); training on",
+                            self.job_id, trainer.step)
+            else:
+                raise
 
 
-def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifacts, job_id: str) -> None:
+def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifacts, job_id: str, token: str,
+                           attempt: int, budget: float = 0.0) -> str:
+    """Write the checkpoint to a file of its own, then publish its row (refused when the lease is lost:
+    the file is removed), then delete the file the previous row pointed to. Returns the file name."""
     artifacts.job_dir(job_id)
-    path = trainer.save_checkpoint(artifacts.job_file(job_id, RESUME_FILE))
-    store.add_checkpoint(job_id, "resume", trainer.step, RESUME_FILE, sha256_file(path), path.stat().st_size,
-                         metrics=trainer.eval_history[-1] if trainer.eval_history else None)
+    name = resume_name(attempt, trainer.step)
+    path = trainer.save_checkpoint(artifacts.job_file(job_id, name))
+    try:
+        row = retry_transient(
+            lambda: store.add_checkpoint(job_id, "resume", trainer.step, name, sha256_file(path), path.stat().st_size,
+                                         metrics=trainer.eval_history[-1] if trainer.eval_history else None,
+                                         token=token),
+            budget, f"job {job_id}: checkpoint row")
+    except BaseException:
+        path.unlink(missing_ok=True)  # no row points at it
+        raise
+    for old in row.replaced:
+        artifacts.job_file(job_id, old).unlink(missing_ok=True)
+    return name
+
+
+def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path, write: Callable[[Path], object],
+            budget: float) -> Path:
+    """Write `final` through a temp file of this attempt's own, then rename it into place only while
+    this run still holds the lease. A failed write leaves no temp file."""
+    tmp = final.with_name(f"{final.name}.a{attempt}.tmp")
+    try:
+        write(tmp)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if no_space(error):
+            raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
+        raise
+    if not retry_transient(lambda: store.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
+        tmp.unlink(missing_ok=True)
+        raise LeaseLost(job_id)
+    os.replace(tmp, final)
+    return final
+
+
+def _write_json(data: dict) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "w") as f:
+            f.write(json.dumps(data, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+    return write
 
 
 def summary(report: dict) -> dict:
@@ -119,59 +272,110 @@ def summary(report: dict) -> dict:
 
 def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
             stop_requested: threading.Event | None = None) -> str:
-    """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run).
+    """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
+    return run_slot(job_id, settings, store, stop_requested)[0]
+
+
+def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = None,
+             stop_requested: threading.Event | None = None) -> tuple[str, str | None]:
+    """One message = one slot: claim the fairest claimable job (JobStore.claim) and run it.
+    Returns (outcome, id of the job run, or None when nothing was claimed).
 
     `stop_requested` (set from a SIGTERM handler) makes the job checkpoint and requeue at the next step.
+    The run checkpoints and ends `time_limit` `time_limit_grace_seconds` before `job_time_limit_seconds`.
     """
+    started = time.monotonic()
     store = store or JobStore(settings.database_url)
     artifacts = Artifacts(settings.artifact_dir)
-    job, token = store.claim(job_id, settings.max_attempts, settings.lease_seconds,
-                             worker=f"{socket.gethostname()}:{os.getpid()}")
+    budget = settings.db_retry_seconds
+    job, token = retry_transient(
+        lambda: store.claim(message_job_id, settings.max_attempts, settings.lease_seconds,
+                            worker=f"{socket.gethostname()}:{os.getpid()}"),
+        budget, f"job {message_job_id}: claim")
     if job is None:
-        log.info("job %s not run: %s", job_id, token)
-        return "skipped"
-    callback = StoreCallback(store, artifacts, job_id, token, settings, stop_requested)
+        log.info("message for job %s: nothing run (%s)", message_job_id, token)
+        return "skipped", None
+    job_id = job.id
+    limit = settings.job_time_limit_seconds
+    deadline = started + max(limit / 2, limit - settings.time_limit_grace_seconds)
+    callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
     callback.heartbeat.start()
+
+    def finish(status: str, message: str, **kwargs) -> None:
+        try:
+            retry_transient(lambda: store.finish(job_id, token, status, message, **kwargs), budget,
+                            f"job {job_id}: finish")
+        except Exception:  # noqa: BLE001 - the reaper requeues it once the lease lapses
+            log.error("job %s: could not record %s: %s", job_id, status, traceback.format_exc())
+
     try:
+        check_job_paths(job.resolved_spec, settings)  # confined to this worker's datasets/uploads dirs
         spec = JobSpec.model_validate(job.resolved_spec)
         trainer = Trainer(spec, callbacks=[callback])
-        resume = store.latest_checkpoint(job_id, "resume")
+        resume = retry_transient(lambda: store.latest_checkpoint(job_id, "resume"), budget,
+                                 f"job {job_id}: resume checkpoint")
         if resume is not None:
             trainer.load_checkpoint(artifacts.job_file(job_id, resume.filename))
             callback.step = trainer.step
-            store.add_events(job_id, [{"type": "message", "message": f"resumed from step {trainer.step}",
-                                       "data": {"resumed_from_step": trainer.step}}])
+            callback.note(f"resumed from step {trainer.step}", data={"resumed_from_step": trainer.step})
+            callback.flush(force=True)
         report = trainer.fit()
         callback.sync(trainer.step)
         if callback.lost_lease:
             log.warning("job %s: lease lost, stopping without writing", job_id)
-            return "skipped"
+            return "skipped", job_id
         if trainer.stopped_early:
-            save_resume_checkpoint(trainer, store, artifacts, job_id)
+            saved = "a checkpoint was saved"
+            try:
+                save_resume_checkpoint(trainer, store, artifacts, job_id, token, job.attempt, budget)
+            except NoSpaceError:  # stop anyway; a later run resumes from the previous checkpoint
+                saved = "no checkpoint could be saved (no space left on the artifact volume)"
+                callback.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
+                              level="warn", data={"step": trainer.step, "code": "no_space"})
+                callback.sync(trainer.step)
             if callback.shutdown and not callback.cancel:
                 why = "worker process stopped (SIGTERM)" if callback.stop_requested.is_set() else \
                     "worker shutting down"
-                store.requeue(job_id, token, f"{why} at step {trainer.step}; will resume")
-                return "requeued"
-            store.finish(job_id, token, "cancelled", f"cancelled at step {trainer.step}")
-            return "cancelled"
+                requeued = retry_transient(
+                    lambda: store.requeue(job_id, token, f"{why} at step {trainer.step}; will resume"), budget,
+                    f"job {job_id}: requeue")
+                return ("requeued" if requeued else "skipped"), job_id
+            if callback.timed_out and not callback.cancel:
+                limit = settings.job_time_limit_seconds
+                finish("failed", f"the job reached its time limit ({limit} s per run) at step {trainer.step}; "
+                                 f"{saved}", error_code="time_limit")
+                return "failed", job_id
+            finish("cancelled", f"cancelled at step {trainer.step}")
+            return "cancelled", job_id
         job_dir = artifacts.job_dir(job_id)
         report["spec"] = job.spec
-        write_json(job_dir / REPORT, report)
+        publish(store, job_id, token, job.attempt, job_dir / REPORT, _write_json(report), budget)
         for kind, name, save in (("dense", DENSE_EXPORT, lambda p: save_dense(trainer.model, p)),
                                  ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model,
                                                                                  trainer.sparsifier.masks, p))):
-            path = job_dir / name
-            save(path)
-            store.add_checkpoint(job_id, kind, trainer.step, name, sha256_file(path), path.stat().st_size,
-                                 metrics=report["final_metrics"])
-        store.finish(job_id, token, "succeeded", "succeeded", result=summary(report))
-        return "succeeded"
+            path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget)
+            sha, size = sha256_file(path), path.stat().st_size
+            retry_transient(lambda: store.add_checkpoint(job_id, kind, trainer.step, name, sha, size,
+                                                         metrics=report["final_metrics"], token=token),
+                            budget, f"job {job_id}: {kind} checkpoint row")
+        finish("succeeded", "succeeded", result=summary(report))
+        return "succeeded", job_id
+    except LeaseLost:
+        log.warning("job %s: lease lost; its writes were refused, stopping", job_id)
+        return "skipped", job_id
+    except SoftTimeLimitExceeded:
+        log.error("job %s: Celery's soft time limit interrupted it", job_id)
+        finish("failed", f"the job reached its time limit ({settings.job_time_limit_seconds} s per run) before "
+                         "it could checkpoint", error_code="time_limit")
+        return "failed", job_id
     except Exception as exc:  # noqa: BLE001 - any failure ends the job with a readable error
         log.error("job %s failed: %s", job_id, traceback.format_exc())
+        if no_space(exc):
+            finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
+            return "failed", job_id
         code = "invalid_job" if isinstance(exc, ValueError) else "training_error"
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        store.finish(job_id, token, "failed", message, error_code=code)
-        return "failed"
+        message = scrub_paths(str(exc).splitlines()[0], settings) if str(exc) else type(exc).__name__
+        finish("failed", message, error_code=code)
+        return "failed", job_id
     finally:
         callback.heartbeat.stop()

@@ -10,6 +10,11 @@ from celery.signals import worker_shutting_down
 
 from worker.app import app
 
+# Set in the worker's main process when its warm shutdown begins. A pool process forked after that
+# (the job that was running requeued itself and its process exited) inherits it and hands its
+# message back instead of claiming a job that the shutdown would then kill mid-run.
+shutting_down = threading.Event()
+
 
 @app.task(name="rigl.train", acks_late=True, reject_on_worker_lost=True)
 def train(job_id: str) -> str:
@@ -17,19 +22,30 @@ def train(job_id: str) -> str:
     operator's `kill`) asks the job to checkpoint and requeue at the next step. Billiard's default
     handler raised SystemExit wherever the process was, even inside a database call, and a job
     interrupted there was marked failed."""
+    from celery.exceptions import Reject
+
     from store.dispatch import dispatch
     from store.jobs import JobStore
     from store.settings import get_settings
-    from worker.runner import run_job
+    from worker.retry import is_transient, retry_transient
+    from worker.runner import run_slot
 
+    if shutting_down.is_set():
+        raise Reject("this worker is shutting down", requeue=True)
     stop_requested = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
     try:
         settings = get_settings()
         store = JobStore(settings.database_url)
-        outcome = run_job(job_id, settings, store, stop_requested=stop_requested)
+        try:  # the message is a slot: the job run is the fairest claimable one (JobStore.claim)
+            outcome, ran = run_slot(job_id, settings, store, stop_requested=stop_requested)
+        except Exception as error:
+            if is_transient(error):  # the database stayed down longer than db_retry_seconds: try later
+                raise Reject(f"database unavailable: {type(error).__name__}", requeue=True) from error
+            raise
         if outcome == "requeued":  # checkpointed; send it to the next worker (or leave it to the reaper)
-            dispatch(store, lambda job: train.apply_async(args=[job], queue=settings.queue), job_id)
+            retry_transient(lambda: dispatch(store, lambda job: train.apply_async(args=[job], queue=settings.queue),
+                                             ran), settings.db_retry_seconds, f"job {ran}: requeue message")
         return outcome
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -39,11 +55,22 @@ def train(job_id: str) -> str:
 def _preempt_running_jobs(sig=None, how=None, exitcode=None, **_kwargs) -> None:
     """SIGTERM (warm shutdown): ask the running job to checkpoint and requeue itself instead of the
     worker waiting hours for it to finish; the next worker resumes it from that checkpoint."""
+    import logging
+    import socket
+
     from celery.worker import state
 
     from store.jobs import JobStore
     from store.settings import get_settings
+    from worker.retry import retry_transient
 
-    job_ids = [request.args[0] for request in list(state.active_requests) if request.args]
-    if job_ids:
-        JobStore(get_settings().database_url).request_preempt(job_ids)
+    shutting_down.set()
+    # by training process, not by the message's job id: a message is a slot for the fairest job
+    holders = [f"{socket.gethostname()}:{request.worker_pid}" for request in list(state.active_requests)
+               if request.worker_pid]
+    if holders:
+        try:
+            store = JobStore(get_settings().database_url)
+            retry_transient(lambda: store.request_preempt(holders=holders), 30, "preempt on shutdown")
+        except Exception:  # noqa: BLE001 - the database is down: the job runs on; a later SIGTERM stops it
+            logging.getLogger("rigl.worker").exception("could not ask the running job to checkpoint")

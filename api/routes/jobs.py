@@ -9,17 +9,21 @@ import json
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from api.context import Context, get_context
 from api.errors import ApiError
+from api.event_hub import EventHub, StreamSlots
 from api.schemas import checkpoint_json, event_json, job_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
+from store.deletion import delete_job as delete_stored_job
 from store.dispatch import dispatch
-from store.jobs import TERMINAL, IdempotencyConflict
+from store.jobs import IdempotencyConflict, TooManyActiveJobs, UploadGone
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "cancelling", "requeued")
+MAX_EVENT_ID = 2**31 - 1  # event ids are 32-bit: a larger cursor is a 422, not a database overflow
 
 
 def _job_or_404(ctx: Context, job_id: str):
@@ -42,18 +46,29 @@ def create_job(spec: JobSpec, response: Response, ctx: Context = Depends(get_con
         replay = _replay(ctx, idempotency_key, digest, response)
         if replay is not None:
             return replay
-    if ctx.store.count_active(ctx.principal) >= ctx.settings.max_active_jobs_per_owner:
-        raise ApiError(429, "too_many_jobs", f"at most {ctx.settings.max_active_jobs_per_owner} queued or running "
-                                             "jobs per owner; retry when one ends", None, headers={"Retry-After": "30"})
+    cap = ctx.settings.max_active_jobs_per_owner
+    if ctx.store.count_active(ctx.principal) >= cap:  # cheap early answer; create_job enforces it atomically
+        raise _too_many_jobs(cap)
     resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
     try:
         job = ctx.store.create_job(body, resolved, total_steps, owner=ctx.principal,
-                                   idempotency=(idempotency_key, digest) if idempotency_key else None)
+                                   idempotency=(idempotency_key, digest) if idempotency_key else None,
+                                   max_active=cap,
+                                   dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None)
     except IdempotencyConflict:
         return _replay(ctx, idempotency_key, digest, response)
+    except TooManyActiveJobs:
+        raise _too_many_jobs(cap) from None
+    except UploadGone as exc:
+        raise ApiError(422, "invalid_job", f"no uploaded dataset {spec.dataset.path!r}", exc.field) from None
     if not dispatch(ctx.store, ctx.enqueue, job.id):  # stored and accepted; the reaper sends it later
         job = ctx.store.get_job(job.id)
     return job_json(job)
+
+
+def _too_many_jobs(cap: int) -> ApiError:
+    return ApiError(429, "too_many_jobs", f"at most {cap} queued or running jobs per owner; retry when one ends",
+                    None, headers={"Retry-After": "30"})
 
 
 def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
@@ -76,16 +91,17 @@ def list_jobs(limit: int = Query(20, ge=1, le=100), after: str | None = Query(No
         jobs, has_more = ctx.store.list_jobs(limit, after, status, ctx.owner)
     except KeyError:
         raise ApiError(422, "invalid_request", f"no job {after!r} to page after", "after") from None
-    return {"object": "list", "data": [job_json(j) for j in jobs], "has_more": has_more}
+    return {"object": "list", "data": [job_json(j, admin=ctx.owner is None) for j in jobs], "has_more": has_more}
 
 
 @router.get("/{job_id}")
-async def get_job(job_id: str, ctx: Context = Depends(get_context)) -> Response:
-    """The hottest route (clients poll it): one indexed lookup, no thread hop, pre-encoded JSON."""
+def get_job(job_id: str, ctx: Context = Depends(get_context)) -> Response:
+    """The hottest route (clients poll it): one indexed lookup, pre-encoded JSON. A plain `def`: the
+    lookup blocks (a locked table, a slow database), so it runs in the threadpool, never in the loop."""
     job = ctx.store.get_job_view(job_id, ctx.owner)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
-    return Response(json.dumps(job_json(job)), media_type="application/json")
+    return Response(json.dumps(job_json(job, admin=ctx.owner is None)), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202)
@@ -93,11 +109,27 @@ def cancel_job(job_id: str, ctx: Context = Depends(get_context)) -> dict:
     job = ctx.store.request_cancel(job_id, ctx.owner)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
-    return job_json(job)
+    return job_json(job, admin=ctx.owner is None)
+
+
+@router.delete("/{job_id}", responses={202: {"description": "The job was running: it is being cancelled and is "
+                                                             "deleted once its worker has stopped it."}})
+def delete_job(job_id: str, response: Response, ctx: Context = Depends(get_context)) -> dict:
+    """Delete a job with its events, checkpoints and artifacts. A finished or queued job is gone at once
+    (200). A running one is cancelled and answered 202; it is deleted, with no further call, once its
+    worker has stopped it (it shows `cancelling`, then 404)."""
+    outcome = delete_stored_job(ctx.store, ctx.artifacts, job_id, ctx.owner)
+    if outcome is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
+    if outcome == "deleted":
+        return {"id": job_id, "object": "job", "deleted": True}
+    response.status_code = 202
+    return {"id": job_id, "object": "job", "deleted": False, "status": "cancelling",
+            "message": "cancellation requested; the job and its artifacts are deleted once it has stopped"}
 
 
 @router.get("/{job_id}/events")
-def list_events(job_id: str, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+def list_events(job_id: str, after: int = Query(0, ge=0, le=MAX_EVENT_ID), limit: int = Query(100, ge=1, le=1000),
                 ctx: Context = Depends(get_context)) -> dict:
     _job_or_404(ctx, job_id)
     events = ctx.store.list_events(job_id, after, limit + 1)
@@ -105,55 +137,102 @@ def list_events(job_id: str, after: int = Query(0, ge=0), limit: int = Query(100
 
 
 @router.get("/{job_id}/events/stream")
-async def stream_events(job_id: str, request: Request, after: int = Query(0, ge=0),
-                        last_event_id: str | None = Header(None), ctx: Context = Depends(get_context)):
-    """Server-sent events; reconnect with `Last-Event-ID` to resume. Ends when the job has ended."""
+async def stream_events(job_id: str, request: Request, after: int = Query(0, ge=0, le=MAX_EVENT_ID),
+                        last_event_id: str | None = Header(None, max_length=20),
+                        ctx: Context = Depends(get_context)):
+    """Server-sent events; reconnect with `Last-Event-ID` to resume. Ends when the job has ended, or
+    after `stream_idle_seconds` without an event (reconnect to go on); idle streams get a `: keep-alive`
+    comment every `stream_keepalive_seconds`. At most `max_streams_per_owner` open streams (429)."""
     await run_in_threadpool(_job_or_404, ctx, job_id)
-    cursor = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+    cursor = after
+    if last_event_id:
+        if not last_event_id.isdigit() or int(last_event_id) > MAX_EVENT_ID:
+            raise ApiError(422, "invalid_request", "must be an event id", "Last-Event-ID")
+        cursor = int(last_event_id)
+    settings = ctx.settings
+    hub, slots = _streams(request, ctx)
+    if not slots.acquire(ctx.principal, settings.max_streams_per_owner):
+        raise ApiError(429, "too_many_streams", f"at most {settings.max_streams_per_owner} open event streams "
+                                                "per owner; close one first", None, headers={"Retry-After": "10"})
+    released = False
+
+    def release() -> None:  # from the generator's end or the response's end, whichever comes first
+        nonlocal released
+        if not released:
+            released = True
+            slots.release(ctx.principal)
 
     async def generate():
         nonlocal cursor
-        idle = 0.0
-        while True:
-            events = await run_in_threadpool(ctx.store.list_events, job_id, cursor, 200)
-            if events:  # one write per poll, not per event: far fewer syscalls and browser wake-ups
-                cursor = events[-1].id
-                yield "".join(f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(event_json(e))}\n\n" for e in events)
-            if not events:
-                job = await run_in_threadpool(ctx.store.get_job, job_id)
-                if job is None or job.status in TERMINAL:
+        loop = asyncio.get_running_loop()
+        feed = hub.subscribe(job_id)
+        last_event = last_write = loop.time()
+        try:
+            while True:
+                changed = feed.changed  # taken before looking, so a change after the look still wakes us
+                if feed.floor is not None and cursor < feed.floor:  # behind the feed's buffer: read the database
+                    events = await run_in_threadpool(ctx.store.list_events, job_id, cursor, 500)
+                    if not events:
+                        cursor = feed.floor
+                else:
+                    events = feed.after(cursor) if feed.floor is not None else []
+                if events:  # one write per batch, not per event: far fewer syscalls and browser wake-ups
+                    cursor = events[-1].id
+                    last_event = last_write = loop.time()
+                    yield "".join(f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(event_json(e))}\n\n"
+                                  for e in events)
+                    continue
+                if feed.ended and feed.floor is not None and cursor >= feed.floor:
                     return
-                if await request.is_disconnected():
+                now = loop.time()
+                if now - last_event >= settings.stream_idle_seconds:
                     return
-                await asyncio.sleep(0.5)
-                idle += 0.5
-                if idle >= 15:
-                    idle = 0.0
+                if now - last_write >= settings.stream_keepalive_seconds:
+                    last_write = now
                     yield ": keep-alive\n\n"
+                    continue
+                wake = min(last_write + settings.stream_keepalive_seconds, last_event + settings.stream_idle_seconds)
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=max(0.0, wake - now))
+                except TimeoutError:
+                    pass
+        finally:
+            hub.unsubscribe(feed)
+            release()
 
-    return StreamingResponse(generate(), media_type="text/event-stream",
+    return StreamingResponse(generate(), media_type="text/event-stream", background=BackgroundTask(release),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _streams(request: Request, ctx: Context) -> tuple[EventHub, StreamSlots]:
+    """This app's event hub and stream counts, made on first use."""
+    state = request.app.state
+    if getattr(state, "event_hub", None) is None:
+        state.event_hub = EventHub(ctx.store, ctx.settings.stream_poll_seconds)
+        state.stream_slots = StreamSlots()
+    return state.event_hub, state.stream_slots
+
+
 @router.get("/{job_id}/metrics")
-def metrics(job_id: str, ctx: Context = Depends(get_context)) -> dict:
+def metrics(job_id: str, max_points: int | None = Query(None, ge=10, le=100_000),
+            ctx: Context = Depends(get_context)) -> dict:
     """Every curve of a job: training loss, evaluations, and per mask update its drop fraction, churn
-    and exploration (the per-layer detail of updates stays in the event stream)."""
+    and exploration (the per-layer detail of updates stays in the event stream).
+
+    Each series has at most `max_points` points (default and ceiling: the `max_metric_points` setting),
+    thinned evenly with its first and last point kept; `points` gives each series' total and returned
+    counts, and `thinned` says whether any was thinned."""
     job = _job_or_404(ctx, job_id)
-    series = {"metrics": [], "eval": [], "mask_update": []}
-    cursor = 0
-    while True:
-        events = ctx.store.list_events(job_id, cursor, 1000, types=tuple(series))
-        for e in events:
-            data = e.data
-            if e.type == "mask_update":
-                data = {k: v for k, v in data.items() if k != "layers"}
-            series[e.type].append(data)
-        if len(events) < 1000:
-            break
-        cursor = events[-1].id
-    return {"object": "metrics", "job_id": job.id, "latest": job.metrics, "train": series["metrics"],
-            "eval": series["eval"], "mask_updates": series["mask_update"]}
+    cap = min(max_points or ctx.settings.max_metric_points, ctx.settings.max_metric_points)
+    found = ctx.store.series_events(job_id, ("metrics", "eval", "mask_update"), cap)
+    series, points = {}, {}
+    for kind, name in (("metrics", "train"), ("eval", "eval"), ("mask_update", "mask_updates")):
+        events, total = found[kind]
+        series[name] = [{k: v for k, v in (e.data or {}).items() if k != "layers"} if kind == "mask_update"
+                        else e.data for e in events]
+        points[name] = {"total": total, "returned": len(events)}
+    return {"object": "metrics", "job_id": job.id, "latest": job.metrics, **series, "max_points": cap,
+            "points": points, "thinned": any(p["total"] > p["returned"] for p in points.values())}
 
 
 @router.get("/{job_id}/sparsity")

@@ -18,6 +18,7 @@ from api.schemas import architecture_json, dataset_json
 from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
 from rigl_core.models import BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
+from store import deletion
 
 router = APIRouter(prefix="/v1", tags=["resources"])
 
@@ -65,10 +66,36 @@ def get_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> dict:
     return architecture_json(row)
 
 
+@router.delete("/architectures/{arch_id}")
+def delete_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> dict:
+    """409 while a queued or running job was submitted with it; finished jobs keep their own copy."""
+    try:
+        deleted = deletion.delete_architecture(ctx.store, arch_id, ctx.owner)
+    except deletion.InUse as exc:
+        raise ApiError(409, "in_use", f"architecture {arch_id!r} is used by active job {exc.job_id!r}; cancel "
+                                      "it or wait for it to finish", "arch_id") from None
+    if not deleted:
+        raise ApiError(404, "not_found", f"no architecture {arch_id!r}", "arch_id")
+    return {"id": arch_id, "object": "architecture", "deleted": True}
+
+
 @router.get("/datasets")
 def list_datasets(ctx: Context = Depends(get_context)) -> dict:
     return {"object": "list", "builtin": [d for d in DATASETS if d != "tensors"],
             "data": [dataset_json(d) for d in ctx.store.list_datasets(ctx.owner)]}
+
+
+@router.delete("/datasets/{dataset_id}")
+def delete_dataset(dataset_id: str, ctx: Context = Depends(get_context)) -> dict:
+    """Deletes the uploaded file and its record. 409 while a queued or running job reads it."""
+    try:
+        deleted = deletion.delete_dataset(ctx.store, ctx.artifacts, dataset_id, ctx.owner)
+    except deletion.InUse as exc:
+        raise ApiError(409, "in_use", f"dataset {dataset_id!r} is used by active job {exc.job_id!r}; cancel it "
+                                      "or wait for it to finish", "dataset_id") from None
+    if not deleted:
+        raise ApiError(404, "not_found", f"no dataset {dataset_id!r}", "dataset_id")
+    return {"id": dataset_id, "object": "dataset", "deleted": True}
 
 
 @router.post("/datasets", status_code=201)
@@ -88,30 +115,31 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
                 if size > cap:
                     raise ApiError(413, "too_large", f"upload over {cap} bytes", "body")
                 digest.update(chunk)
-                f.write(chunk)
+                await run_in_threadpool(f.write, chunk)  # a disk write can block: not on the event loop
         if size == 0:
             raise ApiError(422, "invalid_dataset", "empty upload", "body")
-        meta = await run_in_threadpool(_inspect_upload, tmp, cap)
-        row = ctx.store.add_dataset(name=name, format=format, size=size, sha256=digest.hexdigest(),
-                                    owner=ctx.principal, **meta)
-        os.replace(tmp, ctx.artifacts.dataset_file(row.id, format))
+        meta = await run_in_threadpool(_inspect_upload, tmp, ctx.settings)
+        # a database call: in the threadpool, never on the event loop (this route is async for the stream)
+        row = await run_in_threadpool(ctx.store.add_dataset, name=name, format=format, size=size,
+                                      sha256=digest.hexdigest(), owner=ctx.principal, **meta)
+        await run_in_threadpool(os.replace, tmp, ctx.artifacts.dataset_file(row.id, format))
         return dataset_json(row)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _inspect_upload(path, cap) -> dict:
+def _inspect_upload(path, settings) -> dict:
+    """Headers first, then values streamed in small chunks: an upload is never inflated in the API
+    (a 1 MB zip declaring 1 GiB is refused from its directory)."""
     from rigl_core.datasets import DatasetError
-    from rigl_core.datasets.tensors import read_tensor_file, validate_arrays
+    from rigl_core.datasets.safe_archive import inspect_tensor_file
 
     try:
-        arrays = validate_arrays(read_tensor_file(path, cap))
+        summary = inspect_tensor_file(path, settings.max_upload_inflated_bytes, settings.max_upload_compression_ratio)
     except DatasetError as exc:
         raise from_value_error(exc, code="invalid_dataset") from None
-    labels = [arrays["y"]] + ([arrays["y_val"]] if "y_val" in arrays else [])
-    return {"num_samples": int(len(arrays["x"])), "num_val": int(len(arrays.get("x_val", []))),
-            "input_shape": [int(d) for d in arrays["x"].shape[1:]],
-            "num_classes": max(2, int(max(int(y.max()) for y in labels)) + 1)}
+    return {"num_samples": summary.num_samples, "num_val": summary.num_val, "input_shape": summary.input_shape,
+            "num_classes": summary.num_classes}
 
 
 def _dataset_shape(dataset: DatasetSpec | None, ctx: Context) -> tuple[list[int] | None, int | None]:

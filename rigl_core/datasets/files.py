@@ -10,6 +10,8 @@ import gzip
 import shutil
 import tarfile
 import urllib.request
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,10 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def _data_dir(spec) -> Path:
+    """The folder as given: `~` is the CLI's to expand (a spec the service ran never names a home folder)."""
     if spec.data_dir is None:
         raise DatasetError(f"dataset.data_dir: required for {spec.name!r}")
-    root = Path(spec.data_dir).expanduser()
+    root = Path(spec.data_dir)
     if not root.is_dir() and not spec.download:
         raise DatasetError(f"dataset.data_dir: {root} is not a directory")
     return root
@@ -52,7 +55,7 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _find_idx(root: Path, folder: str, stem: str) -> Path:
+def find_idx(root: Path, folder: str, stem: str) -> Path:
     for base in (root / folder / "raw", root / folder, root):
         for name in (stem, stem + ".gz"):
             if (base / name).is_file():
@@ -71,8 +74,8 @@ def idx_dataset(spec) -> Dataset:
             cls(str(root), train=train, download=True)
     parts = {}
     for part, (images, labels) in IDX_FILES.items():
-        x = read_idx(_find_idx(root, folder, images))
-        y = read_idx(_find_idx(root, folder, labels))
+        x = read_idx(find_idx(root, folder, images))
+        y = read_idx(find_idx(root, folder, labels))
         if len(x) != len(y):
             raise DatasetError(f"dataset.data_dir: {images} and {labels} differ in length")
         parts[part] = (torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)))
@@ -148,51 +151,100 @@ def cifar_dataset(spec) -> Dataset:
 
 
 # ---------------------------------------------------------------- ImageFolder
-def _load_images(folder: Path, size: int, classes: list[str], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (no decompression bombs)
 
-    images, labels = [], []
+
+@dataclass
+class ImageFolderLayout:
+    """What an image folder holds, found without decoding an image: the service counts and confines
+    exactly the files the loader will read."""
+
+    base: Path
+    classes: list[str]
+    train: list[tuple[Path, int]]  # (file, label)
+    val: list[tuple[Path, int]] | None  # None: no train/ + val/ split; split by val_fraction
+
+    def files(self) -> list[Path]:
+        return [p for p, _ in self.train + (self.val or [])]
+
+
+def _image_files(folder: Path, classes: list[str], limit: int) -> list[tuple[Path, int]]:
+    files = []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).rglob("*")):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
                 continue
-            if len(images) >= limit:
+            if len(files) >= limit:
                 raise DatasetError(f"dataset.max_samples: the folder holds more than {limit} images")
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-            except OSError as exc:
-                raise DatasetError(f"dataset.path: cannot read image {path.relative_to(folder)}: {exc}") from None
-            labels.append(label)
-    if not images:
-        raise DatasetError(f"dataset.path: no images under {folder}")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+            files.append((path, label))
+    if not files:
+        raise DatasetError("dataset.path: no images in the folder's class subfolders")
+    return files
 
 
-def imagefolder_dataset(spec) -> Dataset:
-    """`path` (under `data_dir` if relative) holds one subfolder per class, or `train/` and `val/` that do."""
-    base = Path(spec.path).expanduser() if spec.path else None
-    if base is None:
-        raise DatasetError("dataset.path: required for imagefolder")
-    if not base.is_absolute() and spec.data_dir:
-        base = Path(spec.data_dir) / base
+def imagefolder_layout(base: Path, limit: int) -> ImageFolderLayout:
+    """`base` holds one subfolder per class, or `train/` and `val/` that do. Messages name no server path."""
     if not base.is_dir():
-        raise DatasetError(f"dataset.path: {base} is not a directory")
+        raise DatasetError("dataset.path: not a directory")
     has_split = (base / "train").is_dir() and (base / "val").is_dir()
     train_dir = base / "train" if has_split else base
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise DatasetError(f"dataset.path: {train_dir} needs at least two class subfolders")
-    x, y = _load_images(train_dir, spec.image_size, classes, spec.max_samples)
+        raise DatasetError(f"dataset.path: {'train/ ' if has_split else 'the folder '}needs at least two class "
+                           "subfolders")
+    train = _image_files(train_dir, classes, limit)
+    val = None
     if has_split:
         missing = [c for c in sorted(p.name for p in (base / "val").iterdir() if p.is_dir()) if c not in classes]
         if missing:
             raise DatasetError(f"dataset.path: val/ has classes {missing} that train/ lacks")
-        xv, yv = _load_images(base / "val", spec.image_size, classes, spec.max_samples)
+        val = _image_files(base / "val", classes, limit)
+    return ImageFolderLayout(base, classes, train, val)
+
+
+def _load_images(files: list[tuple[Path, int]], base: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    images = []
+    for path, _ in files:
+        name = path.relative_to(base)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    width, height = img.size
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise DatasetError(f"dataset.path: image {name} has {width}×{height} pixels, over the "
+                                           f"{MAX_IMAGE_PIXELS:,}-pixel limit")
+                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DatasetError(f"dataset.path: image {name} is over the pixel limit (a decompression bomb?)") from None
+        except OSError as exc:
+            raise DatasetError(f"dataset.path: cannot read image {name}: {_no_paths(exc)}") from None
+    return torch.from_numpy(np.stack(images)), torch.tensor([label for _, label in files], dtype=torch.int64)
+
+
+def _no_paths(exc: OSError) -> str:
+    """An OSError's reason without the file name it carries (PIL puts the full path in some)."""
+    return exc.strerror if exc.strerror else str(exc).split(" '/")[0].split(' "/')[0]
+
+
+def imagefolder_dataset(spec) -> Dataset:
+    """`path` (under `data_dir` if relative) holds one subfolder per class, or `train/` and `val/` that do."""
+    if not spec.path:
+        raise DatasetError("dataset.path: required for imagefolder")
+    base = Path(spec.path)  # `~` is the CLI's to expand, never the service's
+    if not base.is_absolute() and spec.data_dir:
+        base = Path(spec.data_dir) / base
+    layout = imagefolder_layout(base, spec.max_samples)
+    x, y = _load_images(layout.train, base, spec.image_size)
+    if layout.val is not None:
         xt, yt = x, y
+        xv, yv = _load_images(layout.val, base, spec.image_size)
     else:
         xt, yt, xv, yv = split(x, y, spec.val_fraction, spec.split_seed)
     mean, std = channel_stats(xt, 1 / 255)
     augment = spec.augment == "crop-flip"
-    return Dataset(xt, yt, xv, yv, num_classes=len(classes), scale=1 / 255, mean=mean, std=std, augment=augment)
+    return Dataset(xt, yt, xv, yv, num_classes=len(layout.classes), scale=1 / 255, mean=mean, std=std,
+                   augment=augment)

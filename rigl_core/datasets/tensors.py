@@ -19,7 +19,7 @@ ALLOWED_KEYS = {"x", "y", "x_val", "y_val"}
 
 def read_tensor_file(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise DatasetError(f"dataset.path: {path} does not exist")
+        raise DatasetError(f"dataset.path: {path.name} does not exist")
     size = path.stat().st_size
     if size > max_bytes:
         raise DatasetError(f"dataset.path: {size:,} bytes is over the {max_bytes:,}-byte limit")
@@ -40,42 +40,64 @@ def read_tensor_file(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def validate_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Check an uploaded set of arrays; returns them unchanged or raises DatasetError naming the key."""
-    unknown = sorted(set(arrays) - ALLOWED_KEYS)
+def validate_layout(layout: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """Check the keys, dtypes and shapes of an upload (from its headers, before any data is read);
+    raises DatasetError naming the key."""
+    unknown = sorted(set(layout) - ALLOWED_KEYS)
     if unknown:
         raise DatasetError(f"dataset.path: unexpected arrays {unknown}; allowed: x, y, x_val, y_val")
     for key in ("x", "y"):
-        if key not in arrays:
+        if key not in layout:
             raise DatasetError(f"dataset.path: missing array {key!r}")
-    if ("x_val" in arrays) != ("y_val" in arrays):
+    if ("x_val" in layout) != ("y_val" in layout):
         raise DatasetError("dataset.path: give both x_val and y_val, or neither")
+    for xk, yk in (("x", "y"), ("x_val", "y_val")):
+        if xk not in layout:
+            continue
+        (x_dtype, x_shape), (y_dtype, y_shape) = layout[xk], layout[yk]
+        if x_dtype.kind not in "fiu" or x_dtype.fields is not None or x_dtype.subdtype is not None:
+            raise DatasetError(f"dataset.{xk}: dtype {x_dtype} is not numeric")
+        if not 2 <= len(x_shape) <= 4:
+            raise DatasetError(f"dataset.{xk}: expected 2 to 4 dimensions (N, features…), got shape {list(x_shape)}")
+        if len(y_shape) != 1 or y_dtype.kind not in "iu" or y_dtype.fields is not None:
+            raise DatasetError(f"dataset.{yk}: expected a 1-D integer array of labels, got {y_dtype} {list(y_shape)}")
+        if x_shape[0] != y_shape[0]:
+            raise DatasetError(f"dataset.{yk}: {y_shape[0]} labels for {x_shape[0]} samples in {xk}")
+        if x_shape[0] == 0:
+            raise DatasetError(f"dataset.{xk}: no samples")
+    if "x_val" in layout and tuple(layout["x_val"][1][1:]) != tuple(layout["x"][1][1:]):
+        raise DatasetError(f"dataset.x_val: sample shape {list(layout['x_val'][1][1:])} differs from x's "
+                           f"{list(layout['x'][1][1:])}")
+
+
+def not_finite(key: str) -> DatasetError:
+    return DatasetError(f"dataset.{key}: contains NaN or infinite values")
+
+
+def bad_labels(key: str, low: int, high: int) -> DatasetError | None:
+    """The error for labels spanning low..high, or None when they are in range."""
+    if low < 0 or high >= MAX_CLASSES:
+        return DatasetError(f"dataset.{key}: labels must be in [0, {MAX_CLASSES}), got {low}..{high}")
+    return None
+
+
+def validate_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check an uploaded set of arrays; returns them unchanged or raises DatasetError naming the key."""
+    validate_layout({k: (a.dtype, a.shape) for k, a in arrays.items()})
     for xk, yk in (("x", "y"), ("x_val", "y_val")):
         if xk not in arrays:
             continue
         x, y = arrays[xk], arrays[yk]
-        if x.dtype.kind not in "fiu":
-            raise DatasetError(f"dataset.{xk}: dtype {x.dtype} is not numeric")
-        if not 2 <= x.ndim <= 4:
-            raise DatasetError(f"dataset.{xk}: expected 2 to 4 dimensions (N, features…), got shape {list(x.shape)}")
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise DatasetError(f"dataset.{yk}: expected a 1-D integer array of labels, got {y.dtype} {list(y.shape)}")
-        if len(x) != len(y):
-            raise DatasetError(f"dataset.{yk}: {len(y)} labels for {len(x)} samples in {xk}")
-        if len(x) == 0:
-            raise DatasetError(f"dataset.{xk}: no samples")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise DatasetError(f"dataset.{xk}: contains NaN or infinite values")
-        if y.min() < 0 or y.max() >= MAX_CLASSES:
-            raise DatasetError(f"dataset.{yk}: labels must be in [0, {MAX_CLASSES}), got {y.min()}..{y.max()}")
-    if "x_val" in arrays and arrays["x_val"].shape[1:] != arrays["x"].shape[1:]:
-        raise DatasetError(f"dataset.x_val: sample shape {list(arrays['x_val'].shape[1:])} differs from x's "
-                           f"{list(arrays['x'].shape[1:])}")
+            raise not_finite(xk)
+        error = bad_labels(yk, int(y.min()), int(y.max()))
+        if error:
+            raise error
     return arrays
 
 
 def tensors_dataset(spec) -> Dataset:
-    path = Path(spec.path).expanduser() if spec.path else None
+    path = Path(spec.path) if spec.path else None  # `~` is the CLI's to expand, never the service's
     if path is None:
         raise DatasetError("dataset.path: required for tensors")
     if not path.is_absolute() and spec.data_dir:

@@ -1,0 +1,85 @@
+"""Datasets read from the server's datasets directory (mnist, cifar, imagefolder), checked at submit time.
+
+Why: the user names at most a folder inside the datasets directory; the server resolves it once to a
+real path that must stay inside (symlinks included), counts what it holds (capped, nothing decoded)
+and stores the absolute real path in the resolved spec, so the worker reads exactly what was checked
+(and re-checks it: `store.user_paths.check_job_paths`). The datasets directory is the implicit
+data_dir of every such job. Error messages carry no server path.
+"""
+
+from __future__ import annotations
+
+from rigl_core.datasets import DatasetError
+from rigl_core.datasets.describe import describe
+from store.scrub import scrub_paths
+from store.settings import Settings
+from store.user_paths import imagefolder_layout
+
+from api.errors import ApiError, from_value_error
+
+SERVER_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+
+
+def resolve_server_dataset(spec, tree: dict, settings: Settings) -> tuple[list[int], int | None, int | None]:
+    """Fill `tree` (the dataset part of the resolved spec) with server paths; returns (input shape,
+    classes, training samples), None where unknown. Raises ApiError naming the field."""
+    name = tree["name"]
+    if name in SERVER_DATASETS:
+        tree["data_dir"] = str(settings.datasets_dir)
+    shape = describe(spec)
+    input_shape, num_classes, num_train = shape.input_shape, shape.num_classes, shape.num_train
+    try:
+        if name == "imagefolder":
+            num_classes, num_train = _imagefolder(spec, tree, settings)
+        elif name in SERVER_DATASETS:
+            _check_present(spec, settings)
+    except ApiError:
+        raise
+    except DatasetError as exc:
+        raise from_value_error(scrub_paths(str(exc), settings)) from None
+    return input_shape, num_classes, num_train
+
+
+def _imagefolder(spec, tree: dict, settings: Settings) -> tuple[int, int]:
+    server_cap = settings.max_imagefolder_images
+    try:
+        layout = imagefolder_layout(tree["path"], settings.datasets_dir, min(spec.max_samples, server_cap))
+    except DatasetError as exc:
+        if str(exc).startswith("dataset.max_samples") and server_cap < spec.max_samples:
+            raise ApiError(422, "too_large", f"the folder holds more than {server_cap:,} images, the server's "
+                                             "limit", "dataset.path") from None
+        raise
+    images = len(layout.train) + len(layout.val or [])
+    if images > server_cap:
+        raise ApiError(422, "too_large", f"the folder holds {images:,} images, over the server's limit of "
+                                         f"{server_cap:,}", "dataset.path")
+    decoded = images * 3 * spec.image_size ** 2
+    if decoded > settings.max_imagefolder_bytes:
+        raise ApiError(422, "too_large", f"{images:,} images of {spec.image_size}×{spec.image_size} take "
+                                         f"{decoded:,} bytes, over the server's limit of "
+                                         f"{settings.max_imagefolder_bytes:,}", "dataset.image_size")
+    tree["path"] = str(layout.base)  # the real path, checked; the worker re-checks it
+    if layout.val is not None:
+        return len(layout.classes), len(layout.train)
+    num_train = len(layout.train) - max(1, int(round(len(layout.train) * spec.val_fraction)))
+    if num_train < 1:
+        raise ApiError(422, "invalid_job", "leaves no training samples", "dataset.val_fraction")
+    return len(layout.classes), num_train
+
+
+def _check_present(spec, settings: Settings) -> None:
+    """mnist/cifar: the files the loader needs exist, so a job does not fail later in a worker."""
+    from rigl_core.datasets import files
+
+    root = settings.datasets_dir
+    try:
+        if spec.name in files.IDX_FOLDERS:
+            for stem in files.IDX_FILES["train"] + files.IDX_FILES["val"]:
+                files.find_idx(root, files.IDX_FOLDERS[spec.name], stem)
+        else:
+            info = files.CIFAR[spec.name]
+            if not all((root / info["folder"] / n).is_file() for n in info["train"] + info["val"]):
+                raise DatasetError("missing")
+    except (DatasetError, OSError):
+        raise ApiError(422, "invalid_job", f"the server has no {spec.name} files; ask the operator to place "
+                                           "them in the datasets directory", "dataset.name") from None

@@ -1,0 +1,178 @@
+"""Deleting what users store: jobs (rows and artifacts), uploads, and what nobody needs any more.
+
+Storage must not grow without bound. A job is deleted with everything that refers to it: its
+artifact directory and every row with its `job_id` (events, checkpoints, idempotency records, …).
+A job that is still running is cancelled first and marked pending deletion; the API's cleanup
+sweep (`sweep`) purges it once its worker has stopped it, so a user deletes in one call.
+Files go before rows, and the pending-deletion mark before both, so a purge that is interrupted
+is finished by the next sweep rather than leaving files nobody can reach.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+
+from store.artifacts import ID_PATTERN, Artifacts
+from store.db import ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, utcnow
+from store.jobs import ACTIVE, CLAIMABLE, TERMINAL, JobStore
+
+log = logging.getLogger("rigl.deletion")
+
+
+class InUse(Exception):
+    """An upload an active job still reads; `job_id` names that job."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def delete_job(store: JobStore, artifacts: Artifacts, job_id: str, owner: str | None = None) -> str | None:
+    """`DELETE /v1/jobs/{id}`. Returns None (no such job for this owner), "deleted" (gone now), or
+    "pending" (it was running: cancellation was requested and the sweep deletes it once it stopped)."""
+    if not ID_PATTERN.match(job_id):  # never issued by us (and a NUL byte is an error in PostgreSQL)
+        return None
+    for _ in range(10):  # compare-and-set on the status: a worker may finish the job meanwhile
+        with store.sessions.begin() as s:
+            query = select(Job.status).where(Job.id == job_id)
+            if owner is not None:
+                query = query.where(Job.owner == owner)
+            status = s.scalar(query.with_for_update())
+            if status is None:
+                return None
+            _mark_pending(store, s, job_id)
+            if status not in TERMINAL:
+                new = "cancelled" if status in CLAIMABLE else "cancelling"
+                values = {"status": new, "cancel_requested": True}
+                if new == "cancelled":
+                    values.update(finished_at=utcnow(), lease_token=None)
+                if s.execute(update(Job).where(Job.id == job_id, Job.status == status).values(**values)).rowcount != 1:
+                    continue
+                message = ("cancelled before it started; deleting" if new == "cancelled" else
+                           "cancellation requested; the job is deleted once it has stopped")
+                s.add(Event(job_id=job_id, type="status", message=message, data={"status": new}))
+                status = new
+        break
+    else:
+        return "pending"
+    if status in TERMINAL:
+        return "deleted" if purge_job(store, artifacts, job_id) else "pending"
+    return "pending"
+
+
+def purge_job(store: JobStore, artifacts: Artifacts, job_id: str) -> bool:
+    """Remove a finished job's files, then all its rows. False (nothing done) when it is not finished."""
+    with store.sessions.begin() as s:
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        if status is not None and status not in TERMINAL:
+            return False
+        _mark_pending(store, s, job_id)
+    artifacts.remove_job_dir(job_id)
+    try:
+        with store.sessions.begin() as s:
+            for table in reversed(Base.metadata.sorted_tables):  # children before the job row
+                if "job_id" in table.c and table.name != Job.__tablename__:
+                    s.execute(delete(table).where(table.c.job_id == job_id))
+            s.execute(delete(Job).where(Job.id == job_id))
+    except IntegrityError:  # a row referring to it was written meanwhile: the next sweep finishes it
+        log.warning("job %s: deletion deferred to the next cleanup sweep", job_id)
+        return False
+    return True
+
+
+def _mark_pending(store: JobStore, session, job_id: str) -> None:
+    insert = pg_insert if store.engine.dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(PendingDeletion).values(job_id=job_id, requested_at=utcnow())
+                    .on_conflict_do_nothing(index_elements=[PendingDeletion.job_id]))
+
+
+# ---------------------------------------------------------------------------------------------- uploads
+def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner: str | None = None) -> bool:
+    """False: no such dataset for this owner. InUse: an active job reads it. A finished job no longer
+    needs the file. Under the owner's lock, so a job being submitted against it either is seen here or
+    finds the dataset gone (JobStore.create_job)."""
+    row = store.get_dataset(dataset_id, owner) if ID_PATTERN.match(dataset_id) else None
+    if row is None:
+        return False
+    with store.sessions.begin() as s:
+        store.lock_owners(s, [row.owner])
+        _refuse_if_used(s, lambda spec: spec.get("dataset", {}).get("name") == "tensors"
+                        and spec["dataset"].get("path") == dataset_id)
+        if s.execute(delete(DatasetRecord).where(DatasetRecord.id == dataset_id)).rowcount != 1:
+            return False
+    artifacts.dataset_file(dataset_id, row.format).unlink(missing_ok=True)
+    return True
+
+
+def delete_architecture(store: JobStore, architecture_id: str, owner: str | None = None) -> bool:
+    """False: no such architecture for this owner. InUse: an active job was submitted with it (every job
+    keeps its own resolved copy, so finished ones are unaffected)."""
+    row = store.get_architecture(architecture_id, owner) if ID_PATTERN.match(architecture_id) else None
+    if row is None:
+        return False
+    with store.sessions.begin() as s:
+        store.lock_owners(s, [row.owner])
+        _refuse_if_used(s, lambda spec: spec.get("model", {}).get("name") == architecture_id)
+        return s.execute(delete(ArchitectureRecord).where(ArchitectureRecord.id == architecture_id)).rowcount == 1
+
+
+def _refuse_if_used(session, uses) -> None:
+    for job_id, spec in session.execute(select(Job.id, Job.spec).where(Job.status.in_(ACTIVE)).order_by(Job.seq)):
+        if isinstance(spec, dict) and uses(spec):
+            raise InUse(job_id)
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+def discard_resume_checkpoint(store: JobStore, artifacts: Artifacts, job_id: str) -> bool:
+    """A finished job (succeeded, failed or cancelled) can never resume: drop its resume checkpoint,
+    file then row. Safe to call from the worker right after `JobStore.finish`."""
+    with store.sessions() as s:
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        names = list(s.scalars(select(Checkpoint.filename).where(Checkpoint.job_id == job_id,
+                                                                 Checkpoint.kind == "resume")))
+    if status not in TERMINAL or not names:
+        return False
+    folder = artifacts.root / "jobs" / job_id
+    older = [p.name for p in folder.glob("resume*")] if folder.is_dir() and not folder.is_symlink() else []
+    for name in set(names) | set(older):  # the recorded one, earlier ones and temp files of any attempt
+        artifacts.job_file(job_id, name).unlink(missing_ok=True)
+    with store.sessions.begin() as s:
+        s.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == "resume"))
+    return True
+
+
+def sweep(store: JobStore, artifacts: Artifacts, retention_days: float | None = None, batch: int = 100) -> dict:
+    """One pass of the API's cleanup: finish pending deletions, drop the resume checkpoints of finished
+    jobs, delete finished jobs past `retention_days`. Returns what it did, by kind."""
+    done = {"deleted": [], "resume_discarded": [], "expired": []}
+    with store.sessions() as s:
+        pending = list(s.execute(select(PendingDeletion.job_id, Job.status)
+                                 .join(Job, Job.id == PendingDeletion.job_id, isouter=True).limit(batch)))
+        finished_with_resume = list(s.scalars(
+            select(Checkpoint.job_id).join(Job, Job.id == Checkpoint.job_id)
+            .where(Checkpoint.kind == "resume", Job.status.in_(TERMINAL)).distinct().limit(batch)))
+        expired = []
+        if retention_days is not None:
+            cutoff = utcnow() - dt.timedelta(days=retention_days)
+            expired = list(s.scalars(select(Job.id).where(Job.status.in_(TERMINAL), Job.finished_at < cutoff)
+                                     .order_by(Job.seq).limit(batch)))
+    for job_id, status in pending:
+        if status in CLAIMABLE:  # requeued (its worker was lost) after the deletion was asked for
+            if delete_job(store, artifacts, job_id) == "deleted":
+                done["deleted"].append(job_id)
+        elif (status is None or status in TERMINAL) and purge_job(store, artifacts, job_id):
+            done["deleted"].append(job_id)
+    for job_id in finished_with_resume:
+        if discard_resume_checkpoint(store, artifacts, job_id):
+            done["resume_discarded"].append(job_id)
+    for job_id in expired:
+        if purge_job(store, artifacts, job_id):
+            done["expired"].append(job_id)
+    return done

@@ -1,0 +1,279 @@
+"""A worker's lease, in process on a real SQLite store: preemptions don't spend attempts, the lease is
+judged by the database's clock, a worker that lost its lease can't write, the next job is chosen
+fairly across owners, the time limit checkpoints first, and a full disk (a real tmpfs) ends the job
+`no_space` with no temp files left. The multi-process versions are in test_worker_lease_service.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from store.settings import Settings
+
+SMALL = {"model": {"name": "mlp", "hidden_sizes": [64, 32]}, "dataset": {"name": "digits"},
+         "sparsity": {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "schedule": {"delta_t": 5}},
+         "training": {"epochs": 2, "batch_size": 64, "log_every_steps": 5}}
+
+
+def small(epochs: int) -> dict:
+    return {**SMALL, "training": {**SMALL["training"], "epochs": epochs}}
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from store.jobs import JobStore
+
+    return JobStore(f"sqlite:///{tmp_path / 'rigl.db'}")
+
+
+def submit(store, owner: str = "local", spec: dict | None = None) -> str:
+    spec = spec or small(2)
+    return store.create_job(spec, spec, total_steps=46, owner=owner).id
+
+
+def statuses(store, job_id: str) -> list[str]:
+    return [e.data["status"] for e in store.list_events(job_id, limit=1000) if e.type == "status"]
+
+
+def test_preemptions_do_not_spend_attempts_but_lost_workers_do(store):
+    job_id = submit(store)
+    for run in range(1, 5):  # four runs, three clean requeues: max_attempts=3 is not reached
+        job, token = store.claim(job_id, max_attempts=3, lease_seconds=60)
+        assert job is not None and job.attempt == run, token
+        if run < 4:
+            assert store.requeue(job_id, token, "worker process stopped (SIGTERM); will resume")
+    assert store.get_job(job_id).preemptions == 3
+    assert store.finish(job_id, token, "succeeded")
+
+    poison = submit(store)
+    for run in range(1, 4):  # the control: runs that die without a requeue (found stale) do count
+        job, token = store.claim(poison, max_attempts=3, lease_seconds=0.05)
+        assert job is not None and job.attempt == run
+        time.sleep(0.1)
+        assert store.requeue_stale(0.05) == [poison]
+    job, why = store.claim(poison, max_attempts=3, lease_seconds=0.05)
+    assert job is None
+    final = store.get_job(poison)
+    assert final.status == "failed" and final.error_code == "too_many_attempts" and final.attempt == 3
+
+
+def test_heartbeats_and_staleness_use_the_database_clock(store, monkeypatch):
+    """A worker whose clock is 300 s behind (or ahead) writes heartbeats that the reaper judges by the
+    same clock: neither reaped while alive nor kept alive after it stopped."""
+    import store.db as db
+    import store.jobs as jobs
+
+    job_id = submit(store)
+    _, token = store.claim(job_id, max_attempts=3, lease_seconds=2)
+    for skew in (-300, 300):
+        shifted = lambda skew=skew: dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=skew)  # noqa: E731
+        with monkeypatch.context() as patch:  # the worker's clock, as the worker's code would read it
+            patch.setattr(db, "utcnow", shifted)
+            patch.setattr(jobs, "utcnow", shifted)
+            assert store.heartbeat(job_id, token, step=3)["lease"]
+        assert store.requeue_stale(2) == [], skew  # the API's reaper, with a correct clock
+    time.sleep(2.3)
+    assert store.requeue_stale(2) == [job_id]  # a worker 300 s ahead can't keep a dead job forever
+
+
+def test_a_worker_that_lost_its_lease_cannot_write(store, tmp_path):
+    from rigl_core.spec import JobSpec
+    from rigl_core.trainer import Trainer
+    from store.artifacts import Artifacts
+    from store.jobs import LeaseLost
+    from worker.runner import save_resume_checkpoint
+
+    artifacts = Artifacts(tmp_path / "artifacts")
+    job_id = submit(store)
+    first, old = store.claim(job_id, max_attempts=3, lease_seconds=0.05)
+    time.sleep(0.1)
+    assert store.requeue_stale(0.05) == [job_id]  # its heartbeat lapsed: the reaper gave the job away
+    second, new = store.claim(job_id, max_attempts=3, lease_seconds=60)
+    assert (first.attempt, second.attempt) == (1, 2)
+
+    trainer = Trainer(JobSpec.model_validate(small(2)))
+    trainer.step = 7
+    current = save_resume_checkpoint(trainer, store, artifacts, job_id, new, second.attempt)
+    trainer.step = 9
+    with pytest.raises(LeaseLost):  # the stale holder's checkpoint: written to its own file, never published
+        save_resume_checkpoint(trainer, store, artifacts, job_id, old, first.attempt)
+    with pytest.raises(LeaseLost):
+        store.add_events(job_id, [{"type": "message", "message": "from the past"}], token=old)
+    with pytest.raises(LeaseLost):
+        store.add_checkpoint(job_id, "dense", 9, "model.safetensors", "0" * 64, 1, token=old)
+    assert store.finish(job_id, old, "succeeded") is False
+    assert store.requeue(job_id, old, "stale") is False
+    assert store.heartbeat(job_id, old, step=9)["lease"] is False
+
+    rows = store.list_checkpoints(job_id)
+    assert [(r.kind, r.step, r.filename) for r in rows] == [("resume", 7, current)]
+    assert current != "resume.pt" and ".a2." in current  # attempt-specific: holders never share a file
+    files = sorted(p.name for p in artifacts.job_dir(job_id).iterdir())
+    assert files == [current]  # the stale holder's file and temp file are gone
+    assert "from the past" not in [e.message for e in store.list_events(job_id, limit=1000)]
+    job = store.get_job(job_id)
+    assert job.status == "running" and job.step == 0 and job.lease_token == new
+    store.add_events(job_id, [{"type": "message", "message": "current holder"}], token=new)
+    assert store.finish(job_id, new, "succeeded")
+
+
+def test_the_next_job_to_start_is_chosen_fairly_across_owners(store):
+    a_jobs = [submit(store, owner="alice") for _ in range(5)]
+    b_job = submit(store, owner="bob")
+    first, _ = store.claim(a_jobs[0], max_attempts=3)
+    assert first.id == a_jobs[0]
+    # alice has a job running, bob none: alice's second message starts bob's job
+    second, _ = store.claim(a_jobs[1], max_attempts=3)
+    assert second.id == b_job
+    # one each running: the owner served longest ago, then the oldest job
+    third, _ = store.claim(b_job, max_attempts=3)
+    assert third.id == a_jobs[1]
+    store.request_cancel(a_jobs[2])  # cancelled jobs are skipped
+    fourth, _ = store.claim(a_jobs[3], max_attempts=3)
+    assert fourth.id == a_jobs[3]
+    fifth, _ = store.claim(a_jobs[4], max_attempts=3)
+    sixth, why = store.claim(a_jobs[2], max_attempts=3)
+    assert fifth.id == a_jobs[4] and sixth is None and "cancelled" in why
+
+
+def test_one_owner_alone_after_another_finished_alternates_owners(store):
+    """With one worker nothing else runs at each pick: the owner served longest ago goes first."""
+    a_jobs = [submit(store, owner="alice") for _ in range(3)]
+    first, token = store.claim(a_jobs[0], max_attempts=3)
+    store.finish(first.id, token, "succeeded")
+    b_job = submit(store, owner="bob")
+    second, _ = store.claim(a_jobs[1], max_attempts=3)
+    assert second.id == b_job
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return Settings(data_dir=tmp_path, cancel_poll_seconds=0.2, lease_seconds=30, checkpoint_every_steps=5,
+                    checkpoint_min_seconds=0).resolved()
+
+
+def test_the_time_limit_checkpoints_first_then_ends_the_job_time_limit(settings, store):
+    from worker.runner import run_job
+
+    job_id = submit(store, spec=small(200))  # 4600 steps: far more than fit in the limit
+    limited = settings.model_copy(update={"job_time_limit_seconds": 4, "time_limit_grace_seconds": 2})
+    began = time.monotonic()
+    assert run_job(job_id, limited, store) == "failed"
+    assert time.monotonic() - began < 30
+    job = store.get_job(job_id)
+    assert job.error_code == "time_limit" and "time limit" in job.error_message and "/" not in job.error_message
+    resume = store.latest_checkpoint(job_id, "resume")
+    assert resume is not None and resume.step == job.step > 0  # saved at the step it stopped, not before
+    assert (settings.artifact_dir / "jobs" / job_id / resume.filename).is_file()
+
+
+def test_celery_soft_time_limit_is_still_caught_as_time_limit(settings, store, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from rigl_core.trainer import Trainer
+    from worker.runner import run_job
+
+    def interrupted(self):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    job_id = submit(store)
+    assert run_job(job_id, settings, store) == "failed"
+    assert store.get_job(job_id).error_code == "time_limit"
+
+
+def test_a_failing_event_write_does_not_fail_the_job(settings, store, monkeypatch):
+    """Events the database refuses (not an outage) are dropped; an outage keeps them for later."""
+    from sqlalchemy.exc import DataError, OperationalError
+
+    from worker.runner import run_job
+
+    real = store.add_events
+    calls = {"n": 0}
+
+    def flaky(job_id, events, token=None):
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:
+            raise OperationalError("INSERT", {}, ConnectionRefusedError("database restarting"))
+        if any(e["type"] == "eval" for e in events) and len(events) > 1:
+            raise DataError("INSERT", {}, ValueError("refused"))
+        return real(job_id, events, token)
+
+    monkeypatch.setattr(store, "add_events", flaky)
+    job_id = submit(store, spec=small(3))
+    assert run_job(job_id, settings, store) == "succeeded"
+    assert store.get_job(job_id).status == "succeeded"
+    assert [e for e in store.list_events(job_id, limit=1000) if e.type == "eval"]  # kept, one by one
+
+
+@pytest.fixture()
+def small_volume(tmp_path):
+    """A 3 MiB tmpfs for the artifacts (needs root and mount; skipped elsewhere)."""
+    mount = tmp_path / "artifacts"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", f"rigl-test-{uuid.uuid4().hex[:6]}",
+                             str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_artifact_volume_fails_the_job_no_space_and_leaves_no_temp_files(tmp_path, small_volume, store):
+    import os
+
+    from worker.runner import run_job
+
+    settings = Settings(data_dir=tmp_path, artifact_dir=small_volume, cancel_poll_seconds=0.2, lease_seconds=30,
+                        checkpoint_every_steps=10, checkpoint_min_seconds=0).resolved()
+    job_id = submit(store, spec=small(3))
+    (small_volume / "jobs" / job_id).mkdir(parents=True)
+    free = os.statvfs(small_volume)
+    filler = small_volume / "filler"
+    filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 16 * 1024))  # 16 KiB: < any checkpoint
+    assert run_job(job_id, settings, store) == "failed"
+    job = store.get_job(job_id)
+    assert job.error_code == "no_space", (job.error_code, job.error_message)
+    assert job.error_message == "no space left on the artifact volume while writing the checkpoint"
+    warnings = [e for e in store.list_events(job_id, limit=1000) if e.level == "warn" and e.type == "message"]
+    assert warnings and "no space" in warnings[0].message  # periodic checkpoints skipped, training went on
+    assert job.step == 69  # all 3 epochs trained; the final export is what could not be written
+    leftovers = [p.name for p in (small_volume / "jobs" / job_id).iterdir()]
+    assert not [name for name in leftovers if name.endswith(".tmp")], leftovers
+    assert store.list_checkpoints(job_id) == []
+
+
+def test_a_stop_request_during_a_database_outage_still_requeues(settings, store, monkeypatch):
+    """The final writes (checkpoint row, requeue) wait out a short outage instead of failing the job."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker.runner import run_job
+
+    job_id = submit(store)
+    down = threading.Event()
+    real_add, real_requeue = store.add_checkpoint, store.requeue
+
+    def unavailable(real):
+        def call(*args, **kwargs):
+            if down.is_set():
+                raise OperationalError("UPDATE", {}, ConnectionRefusedError("connection refused"))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(store, "add_checkpoint", unavailable(real_add))
+    monkeypatch.setattr(store, "requeue", unavailable(real_requeue))
+    stop = threading.Event()
+    stop.set()
+    down.set()
+    threading.Timer(1.5, down.clear).start()  # the database comes back after 1.5 s
+    assert run_job(job_id, settings, store, stop_requested=stop) == "requeued"
+    job = store.get_job(job_id)
+    assert job.status == "requeued" and job.preemptions == 1
+    assert store.latest_checkpoint(job_id, "resume").step == 1
