@@ -5,11 +5,18 @@ A Sparsifier owns the masks and replaces `optimizer.step()` in the training loop
     loss.backward()
     update = sparsifier.step(step)   # masks grads, steps the optimizer or updates masks
 
+With mixed precision and a `torch.amp.GradScaler`, pass the scaler and call `scaler.update()` after:
+
+    scaler.scale(loss).backward()
+    update = sparsifier.step(step, scaler=scaler)   # unscales, skips the step on inf/NaN gradients
+    scaler.update()
+
 The methods differ only in when masks change and which scores drop and grow (rigl_spec.md §3-4).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +103,8 @@ class Sparsifier:
         self.ever_active: dict[str, torch.Tensor] = {}
         self.record_details = False  # tests: keep kept/grown sets of the last update
         self.last_details: dict[str, object] = {}
+        self.pending_update = False  # a due mask update postponed by non-finite gradients
+        self.skipped_steps = 0  # steps skipped because the scaler found inf/NaN gradients
 
     # ----------------------------------------------------------------- lifecycle
     def init_masks(self) -> None:
@@ -127,18 +136,71 @@ class Sparsifier:
                 grad.mul_(self.masks[layer.name])
 
     # ----------------------------------------------------------------- the step
-    def step(self, step: int) -> MaskUpdate | None:
-        """Replace `optimizer.step()`: returns the mask update made at this step, if any."""
+    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> MaskUpdate | None:
+        """Replace `optimizer.step()` (or `scaler.step(optimizer)`): returns the mask update made at
+        this step, if any.
+
+        Non-finite gradients never reach the masks:
+
+        - With an enabled `scaler`, the gradients are unscaled first (`scaler.unscale_`), so grow
+          scores are true gradients, and a step whose gradients hold inf/NaN is skipped whole: no
+          optimizer step, no gradient observation (SNFS EMA, RigL accumulation) and no drop/grow. A
+          mask update due at a skipped step is postponed to the next step with finite gradients
+          (same drop fraction schedule, evaluated at that step), so SNIP's one update and GMP's last
+          pruning step are never lost. The caller still calls `scaler.update()` afterwards.
+        - Without a scaler nothing is checked on ordinary steps (no per-step cost), but a mask
+          update refuses non-finite scores: if any masked layer's gradient (or accumulated score)
+          is non-finite, it warns and postpones the update as above, and its optimizer step is
+          skipped if the method would take it at that step. Non-finite weights raise
+          FloatingPointError: training has already diverged.
+        """
+        if scaler is not None and scaler.is_enabled() and _unscale_found_inf(scaler, self.optimizer):
+            self.skipped_steps += 1
+            if self.is_update_step(step):
+                self.pending_update = True
+            self._discard_scores_on_skip()
+            self._zero_grads()
+            return None
+        due = self.pending_update or self.is_update_step(step)
+        if due and not self._scores_finite(step):
+            self.pending_update = True
+            self._discard_scores_on_skip()
+            self._zero_grads()
+            return None
         self.observe_gradients(step)
-        if self.replaces_step_on_update and self.is_update_step(step):
+        if self.replaces_step_on_update and due:
+            self.pending_update = False
             update = self.update_masks(step)
             self._zero_grads()
             return update
         self.mask_gradients()
-        self.optimizer.step()
-        if not self.replaces_step_on_update and self.is_update_step(step):
+        self.optimizer.step()  # a scaler's skip is handled above; grads are already unscaled
+        if not self.replaces_step_on_update and due:
+            self.pending_update = False
             return self.update_masks(step)
         return None
+
+    def _scores_finite(self, step: int) -> bool:
+        """Checked only on mask-update steps: weights and grow scores of every masked layer."""
+        for layer in self.layers:
+            if not bool(torch.isfinite(layer.weight).all()):
+                raise FloatingPointError(
+                    f"step {step}: layer {layer.name} has non-finite weights, training has diverged "
+                    "(with fp16, pass a torch.amp.GradScaler: sparsifier.step(step, scaler=scaler))")
+        for tensor in self._score_inputs():
+            if not bool(torch.isfinite(tensor).all()):
+                warnings.warn(f"step {step}: non-finite gradients, mask update postponed to the next "
+                              "step with finite gradients (no drop or grow on non-finite scores)",
+                              RuntimeWarning, stacklevel=3)
+                return False
+        return True
+
+    def _score_inputs(self) -> list[torch.Tensor]:
+        """The tensors the grow scores are computed from (this step's dense gradients by default)."""
+        return [layer.weight.grad for layer in self.layers if layer.weight.grad is not None]
+
+    def _discard_scores_on_skip(self) -> None:
+        """Hook: drop score state that a skipped step may have made non-finite."""
 
     def is_update_step(self, step: int) -> bool:
         return False
@@ -214,7 +276,8 @@ class Sparsifier:
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         return {"method": self.method, "masks": {k: v.cpu() for k, v in self.masks.items()},
-                "ever_active": {k: v.cpu() for k, v in self.ever_active.items()}, "extra": self._extra_state()}
+                "ever_active": {k: v.cpu() for k, v in self.ever_active.items()}, "extra": self._extra_state(),
+                "pending_update": self.pending_update, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.method:
@@ -224,6 +287,8 @@ class Sparsifier:
         self.ever_active = {layer.name: state["ever_active"][layer.name].to(layer.weight.device)
                             for layer in self.layers if layer.name in state.get("ever_active", {})}
         self._load_extra_state(state.get("extra", {}))
+        self.pending_update = bool(state.get("pending_update", False))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         with torch.no_grad():  # re-apply after loading: guards against mask drift
             for layer in self.layers:
                 layer.weight.mul_(self.masks[layer.name])
@@ -243,8 +308,11 @@ class DenseSparsifier(Sparsifier):
     def __init__(self, layers, sparsities, optimizer, schedule, **kwargs):
         super().__init__([], [], optimizer, schedule, **kwargs)
 
-    def step(self, step: int) -> MaskUpdate | None:
-        self.optimizer.step()
+    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> MaskUpdate | None:
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self.optimizer)  # skips the step on inf/NaN gradients
+        else:
+            self.optimizer.step()
         return None
 
 
@@ -286,6 +354,8 @@ class RigLSparsifier(Sparsifier):
         n = self.grad_accumulation_n
         if n <= 1:
             return False
+        if self.pending_update:
+            return True  # a postponed update: this step's gradient joins the accumulated ones
         next_update = -(-step // self.schedule.delta_t) * self.schedule.delta_t
         return next_update - step < n and next_update < self.schedule.t_end
 
@@ -312,6 +382,15 @@ class RigLSparsifier(Sparsifier):
 
     def update_masks(self, step: int) -> MaskUpdate:
         return self._drop_grow_all(step, self.grow_score)
+
+    def _score_inputs(self) -> list[torch.Tensor]:
+        return super()._score_inputs() + list(self.grad_sums.values())
+
+    def _discard_scores_on_skip(self) -> None:
+        # Sums already accumulated hold only finite gradients (a skipped step never adds to them);
+        # any that went non-finite in fp32 are dropped, leaving this step's gradient to score.
+        for name in [n for n, v in self.grad_sums.items() if not bool(torch.isfinite(v).all())]:
+            del self.grad_sums[name]
 
     def _extra_state(self) -> dict:
         return {"grad_sums": {k: v.cpu() for k, v in self.grad_sums.items()}}
@@ -347,6 +426,13 @@ class SNFSSparsifier(RigLSparsifier):
 
     def grow_score(self, index: int, layer: Layer) -> torch.Tensor:
         return self.grad_ema.get(layer.name, torch.zeros_like(layer.weight)).abs()
+
+    def _score_inputs(self) -> list[torch.Tensor]:
+        return list(self.grad_ema.values())
+
+    def _discard_scores_on_skip(self) -> None:
+        for name in [n for n, v in self.grad_ema.items() if not bool(torch.isfinite(v).all())]:
+            del self.grad_ema[name]  # restarts from the next finite gradient
 
     def _extra_state(self) -> dict:
         return {"grad_ema": {k: v.cpu() for k, v in self.grad_ema.items()}}
@@ -414,6 +500,17 @@ class GMPSparsifier(Sparsifier):
         self._broadcast_masks()
         self.apply_masks()
         return update
+
+
+def _unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Unscale the optimizer's gradients in place (unless the caller already did, e.g. to clip) and
+    say whether the scaler found inf/NaN in them, i.e. whether `scaler.step` would skip this step."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.UNSCALED:
+        scaler.unscale_(optimizer)
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return any(bool(v.item()) for v in found.values())
 
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {

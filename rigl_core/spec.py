@@ -202,6 +202,9 @@ class TrainingSpec(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "auto", description="Autocast dtype for forward and loss; fp16 adds a GradScaler. "
+        "auto: bf16 on a CUDA GPU that supports it, else fp32.")
     eval_every_epochs: int = Field(1, ge=1, le=100_000)
     log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
 

@@ -52,6 +52,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is bf16 on a CUDA device that supports it and fp32 elsewhere (CPU included); explicit
+    fp32/bf16/fp16 are taken as asked, on CPU too (torch autocasts both dtypes there)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -67,6 +80,11 @@ class Trainer:
         self.progress = progress
         t = spec.training
         self.device = resolve_device(t.device)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]  # None: plain fp32, no autocast
+        # fp16 overflows: the scaler scales the loss and skips steps with inf/NaN gradients, and the
+        # sparsifier honours the skip (no optimizer step, no drop/grow on non-finite scores).
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         _seed_everything(t.seed)
         self.data: Dataset = load_dataset(spec.dataset)
         self.num_classes = spec.model.num_classes or self.data.num_classes
@@ -182,9 +200,20 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        update = self.sparsifier.step(self.step)
+        if self.autocast_dtype is None:  # fp32: exactly the plain loop
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            update = self.sparsifier.step(self.step)
+        else:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                loss = self.loss_fn(self.model(x), y)
+            if self.scaler is None:
+                loss.backward()
+                update = self.sparsifier.step(self.step)
+            else:
+                self.scaler.scale(loss).backward()
+                update = self.sparsifier.step(self.step, scaler=self.scaler)
+                self.scaler.update()
         if update is not None:
             for cb in self.callbacks:
                 cb.on_mask_update(self, update)
@@ -208,7 +237,11 @@ class Trainer:
         data = self.data
         for begin in range(0, len(data.x_val), 1024):
             x, y = data.prepare(data.x_val[begin : begin + 1024], train=False), data.y_val[begin : begin + 1024]
-            logits = self.model(x)
+            if self.autocast_dtype is None:
+                logits = self.model(x)
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    logits = self.model(x).float()
             total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
@@ -250,6 +283,7 @@ class Trainer:
                 "t_end": self.schedule.t_end,
                 "delta_t": self.schedule.delta_t,
                 "device": str(self.device),
+                "precision": self.precision,
                 "leak_check": self.leak_check(),
             }
         )
@@ -263,6 +297,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sparsifier": self.sparsifier.state_dict(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
             "train_seconds": self.train_seconds,
             "eval_history": json.dumps(self.eval_history),
@@ -309,6 +344,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sparsifier.load_state_dict(state["sparsifier"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         counters = state["counters"]
         self.step, self.epoch, self.batch_in_epoch = counters["step"], counters["epoch"], counters["batch_in_epoch"]
         self.train_seconds = state["train_seconds"]
