@@ -205,6 +205,11 @@ class TrainingSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "auto", description="Autocast dtype for forward and loss; fp16 adds a GradScaler. "
         "auto: bf16 on a CUDA GPU that supports it, else fp32.")
+    channels_last: bool | None = Field(
+        None, description="channels_last memory format for the model and 4-D inputs. null (auto): on for "
+        "models with Conv2d layers on a CUDA device, off otherwise; true forces it (on CPU too).")
+    tf32: bool = Field(True, description="CUDA only: allow TF32 in matmul and cuDNN convolutions where the GPU "
+                       "supports it (cudnn.benchmark is always on for CUDA); no effect on CPU.")
     eval_every_epochs: int = Field(1, ge=1, le=100_000)
     log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
 

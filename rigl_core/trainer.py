@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rigl_core.datasets import Dataset, batches_per_epoch, epoch_order, load_dataset
+from rigl_core.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
 from rigl_core.models import build_model, check_model
 from rigl_core.optim import build_optimizer, lr_at
 from rigl_core.plan import Plan, make_plan
@@ -85,6 +86,7 @@ class Trainer:
         # fp16 overflows: the scaler scales the loss and skips steps with inf/NaN gradients, and the
         # sparsifier honours the skip (no optimizer step, no drop/grow on non-finite scores).
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.tf32 = configure_kernels(self.device, t.tf32)  # CUDA only: TF32 and cudnn.benchmark
         _seed_everything(t.seed)
         self.data: Dataset = load_dataset(spec.dataset)
         self.num_classes = spec.model.num_classes or self.data.num_classes
@@ -94,6 +96,9 @@ class Trainer:
             spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes,
             architecture=spec.model.architecture,
         ).to(self.device)
+        self.channels_last = resolve_channels_last(t.channels_last, self.model, self.device)
+        if self.channels_last:  # 4-D weights only; masks and exports index the logical shape
+            self.model = self.model.to(memory_format=torch.channels_last)
         check_model(self.model, self.input_shape, self.num_classes)
         self.steps_per_epoch = batches_per_epoch(len(self.data.x_train), t.batch_size)
         self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
@@ -160,7 +165,7 @@ class Trainer:
             while self.step < self.total_steps:
                 begin = self.batch_in_epoch * t.batch_size
                 index = order[begin : begin + t.batch_size]
-                x = data.prepare(data.x_train[index], train=True, seed=t.seed, step=self.step)
+                x = self._layout(data.prepare(data.x_train[index], train=True, seed=t.seed, step=self.step))
                 loss = self._train_step(x, data.y_train[index])
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -193,6 +198,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return self.report()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return to_channels_last(x) if self.channels_last else x
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, self.spec.training)
@@ -236,7 +244,8 @@ class Trainer:
         total_loss, correct, count = 0.0, 0, 0
         data = self.data
         for begin in range(0, len(data.x_val), 1024):
-            x, y = data.prepare(data.x_val[begin : begin + 1024], train=False), data.y_val[begin : begin + 1024]
+            x = self._layout(data.prepare(data.x_val[begin : begin + 1024], train=False))
+            y = data.y_val[begin : begin + 1024]
             if self.autocast_dtype is None:
                 logits = self.model(x)
             else:
@@ -284,6 +293,8 @@ class Trainer:
                 "delta_t": self.schedule.delta_t,
                 "device": str(self.device),
                 "precision": self.precision,
+                "channels_last": self.channels_last,
+                "tf32": self.tf32,
                 "leak_check": self.leak_check(),
             }
         )
@@ -294,9 +305,11 @@ class Trainer:
         state = {
             "version": CHECKPOINT_VERSION,
             "spec": self.spec.model_dump_json(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sparsifier": self.sparsifier.state_dict(),
+            # contiguous tensors whatever the training layout (channels_last): the file is the same
+            # for either layout and loads with a plain load_state_dict
+            "model": contiguous_state(self.model.state_dict()),
+            "optimizer": contiguous_state(self.optimizer.state_dict()),
+            "sparsifier": contiguous_state(self.sparsifier.state_dict()),
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
             "train_seconds": self.train_seconds,
@@ -343,6 +356,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was written for a different job spec")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._match_optimizer_layout()
         self.sparsifier.load_state_dict(state["sparsifier"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -357,6 +371,18 @@ class Trainer:
         _set_numpy_state(rng["numpy"])
         version, internal, gauss = json.loads(rng["python"])
         random.setstate((version, tuple(internal), gauss))
+
+    def _match_optimizer_layout(self) -> None:
+        """Checkpoints hold contiguous optimizer state; give each per-element buffer its parameter's
+        memory format again (channels_last), as a run that never stopped has it."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                state = self.optimizer.state.get(param)
+                if not state or param.dim() != 4 or param.is_contiguous():
+                    continue
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        state[key] = value.contiguous(memory_format=torch.channels_last)
 
 
 class NoSpaceError(OSError):
