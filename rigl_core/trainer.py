@@ -341,7 +341,7 @@ class Trainer:
             os.replace(tmp, path)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            if _is_no_space(exc):
+            if is_no_space(exc):
                 raise NoSpaceError(f"no space left on the device while writing the checkpoint {path.name}") from exc
             raise
         return path
@@ -395,9 +395,13 @@ class NoSpaceError(OSError):
         return self.strerror
 
 
-def _is_no_space(exc: BaseException | None) -> bool:
+def is_no_space(exc: BaseException | None) -> bool:
+    """A full disk, however the writer reported it: an OSError in the chain, or safetensors' own
+    error wrapping the OS's message."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "StorageFull" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from service_helpers import ROOT, free_port, wait_ready
+from service_helpers import ROOT, free_port, stop_group, wait_ready
 
 
 @contextmanager
@@ -32,12 +32,6 @@ def api_process(data_dir: Path, database_url: str, broker_url: str, queue: str, 
         wait_ready(url, 60, process, what="the API process")
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_group(process, signal.SIGTERM, 15)
         if log_path:
             log.close()

@@ -121,28 +121,42 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
     wait_for(ready, timeout, what=what)
 
 
-@contextmanager
-def embedded_service(data_dir: Path, log_path: Path | None = None, **env):
-    """`rigl serve` (API + one worker, SQLite and the filesystem broker under `data_dir`) on a free
-    port, with none of the caller's RIGL_* settings but `env`; yields its URL once /readyz answers."""
+def stop_group(process: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Send `sig` to the process group of a server started with start_new_session; SIGKILL it after
+    `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
+
+@contextmanager
+def serve_process(data_dir: Path, log_path: Path | None = None, args: tuple[str, ...] = (), **env):
+    """`rigl serve ARGS` (SQLite and the filesystem broker under `data_dir`) on a free port, with
+    none of the caller's RIGL_* settings but `env`; yields (URL, process) once /readyz answers."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
     environ.update(RIGL_DATA_DIR=str(data_dir), **env)
     port = free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port)], env=environ,
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port), *args],
+                               env=environ, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, 90, process, what="rigl serve")
-        yield url
+        yield url, process
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, signal.SIGINT, 30)
         if log_path:
             log.close()
+
+
+@contextmanager
+def embedded_service(data_dir: Path, log_path: Path | None = None, **env):
+    """`rigl serve` (API + one worker) as serve_process; yields its URL."""
+    with serve_process(data_dir, log_path, **env) as (url, _process):
+        yield url
 

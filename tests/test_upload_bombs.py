@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import statistics
 import struct
-import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -24,7 +20,7 @@ import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
-from service_helpers import JOB, ROOT, free_port, wait_ready
+from service_helpers import JOB, serve_process
 
 pytestmark = pytest.mark.slow
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -59,25 +55,10 @@ def memory_kib(pid: int) -> dict[str, int]:
 def server(tmp_path_factory):
     """`rigl serve --no-worker` (the API alone, embedded defaults) as its own process: (url, pid)."""
     data_dir = tmp_path_factory.mktemp("bombs")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
-    env["RIGL_DATA_DIR"] = str(data_dir)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--no-worker", "--port", str(port)],
-                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, 90, process, what="rigl serve")
+    with serve_process(data_dir, args=("--no-worker",)) as (url, process):
         with httpx.Client(base_url=url, timeout=60) as client:
             client.pid, client.data_dir = process.pid, data_dir
             yield client
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Callable
 from rigl_core.export import save_dense, save_packed
 from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
 from rigl_core.spec import JobSpec
-from rigl_core.trainer import Callback, NoSpaceError, Trainer, _is_no_space
+from rigl_core.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import Artifacts, sha256_file
 from store.db import Job
 from store.jobs import JobStore, LeaseLost
@@ -50,12 +50,6 @@ def resume_name(attempt: int, step: int) -> str:
     """Each resume checkpoint gets its own file: a stale holder and its successor never share one, and
     a published row never points at a file that is being overwritten."""
     return f"resume.a{attempt}.s{step}.pt"
-
-
-def no_space(error: BaseException) -> bool:
-    """A full disk, however the writer reported it (safetensors wraps the OS error in its own)."""
-    text = str(error)
-    return _is_no_space(error) or "No space left on device" in text or "StorageFull" in text
 
 
 class StoreCallback(Callback):
@@ -197,7 +191,7 @@ class StoreCallback(Callback):
         except LeaseLost:
             self.write_refused = True
         except Exception as error:  # noqa: BLE001 - sorted below
-            if no_space(error):
+            if is_no_space(error):
                 self.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
                           level="warn", data={"step": trainer.step, "code": "no_space"})
             elif is_transient(error):
@@ -237,7 +231,7 @@ def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path,
         write(tmp)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if no_space(error):
+        if is_no_space(error):
             raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
         raise
     if not retry_transient(lambda: store.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
@@ -370,7 +364,7 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
         return "failed", job_id
     except Exception as exc:  # noqa: BLE001 - any failure ends the job with a readable error
         log.error("job %s failed: %s", job_id, traceback.format_exc())
-        if no_space(exc):
+        if is_no_space(exc):
             finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
             return "failed", job_id
         code = "invalid_job" if isinstance(exc, ValueError) else "training_error"
