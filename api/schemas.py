@@ -26,6 +26,8 @@ def job_json(job: Job, admin: bool = False) -> dict:
         "result": job.result,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
         "cancel_requested": job.cancel_requested,
+        # requested: N or "all"; a worker owning fewer can't claim it (a waiting job says so in `error`)
+        "devices": ((job.resolved_spec or {}).get("training") or {}).get("devices", 1),
         "spec": job.spec,
     }
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from rigl_core.datasets import DatasetError
 from rigl_core.datasets.describe import describe
+from rigl_core.datasets.feed import uses_stream
 from store.scrub import scrub_paths
 from store.settings import Settings
-from store.user_paths import imagefolder_layout
+from store.user_paths import folder_limit, imagefolder_layout
 
 from api.errors import ApiError, from_value_error
 
@@ -41,6 +42,13 @@ def resolve_server_dataset(spec, tree: dict, settings: Settings) -> tuple[list[i
 
 
 def _imagefolder(spec, tree: dict, settings: Settings) -> tuple[int, int]:
+    """Resolve, confine and count the folder. The image-count and decoded-bytes caps bound the memory
+    loader; a streamed folder (loader stream or auto) holds any number of images, its files confined
+    all the same."""
+    if uses_stream(spec):
+        layout = imagefolder_layout(tree["path"], settings.datasets_dir, folder_limit(tree))
+        tree["path"] = str(layout.base)
+        return _counts(spec, layout)
     server_cap = settings.max_imagefolder_images
     try:
         layout = imagefolder_layout(tree["path"], settings.datasets_dir, min(spec.max_samples, server_cap))
@@ -59,6 +67,11 @@ def _imagefolder(spec, tree: dict, settings: Settings) -> tuple[int, int]:
                                          f"{decoded:,} bytes, over the server's limit of "
                                          f"{settings.max_imagefolder_bytes:,}", "dataset.image_size")
     tree["path"] = str(layout.base)  # the real path, checked; the worker re-checks it
+    return _counts(spec, layout)
+
+
+def _counts(spec, layout) -> tuple[int, int]:
+    """(classes, training samples) of a listed folder."""
     if layout.val is not None:
         return len(layout.classes), len(layout.train)
     num_train = len(layout.train) - max(1, int(round(len(layout.train) * spec.val_fraction)))

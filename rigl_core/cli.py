@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from rigl_core.recipes import recipe_names
 from rigl_core.spec import METHODS, JobSpec, SparsitySpec, format_validation_error
 
 
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train locally and write report, metrics and exports to --out")
     train.add_argument("--config", type=Path, help="JobSpec file (.json/.yaml); flags override it")
+    train.add_argument("--recipe", help="paper setting that fills every field not given (the file and flags win): "
+                                        + ", ".join(recipe_names()) + "; `rigl recipes` shows them")
     train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
     train.add_argument("--architecture", type=Path, help="declarative JSON architecture file (instead of --model)")
     train.add_argument("--dataset", help="digits, mnist1d, synthetic, mnist, fashion-mnist, cifar10, cifar100, "
@@ -76,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--devices", type=_int_or("all"),
+                       help="train on N GPUs (or 'all') as one DistributedDataParallel job; N CPU processes on CPU")
+    train.add_argument("--accumulate-steps", type=_int_or("auto"),
+                       help="micro-batches per step (batch size is the global batch), or 'auto'")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="mixed precision (default auto: bf16 on a GPU that has it, else fp32)")
+    train.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     train.add_argument("--delta-t", type=int, help="steps between mask updates (ΔT)")
     train.add_argument("--alpha", type=float, help="initial drop fraction α")
     train.add_argument("--t-end", type=float, help="last mask update as a fraction of training")
@@ -84,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, help="resume from a checkpoint written by --checkpoint-every")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_sparsity_flags(train)
+    recipes = sub.add_parser("recipes", help="list the paper recipes and the fields each one fills")
+    recipes.add_argument("--json", action="store_true", help="print {name: {description, defaults}} as JSON")
+    recipes.set_defaults(handler=cmd_recipes)
     _add_client_commands(sub)
     _add_report_command(sub)
     _add_plugin_commands(sub)
@@ -269,6 +283,7 @@ SPARSITY_FLAGS = {
 }
 
 TRAIN_FLAGS = {
+    "recipe": "recipe",
     "model": "model.name",
     "dataset": "dataset.name",
     "epochs": "training.epochs",
@@ -279,12 +294,26 @@ TRAIN_FLAGS = {
     "weight_decay": "training.weight_decay",
     "seed": "training.seed",
     "device": "training.device",
+    "devices": "training.devices",
+    "accumulate_steps": "training.accumulate_steps",
+    "precision": "training.precision",
+    "clip_grad_norm": "training.clip_grad_norm",
+    "compile": "training.compile",
     "data_dir": "dataset.data_dir",
     "data_path": "dataset.path",
     "delta_t": "sparsity.schedule.delta_t",
     "alpha": "sparsity.schedule.alpha",
     "t_end": "sparsity.schedule.t_end",
 }
+
+
+def _int_or(word: str):
+    """argparse type for `N | word` flags (the spec validates the range and names the field)."""
+    def parse(text: str) -> int | str:
+        return text if text == word else int(text)
+
+    parse.__name__ = f"integer or '{word}'"
+    return parse
 
 
 def _read_architecture(path: Path) -> dict:
@@ -310,13 +339,39 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     for flag, dotted in {**SPARSITY_FLAGS, **TRAIN_FLAGS}.items():
         _set(tree, dotted, getattr(args, flag, None))
     for section in ("model", "dataset"):
-        if section not in tree:
+        if section not in tree and tree.get("recipe") is None:  # a recipe names both
             raise UsageError(f"{section}: missing; pass --{section if section == 'model' else 'dataset'} or --config")
-    dataset = tree["dataset"] if isinstance(tree["dataset"], dict) else {}
+    dataset = tree["dataset"] if isinstance(tree.get("dataset"), dict) else {}
     for key in ("data_dir", "path"):  # a local run's own paths: `~` is expanded here, never by the loaders
         if isinstance(dataset.get(key), str):
             dataset[key] = os.path.expanduser(dataset[key])
     return JobSpec.model_validate(tree)
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key in ("model", "dataset", "sparsity", "schedule", "training"):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((prefix + key, value))
+    return rows
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """Every registered recipe: name, what it reproduces, and each field it fills (dotted, as JSON)."""
+    from rigl_core.recipes import RECIPES
+
+    if args.json:
+        print(json.dumps({name: {"description": r.description, "defaults": r.defaults}
+                          for name, r in sorted(RECIPES.items())}, indent=2))
+        return 0
+    for name, recipe in sorted(RECIPES.items()):
+        print(f"{name}\n  {recipe.description}")
+        for dotted, value in _flatten(recipe.defaults):
+            print(f"    {dotted} = {json.dumps(value)}")
+        print()
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

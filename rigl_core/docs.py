@@ -43,6 +43,10 @@ def _default(field) -> str:
 
 def reference() -> str:
     lines = [START, "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in JobSpec.model_fields.items():  # top-level fields that are not sections (`recipe`)
+        if name not in {prefix.split(".")[0] for prefix, _ in SECTIONS}:
+            description = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
     for prefix, model in SECTIONS:
         for name, field in model.model_fields.items():
             if isinstance(field.default, BaseModel) or name == "architecture":
@@ -63,6 +67,5 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    assert JobSpec  # the root model whose sections are documented
     changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
     print("README.md updated" if changed else "README.md already current")

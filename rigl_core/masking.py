@@ -25,6 +25,14 @@ def random_mask(shape: tuple[int, ...], n_active: int, generator: torch.Generato
     return flat.view(shape)
 
 
+def like_weight(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mask in its weight's memory format: products with a channels_last weight or gradient then run
+    as dense vectorised kernels instead of strided ones (masks index the logical shape either way)."""
+    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return mask.contiguous(memory_format=torch.channels_last)
+    return mask.contiguous()
+
+
 def mask_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, mask: torch.Tensor) -> None:
     """Zero every per-element state slot (momentum, exp_avg, exp_avg_sq, …) at inactive positions."""
     if optimizer is None:
@@ -77,14 +85,17 @@ class DropGrow:
     n_drop: int
 
 
-def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int) -> DropGrow:
+def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int,
+                  n_active: int | None = None) -> DropGrow:
     """Drop the k active weights of smallest |w|; grow the k non-kept positions of largest grow score.
 
     Positions dropped in this update may be regrown (they are not in the kept set), as in the paper.
-    Scores are compared in fp32 to avoid bf16 ties.
+    Scores are compared in fp32 to avoid bf16 ties. `n_active` (the mask's count, if the caller knows
+    it) saves a device synchronisation.
     """
     flat_mask = mask.reshape(-1)
-    n_active = int(flat_mask.sum())
+    if n_active is None:
+        n_active = int(flat_mask.sum())
     k = min(k, n_active)
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)

@@ -136,15 +136,49 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(out, 1))
 
 
-def _resnet18_cifar(num_classes: int, in_channels: int) -> nn.Module:
+def _resnet18_cifar(num_classes: int, in_channels: int, zero_init_residual: bool = False) -> nn.Module:
     """torchvision ResNet-18 with the CIFAR stem: 3×3 stride-1 conv, no max-pool."""
     import torchvision
 
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
     model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
+
+
+def is_torchvision_resnet(name: str) -> bool:
+    """torchvision's ResNet family (resnet*, resnext*, wide_resnet*): builders that take zero_init_residual."""
+    return name.startswith(("resnet", "resnext", "wide_resnet")) and name in torchvision_classifiers()
+
+
+def supports_zero_init_residual(name: str, architecture=None) -> bool:
+    """Whether `model.zero_init_residual` means something for this model.
+
+    Post-activation residual blocks end in a BatchNorm whose γ can start at 0 (Goyal et al. 2017; the
+    paper's ResNet-50 does it, rigl_spec.md §1). The pre-activation WRN's branch ends in a conv: a zero
+    γ there would sit before a ReLU and never receive a gradient, so it is refused rather than faked.
+    """
+    if architecture is not None:
+        return _residual_ends_in_batchnorm(architecture.layers)
+    return name == "resnet18-cifar" or is_torchvision_resnet(name)
+
+
+def _residual_ends_in_batchnorm(layers) -> bool:
+    """Whether any (nested) declarative residual body ends in a BatchNorm."""
+    return any(layer.type == "residual" and (layer.layers[-1].type in ("batchnorm1d", "batchnorm2d")
+                                             or _residual_ends_in_batchnorm(layer.layers))
+               for layer in layers)
+
+
+def _zero_residual_batchnorms(model: nn.Module) -> None:
+    """Zero γ of a declarative architecture's residual blocks whose body ends in a BatchNorm."""
+    from rigl_core.architecture import ResidualBlock
+
+    for module in model.modules():
+        if isinstance(module, ResidualBlock) and isinstance(module.body[-1], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            with torch.no_grad():
+                module.body[-1].weight.zero_()
 
 
 def build_model(
@@ -154,22 +188,32 @@ def build_model(
     hidden_sizes: list[int] | None = None,
     device: torch.device | str | None = None,
     architecture=None,
+    zero_init_residual: bool | None = None,
 ) -> nn.Module:
-    """Build a freshly initialised model; `device="meta"` builds shapes only (for plans and validation)."""
+    """Build a freshly initialised model; `device="meta"` builds shapes only (for plans and validation).
+
+    `zero_init_residual` starts the last BatchNorm γ of every residual block at 0 (torchvision ResNets,
+    resnet18-cifar, declarative residual blocks ending in a BatchNorm); None keeps the model's default.
+    """
+    if zero_init_residual and not supports_zero_init_residual(name, architecture):
+        raise ValueError(f"model.zero_init_residual: {name!r} has no residual block ending in a BatchNorm")
     if name == CUSTOM:
         from rigl_core.architecture import ArchitectureError, build_architecture
 
         if architecture is None:
             raise ValueError("model.architecture: required when model.name is 'custom'")
         try:
-            return build_architecture(architecture, num_classes, device=device)
+            model = build_architecture(architecture, num_classes, device=device)
         except ArchitectureError as exc:
             raise ValueError(f"model.architecture.{exc.field}: {exc.message}") from None
+        if zero_init_residual and next(model.parameters()).device.type != "meta":
+            _zero_residual_batchnorms(model)
+        return model
     with torch.device(device or "cpu"):
         if name == "wrn-22-2":
             return WideResNet(22, 2, num_classes, input_shape[0])
         if name == "resnet18-cifar":
-            return _resnet18_cifar(num_classes, input_shape[0])
+            return _resnet18_cifar(num_classes, input_shape[0], bool(zero_init_residual))
         if name == "mlp":
             return MLP(math.prod(input_shape), num_classes, hidden_sizes)
         if name == "lenet5":
@@ -181,7 +225,8 @@ def build_model(
 
             if hidden_sizes is not None:
                 raise ValueError("model.hidden_sizes: applies to mlp only")
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            extra = {"zero_init_residual": bool(zero_init_residual)} if is_torchvision_resnet(name) else {}
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     raise ValueError(f"unknown model {name!r}")
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from rigl_core.distributions import active_count
 from rigl_core.layers import Layer
-from rigl_core.masking import drop_and_grow, mask_optimizer_state, random_mask, topk_mask
+from rigl_core.masking import drop_and_grow, like_weight, mask_optimizer_state, random_mask, topk_mask
 from rigl_core.schedules import UpdateSchedule, gmp_sparsity
 
 
@@ -105,19 +105,26 @@ class Sparsifier:
         self.last_details: dict[str, object] = {}
         self.pending_update = False  # a due mask update postponed by non-finite gradients
         self.skipped_steps = 0  # steps skipped because the scaler found inf/NaN gradients
+        # Clip the global norm of the gradients the optimizer applies (masked, unscaled) to this;
+        # `last_grad_norm` holds the norm before clipping (a 0-d tensor: reading it syncs the GPU).
+        self.clip_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._layer = {layer.name: layer for layer in self.layers}
+        self._active: dict[str, int] = {}  # each mask's count, known after a drop/grow (saves a sync)
 
     # ----------------------------------------------------------------- lifecycle
     def init_masks(self) -> None:
         """Random masks with exact per-layer counts; identical on every rank (seeded, then broadcast).
         Methods that start dense get all-true masks instead."""
+        self._active = {}
         if self.starts_dense:
             for layer in self.layers:
-                self.masks[layer.name] = torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device)
+                self._store_mask(layer, torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device))
             return
         generator = torch.Generator().manual_seed(self.seed)
         for layer in self.layers:
             mask = random_mask(layer.shape, self.target_active[layer.name], generator)
-            self.masks[layer.name] = mask.to(layer.weight.device)
+            self._store_mask(layer, mask.to(layer.weight.device))
         self._broadcast_masks()
         self.apply_masks()
 
@@ -129,11 +136,19 @@ class Sparsifier:
                 layer.weight.mul_(mask)
                 mask_optimizer_state(self.optimizer, layer.weight, mask)
 
+    def _store_mask(self, layer: Layer, mask: torch.Tensor) -> None:
+        self.masks[layer.name] = like_weight(mask, layer.weight)
+
     def mask_gradients(self) -> None:
+        """One fused call over every masked layer (a kernel launch per layer costs on small models)."""
+        grads, masks = [], []
         for layer in self.layers:
             grad = layer.weight.grad
             if grad is not None:
-                grad.mul_(self.masks[layer.name])
+                grads.append(grad)
+                masks.append(self.masks[layer.name])
+        if grads:
+            torch._foreach_mul_(grads, masks)
 
     # ----------------------------------------------------------------- the step
     def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> MaskUpdate | None:
@@ -174,26 +189,36 @@ class Sparsifier:
             self._zero_grads()
             return update
         self.mask_gradients()
+        self._clip()
         self.optimizer.step()  # a scaler's skip is handled above; grads are already unscaled
         if not self.replaces_step_on_update and due:
             self.pending_update = False
             return self.update_masks(step)
         return None
 
+    def _clip(self) -> None:
+        if self.clip_grad_norm is None or self.optimizer is None:
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+
     def _scores_finite(self, step: int) -> bool:
-        """Checked only on mask-update steps: weights and grow scores of every masked layer."""
-        for layer in self.layers:
-            if not bool(torch.isfinite(layer.weight).all()):
+        """Checked only on mask-update steps: weights and grow scores of every masked layer, read back
+        with one synchronisation (a per-layer check costs a sync per layer on a GPU)."""
+        weights = [layer.weight for layer in self.layers]
+        scores = self._score_inputs()
+        finite = _all_finite(weights + scores)
+        if all(finite[: len(weights)]) and all(finite[len(weights):]):
+            return True
+        for layer, ok in zip(self.layers, finite):
+            if not ok:
                 raise FloatingPointError(
                     f"step {step}: layer {layer.name} has non-finite weights, training has diverged "
                     "(with fp16, pass a torch.amp.GradScaler: sparsifier.step(step, scaler=scaler))")
-        for tensor in self._score_inputs():
-            if not bool(torch.isfinite(tensor).all()):
-                warnings.warn(f"step {step}: non-finite gradients, mask update postponed to the next "
-                              "step with finite gradients (no drop or grow on non-finite scores)",
-                              RuntimeWarning, stacklevel=3)
-                return False
-        return True
+        warnings.warn(f"step {step}: non-finite gradients, mask update postponed to the next "
+                      "step with finite gradients (no drop or grow on non-finite scores)",
+                      RuntimeWarning, stacklevel=3)
+        return False
 
     def _score_inputs(self) -> list[torch.Tensor]:
         """The tensors the grow scores are computed from (this step's dense gradients by default)."""
@@ -234,29 +259,31 @@ class Sparsifier:
         fraction = self.schedule.drop_fraction(step)
         update = MaskUpdate(step=step, drop_fraction=fraction)
         details = {}
+        counts = []  # per layer, as tensors: read back with one synchronisation at the end
         with torch.no_grad():
             for index, layer in enumerate(self.layers):
                 old = self.masks[layer.name]
-                n_active = int(old.sum())
+                n_active = self._active.get(layer.name)
+                if n_active is None:
+                    n_active = self._active[layer.name] = int(old.sum())
                 k = int(fraction * n_active)
-                result = drop_and_grow(old, layer.weight, grow_score(index, layer), k)
+                result = drop_and_grow(old, layer.weight, grow_score(index, layer), k, n_active=n_active)
                 old_flat = old.reshape(-1)
-                grown_new = int((result.grown & ~old_flat).sum())
                 ever = self.ever_active.get(layer.name)
                 if ever is None:
                     ever = self.ever_active[layer.name] = old.clone()
                 ever |= result.new_mask
-                update.layers[layer.name] = LayerUpdate(
-                    n_active=int(result.new_mask.sum()),
-                    dropped=result.n_drop,
-                    grown_new=grown_new,
-                    regrown=result.n_drop - grown_new,
-                    ever_active=int(ever.sum()),
-                    numel=layer.numel,
-                )
+                counts.append(torch.stack([result.new_mask.sum(), (result.grown & ~old_flat).sum(), ever.sum()]))
                 if self.record_details:
                     details[layer.name] = {"old": old.clone(), "kept": result.kept, "grown": result.grown}
-                self.masks[layer.name] = result.new_mask
+                self._store_mask(layer, result.new_mask)
+                update.layers[layer.name] = LayerUpdate(0, result.n_drop, 0, 0, numel=layer.numel)
+        read = torch.stack(counts).tolist() if counts else []
+        for layer, (n_new, grown_new, ever_count) in zip(self.layers, read):
+            row = update.layers[layer.name]
+            row.n_active, row.grown_new, row.ever_active = n_new, grown_new, ever_count
+            row.regrown = row.dropped - grown_new
+            self._active[layer.name] = n_new
         self._broadcast_masks()
         self.apply_masks()
         if self.record_details:
@@ -268,10 +295,9 @@ class Sparsifier:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         for name in sorted(self.masks):
-            mask = self.masks[name]
-            buffer = mask.to(torch.uint8)
+            buffer = self.masks[name].to(torch.uint8).contiguous()
             dist.broadcast(buffer, src=0)
-            self.masks[name] = buffer.bool()
+            self._store_mask(self._layer[name], buffer.bool())
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -282,8 +308,9 @@ class Sparsifier:
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.method:
             raise ValueError(f"checkpoint is for method {state['method']!r}, not {self.method!r}")
+        self._active = {}
         for layer in self.layers:
-            self.masks[layer.name] = state["masks"][layer.name].to(layer.weight.device)
+            self._store_mask(layer, state["masks"][layer.name].to(layer.weight.device))
         self.ever_active = {layer.name: state["ever_active"][layer.name].to(layer.weight.device)
                             for layer in self.layers if layer.name in state.get("ever_active", {})}
         self._load_extra_state(state.get("extra", {}))
@@ -310,8 +337,12 @@ class DenseSparsifier(Sparsifier):
 
     def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> MaskUpdate | None:
         if scaler is not None and scaler.is_enabled():
+            if self.clip_grad_norm is not None:
+                scaler.unscale_(self.optimizer)  # clip true gradients; scaler.step won't unscale twice
+                self._clip()
             scaler.step(self.optimizer)  # skips the step on inf/NaN gradients
         else:
+            self._clip()
             self.optimizer.step()
         return None
 
@@ -462,7 +493,7 @@ class SNIPSparsifier(Sparsifier):
                 grad = layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)
                 saliency = (grad * layer.weight).abs().float()
                 n_active = self.target_active[layer.name]
-                self.masks[layer.name] = topk_mask(saliency, n_active)
+                self._store_mask(layer, topk_mask(saliency, n_active))
                 update.layers[layer.name] = LayerUpdate(n_active, layer.numel - n_active, 0, 0,
                                                         ever_active=layer.numel, numel=layer.numel)
         self._broadcast_masks()
@@ -496,10 +527,17 @@ class GMPSparsifier(Sparsifier):
                 new = topk_mask(scores, n_keep)
                 update.layers[layer.name] = LayerUpdate(n_keep, int(old.sum()) - n_keep, 0, 0,
                                                         ever_active=layer.numel, numel=layer.numel)
-                self.masks[layer.name] = new
+                self._store_mask(layer, new)
         self._broadcast_masks()
         self.apply_masks()
         return update
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Per tensor, whether every entry is finite; one device synchronisation for all of them."""
+    if not tensors:
+        return []
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
 
 
 def _unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:

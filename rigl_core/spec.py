@@ -1,7 +1,8 @@
 """JobSpec: the one description of a training job, shared by the CLI, the REST API and the worker.
 
-Every field has the paper's behaviour as default; unknown fields are rejected so a typo never
-silently trains something other than what was asked.
+The sparsity defaults are the paper's (ERK, ΔT 100, T_end 0.75, α 0.3, cosine); the training defaults
+are a short generic run. `recipe` fills a paper setting whole (rigl_core.recipes). Unknown fields are
+rejected so a typo never silently trains something other than what was asked.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class ModelSpec(_Strict):
     hidden_sizes: list[int] | None = Field(
         None, max_length=16, description="MLP hidden layer widths (default 300,100 as LeNet-300-100)."
     )
+    zero_init_residual: bool | None = Field(
+        None, description="Start the last BatchNorm γ of each residual block at 0 (the paper's ResNet-50): "
+        "torchvision ResNets, resnet18-cifar, architecture residual blocks ending in a batchnorm. null: off.")
 
     @field_validator("name")
     @classmethod
@@ -76,6 +80,17 @@ class ModelSpec(_Strict):
                 raise ValueError(f"architecture.{exc.field}: {exc.message}") from None
         return self
 
+    @model_validator(mode="after")
+    def _zero_init_applies(self) -> "ModelSpec":
+        from rigl_core.models import supports_zero_init_residual
+
+        if self.zero_init_residual and not UPLOADED_ARCHITECTURE.match(self.name) and not \
+                supports_zero_init_residual(self.name, self.architecture):
+            raise ValueError(f"model.zero_init_residual: {self.name!r} has no residual block ending in a "
+                             "BatchNorm (torchvision ResNets, resnet18-cifar and architecture residual blocks "
+                             "do; the pre-activation wrn-22-2 does not)")
+        return self
+
     @field_validator("input_shape", "hidden_sizes")
     @classmethod
     def _positive(cls, value: list[int] | None) -> list[int] | None:
@@ -99,12 +114,21 @@ class DatasetSpec(_Strict):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out when there is no validation set.")
     split_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the fixed train/validation split.")
     normalize: bool = Field(True, description="tensors: standardise per channel with training-set statistics.")
-    augment: Literal["auto", "none", "crop-flip"] = Field(
-        "auto", description="auto: random crop + flip for cifar, none otherwise."
-    )
-    image_size: int = Field(32, ge=8, le=512, description="imagefolder: images are resized to this square size.")
+    augment: Literal["auto", "none", "crop-flip", "random-resized-crop"] = Field(
+        "auto", description="auto: random crop + flip for cifar, random-resized-crop + flip for a streamed "
+        "imagefolder, none otherwise. random-resized-crop: ImageNet's training crop (streamed imagefolder only).")
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: decode everything once and keep it in RAM (on the GPU when it fits); "
+        "stream: read files with DataLoader worker processes (no size cap: ImageNet). auto: stream for "
+        "imagefolder, memory for every other dataset.")
+    workers: int | None = Field(
+        None, ge=0, le=64, description="stream: decoding processes per device (null: min(8, CPUs per device - 1)); "
+        "0 decodes in the training process.")
+    prefetch: int = Field(4, ge=1, le=64, description="stream: batches each worker prepares ahead.")
+    image_size: int = Field(32, ge=8, le=1024, description="imagefolder: square size the model sees (memory: "
+                            "resized; stream: cropped, evaluation resizes to size·8/7 then center-crops).")
     max_samples: int = Field(200_000, ge=1, le=100_000_000,
-                             description="imagefolder: refuse folders with more images.")
+                             description="imagefolder with loader memory: refuse folders with more images.")
     max_bytes: int = Field(2 * 1024**3, ge=1, le=2**40, description="tensors: refuse larger files.")
     num_samples: int = Field(2048, ge=16, le=5_000_000, description="synthetic: total samples.")
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic: number of classes.")
@@ -130,6 +154,12 @@ class DatasetSpec(_Strict):
         # loader says "dataset.data_dir: required" when a local run leaves it out.
         if self.name in ("imagefolder", "tensors") and self.path is None:
             raise ValueError(f"path is required for {self.name!r}")
+        if self.loader == "stream" and self.name != "imagefolder":
+            raise ValueError(f"dataset.loader: stream reads image files; {self.name!r} is loaded into memory")
+        streamed = self.name == "imagefolder" and self.loader != "memory"
+        if self.augment == "random-resized-crop" and not streamed:
+            raise ValueError("dataset.augment: random-resized-crop needs a streamed imagefolder "
+                             "(loader auto or stream)")
         return self
 
 
@@ -210,6 +240,18 @@ class TrainingSpec(_Strict):
         "models with Conv2d layers on a CUDA device, off otherwise; true forces it (on CPU too).")
     tf32: bool = Field(True, description="CUDA only: allow TF32 in matmul and cuDNN convolutions where the GPU "
                        "supports it (cudnn.benchmark is always on for CUDA); no effect on CPU.")
+    devices: int | Literal["all"] = Field(
+        1, description="Processes (one per GPU) that train this job together with DistributedDataParallel: "
+        "NCCL on CUDA, gloo on CPU. 'all': every visible GPU (1 on CPU). batch_size is the global batch.")
+    accumulate_steps: int | Literal["auto"] = Field(
+        1, description="Micro-batches whose gradients make one step: each device runs "
+        "batch_size / (devices × accumulate_steps) samples at a time. auto: the fewest that keep a "
+        "device's micro-batch ≤ max_device_batch.")
+    max_device_batch: int = Field(256, ge=1, le=65_536,
+                                  description="accumulate_steps auto: the largest micro-batch per device.")
+    clip_grad_norm: float | None = Field(
+        None, gt=0.0, le=1e6, description="Clip the global gradient norm (of the masked gradients) to this.")
+    compile: bool = Field(False, description="torch.compile the model (inductor); the first steps compile.")
     eval_every_epochs: int = Field(1, ge=1, le=100_000)
     log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
 
@@ -220,6 +262,27 @@ class TrainingSpec(_Strict):
             return value
         raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: object) -> object:
+        return _int_or_word(value, "all", 64)
+
+    @field_validator("accumulate_steps", mode="before")
+    @classmethod
+    def _accumulate(cls, value: object) -> object:
+        return _int_or_word(value, "auto", 4096)
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainingSpec":
+        devices = self.devices if isinstance(self.devices, int) else 1
+        steps = self.accumulate_steps if isinstance(self.accumulate_steps, int) else 1
+        if self.batch_size % (devices * steps):
+            raise ValueError(f"training.batch_size: {self.batch_size} is not divisible by devices × accumulate_steps "
+                             f"({devices} × {steps})")
+        if self.devices != 1 and self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError("training.device: name 'cuda' (not one GPU) when devices > 1")
+        return self
+
     @field_validator("milestones")
     @classmethod
     def _milestones(cls, value: list[float]) -> list[float]:
@@ -228,13 +291,37 @@ class TrainingSpec(_Strict):
         return value
 
 
+def _int_or_word(value: object, word: str, most: int) -> object:
+    """One readable error for an `int | "word"` field instead of pydantic's one per union member."""
+    if value == word or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most):
+        return value
+    raise ValueError(f"must be {word!r} or an integer in 1..{most}")
+
+
 class JobSpec(_Strict):
     """A complete training job."""
 
+    recipe: str | None = Field(
+        None, description="A paper setting whose defaults fill every field left out (`rigl recipes` lists them); "
+        "fields you set win, at any depth.")
     model: ModelSpec
     dataset: DatasetSpec
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_recipe(cls, data: object) -> object:
+        from rigl_core.recipes import apply_recipe
+
+        return apply_recipe(data)  # merged under the user's input; a dumped spec already holds every field
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str | None) -> str | None:
+        from rigl_core.recipes import get_recipe
+
+        return value if value is None else get_recipe(value).name
 
 
 def format_validation_error(error: Exception) -> str:
@@ -246,6 +333,10 @@ def format_validation_error(error: Exception) -> str:
         for item in error.errors():
             loc = ".".join(str(p) for p in item["loc"]) or "spec"
             msg = item["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}")
+            named = msg.split(": ", 1)[0]  # a model validator's message already names its field in full
+            if " " not in named and "." in named and (loc == "spec" or named.startswith(loc + ".")):
+                parts.append(msg)
+            else:
+                parts.append(f"{loc}: {msg}")
         return "; ".join(parts)
     return str(error)

@@ -14,20 +14,23 @@ import os
 import random
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rigl_core.datasets import Dataset, batches_per_epoch, epoch_order, load_dataset
+from rigl_core import distributed
+from rigl_core.datasets.feed import BatchPlan, open_feed
+from rigl_core.distributed import Group, rank_device, resolve_devices
 from rigl_core.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
 from rigl_core.models import build_model, check_model
 from rigl_core.optim import build_optimizer, lr_at
 from rigl_core.plan import Plan, make_plan
 from rigl_core.schedules import UpdateSchedule, resolve_t_end
 from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
-from rigl_core.spec import JobSpec
+from rigl_core.spec import JobSpec, TrainingSpec
 
 CHECKPOINT_VERSION = 1
 
@@ -66,6 +69,23 @@ def resolve_precision(name: str, device: torch.device) -> str:
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_accumulation(t: TrainingSpec, world_size: int) -> int:
+    """accumulate_steps as given, or (auto) the fewest micro-batches that keep each device's micro-batch
+    within max_device_batch and split the global batch evenly."""
+    if t.batch_size % world_size:
+        raise ValueError(f"training.batch_size: {t.batch_size} is not divisible by the {world_size} devices")
+    if t.accumulate_steps != "auto":
+        if t.batch_size % (world_size * t.accumulate_steps):
+            raise ValueError(f"training.batch_size: {t.batch_size} is not divisible by devices × accumulate_steps "
+                             f"({world_size} × {t.accumulate_steps})")
+        return t.accumulate_steps
+    per_device = t.batch_size // world_size
+    steps = -(-per_device // t.max_device_batch)
+    while per_device % steps:
+        steps += 1
+    return steps
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -73,14 +93,25 @@ def _seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Builds data, model, optimizer and sparsifier from a JobSpec and trains."""
+    """Builds data, model, optimizer and sparsifier from a JobSpec and trains.
 
-    def __init__(self, spec: JobSpec, callbacks: Sequence[Callback] = (), progress: bool = False):
+    With `training.devices` > 1 this process is rank 0 of a DistributedDataParallel job: `fit` starts
+    the other ranks (rigl_core.distributed), and only rank 0 runs callbacks and reports. `rank` and
+    `master_port` are for those other ranks only."""
+
+    def __init__(self, spec: JobSpec, callbacks: Sequence[Callback] = (), progress: bool = False,
+                 rank: int = 0, master_port: int | None = None):
         self.spec = spec
         self.callbacks = list(callbacks)
         self.progress = progress
         t = spec.training
-        self.device = resolve_device(t.device)
+        device = resolve_device(t.device)
+        self.world_size = resolve_devices(t.devices, device)
+        self.rank = rank
+        self.master_port = master_port
+        self.device = rank_device(device, rank, self.world_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]  # None: plain fp32, no autocast
         # fp16 overflows: the scaler scales the loss and skips steps with inf/NaN gradients, and the
@@ -88,19 +119,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.tf32 = configure_kernels(self.device, t.tf32)  # CUDA only: TF32 and cudnn.benchmark
         _seed_everything(t.seed)
-        self.data: Dataset = load_dataset(spec.dataset)
-        self.num_classes = spec.model.num_classes or self.data.num_classes
-        self.input_shape = self.data.input_shape
+        self.feed = open_feed(spec.dataset, self.device, self.world_size)
+        self.num_classes = spec.model.num_classes or self.feed.num_classes
+        self.input_shape = self.feed.input_shape
         self._check_data_fits_model()
         self.model: nn.Module = build_model(
             spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes,
-            architecture=spec.model.architecture,
+            architecture=spec.model.architecture, zero_init_residual=spec.model.zero_init_residual,
         ).to(self.device)
         self.channels_last = resolve_channels_last(t.channels_last, self.model, self.device)
         if self.channels_last:  # 4-D weights only; masks and exports index the logical shape
             self.model = self.model.to(memory_format=torch.channels_last)
         check_model(self.model, self.input_shape, self.num_classes)
-        self.steps_per_epoch = batches_per_epoch(len(self.data.x_train), t.batch_size)
+        self.accumulate_steps = resolve_accumulation(t, self.world_size)
+        self.batch_plan = BatchPlan(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
+                                    self.accumulate_steps)
+        self.steps_per_epoch = self.batch_plan.steps_per_epoch
         self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
         sched = spec.sparsity.schedule
         t_end = resolve_t_end(self.total_steps, sched.t_end, sched.t_end_steps)
@@ -122,27 +156,31 @@ class Trainer:
             snfs_momentum=sched.snfs_momentum,
             gmp_begin=gmp_begin,
         )
-        self.sparsifier.init_masks()
+        self.sparsifier.clip_grad_norm = t.clip_grad_norm
+        self.sparsifier.init_masks()  # seeded: the same masks on every rank
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        self.data = self.data.to(self.device)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.train_seconds = 0.0
+        self.data_wait_seconds = 0.0
         self.eval_history: list[dict] = []
         self.last_train_loss: float | None = None
         self.stopped_early = False
+        self.resumed_from: str | None = None  # the other ranks of a multi-device job resume from it too
+        self.group: Group | None = None
+        self.forward_model: nn.Module = self.model  # what training calls: DDP- and compile-wrapped
 
     # ------------------------------------------------------------------ setup checks
     def _check_data_fits_model(self) -> None:
-        data_shape = list(self.data.input_shape)
+        data_shape = list(self.feed.input_shape)
         declared = self.spec.model.input_shape or (
             self.spec.model.architecture.input_shape if self.spec.model.architecture else None
         )
         if declared is not None and list(declared) != data_shape:
             field = "model.input_shape" if self.spec.model.input_shape else "model.architecture.input_shape"
             raise ValueError(f"{field}: {list(declared)} does not match the dataset's {data_shape}")
-        max_label = int(max(self.data.y_train.max(), self.data.y_val.max()))
+        max_label = self.feed.max_label()
         if max_label >= self.num_classes:
             raise ValueError(
                 f"model.num_classes: {self.num_classes} but the dataset has labels up to {max_label}"
@@ -151,44 +189,101 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train until the last step or until a callback asks to stop; returns the report."""
+        failed = True
+        try:
+            self._start_ranks()
+            report = self._fit()
+            failed = False
+            return report
+        except RuntimeError as exc:
+            lost = self.group.child_failure(wait=5.0) if self.group is not None else None
+            if lost:  # a collective failed because another rank died: say which and why
+                raise RuntimeError(f"training.devices: {lost}") from exc
+            raise
+        finally:
+            self.feed.close()
+            if self.group is not None:
+                self.group.close(abort=failed)
+                self.group = None
+
+    def _start_ranks(self) -> None:
+        """Multi-device: form the process group (rank 0 starts the others) and wrap the model in DDP.
+        torch.compile wraps last, around DDP, as PyTorch recommends."""
+        self.forward_model = self.model
+        if self.world_size > 1:
+            if self.rank == 0:
+                self.group = distributed.start(self.spec.model_dump_json(), self.world_size, self.device,
+                                               self.resumed_from)
+            else:
+                self.group = distributed.join(self.rank, self.world_size, self.master_port, self.device)
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
+        if self.spec.training.compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+    def _fit(self) -> dict:
         t = self.spec.training
         bar = None
-        if self.progress:
+        if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        data = self.data
-        order = epoch_order(len(data.x_train), t.seed, self.epoch).to(self.device)
+        callbacks = self.callbacks if self.rank == 0 else []
+        group = self.group
+        feed = self.feed
+        log_every = t.log_every_steps
         started = time.perf_counter()
         eval_seconds = 0.0
+        window_start, window_wait = started, self.data_wait_seconds
+        self.model.train()
         try:
             while self.step < self.total_steps:
-                begin = self.batch_in_epoch * t.batch_size
-                index = order[begin : begin + t.batch_size]
-                x = self._layout(data.prepare(data.x_train[index], train=True, seed=t.seed, step=self.step))
-                loss = self._train_step(x, data.y_train[index])
-                self.step += 1
-                self.batch_in_epoch += 1
-                if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
-                    self.last_train_loss = float(loss)
-                    metrics = {"step": self.step, "epoch": self.epoch, "loss": self.last_train_loss,
-                               "lr": self.optimizer.param_groups[0]["lr"]}
-                    for cb in self.callbacks:
-                        cb.on_step(self, metrics)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{self.last_train_loss:.4f}", refresh=False)
-                epoch_done = self.batch_in_epoch == self.steps_per_epoch
-                if epoch_done:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    order = epoch_order(len(data.x_train), t.seed, self.epoch).to(self.device)
-                if (epoch_done and self.epoch % t.eval_every_epochs == 0) or self.step == self.total_steps:
+                steps = feed.train_steps(self.batch_plan, self.epoch, self.batch_in_epoch, self.step)
+                stop = False
+                while self.step < self.total_steps:
                     tick = time.perf_counter()
-                    self._evaluate_and_notify(bar)
-                    eval_seconds += time.perf_counter() - tick
-                if bar is not None:
-                    bar.update(1)
-                if any(cb.should_stop(self) for cb in self.callbacks):
+                    micros = next(steps, None)
+                    self.data_wait_seconds += time.perf_counter() - tick
+                    if micros is None:
+                        break
+                    loss = self._train_step(micros)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    if self.step % log_every == 0 or self.step == self.total_steps:
+                        loss_value = float(loss) if group is None else group.sum([float(loss)])[0]
+                        self.last_train_loss = loss_value
+                        now = time.perf_counter()
+                        metrics = {"step": self.step, "epoch": self.epoch, "loss": loss_value,
+                                   "lr": self.optimizer.param_groups[0]["lr"],
+                                   "data_wait_share": (self.data_wait_seconds - window_wait)
+                                   / max(now - window_start, 1e-9)}
+                        if self.sparsifier.last_grad_norm is not None:
+                            metrics["grad_norm"] = float(self.sparsifier.last_grad_norm)
+                        window_start, window_wait = now, self.data_wait_seconds
+                        for cb in callbacks:
+                            cb.on_step(self, metrics)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    epoch_done = self.batch_in_epoch == self.steps_per_epoch
+                    if epoch_done:
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                    if (epoch_done and self.epoch % t.eval_every_epochs == 0) or self.step == self.total_steps:
+                        tick = time.perf_counter()
+                        self._evaluate_and_notify(bar)
+                        self.model.train()
+                        eval_seconds += time.perf_counter() - tick
+                        window_start = time.perf_counter()
+                    if bar is not None:
+                        bar.update(1)
+                    stop = any(cb.should_stop(self) for cb in callbacks) if callbacks else False
+                    if group is not None:
+                        stop = group.stop_flag(stop)
+                    if stop or epoch_done:
+                        break
+                if stop:
                     self.stopped_early = self.step < self.total_steps
                     break
         finally:
@@ -202,50 +297,57 @@ class Trainer:
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return to_channels_last(x) if self.channels_last else x
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _train_step(self, micros: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches. Each micro-batch's loss is weighted by
+        its share of the global batch (× world size, which DDP's averaging divides back out), so the
+        summed gradient is the global batch's mean gradient. Returns this rank's weighted loss."""
         lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, self.spec.training)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.autocast_dtype is None:  # fp32: exactly the plain loop
-            loss = self.loss_fn(self.model(x), y)
-            loss.backward()
-            update = self.sparsifier.step(self.step)
-        else:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                loss = self.loss_fn(self.model(x), y)
-            if self.scaler is None:
-                loss.backward()
-                update = self.sparsifier.step(self.step)
-            else:
-                self.scaler.scale(loss).backward()
-                update = self.sparsifier.step(self.step, scaler=self.scaler)
-                self.scaler.update()
+        model, scaler, dtype = self.forward_model, self.scaler, self.autocast_dtype
+        last = len(micros) - 1
+        total = None
+        for number, (x, y, weight) in enumerate(micros):
+            scale = weight * self.world_size
+            sync = nullcontext() if number == last or self.group is None else model.no_sync()
+            with sync:
+                if dtype is None:  # fp32: exactly the plain loop
+                    loss = self.loss_fn(model(self._layout(x)), y)
+                else:
+                    with torch.autocast(self.device.type, dtype=dtype):
+                        loss = self.loss_fn(model(self._layout(x)), y)
+                if scale != 1.0:
+                    loss = loss * scale
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            loss = loss.detach()
+            total = loss if total is None else total + loss
+        update = self.sparsifier.step(self.step, scaler=scaler)
+        if scaler is not None:
+            scaler.update()
         if update is not None:
-            for cb in self.callbacks:
+            for cb in self.callbacks if self.rank == 0 else ():
                 cb.on_mask_update(self, update)
-        return loss.detach()
+        return total / self.world_size if self.world_size > 1 else total
 
     def _evaluate_and_notify(self, bar) -> None:
         metrics = {"step": self.step, "epoch": self.epoch, **self.evaluate()}
         if self.last_train_loss is not None:
             metrics["train_loss"] = self.last_train_loss
         self.eval_history.append(metrics)
-        for cb in self.callbacks:
+        for cb in self.callbacks if self.rank == 0 else ():
             cb.on_eval(self, metrics)
         if bar is not None:
             bar.set_postfix(val_acc=f"{metrics['val_accuracy']:.3f}", refresh=False)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Validation loss and accuracy; with several ranks each evaluates its share and they add up."""
         was_training = self.model.training
         self.model.eval()
         total_loss, correct, count = 0.0, 0, 0
-        data = self.data
-        for begin in range(0, len(data.x_val), 1024):
-            x = self._layout(data.prepare(data.x_val[begin : begin + 1024], train=False))
-            y = data.y_val[begin : begin + 1024]
+        for x, y in self.feed.val_batches(self.rank if self.group else 0, self.world_size if self.group else 1):
+            x = self._layout(x)
             if self.autocast_dtype is None:
                 logits = self.model(x)
             else:
@@ -254,6 +356,8 @@ class Trainer:
             total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
+        if self.group is not None:
+            total_loss, correct, count = self.group.sum([total_loss, correct, count])
         self.model.train(was_training)
         return {"val_loss": total_loss / count, "val_accuracy": correct / count}
 
@@ -292,6 +396,10 @@ class Trainer:
                 "t_end": self.schedule.t_end,
                 "delta_t": self.schedule.delta_t,
                 "device": str(self.device),
+                "devices": self.world_size,
+                "accumulate_steps": self.accumulate_steps,
+                "compile": self.spec.training.compile,
+                "data_wait_share": self.data_wait_seconds / self.train_seconds if self.train_seconds else 0.0,
                 "precision": self.precision,
                 "channels_last": self.channels_last,
                 "tf32": self.tf32,
@@ -349,6 +457,7 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Resume from our own checkpoint (loaded with weights_only=True: never unpickles code)."""
         state = torch.load(path, map_location=self.device, weights_only=True)
+        self.resumed_from = str(path)
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint {path}: unsupported version {state.get('version')}")
         saved = JobSpec.model_validate_json(state["spec"])

@@ -49,6 +49,8 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    # fewest devices a worker must own to run it: training.devices, 1 for "all" (any worker, on all of its own)
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # runs started, resumptions included
     # runs that ended in a clean checkpoint-and-requeue (SIGTERM, warm shutdown): they don't count
     # against max_attempts; a run that died without one (found by the reaper) does

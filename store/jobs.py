@@ -27,6 +27,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("queued", "requeued")
 ACTIVE = ("queued", "running", "requeued", "cancelling")  # what the per-owner cap counts
 UNDISPATCHED = "broker_unavailable"  # error code of a queued job whose message is not in the broker yet
+WAITING_FOR_DEVICES = "waiting_for_devices"  # a queued job that a worker passed over: it owns too few devices
 
 
 class LeaseLost(Exception):
@@ -81,7 +82,8 @@ class JobStore:
                     raise TooManyActiveJobs(max_active)
                 if dataset_id is not None and s.get(DatasetRecord, dataset_id) is None:
                     raise UploadGone("dataset.path")
-                job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner)
+                job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
+                          devices=required_devices(resolved_spec))
                 s.add(job)
                 s.flush()
                 s.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
@@ -160,8 +162,8 @@ class JobStore:
             rows = list(s.scalars(query.limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
-    def claim(self, job_id: str, max_attempts: int, lease_seconds: float = 120, worker: str | None = None
-              ) -> tuple[Job | None, str]:
+    def claim(self, job_id: str, max_attempts: int, lease_seconds: float = 120, worker: str | None = None,
+              devices: int | None = None) -> tuple[Job | None, str]:
         """Take a job for this process. Returns (job, token) or (None, why-not).
 
         A message is a slot, not a ticket: the job taken is the fairest claimable one (`_fair_candidate`:
@@ -171,6 +173,12 @@ class JobStore:
         that stopped heart-beating for `lease_seconds` (by the database's clock) is taken back directly.
         Each take is a compare-and-set on (status, attempt, lease_token) under the row lock, so two
         claimers never both win. Failed runs (attempt - preemptions) are capped by `max_attempts`.
+
+        `devices`: how many this worker owns (None: no device filter, one kind of worker). A slot then has
+        the class of its message's job, c = `Job.devices`: it starts only a job needing exactly c devices, and
+        only on a worker owning ≥ c. Every job sends one slot of its own class and only that class's slots
+        start it, so each class's slots and jobs balance as the whole queue's did, and a backlog of small
+        jobs never holds up a big one. A slot too big for this worker is sent on (`forward_class`).
         """
         token = uuid.uuid4().hex
         with self.sessions.begin() as s:
@@ -182,12 +190,17 @@ class JobStore:
             if mine is not None and mine.status in ("running", "cancelling"):
                 if not _stale(mine.heartbeat_at, now, lease_seconds):
                     why = f"already {mine.status} elsewhere"
+                elif devices is not None and mine.devices > devices:
+                    why = f"needs {mine.devices} devices, this worker has {devices}"  # the reaper re-sends it
                 else:
                     taken = self._take(s, mine, token, now, max_attempts, worker)
                     why = None if taken is not None else f"job {mine.status}"
             tried: set[str] = set()
-            while taken is None:
-                candidate = self._fair_candidate(s, job_id, tried)
+            slot = None if devices is None else mine.devices if mine is not None else 1
+            if slot is not None and slot > devices:
+                why = f"a slot for {slot} devices; this worker has {devices}"
+            while taken is None and (slot is None or slot <= devices):
+                candidate = self._fair_candidate(s, job_id, tried, slot)
                 if candidate is None:
                     break
                 tried.add(candidate.id)
@@ -205,13 +218,14 @@ class JobStore:
         if self.engine.dialect.name == "sqlite":
             session.execute(update(Job).where(false()).values(attempt=Job.attempt))
 
-    def _fair_candidate(self, session, job_id: str, tried: set[str]) -> Job | None:
+    def _fair_candidate(self, session, job_id: str, tried: set[str], devices: int | None = None) -> Job | None:
         """The next job to start: among claimable jobs (a job whose message never reached the broker
         waits for it, unless this is its message), the owner with the fewest running jobs first, then
         the owner whose latest job started longest ago (so one worker alternates owners), then the
-        oldest job. Locked with SKIP LOCKED on PostgreSQL: concurrent claimers take different jobs."""
-        claimable = and_(Job.status.in_(CLAIMABLE), Job.id.not_in(tried) if tried else true(),
-                         or_(Job.error_code.is_(None), Job.error_code != UNDISPATCHED, Job.id == job_id))
+        oldest job. Locked with SKIP LOCKED on PostgreSQL: concurrent claimers take different jobs.
+        `devices`: only jobs needing exactly that many (a slot's class); None: any."""
+        claimable = and_(_claimable(job_id), Job.id.not_in(tried) if tried else true(),
+                         Job.devices == devices if devices is not None else true())
         waiting = select(Job.owner).where(claimable).distinct()
         running = func.sum(case((Job.status.in_(("running", "cancelling")), 1), else_=0))
         first_waiting = func.min(case((claimable, Job.seq)))
@@ -233,6 +247,30 @@ class JobStore:
             if job is not None:
                 return job
         return None
+
+    def forward_class(self, job_id: str, devices: int) -> int | None:
+        """After `claim` took nothing for `job_id`'s slot on a worker owning `devices`: the class (device count)
+        of the queue the worker must send the slot on to, when the job needs more devices than the worker owns
+        and a job of that class waits; None: the slot is spent. The waiting jobs this worker is too small for
+        get a visible note, once: `waiting_for_devices` with the count they wait for (`_take` clears it)."""
+        with self.sessions.begin() as s:
+            self._write_lock(s)
+            need = s.scalar(select(Job.devices).where(Job.id == job_id))
+            if need is None or need <= devices:
+                return None
+            too_big = s.execute(select(Job.id, Job.devices).where(Job.status.in_(CLAIMABLE), Job.error_code.is_(None),
+                                                                  Job.devices > devices).order_by(Job.seq)).all()
+            for waiting_id, count in too_big:  # in seq order: two workers lock the rows in one order
+                message = (f"queued; waiting for a worker with {count} devices (RIGL_WORKER_DEVICES; the last "
+                           f"worker that looked has {devices})")
+                result = s.execute(update(Job).where(Job.id == waiting_id, Job.status.in_(CLAIMABLE),
+                                                     Job.error_code.is_(None))
+                                   .values(error_code=WAITING_FOR_DEVICES, error_message=message))
+                if result.rowcount == 1:
+                    s.add(Event(job_id=waiting_id, type="message", level="warn", message=message,
+                                data={"code": WAITING_FOR_DEVICES, "devices": count}))
+            waiting = s.scalar(select(Job.id).where(_claimable(job_id), Job.devices == need).limit(1))
+        return need if waiting is not None else None
 
     def _take(self, session, job: Job, token: str, now: dt.datetime, max_attempts: int, worker: str | None
               ) -> Job | None:
@@ -402,6 +440,10 @@ class JobStore:
                 values = {"cancel_requested": True}
                 if status is not None:
                     values["status"] = status
+                if status == "cancelled":  # it waits for nothing any more
+                    waiting = Job.error_code == WAITING_FOR_DEVICES
+                    values.update(error_code=case((waiting, None), else_=Job.error_code),
+                                  error_message=case((waiting, None), else_=Job.error_message))
                 if status in TERMINAL:
                     values["finished_at"] = utcnow()
                 result = s.execute(update(Job).where(*owned, Job.status.in_(current)).values(**values))
@@ -565,6 +607,19 @@ def lock_job_events(connection, job_id: str) -> None:
     dialect = connection.dialect if hasattr(connection, "dialect") else connection.get_bind().dialect
     if dialect.name == "postgresql":
         connection.execute(select(Job.id).where(Job.id == job_id).with_for_update(key_share=True))
+
+
+def required_devices(spec: dict) -> int:
+    """The fewest devices a worker must own to run a job: `training.devices`, or 1 for "all" (any worker
+    runs it, on all of its own devices)."""
+    value = (spec.get("training") or {}).get("devices", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def _claimable(job_id: str):
+    """Waiting to start: a job whose message never reached the broker waits for it, unless this is its message."""
+    return and_(Job.status.in_(CLAIMABLE),
+                or_(Job.error_code.is_(None), Job.error_code != UNDISPATCHED, Job.id == job_id))
 
 
 def _stale(heartbeat: dt.datetime | None, now: dt.datetime, lease_seconds: float) -> bool:

@@ -30,10 +30,11 @@ class Settings(BaseSettings):
                                            "declare once inflated (checked from its headers before reading).")
     max_upload_compression_ratio: float = Field(100.0, ge=1, description="An .npz member over 1 MiB that inflates "
                                                 "more than this many-fold is refused as a decompression bomb.")
-    max_imagefolder_images: int = Field(200_000, ge=1, description="imagefolder: most images a job's folder "
-                                        "may hold (counted at submit time).")
-    max_imagefolder_bytes: int = Field(8 * 1024**3, ge=1, description="imagefolder: most bytes its decoded "
-                                       "images may take (images × 3 × image_size²).")
+    max_imagefolder_images: int = Field(200_000, ge=1, description="imagefolder with loader memory: most "
+                                        "images a job's folder may hold (counted at submit time); a streamed "
+                                        "folder has no image cap.")
+    max_imagefolder_bytes: int = Field(8 * 1024**3, ge=1, description="imagefolder with loader memory: most bytes "
+                                       "its decoded images may take (images × 3 × image_size²).")
     max_params: int = Field(100_000_000, description="Largest model a job may train.")
     max_epochs: int = Field(10_000)
     max_total_steps: int = Field(10_000_000, ge=1, le=2**31 - 1,
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     stream_poll_seconds: float = Field(0.5, gt=0, description="How often the API reads new events of a "
                                        "streamed job: one query per job per interval, however many streams.")
     cancel_poll_seconds: float = Field(1.0, gt=0)
+    worker_devices: int | None = Field(None, ge=1, le=64, description="Devices this worker owns (a job with "
+                                       "training.devices: N runs only on a worker owning ≥ N; 'all' uses all of them). "
+                                       "Default: the visible CUDA GPUs, or 1 on a host without one.")
     lease_seconds: float = Field(120, gt=0, description="A running job whose heartbeat is older is requeued.")
     reaper_interval_seconds: float = Field(15, gt=0, description="How often the API looks for lost jobs.")
     job_time_limit_seconds: int = Field(3 * 24 * 3600)

@@ -111,6 +111,16 @@ def imagefolder_layout(user_path: object, root: Path, limit: int):
     return layout
 
 
+def folder_limit(dataset: dict) -> int:
+    """How many images an imagefolder job may list: max_samples when it is loaded into memory; no
+    count for a streamed one (loader stream, or auto), whose files are confined all the same."""
+    from rigl_core.datasets.files import NO_IMAGE_LIMIT
+
+    if dataset.get("loader", "auto") == "memory":
+        return int(dataset.get("max_samples") or 200_000)
+    return NO_IMAGE_LIMIT
+
+
 def check_job_paths(resolved_spec: dict, settings) -> None:
     """The worker's re-check of a stored resolved spec, against the worker's own settings, before
     anything is loaded: data_dir is the datasets directory, an imagefolder lies inside it, an
@@ -129,7 +139,7 @@ def check_job_paths(resolved_spec: dict, settings) -> None:
                 relative = str(Path(path).relative_to(_real(datasets_dir)))
             except ValueError:
                 raise UserPathError() from None
-        imagefolder_layout(relative, datasets_dir, int(dataset.get("max_samples") or 200_000))
+        imagefolder_layout(relative, datasets_dir, folder_limit(dataset))
     elif name == "tensors":
         if (not isinstance(path, str) or artifact_dir is None or not UPLOADED_FILE.fullmatch(Path(path).name)
                 or _real(path).parent != _real(Path(artifact_dir) / "datasets")):

@@ -62,6 +62,45 @@ def test_gpu_worker_reservation_and_shutdown():
     assert "deploy" not in SERVICES["worker-cpu"]
 
 
+def _active(profile: str | None) -> dict:
+    """The services `docker compose [--profile P] up` starts: those without profiles, and P's."""
+    return {name: s for name, s in SERVICES.items() if not s.get("profiles") or profile in s["profiles"]}
+
+
+def _gpus(service: dict) -> list[str]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    for device in devices:
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], device
+    return [gpu for device in devices for gpu in device["device_ids"]]
+
+
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(size).lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+def test_an_8_gpu_node_runs_eight_1_gpu_workers_or_one_8_gpu_worker():
+    """gpu-8x1: eight workers owning one GPU each, disjoint; gpu-1x8 (worker-gpu0 scaled to 0, as the header
+    says): one worker owning all eight, with the shared memory and memlock DDP/NCCL need in a container."""
+    eight = {name: _gpus(s) for name, s in _active("gpu-8x1").items() if _gpus(s)}
+    assert sorted(eight) == [f"worker-gpu{i}" for i in range(8)]
+    assert sorted(gpu for gpus in eight.values() for gpu in gpus) == [str(i) for i in range(8)]
+    assert all(len(gpus) == 1 for gpus in eight.values())
+    one = {name: _gpus(s) for name, s in _active("gpu-1x8").items() if _gpus(s) and name != "worker-gpu0"}
+    assert one == {"worker-8gpu": [str(i) for i in range(8)]}
+    assert "--profile gpu-1x8 up -d --scale worker-gpu0=0" in (ROOT / "docker-compose.yml").read_text()
+    big = SERVICES["worker-8gpu"]
+    assert big.get("ipc") == "host" or _bytes(big["shm_size"]) >= 8 * _bytes(SERVICES["worker-gpu1"]["shm_size"])
+    assert big["ulimits"]["memlock"] == -1
+    assert set(_active(None)) == {"redis", "postgres", "api", "worker-gpu0"}  # the default stack
+    for name, service in SERVICES.items():  # every GPU worker owns exactly the GPUs it reserves
+        if _gpus(service):
+            assert service["environment"]["RIGL_WORKER_DEVICES"] == str(len(_gpus(service))), name
+            assert service["command"] == SERVICES["worker-gpu0"]["command"], name
+            assert service["stop_grace_period"] == "3m" and "inspect ping" in " ".join(service["healthcheck"]["test"])
+            assert service["environment"]["RIGL_DATABASE_URL"] == SERVICES["api"]["environment"]["RIGL_DATABASE_URL"]
+
+
 def test_every_rigl_variable_is_a_setting_and_every_env_example_entry_is_used():
     fields = {f"RIGL_{name.upper()}" for name in Settings.model_fields}
     text = (ROOT / "docker-compose.yml").read_text()
@@ -92,6 +131,11 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     result = subprocess.run(["docker-compose", "--env-file", ".env.example", "--profile", "cpu", "--profile",
                              "flower", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    for profile, workers in (("gpu-8x1", {f"worker-gpu{i}" for i in range(8)}), ("gpu-1x8", {"worker-8gpu"})):
+        result = subprocess.run(["docker-compose", "--env-file", ".env.example", "--profile", profile, "config",
+                                 "--services"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert workers <= set(result.stdout.split()), (profile, result.stdout)
     broken = (ROOT / "docker-compose.yml").read_text().replace("capabilities: [gpu]", "capabilitys: [gpu]")
     (tmp_path / "docker-compose.yml").write_text(broken)
     result = subprocess.run(["docker-compose", "-f", str(tmp_path / "docker-compose.yml"), "--project-directory",

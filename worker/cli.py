@@ -1,4 +1,5 @@
-"""`rigl worker`: start one Celery worker process (prefork, concurrency 1) on the configured broker."""
+"""`rigl worker`: start one Celery worker process (prefork, concurrency 1) on the configured broker, listening
+for the slot classes its devices can serve (worker/devices.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ def add_command(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from worker.app import app
     from store.settings import get_settings
+    from worker.devices import check_visible_gpus, owned_devices, worker_queues
 
     settings = get_settings()
+    check_visible_gpus(settings)  # before any job: an 'all' job uses exactly the GPUs this worker owns
+    queues = worker_queues(settings.queue, owned_devices(settings))  # slot classes 1 … devices
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
-            "--queues", settings.queue, "--hostname", args.name, "--loglevel", args.loglevel,
+            "--queues", ",".join(queues), "--hostname", args.name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
     app.worker_main(argv)
     return 0

@@ -32,6 +32,7 @@ from store.jobs import JobStore, LeaseLost
 from store.scrub import scrub_paths
 from store.settings import Settings
 from store.user_paths import check_job_paths
+from worker.devices import owned_devices
 from worker.heartbeat import Heartbeat
 from worker.retry import is_transient, retry_transient
 
@@ -261,6 +262,9 @@ def summary(report: dict) -> dict:
         "train_seconds": report["train_seconds"],
         "steps": report["steps"],
         "leak_check_ok": report["leak_check"]["ok"],
+        # how it ran: processes, micro-batches, autocast dtype, share of time spent waiting for data
+        **{key: report[key] for key in ("devices", "accumulate_steps", "precision", "data_wait_share")
+           if key in report},
     }
 
 
@@ -271,9 +275,13 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
 
 
 def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = None,
-             stop_requested: threading.Event | None = None) -> tuple[str, str | None]:
+             stop_requested: threading.Event | None = None,
+             forward: Callable[[int], None] | None = None) -> tuple[str, str | None]:
     """One message = one slot: claim the fairest claimable job (JobStore.claim) and run it.
     Returns (outcome, id of the job run, or None when nothing was claimed).
+
+    A slot has its job's device class (worker/devices.py); one too big for this worker goes to
+    `forward(devices)`, the queue of that class ("forwarded"), so the job keeps its slot.
 
     `stop_requested` (set from a SIGTERM handler) makes the job checkpoint and requeue at the next step.
     The run checkpoints and ends `time_limit` `time_limit_grace_seconds` before `job_time_limit_seconds`.
@@ -282,11 +290,19 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
     store = store or JobStore(settings.database_url)
     artifacts = Artifacts(settings.artifact_dir)
     budget = settings.db_retry_seconds
+    devices = owned_devices(settings)
     job, token = retry_transient(
         lambda: store.claim(message_job_id, settings.max_attempts, settings.lease_seconds,
-                            worker=f"{socket.gethostname()}:{os.getpid()}"),
+                            worker=f"{socket.gethostname()}:{os.getpid()}", devices=devices),
         budget, f"job {message_job_id}: claim")
     if job is None:
+        onward = retry_transient(lambda: store.forward_class(message_job_id, devices), budget,
+                                 f"job {message_job_id}: forward")
+        if onward is not None and forward is not None:
+            log.info("message for job %s: a slot for %d devices, this worker has %d; sent on", message_job_id,
+                     onward, devices)
+            forward(onward)
+            return "forwarded", None
         log.info("message for job %s: nothing run (%s)", message_job_id, token)
         return "skipped", None
     job_id = job.id

@@ -27,18 +27,26 @@ def train(job_id: str) -> str:
     from store.dispatch import dispatch
     from store.jobs import JobStore
     from store.settings import get_settings
+    from worker.devices import slot_queue
     from worker.retry import is_transient, retry_transient
     from worker.runner import run_slot
 
     if shutting_down.is_set():
         raise Reject("this worker is shutting down", requeue=True)
+    allow_child_processes()
     stop_requested = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
     try:
         settings = get_settings()
         store = JobStore(settings.database_url)
+
+        def forward(devices: int) -> None:  # to the workers owning ≥ devices; unsent: the reaper re-sends it
+            queue = slot_queue(settings.queue, devices)
+            retry_transient(lambda: dispatch(store, lambda job: train.apply_async(args=[job], queue=queue), job_id),
+                            settings.db_retry_seconds, f"job {job_id}: slot for {devices} devices")
+
         try:  # the message is a slot: the job run is the fairest claimable one (JobStore.claim)
-            outcome, ran = run_slot(job_id, settings, store, stop_requested=stop_requested)
+            outcome, ran = run_slot(job_id, settings, store, stop_requested=stop_requested, forward=forward)
         except Exception as error:
             if is_transient(error):  # the database stayed down longer than db_retry_seconds: try later
                 raise Reject(f"database unavailable: {type(error).__name__}", requeue=True) from error
@@ -49,6 +57,17 @@ def train(job_id: str) -> str:
         return outcome
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def allow_child_processes() -> None:
+    """Billiard marks its pool processes daemonic, and multiprocessing refuses to start children of a
+    daemonic process ("daemonic processes are not allowed to have children"); a streamed dataset
+    decodes images in DataLoader worker processes started from this one. Clearing the flag is safe
+    here: this process runs a single task (worker_max_tasks_per_child=1) and the loader's workers are
+    daemonic themselves, watch this process and are stopped when the job's feed closes or it dies."""
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False  # the setter refuses a started process
 
 
 @worker_shutting_down.connect

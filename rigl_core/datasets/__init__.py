@@ -50,9 +50,13 @@ class Dataset:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             x = (x - self.mean.view(shape)) / self.std.view(shape)
         if train and self.augment and x.dim() == 4:
-            generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + step + 7)
-            x = crop_flip(x, generator)
+            x = self.augment_batch(x, seed, step)
         return x
+
+    def augment_batch(self, x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """Random crop + flip of a prepared batch: a pure function of (seed, step)."""
+        generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + step + 7)
+        return crop_flip(x, generator)
 
 
 def channel_stats(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
 import tarfile
 import urllib.request
 import warnings
@@ -152,6 +153,7 @@ def cifar_dataset(spec) -> Dataset:
 
 # ---------------------------------------------------------------- ImageFolder
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding (no decompression bombs)
+NO_IMAGE_LIMIT = 2**62  # a streamed folder's listing: not capped by image count (max_samples is for memory)
 
 
 @dataclass
@@ -202,26 +204,38 @@ def imagefolder_layout(base: Path, limit: int) -> ImageFolderLayout:
     return ImageFolderLayout(base, classes, train, val)
 
 
+def read_image(path: Path, base: Path):
+    """One image decoded as RGB (PIL), after checking its pixel count from the header (no decompression
+    bombs). Shared by the in-memory and the streaming loader; errors name the file relative to `base`."""
+    from PIL import Image
+
+    name = path.relative_to(base)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DatasetError(f"dataset.path: image {name} has {width}×{height} pixels, over the "
+                                       f"{MAX_IMAGE_PIXELS:,}-pixel limit")
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DatasetError(f"dataset.path: image {name} is over the pixel limit (a decompression bomb?)") from None
+    except DatasetError:
+        raise
+    except OSError as exc:
+        raise DatasetError(f"dataset.path: cannot read image {name}: {_no_paths(exc)}") from None
+    except (SyntaxError, ValueError, EOFError, struct.error) as exc:  # what some PIL decoders raise on bad data
+        raise DatasetError(f"dataset.path: cannot read image {name}: {type(exc).__name__}") from None
+
+
 def _load_images(files: list[tuple[Path, int]], base: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
     images = []
     for path, _ in files:
-        name = path.relative_to(base)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    width, height = img.size
-                    if width * height > MAX_IMAGE_PIXELS:
-                        raise DatasetError(f"dataset.path: image {name} has {width}×{height} pixels, over the "
-                                           f"{MAX_IMAGE_PIXELS:,}-pixel limit")
-                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise DatasetError(f"dataset.path: image {name} is over the pixel limit (a decompression bomb?)") from None
-        except OSError as exc:
-            raise DatasetError(f"dataset.path: cannot read image {name}: {_no_paths(exc)}") from None
+        img = read_image(path, base).resize((size, size), Image.BILINEAR)
+        images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(images)), torch.tensor([label for _, label in files], dtype=torch.int64)
 
 
@@ -230,13 +244,19 @@ def _no_paths(exc: OSError) -> str:
     return exc.strerror if exc.strerror else str(exc).split(" '/")[0].split(' "/')[0]
 
 
-def imagefolder_dataset(spec) -> Dataset:
-    """`path` (under `data_dir` if relative) holds one subfolder per class, or `train/` and `val/` that do."""
+def imagefolder_base(spec) -> Path:
+    """The folder a spec names: `path`, under `data_dir` when relative."""
     if not spec.path:
         raise DatasetError("dataset.path: required for imagefolder")
     base = Path(spec.path)  # `~` is the CLI's to expand, never the service's
     if not base.is_absolute() and spec.data_dir:
         base = Path(spec.data_dir) / base
+    return base
+
+
+def imagefolder_dataset(spec) -> Dataset:
+    """`path` (under `data_dir` if relative) holds one subfolder per class, or `train/` and `val/` that do."""
+    base = imagefolder_base(spec)  # DatasetSpec refuses random-resized-crop here: it needs the source images
     layout = imagefolder_layout(base, spec.max_samples)
     x, y = _load_images(layout.train, base, spec.image_size)
     if layout.val is not None:
