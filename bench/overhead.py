@@ -95,9 +95,9 @@ def train_once(config: str, method: str, quick: bool, max_steps: int | None = No
     step_seconds: list[float] = []
     inner = trainer._train_step
 
-    def timed_step(x, y):
+    def timed_step(micros):
         tick = time.perf_counter()
-        out = inner(x, y)
+        out = inner(micros)
         step_seconds.append(time.perf_counter() - tick)
         return out
 
