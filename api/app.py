@@ -13,7 +13,7 @@ from api.janitor import Janitor
 from api.limits import BodyLimit
 from api.origin_guard import OriginGuard, split_list
 from api.reaper import Reaper
-from api.routes import jobs, resources
+from api.routes import jobs, resources, weights
 from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings, get_settings
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(resources.router)
+    app.include_router(weights.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
             return JSONResponse({"status": "unavailable", "database": str(exc).splitlines()[0]}, status_code=503)
         return {"status": "ok", "database": "ok"}
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(("POST", "/v1/datasets"),))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(("POST", "/v1/datasets"), ("POST", "/v1/weights")))
     app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # outermost: Host, cross-site
                        allowed_origins=split_list(settings.allowed_origins))
     return app

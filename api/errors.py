@@ -56,7 +56,12 @@ def install(app: FastAPI) -> None:
             {"field": _loc_to_field(e["loc"]), "message": str(e["msg"]).removeprefix("Value error, ")}
             for e in exc.errors()
         ]
-        body = _body("invalid_request", message, _loc_to_field(first["loc"]))
+        field = _loc_to_field(first["loc"])
+        named = FIELD_PREFIX.match(message) if field == "body" else None
+        if named and "." in named.group(1):  # a whole-spec rule (e.g. sparsity.init vs model.weights) names its field
+            field, message = named.group(1), named.group(2)
+            details[0] = {"field": field, "message": message}
+        body = _body("invalid_request", message, field)
         body["error"]["details"] = details
         return JSONResponse(body, status_code=422)
 

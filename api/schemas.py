@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job
+import datetime as dt
+
+from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
 
 
-def iso(value):
-    return value.isoformat() if value is not None else None
+def iso(value: dt.datetime | None) -> str | None:
+    """ISO 8601 with an explicit UTC offset. Every stored time is UTC, but SQLite hands them back
+    without a zone, so a naive value is UTC by construction."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).isoformat()
 
 
 def job_json(job: Job, admin: bool = False) -> dict:
@@ -51,3 +59,8 @@ def dataset_json(row: DatasetRecord) -> dict:
     return {"id": row.id, "object": "dataset", "name": row.name, "format": row.format, "size": row.size,
             "sha256": row.sha256, "num_samples": row.num_samples, "num_val": row.num_val,
             "input_shape": row.input_shape, "num_classes": row.num_classes, "created_at": iso(row.created_at)}
+
+
+def weights_json(row: WeightsRecord) -> dict:
+    return {"id": row.id, "object": "weights", "name": row.name, "size": row.size, "sha256": row.sha256,
+            "tensors": row.tensors, "params": row.params, "created_at": iso(row.created_at)}

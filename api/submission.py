@@ -13,7 +13,7 @@ import json
 from rigl_core.models import build_model, check_model
 from rigl_core.plan import make_plan
 from rigl_core.schedules import resolve_t_end
-from rigl_core.spec import UPLOADED_ARCHITECTURE, JobSpec
+from rigl_core.spec import UPLOADED_ARCHITECTURE, UPLOADED_WEIGHTS, JobSpec
 from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings
@@ -33,6 +33,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded architecture {model['name']!r}", "model.name")
         model["architecture"], model["name"] = record.spec, "custom"
+    weights_field = _resolve_weights(model, store, artifacts, owner)
     if dataset.get("data_dir") is not None:
         raise ApiError(422, "invalid_job", "the server sets data_dir; leave it out", "dataset.data_dir")
     if dataset.get("download"):
@@ -60,6 +61,13 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
             if params > settings.max_params:
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
+            if weights_field is not None:  # names and shapes against the model, from the file's header
+                from rigl_core.warm_start import check_matches, read_header
+
+                architecture = json.dumps(tree["model"].get("architecture"), sort_keys=True)
+                shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
+                                             json.dumps(input_shape), num_classes)
+                check_matches(read_header(model["weights"], weights_field), shapes, weights_field, tied)
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
         total_steps = check_costs(resolved, settings, num_train, flops_per_example)
@@ -71,6 +79,48 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc) from None
     return tree, total_steps
+
+
+def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None) -> str | None:
+    """`model.weights` (an uploaded `w_…` id) or `model.init_from_job` (a succeeded job's dense export)
+    becomes the server file's path in `model.weights`; returns the field it came from, None without.
+    A user never names a server path, and someone else's weights or job are as good as missing."""
+    if model.get("weights") is not None:
+        weights_id = model["weights"]
+        if not UPLOADED_WEIGHTS.fullmatch(weights_id):
+            raise ApiError(422, "invalid_job", "give the id (w_…) of weights uploaded with POST /v1/weights",
+                           "model.weights")
+        record = store.get_weights(weights_id, owner)
+        if record is None:
+            raise ApiError(422, "invalid_job", f"no uploaded weights {weights_id!r}", "model.weights")
+        model["weights"] = str(artifacts.weights_file(record.id))
+        return "model.weights"
+    job_id = model.get("init_from_job")
+    if job_id is None:
+        return None
+    job = store.get_job(job_id, owner)
+    if job is None:
+        raise ApiError(422, "invalid_job", f"no job {job_id!r}", "model.init_from_job")
+    export = store.latest_checkpoint(job.id, "dense") if job.status == "succeeded" else None
+    if export is None:
+        raise ApiError(422, "invalid_job", f"job {job_id!r} is {job.status}; only a succeeded job's dense "
+                                           "export can be started from", "model.init_from_job")
+    model["weights"], model["init_from_job"] = str(artifacts.job_file(job.id, export.filename)), None
+    return "model.init_from_job"
+
+
+@functools.lru_cache(maxsize=64)
+def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, input_shape_json: str,
+                  num_classes: int) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({state_dict name: shape}, tied names) of the model built on the meta device (cached: sweeps
+    reuse one model)."""
+    from rigl_core.architecture import Architecture
+    from rigl_core.warm_start import expected_shapes, tied_names
+
+    architecture = json.loads(architecture_json)
+    meta = build_model(name, num_classes, json.loads(input_shape_json), json.loads(hidden_sizes_json), device="meta",
+                       architecture=Architecture.model_validate(architecture) if architecture else None)
+    return expected_shapes(meta), tied_names(meta)
 
 
 @functools.lru_cache(maxsize=512)

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delta-t", type=int, help="steps between mask updates (ΔT)")
     train.add_argument("--alpha", type=float, help="initial drop fraction α")
     train.add_argument("--t-end", type=float, help="last mask update as a fraction of training")
+    train.add_argument("--weights", type=lambda text: str(Path(text).expanduser()),
+                       help="start from this trained model: a .safetensors state_dict of the same model")
+    train.add_argument("--init", choices=("random", "magnitude"),
+                       help="first masks: random (default) or magnitude (one-shot pruning of --weights)")
     train.add_argument("--out", type=Path, required=True, help="output directory")
     train.add_argument("--checkpoint-every", type=int, default=0, help="write DIR/checkpoint.pt every N steps")
     train.add_argument("--resume", type=Path, help="resume from a checkpoint written by --checkpoint-every")
@@ -304,6 +308,8 @@ TRAIN_FLAGS = {
     "delta_t": "sparsity.schedule.delta_t",
     "alpha": "sparsity.schedule.alpha",
     "t_end": "sparsity.schedule.t_end",
+    "weights": "model.weights",
+    "init": "sparsity.init",
 }
 
 
@@ -407,6 +413,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan_table(result))
     _warn_partial_sparsity(result)
+    for warning in result["warnings"]:  # large weights left dense that the user did not exclude
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

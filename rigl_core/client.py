@@ -275,6 +275,14 @@ class Client:
         return self._request("POST", "/v1/datasets", retry=False, params=params, content=path.read_bytes(),
                              headers={"Content-Type": "application/octet-stream"}).json()
 
+    def upload_weights(self, path: str | os.PathLike, name: str | None = None) -> dict:
+        """Upload a trained model's state_dict saved as .safetensors (never a pickle) as the raw body;
+        returns the weights object. Start a job from it with `"model": {..., "weights": weights["id"]}`
+        (and `"sparsity": {"init": "magnitude"}` to prune it one-shot). Not retried once sent."""
+        path = Path(path)
+        return self._request("POST", "/v1/weights", retry=False, params={"name": name or path.stem},
+                             content=path.read_bytes(), headers={"Content-Type": "application/octet-stream"}).json()
+
     def report(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}/sparsity").json()
 

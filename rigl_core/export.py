@@ -57,11 +57,20 @@ def pack_state_dict(
 def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write the packed export; `masks` keyed by module name (e.g. "fc1") or parameter name."""
     state = dense_state_dict(model)
-    by_param = {(k if k in state else f"{k}.weight"): v for k, v in masks.items()}
+    by_param = {_param_key(k, state): v for k, v in masks.items()}
     tensors, metadata = pack_state_dict(state, by_param)
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def _param_key(name: str, state: dict[str, torch.Tensor]) -> str:
+    """A mask's state_dict key: layer names are parameter names ("rnn.weight_ih_l0"), module names
+    ("fc1" -> "fc1.weight") or attention projections ("attn.in_proj" -> "attn.in_proj_weight")."""
+    for key in (name, f"{name}.weight", f"{name}_weight"):
+        if key in state:
+            return key
+    return f"{name}.weight"
 
 
 def load_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -181,6 +181,9 @@ def _zero_residual_batchnorms(model: nn.Module) -> None:
                 module.body[-1].weight.zero_()
 
 
+AUX_LOGIT_MODELS = ("googlenet", "inception_v3")  # torchvision classifiers with auxiliary heads
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -226,6 +229,11 @@ def build_model(
             if hidden_sizes is not None:
                 raise ValueError("model.hidden_sizes: applies to mlp only")
             extra = {"zero_init_residual": bool(zero_init_residual)} if is_torchvision_resnet(name) else {}
+            if name in AUX_LOGIT_MODELS:
+                # In train mode these return (logits, aux…) namedtuples, which no loss takes. Built without the
+                # auxiliary heads they return the main logits in both modes; torchvision's reference adds
+                # 0.4·aux loss, a regulariser we leave out (and its weights are not planned or masked).
+                extra.update(aux_logits=False, init_weights=True)  # init_weights: today's default, said aloud
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     raise ValueError(f"unknown model {name!r}")
 

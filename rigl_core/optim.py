@@ -8,15 +8,16 @@ import math
 import torch
 from torch import nn
 
-from rigl_core.layers import KERNEL_TYPES
+from rigl_core.layers import kernel_parameters
 from rigl_core.spec import TrainingSpec
 
 
 def param_groups(model: nn.Module, weight_decay: float, kernels_only: bool) -> list[dict]:
-    """Weight decay on conv/linear kernels only (as the TF reference's L2), or on everything."""
+    """Weight decay on kernels only (conv, linear, attention, RNN, GPT-2 Conv1D; not embeddings, as the TF
+    reference's L2), or on everything."""
     if not kernels_only:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    kernel_ids = {id(m.weight) for m in model.modules() if isinstance(m, KERNEL_TYPES) and m.weight is not None}
+    kernel_ids = {id(p) for p in kernel_parameters(model)}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -5,15 +5,20 @@ Computed on the meta device from shapes alone, so planning ResNet-50 takes well 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from rigl_core.distributions import active_count, layer_sparsities
-from rigl_core.flops import output_positions, training_flops_ratio
+from rigl_core.flops import Positions, count_positions, training_flops_ratio
 from rigl_core.layers import Layer, select_layers
 from rigl_core.schedules import gmp_sparsity
 from rigl_core.spec import SparsitySpec
+
+
+LARGE_WEIGHT = 1_000_000
+LARGE_SHARE = 0.05
+USER_CHOSEN_DENSE = ("excluded", "not in include", "density 1 (override)")
 
 
 @dataclass
@@ -41,6 +46,21 @@ class Plan:
     method: str
     spec: SparsitySpec
     layers: list[LayerPlan]
+    # Parameters no Layer covers (biases, norms, position embeddings, …): name -> (numel, ndim). Totals
+    # over the whole model count them as dense, so a plan never reports a sparsity the model lacks.
+    other_params: dict[str, tuple[int, int]] = field(default_factory=dict)
+    attention_flops: int = 0  # per sample, dense: score and weighted-sum matmuls (see rigl_core.flops)
+
+    def warnings(self) -> list[str]:
+        """Large weights (ndim ≥ 2, over 1M entries or 5% of the model) left dense without the user asking."""
+        if self.method == "dense":
+            return []
+        total = sum(lp.layer.numel for lp in self.layers) + sum(n for n, _ in self.other_params.values())
+        large = [(lp.layer.name, lp.layer.numel, lp.layer.reason) for lp in self.layers
+                 if not lp.layer.masked and lp.layer.reason not in USER_CHOSEN_DENSE]
+        large += [(name, n, "no maskable layer type") for name, (n, ndim) in self.other_params.items() if ndim >= 2]
+        return [f"{name} ({n:,} weights, {n / total:.1%} of the model) stays dense: {why}"
+                for name, n, why in large if n > LARGE_WEIGHT or n > LARGE_SHARE * total]
 
     @property
     def masked(self) -> list[LayerPlan]:
@@ -97,6 +117,8 @@ class Plan:
         all_params = sum(r["params"] for r in rows)
         dense_flops = sum(r["flops_dense"] for r in rows)
         sparse_flops = sum(r["flops_sparse"] for r in rows)
+        other = sum(n for n, _ in self.other_params.values())
+        model_nnz = sum(r["nnz"] for r in rows) + other
         return {
             "method": self.method,
             "distribution": self.spec.distribution,
@@ -107,17 +129,22 @@ class Plan:
                 "nnz": sum(r["nnz"] for r in rows),
                 "masked_params": masked_params,
                 "sparsity": 1 - sum(r["nnz"] for r in masked_rows) / masked_params if masked_params else 0.0,
-                "overall_sparsity": 1 - sum(r["nnz"] for r in rows) / all_params if all_params else 0.0,
+                # over every parameter of the model (biases, norms and uncovered weights count as dense)
+                "model_params": all_params + other,
+                "overall_sparsity": 1 - model_nnz / (all_params + other) if all_params + other else 0.0,
                 "flops_dense": dense_flops,
                 "flops_sparse": sparse_flops,
+                "flops_attention": self.attention_flops,
                 "inference_flops_ratio": sparse_flops / dense_flops if dense_flops else 1.0,
                 "training_flops_ratio": self.training_flops_ratio(nnz),
             },
+            "warnings": self.warnings(),
         }
 
 
-def make_plan(model: nn.Module, input_shape: list[int], spec: SparsitySpec) -> Plan:
-    """Select layers, distribute the sparsity and count FLOPs. Raises ValueError naming the field."""
+def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpec) -> Plan:
+    """Select layers, distribute the sparsity and count FLOPs (none without an `input_shape`: every
+    layer's positions are 0). Raises ValueError naming the field."""
     layers = select_layers(
         model,
         spec.distribution,
@@ -126,6 +153,7 @@ def make_plan(model: nn.Module, input_shape: list[int], spec: SparsitySpec) -> P
         include=spec.include,
         exclude=spec.exclude,
         layer_density=spec.layer_density,
+        embeddings=spec.embeddings,
     )
     masked = [layer for layer in layers if layer.masked]
     if spec.method != "dense" and not masked:
@@ -134,13 +162,18 @@ def make_plan(model: nn.Module, input_shape: list[int], spec: SparsitySpec) -> P
             "and layer_density)"
         )
     sparsities = layer_sparsities(
-        [layer.shape for layer in masked],
+        [layer.fan_shape for layer in masked],
         spec.sparsity,
         spec.distribution,
         custom=[layer.custom_density for layer in masked],
         erk_power_scale=spec.erk_power_scale,
     )
     by_name = {layer.name: s for layer, s in zip(masked, sparsities)}
-    positions = output_positions(model, input_shape)
-    plans = [LayerPlan(layer, by_name.get(layer.name, 0.0), positions.get(layer.name, 0)) for layer in layers]
-    return Plan(method=spec.method, spec=spec, layers=plans)
+    counted = count_positions(model, input_shape) if input_shape is not None else Positions()
+    positions = counted.by_layer
+    plans = [LayerPlan(layer, by_name.get(layer.name, 0.0),
+                       sum(positions.get(name, 0) for name in (layer.name, *layer.tied))) for layer in layers]
+    covered = {id(layer.weight) for layer in layers}
+    other = {name: (p.numel(), p.dim()) for name, p in model.named_parameters() if id(p) not in covered}
+    return Plan(method=spec.method, spec=spec, layers=plans, other_params=other,
+                attention_flops=counted.attention_flops)

@@ -1,15 +1,14 @@
 """Sparse-training methods: dense, static, SET, SNFS, RigL, GMP and SNIP.
 
-A Sparsifier owns the masks and replaces `optimizer.step()` in the training loop:
+A Sparsifier owns the masks. The public way to use one is `rigl_core.RigL` (rigl_core/rigl.py), which
+lets the caller (or a framework: AMP, Accelerate, Lightning) call `optimizer.step()` itself. Here the
+step is split so that nothing in the decision calls the optimizer:
 
-    loss.backward()
-    update = sparsifier.step(step)   # masks grads, steps the optimizer or updates masks
+    plan = sparsifier.prepare_step(step, scaler)   # masks grads; says whether the optimizer may step
+    if plan.take_step: optimizer.step()            # or scaler.step(optimizer)
+    if plan.update_after_step: sparsifier.finish_step(step)   # SET/GMP drop after the step
 
-With mixed precision and a `torch.amp.GradScaler`, pass the scaler and call `scaler.update()` after:
-
-    scaler.scale(loss).backward()
-    update = sparsifier.step(step, scaler=scaler)   # unscales, skips the step on inf/NaN gradients
-    scaler.update()
+`sparsifier.step(step, scaler=scaler)` still does all three (the older one-call form).
 
 The methods differ only in when masks change and which scores drop and grow (rigl_spec.md §3-4).
 """
@@ -68,6 +67,15 @@ class MaskUpdate:
         }
 
 
+@dataclass
+class StepPlan:
+    """What `Sparsifier.prepare_step` decided for one step."""
+
+    take_step: bool  # the caller may call optimizer.step() (gradients are masked, unscaled, clipped)
+    update: MaskUpdate | None = None  # a mask update already made (RigL/SNFS/SNIP replace the step)
+    update_after_step: bool = False  # SET/GMP: call finish_step() after the optimizer step
+
+
 class Sparsifier:
     """Base: fixed masks (the `static` method). Subclasses override the hooks below."""
 
@@ -111,12 +119,32 @@ class Sparsifier:
         self.last_grad_norm: torch.Tensor | None = None
         self._layer = {layer.name: layer for layer in self.layers}
         self._active: dict[str, int] = {}  # each mask's count, known after a drop/grow (saves a sync)
+        self._grad_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU: (mask, its float copy)
+        # First masks chosen by the caller instead of random ones (a warm start's magnitude pruning);
+        # init_masks uses them once. Exact per-layer counts, as random masks.
+        self.initial_masks: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- lifecycle
-    def init_masks(self) -> None:
+    def init_masks(self, masks: dict[str, torch.Tensor] | None = None) -> None:
         """Random masks with exact per-layer counts; identical on every rank (seeded, then broadcast).
-        Methods that start dense get all-true masks instead."""
+        Methods that start dense get all-true masks instead. `masks` (or `initial_masks`), keyed by
+        layer name with exactly `target_active` true entries each, are used instead of random ones."""
         self._active = {}
+        masks = masks if masks is not None else self.initial_masks
+        self.initial_masks = None
+        if masks is not None:
+            if self.starts_dense:
+                raise ValueError(f"sparsity.init: {self.method} starts dense and prunes by itself; "
+                                 "initial masks apply to static, set, snfs and rigl")
+            for layer in self.layers:
+                mask = masks[layer.name].to(dtype=torch.bool, device=layer.weight.device)
+                if tuple(mask.shape) != layer.shape or int(mask.sum()) != self.target_active[layer.name]:
+                    raise ValueError(f"initial mask of {layer.name!r}: needs shape {list(layer.shape)} with "
+                                     f"{self.target_active[layer.name]} active entries")
+                self._store_mask(layer, mask)
+            self._broadcast_masks()
+            self.apply_masks()
+            return
         if self.starts_dense:
             for layer in self.layers:
                 self._store_mask(layer, torch.ones(layer.shape, dtype=torch.bool, device=layer.weight.device))
@@ -140,20 +168,43 @@ class Sparsifier:
         self.masks[layer.name] = like_weight(mask, layer.weight)
 
     def mask_gradients(self) -> None:
-        """One fused call over every masked layer (a kernel launch per layer costs on small models)."""
+        """One fused call over every masked layer (a kernel launch per layer costs on small models).
+
+        On CPU the product with a bool mask is not vectorised (about 7× slower than with a float one,
+        the library's largest per-step cost on a small model), so CPU layers use a float copy of the
+        mask, made once per mask (identical products: the bool is promoted to 0./1. either way). On a
+        GPU the 1-byte mask reads less memory and stays as it is."""
         grads, masks = [], []
         for layer in self.layers:
             grad = layer.weight.grad
             if grad is not None:
                 grads.append(grad)
-                masks.append(self.masks[layer.name])
+                mask = self.masks[layer.name]
+                if grad.device.type == "cpu":
+                    cached = self._grad_masks.get(layer.name)
+                    if cached is None or cached[0] is not mask or cached[1].dtype != grad.dtype:
+                        cached = self._grad_masks[layer.name] = (mask, mask.to(grad.dtype))
+                    mask = cached[1]
+                masks.append(mask)
         if grads:
             torch._foreach_mul_(grads, masks)
 
     # ----------------------------------------------------------------- the step
     def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> MaskUpdate | None:
-        """Replace `optimizer.step()` (or `scaler.step(optimizer)`): returns the mask update made at
-        this step, if any.
+        """The one-call form: prepare_step, the optimizer step (through the scaler when one is given)
+        and finish_step. Returns the mask update made at this step, if any."""
+        plan = self.prepare_step(step, scaler)
+        if plan.take_step:
+            if scaler is not None and scaler.is_enabled():
+                scaler.step(self.optimizer)  # already unscaled and finite: a plain optimizer.step()
+            else:
+                self.optimizer.step()
+        return self.finish_step(step) if plan.update_after_step else plan.update
+
+    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepPlan:
+        """Everything before the optimizer step, without calling it: observe the dense gradients,
+        make a due RigL/SNFS/SNIP update (those skip the optimizer step), else mask and clip the
+        gradients. `take_step` says whether the caller may step the optimizer now.
 
         Non-finite gradients never reach the masks:
 
@@ -161,7 +212,7 @@ class Sparsifier:
           scores are true gradients, and a step whose gradients hold inf/NaN is skipped whole: no
           optimizer step, no gradient observation (SNFS EMA, RigL accumulation) and no drop/grow. A
           mask update due at a skipped step is postponed to the next step with finite gradients
-          (same drop fraction schedule, evaluated at that step), so SNIP's one update and GMP's last
+          (with the drop fraction of the step it was due at), so SNIP's one update and GMP's last
           pruning step are never lost. The caller still calls `scaler.update()` afterwards.
         - Without a scaler nothing is checked on ordinary steps (no per-step cost), but a mask
           update refuses non-finite scores: if any masked layer's gradient (or accumulated score)
@@ -175,26 +226,31 @@ class Sparsifier:
                 self.pending_update = True
             self._discard_scores_on_skip()
             self._zero_grads()
-            return None
+            return StepPlan(False)
         due = self.pending_update or self.is_update_step(step)
         if due and not self._scores_finite(step):
             self.pending_update = True
             self._discard_scores_on_skip()
             self._zero_grads()
-            return None
+            return StepPlan(False)
         self.observe_gradients(step)
         if self.replaces_step_on_update and due:
             self.pending_update = False
             update = self.update_masks(step)
             self._zero_grads()
-            return update
+            return StepPlan(False, update=update)
         self.mask_gradients()
         self._clip()
-        self.optimizer.step()  # a scaler's skip is handled above; grads are already unscaled
-        if not self.replaces_step_on_update and due:
-            self.pending_update = False
-            return self.update_masks(step)
-        return None
+        if due:  # SET/GMP: pending until finish_step, so a step the caller never takes keeps it due
+            self.pending_update = True
+        return StepPlan(True, update_after_step=due)
+
+    def finish_step(self, step: int) -> MaskUpdate | None:
+        """After the optimizer step: the SET/GMP mask update prepare_step found due."""
+        if not self.pending_update or self.replaces_step_on_update:
+            return None
+        self.pending_update = False
+        return self.update_masks(step)
 
     def _clip(self) -> None:
         if self.clip_grad_norm is None or self.optimizer is None:
@@ -214,7 +270,7 @@ class Sparsifier:
             if not ok:
                 raise FloatingPointError(
                     f"step {step}: layer {layer.name} has non-finite weights, training has diverged "
-                    "(with fp16, pass a torch.amp.GradScaler: sparsifier.step(step, scaler=scaler))")
+                    "(with fp16, pass a torch.amp.GradScaler: rigl.step(scaler=scaler))")
         warnings.warn(f"step {step}: non-finite gradients, mask update postponed to the next "
                       "step with finite gradients (no drop or grow on non-finite scores)",
                       RuntimeWarning, stacklevel=3)
@@ -256,7 +312,8 @@ class Sparsifier:
     def _drop_grow_all(self, step: int, grow_score) -> MaskUpdate:
         """`grow_score(index, layer)` is called one layer at a time, so only one layer's scores are
         ever alive (the peak-memory cost of an update is one layer, not the whole model)."""
-        fraction = self.schedule.drop_fraction(step)
+        due = step if self.schedule.is_update_step(step) else step - step % self.schedule.delta_t
+        fraction = self.schedule.drop_fraction(due)  # a postponed update drops what it would have when due
         update = MaskUpdate(step=step, drop_fraction=fraction)
         details = {}
         counts = []  # per layer, as tensors: read back with one synchronisation at the end
@@ -335,16 +392,16 @@ class DenseSparsifier(Sparsifier):
     def __init__(self, layers, sparsities, optimizer, schedule, **kwargs):
         super().__init__([], [], optimizer, schedule, **kwargs)
 
-    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> MaskUpdate | None:
+    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepPlan:
+        """Always step: `scaler.step` skips inf/NaN steps itself. To clip, unscale first (the scaler
+        does not unscale twice) so the true gradients are clipped."""
         if scaler is not None and scaler.is_enabled():
             if self.clip_grad_norm is not None:
-                scaler.unscale_(self.optimizer)  # clip true gradients; scaler.step won't unscale twice
+                scaler.unscale_(self.optimizer)
                 self._clip()
-            scaler.step(self.optimizer)  # skips the step on inf/NaN gradients
         else:
             self._clip()
-            self.optimizer.step()
-        return None
+        return StepPlan(True)
 
 
 class StaticSparsifier(Sparsifier):

@@ -20,6 +20,8 @@ MAX_STEPS = 2**31 - 1  # steps are stored as 32-bit integers (PostgreSQL INTEGER
 MAX_LIST = 256  # entries of a list or mapping field (patterns, milestones, per-layer densities)
 MAX_SYNTHETIC_VALUES = 200_000_000  # synthetic datasets: samples × values per sample
 UPLOADED_ARCHITECTURE = re.compile(r"^arch_[0-9a-f]{20}$")
+UPLOADED_WEIGHTS = re.compile(r"^w_[0-9a-f]{20}$")
+JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
 METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
 DISTRIBUTIONS = ("uniform", "er", "erk")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
@@ -51,6 +53,26 @@ class ModelSpec(_Strict):
     zero_init_residual: bool | None = Field(
         None, description="Start the last BatchNorm γ of each residual block at 0 (the paper's ResNet-50): "
         "torchvision ResNets, resnet18-cifar, architecture residual blocks ending in a batchnorm. null: off.")
+    weights: str | None = Field(
+        None, min_length=1, max_length=4096, description="Start from these trained weights: a safetensors "
+        "state_dict of this exact model (names and shapes checked). Service: the id (w_…) from POST /v1/weights; "
+        "`rigl train`: a local .safetensors file. See sparsity.init.")
+    init_from_job: str | None = Field(
+        None, description="Service only: start from the dense export (model.safetensors) of an earlier "
+        "succeeded job (job_…) of the same model that you can see.")
+
+    @field_validator("init_from_job")
+    @classmethod
+    def _job_id(cls, value: str | None) -> str | None:
+        if value is not None and not JOB_ID.fullmatch(value):
+            raise ValueError("must be a job id (job_ and 20 hex digits)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> "ModelSpec":
+        if self.weights is not None and self.init_from_job is not None:
+            raise ValueError("model.init_from_job: give either model.weights or model.init_from_job, not both")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -182,6 +204,11 @@ class SparsitySpec(_Strict):
     """What is sparse and how it is trained."""
 
     method: Literal["dense", "static", "set", "snfs", "rigl", "gmp", "snip"] = Field("rigl")
+    init: Literal["random", "magnitude"] = Field(
+        "random", description="First masks. random: the paper's (any method). magnitude: with model.weights or "
+        "model.init_from_job, keep each layer's largest |w| at its planned density (one-shot magnitude pruning), "
+        "then train sparse with `method` (static, set, snfs or rigl: e.g. RigL fine-tuning). gmp starts dense "
+        "from the weights by itself.")
     sparsity: float = Field(0.9, ge=0.0, lt=1.0, description="Target sparsity S over the masked layers, in [0, 1).")
     distribution: Literal["uniform", "er", "erk"] = Field("erk")
     erk_power_scale: float = Field(1.0, ge=0.0, le=1.0, description="ERK exponent; 0 makes ERK uniform.")
@@ -189,6 +216,10 @@ class SparsitySpec(_Strict):
         None, description="Keep the first layer dense. Default: true for uniform, false for er/erk (paper)."
     )
     dense_depthwise: bool = Field(True, description="Keep depthwise convolutions dense (as the paper's MobileNets).")
+    embeddings: bool = Field(
+        False, description="Also mask nn.Embedding tables (opt-in: off, they stay dense and count as dense in "
+        "the whole-network sparsity). Conv, linear, attention, RNN/LSTM/GRU and GPT-2 Conv1D kernels are always "
+        "candidates.")
     include: list[str] = Field(
         default_factory=list, max_length=MAX_LIST,
         description="Glob patterns of module names to mask (default: every conv and linear).",
@@ -221,7 +252,9 @@ class TrainingSpec(_Strict):
     lr: float = Field(0.1, gt=0.0, le=100.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    weight_decay_kernels_only: bool = Field(True, description="Decay conv/linear kernels only, not biases or norms.")
+    weight_decay_kernels_only: bool = Field(
+        True, description="Decay kernels only (conv, linear, attention, RNN, GPT-2 Conv1D), not biases, norms or "
+        "embeddings.")
     lr_schedule: Literal["constant", "step", "cosine"] = Field("cosine")
     milestones: list[float] = Field(
         default_factory=lambda: [0.3, 0.6, 0.9], max_length=MAX_LIST,
@@ -315,6 +348,19 @@ class JobSpec(_Strict):
         from rigl_core.recipes import apply_recipe
 
         return apply_recipe(data)  # merged under the user's input; a dumped spec already holds every field
+
+    @model_validator(mode="after")
+    def _magnitude_init_needs_weights(self) -> "JobSpec":
+        if self.sparsity.init == "magnitude":
+            if self.model.weights is None and self.model.init_from_job is None:
+                raise ValueError("sparsity.init: magnitude prunes trained weights; give model.weights or "
+                                 "model.init_from_job (or use init random)")
+            if self.sparsity.method not in ("static", "set", "snfs", "rigl"):
+                raise ValueError(f"sparsity.init: magnitude needs a method that starts sparse (static, set, snfs, "
+                                 f"rigl); {self.sparsity.method} "
+                                 + ("never prunes" if self.sparsity.method == "dense" else
+                                    "starts dense from the weights and prunes by itself: use init random"))
+        return self
 
     @field_validator("recipe")
     @classmethod

@@ -28,9 +28,11 @@ from rigl_core.kernels import configure_kernels, contiguous_state, resolve_chann
 from rigl_core.models import build_model, check_model
 from rigl_core.optim import build_optimizer, lr_at
 from rigl_core.plan import Plan, make_plan
+from rigl_core.rigl import RigL
 from rigl_core.schedules import UpdateSchedule, resolve_t_end
 from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
 from rigl_core.spec import JobSpec, TrainingSpec
+from rigl_core.warm_start import warm_start
 
 CHECKPOINT_VERSION = 1
 
@@ -157,7 +159,10 @@ class Trainer:
             gmp_begin=gmp_begin,
         )
         self.sparsifier.clip_grad_norm = t.clip_grad_norm
+        warm_start(spec, self.model, self.sparsifier)  # model.weights loaded; sparsity.init magnitude's masks
         self.sparsifier.init_masks()  # seeded: the same masks on every rank
+        # the public library API steps the sparsifier: the loop below calls optimizer.step() itself
+        self.rigl = RigL.from_sparsifier(self.sparsifier, self.plan, self.total_steps)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.step = 0
         self.epoch = 0
@@ -322,9 +327,16 @@ class Trainer:
                 (loss if scaler is None else scaler.scale(loss)).backward()
             loss = loss.detach()
             total = loss if total is None else total + loss
-        update = self.sparsifier.step(self.step, scaler=scaler)
+        # as a library user's loop: rigl.step() masks (and clips) the gradients or makes a RigL update
+        # that replaces the step; SET/GMP updates run in rigl's optimizer step post-hook
+        if self.rigl.step(self.step, scaler=scaler):
+            if scaler is not None:
+                scaler.step(self.optimizer)  # already unscaled and finite: a plain optimizer.step()
+            else:
+                self.optimizer.step()
         if scaler is not None:
             scaler.update()
+        update = self.rigl.last_update
         if update is not None:
             for cb in self.callbacks if self.rank == 0 else ():
                 cb.on_mask_update(self, update)
@@ -363,26 +375,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ reporting
     def nnz(self) -> dict[str, int]:
-        return {name: int(mask.sum()) for name, mask in self.sparsifier.masks.items()}
+        return self.rigl.nnz()
 
     def leak_check(self) -> dict:
         """Count nonzero weights at masked-out positions; must be 0."""
-        leaked = {}
-        with torch.no_grad():
-            for layer in self.sparsifier.layers:
-                count = int(torch.count_nonzero(layer.weight * ~self.sparsifier.masks[layer.name]))
-                if count:
-                    leaked[layer.name] = count
-        return {"ok": not leaked, "leaked": leaked}
+        return self.rigl.leak_check()
 
     def report(self) -> dict:
-        report = self.plan.to_dict(self.nnz())
-        ever = self.sparsifier.ever_active_counts()
-        for row in report["layers"]:  # unmasked layers are dense throughout: all of them explored
-            row["exploration"] = ever[row["name"]] / row["params"] if row["name"] in ever else 1.0
-        params = report["totals"]["params"]
-        report["totals"]["exploration"] = (sum(r["exploration"] * r["params"] for r in report["layers"]) / params
-                                           if params else 0.0)
+        report = self.rigl.report()  # the library's per-layer report (with its leak check), plus the run's
         final = self.eval_history[-1] if self.eval_history else {}
         report.update(
             {
@@ -403,7 +403,6 @@ class Trainer:
                 "precision": self.precision,
                 "channels_last": self.channels_last,
                 "tf32": self.tf32,
-                "leak_check": self.leak_check(),
             }
         )
         return report

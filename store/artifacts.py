@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 ID_PATTERN = re.compile(r"^[a-z]+_[0-9a-f]{20}$")
+UPLOAD_FOLDERS = ("datasets", "weights")
 
 
 def issued_id(value: str) -> bool:
@@ -47,11 +48,9 @@ class Artifacts:
     def remove_orphan_uploads(self, older_than_seconds: float) -> int:
         """Remove `.upload-*` temp files an interrupted upload left behind (a crash or kill mid-upload);
         only those older than `older_than_seconds`, so an upload in progress is never hit."""
-        folder = self.root / "datasets"
-        if not folder.is_dir():
-            return 0
         cutoff, removed = time.time() - older_than_seconds, 0
-        for path in folder.glob(".upload-*"):
+        folders = [self.root / name for name in UPLOAD_FOLDERS if (self.root / name).is_dir()]
+        for path in [path for folder in folders for path in folder.glob(".upload-*")]:
             try:
                 if (path.is_symlink() or path.is_file()) and path.lstat().st_mtime < cutoff:
                     path.unlink()
@@ -74,6 +73,15 @@ class Artifacts:
         folder = self._inside(self.root / "datasets")
         folder.mkdir(parents=True, exist_ok=True)
         return self._inside(folder / f"{dataset_id}.{fmt}")
+
+
+    def weights_file(self, weights_id: str) -> Path:
+        """Uploaded weights: `weights/w_<20 hex>.safetensors`."""
+        if not ID_PATTERN.match(weights_id) or not weights_id.startswith("w_"):
+            raise ValueError(f"bad weights id {weights_id!r}")
+        folder = self._inside(self.root / "weights")
+        folder.mkdir(parents=True, exist_ok=True)
+        return self._inside(folder / f"{weights_id}.safetensors")
 
 
 def sha256_file(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Tables: jobs, events (monotonic ids), checkpoints, architectures, datasets."""
+"""Tables: jobs, events (monotonic ids), checkpoints, architectures, datasets, weights."""
 
 from __future__ import annotations
 
@@ -119,6 +119,21 @@ class DatasetRecord(Base):
     num_val: Mapped[int] = mapped_column(Integer, default=0)
     input_shape: Mapped[list] = mapped_column(JSON)
     num_classes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WeightsRecord(Base):
+    """An uploaded safetensors state_dict a job can start from (`model.weights: "w_…"`)."""
+
+    __tablename__ = "weights"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("w"))
+    owner: Mapped[str] = mapped_column(String(64), default="local", index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    tensors: Mapped[int] = mapped_column(Integer)  # entries of the state_dict
+    params: Mapped[int] = mapped_column(Integer)  # values over all of them
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -19,7 +19,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from store.artifacts import ID_PATTERN, Artifacts
-from store.db import ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, utcnow
+from store.db import (ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, WeightsRecord,
+                      utcnow)
 from store.jobs import ACTIVE, CLAIMABLE, TERMINAL, JobStore
 
 log = logging.getLogger("rigl.deletion")
@@ -108,6 +109,21 @@ def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner
         if s.execute(delete(DatasetRecord).where(DatasetRecord.id == dataset_id)).rowcount != 1:
             return False
     artifacts.dataset_file(dataset_id, row.format).unlink(missing_ok=True)
+    return True
+
+
+def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner: str | None = None) -> bool:
+    """As delete_dataset, for uploaded weights: InUse while an active job starts from them (a running
+    job reloads them when it resumes)."""
+    row = store.get_weights(weights_id, owner) if ID_PATTERN.match(weights_id) else None
+    if row is None:
+        return False
+    with store.sessions.begin() as s:
+        store.lock_owners(s, [row.owner])
+        _refuse_if_used(s, lambda spec: (spec.get("model") or {}).get("weights") == weights_id)
+        if s.execute(delete(WeightsRecord).where(WeightsRecord.id == weights_id)).rowcount != 1:
+            return False
+    artifacts.weights_file(weights_id).unlink(missing_ok=True)
     return True
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from store.artifacts import issued_id
 from store.db import (ArchitectureRecord, Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, OwnerLock,
-                      db_now, make_engine, make_sessionmaker, utcnow)
+                      WeightsRecord, db_now, make_engine, make_sessionmaker, utcnow)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("queued", "requeued")
@@ -62,19 +62,22 @@ class JobStore:
     # ------------------------------------------------------------------ jobs
     def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local",
                    idempotency: tuple[str, str] | None = None, max_active: int | None = None,
-                   dataset_id: str | None = None) -> Job:
+                   dataset_id: str | None = None, weights_id: str | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
         requests with one key create one job (the loser gets IdempotencyConflict and replays).
 
         `max_active`: the owner's active-job cap, counted and enforced inside the creating transaction
         after taking the owner's lock row (TooManyActiveJobs), so concurrent submissions can't overshoot.
         `dataset_id`: an uploaded dataset the job reads; it must still exist under its owner's lock, so a
-        concurrent `DELETE /v1/datasets/{id}` either sees this job or makes this one fail (UploadGone)."""
+        concurrent `DELETE /v1/datasets/{id}` either sees this job or makes this one fail (UploadGone).
+        `weights_id`: the same for uploaded weights (`model.weights`)."""
         try:
             with self.sessions.begin() as s:
                 owners = {owner}
                 if dataset_id is not None:
                     owners.add(s.scalar(select(DatasetRecord.owner).where(DatasetRecord.id == dataset_id)) or owner)
+                if weights_id is not None:
+                    owners.add(s.scalar(select(WeightsRecord.owner).where(WeightsRecord.id == weights_id)) or owner)
                 self.lock_owners(s, owners)
                 if idempotency is not None and s.get(IdempotencyRecord, (owner, idempotency[0])) is not None:
                     raise IdempotencyConflict()  # its twin committed while we waited for the lock: replay it
@@ -82,6 +85,8 @@ class JobStore:
                     raise TooManyActiveJobs(max_active)
                 if dataset_id is not None and s.get(DatasetRecord, dataset_id) is None:
                     raise UploadGone("dataset.path")
+                if weights_id is not None and s.get(WeightsRecord, weights_id) is None:
+                    raise UploadGone("model.weights")
                 job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
                           devices=required_devices(resolved_spec))
                 s.add(job)
@@ -567,6 +572,18 @@ class JobStore:
 
     def list_datasets(self, owner: str | None = None) -> list[DatasetRecord]:
         return self._list_owned(DatasetRecord, owner)
+
+    def add_weights(self, **fields) -> WeightsRecord:
+        with self.sessions.begin() as s:
+            row = WeightsRecord(**fields)
+            s.add(row)
+        return row
+
+    def get_weights(self, weights_id: str, owner: str | None = None) -> WeightsRecord | None:
+        return self._get_owned(WeightsRecord, weights_id, owner)
+
+    def list_weights(self, owner: str | None = None) -> list[WeightsRecord]:
+        return self._list_owned(WeightsRecord, owner)
 
     def _get_owned(self, record, record_id: str, owner: str | None):
         """One upload by id; with `owner`, someone else's is as good as missing."""

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
                                            "declare once inflated (checked from its headers before reading).")
     max_upload_compression_ratio: float = Field(100.0, ge=1, description="An .npz member over 1 MiB that inflates "
                                                 "more than this many-fold is refused as a decompression bomb.")
+    max_weights_bytes: int = Field(1024**3, ge=1, description="Weights upload cap (a safetensors state_dict; "
+                                   "its header is checked against the bytes received before any value is read).")
     max_imagefolder_images: int = Field(200_000, ge=1, description="imagefolder with loader memory: most "
                                         "images a job's folder may hold (counted at submit time); a streamed "
                                         "folder has no image cap.")

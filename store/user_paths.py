@@ -23,6 +23,8 @@ PATH_MESSAGE = ("must name a folder inside the server's datasets directory: rela
 SEGMENT = re.compile(r"^[A-Za-z0-9._ -]{1,255}$")
 MAX_SEGMENTS = 32
 UPLOADED_FILE = re.compile(r"^ds_[0-9a-f]{20}\.(npz|safetensors)$")
+UPLOADED_WEIGHTS_FILE = re.compile(r"^w_[0-9a-f]{20}\.safetensors$")
+JOB_FOLDER = re.compile(r"^job_[0-9a-f]{20}$")
 
 
 class UserPathError(DatasetError):
@@ -125,6 +127,7 @@ def check_job_paths(resolved_spec: dict, settings) -> None:
     """The worker's re-check of a stored resolved spec, against the worker's own settings, before
     anything is loaded: data_dir is the datasets directory, an imagefolder lies inside it, an
     uploaded tensors file is one of the server's uploads. Raises UserPathError."""
+    check_weights_path((resolved_spec.get("model") or {}).get("weights"), settings)
     dataset = resolved_spec.get("dataset") or {}
     name, path, data_dir = dataset.get("name"), dataset.get("path"), dataset.get("data_dir")
     datasets_dir, artifact_dir = settings.datasets_dir, settings.artifact_dir
@@ -144,3 +147,20 @@ def check_job_paths(resolved_spec: dict, settings) -> None:
         if (not isinstance(path, str) or artifact_dir is None or not UPLOADED_FILE.fullmatch(Path(path).name)
                 or _real(path).parent != _real(Path(artifact_dir) / "datasets")):
             raise UserPathError()
+
+
+def check_weights_path(path: object, settings) -> None:
+    """A resolved `model.weights` is an uploaded weights file or a job's dense export, both inside the
+    artifact directory (a stored spec naming any other file is refused before anything is read)."""
+    if path is None:
+        return
+    artifact_dir = settings.artifact_dir
+    refused = ValueError("model.weights: not an uploaded weights file or a job's export on this server")
+    if not isinstance(path, str) or artifact_dir is None:
+        raise refused
+    real, root = _real(path), _real(artifact_dir)
+    upload = UPLOADED_WEIGHTS_FILE.fullmatch(real.name) and real.parent == root / "weights"
+    export = (real.name == "model.safetensors" and JOB_FOLDER.fullmatch(real.parent.name)
+              and real.parent.parent == root / "jobs")
+    if not (upload or export):
+        raise refused

@@ -145,7 +145,9 @@ def test_real_workers_route_a_two_device_job_to_the_two_device_worker(tmp_path):
             waiting = wait_for(lambda: (lambda j: j if j.error_code == WAITING_FOR_DEVICES else None)(
                 store.get_job(two)), 90, what="the waiting note")
             assert waiting.status == "queued" and "2 devices" in waiting.error_message and waiting.attempt == 0
-            assert redis.Redis.from_url(REDIS).llen(f"{queue}.devices-2") == 1  # its slot, where big workers look
+            # its slot, where big workers look (sent just after the note is written)
+            wait_for(lambda: redis.Redis.from_url(REDIS).llen(f"{queue}.devices-2") == 1, 30,
+                     what="the slot on the 2-device queue")
             workers.append(start_worker({**env, "RIGL_WORKER_DEVICES": "2"}, tmp_path / "worker2.log"))
             finished = wait_for(lambda: (lambda j: j if j.status in ("succeeded", "failed") else None)(
                 store.get_job(two)), 240, what="the 2-device job")

@@ -33,6 +33,9 @@ BASH = blocks("bash")
 PYTHON = blocks("python")
 SERVE, TEST, CURL, LOCAL_TRAIN, TUTORIAL, PLAN, TRAIN_LENET = BASH[:7]
 REPORT = next(block for block in BASH if "rigl report runs/" in block)
+OWN_LOOP = next(block for block in PYTHON if "from rigl_core import RigL" in block)
+OWN_LOOP_FP16 = next(block for block in PYTHON if "rigl.step(scaler=scaler)" in block)
+ACCELERATE = next(block for block in PYTHON if "accelerator.prepare" in block)
 
 
 def test_two_setup_commands_and_ci():
@@ -134,6 +137,21 @@ def test_readme_numpy_reader_and_library_example(tmp_path):
     for name, tensor in dense.items():
         np.testing.assert_array_equal(arrays[name], tensor.numpy())
     assert torch.is_tensor(dense["fc1.weight"])
+
+
+def test_readme_own_training_loop(tmp_path, monkeypatch):
+    """The three-line RigL loop trains to the target sparsity leak-free, resumes from its checkpoint,
+    and goes on under fp16 with a GradScaler; the Accelerate loop (Accelerate is not installed) compiles."""
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(OWN_LOOP, scope)
+    rigl, report = scope["rigl"], scope["report"]
+    assert abs(report["totals"]["sparsity"] - 0.9) < 0.002 and report["leak_check"]["ok"]
+    assert rigl.step_count == scope["epochs"] * scope["steps_per_epoch"]
+    assert (tmp_path / "checkpoint.pt").exists()
+    exec(OWN_LOOP_FP16, scope)
+    assert rigl.report()["leak_check"]["ok"] and all(torch.isfinite(p).all() for p in scope["model"].parameters())
+    compile(ACCELERATE, "README accelerate loop", "exec")
 
 
 def test_readme_architecture_example_is_valid(tmp_path):

@@ -173,6 +173,48 @@ def test_sigterm_checkpoints_requeues_and_the_next_worker_resumes(tmp_path):
             cleanup_redis_queue(queue)
 
 
+def test_a_preempted_two_device_job_resumes_exactly(tmp_path):
+    """`training.devices: 2` (two gloo ranks): SIGTERM to the worker mid-job; rank 0 checkpoints, both ranks
+    stop at the same step, the next worker resumes both from that checkpoint, and the final weights are
+    bitwise those of an uninterrupted two-rank run."""
+    from rigl_core.spec import JobSpec
+    from rigl_core.trainer import Trainer
+
+    job_spec = {**JOB, "training": {"epochs": 12, "batch_size": 64, "device": "cpu", "devices": 2}}
+    queue = f"rigl-ddp-{uuid.uuid4().hex[:8]}"
+    with temporary_postgres_database() as database_url:
+        env = _env(tmp_path, database_url, REDIS, queue, RIGL_WORKER_DEVICES=2)
+        first = start_worker_group(env, tmp_path / "w1.log")
+        second = None
+        try:
+            with _api(tmp_path, database_url, REDIS, queue) as api:
+                job = api.post("/v1/jobs", json=job_spec).json()
+                wait_for(lambda: api.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] > 60, 120,
+                         what="training")
+                first.send_signal(signal.SIGTERM)
+                first.wait(timeout=60)
+                second = start_worker_group(env, tmp_path / "w2.log")
+                final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
+                    api.get(f"/v1/jobs/{job['id']}").json()), 180, what="resume")
+                assert final["status"] == "succeeded", final
+                statuses, resumed, _ = job_history(api, job["id"])
+                assert statuses == ["queued", "running", "requeued", "running", "succeeded"]
+                assert resumed and 0 < resumed[0] < final["progress"]["total_steps"]
+                assert final["result"]["devices"] == 2
+                served = load(api.get(f"/v1/jobs/{job['id']}/checkpoint?format=dense").content)
+        finally:
+            for worker in (first, second):
+                if worker is not None:
+                    kill_group(worker)
+            cleanup_redis_queue(queue)
+    straight = Trainer(JobSpec.model_validate(job_spec))
+    straight.fit()
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value.contiguous(), served[name]), name
+    print(f"\nreliability: 2-device job SIGTERMed, resumed from step {resumed[0]} on both ranks, final weights "
+          "bitwise equal to an uninterrupted 2-rank run")
+
+
 def test_sigterm_to_the_training_process_checkpoints_instead_of_failing(tmp_path):
     """Celery SIGTERMs the pool process running a task when it loses the broker. The job must
     checkpoint and requeue at its next step, never die inside a database call and end `failed`."""

@@ -31,6 +31,18 @@ def error_of(response):
     return body["error"]
 
 
+def test_every_timestamp_has_an_explicit_utc_offset(api):
+    import datetime as dt
+
+    created = api.post("/v1/jobs", json=JOB).json()
+    fetched = api.get(f"/v1/jobs/{created['id']}").json()
+    listed = api.get("/v1/jobs").json()["data"][0]
+    event = api.get(f"/v1/jobs/{created['id']}/events").json()["data"][0]
+    stamps = [created["created_at"], fetched["created_at"], listed["created_at"], event["created_at"]]
+    assert all(stamp.endswith("+00:00") for stamp in stamps), stamps
+    assert len({dt.datetime.fromisoformat(stamp) for stamp in stamps[:3]}) == 1  # the same instant everywhere
+
+
 def test_the_issue_job_json_is_accepted_as_is(api):
     response = api.post("/v1/jobs", json=JOB)
     assert response.status_code == 201

@@ -54,13 +54,15 @@ def create_job(spec: JobSpec, response: Response, ctx: Context = Depends(get_con
         job = ctx.store.create_job(body, resolved, total_steps, owner=ctx.principal,
                                    idempotency=(idempotency_key, digest) if idempotency_key else None,
                                    max_active=cap,
-                                   dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None)
+                                   dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
+                                   weights_id=spec.model.weights)
     except IdempotencyConflict:
         return _replay(ctx, idempotency_key, digest, response)
     except TooManyActiveJobs:
         raise _too_many_jobs(cap) from None
     except UploadGone as exc:
-        raise ApiError(422, "invalid_job", f"no uploaded dataset {spec.dataset.path!r}", exc.field) from None
+        gone = f"weights {spec.model.weights!r}" if exc.field == "model.weights" else f"dataset {spec.dataset.path!r}"
+        raise ApiError(422, "invalid_job", f"no uploaded {gone}", exc.field) from None
     if not dispatch(ctx.store, ctx.enqueue, job.id):  # stored and accepted; the reaper sends it later
         job = ctx.store.get_job(job.id)
     return job_json(job)
