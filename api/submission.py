@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 
-from rigl_core.models import build_model, check_model
+from rigl_core.models import build_model, check_model, resolve_task
 from rigl_core.plan import make_plan
 from rigl_core.schedules import resolve_t_end
 from rigl_core.spec import UPLOADED_ARCHITECTURE, UPLOADED_WEIGHTS, JobSpec
@@ -55,9 +55,10 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     try:
         flops_per_example = None
         if num_classes is not None:
+            task = resolve_task(resolved.training.task, resolved.model.hf)
             params, flops_per_example = _checked_params(json.dumps(tree["model"], sort_keys=True),
                                                         json.dumps(input_shape), num_classes,
-                                                        resolved.sparsity.model_dump_json())
+                                                        resolved.sparsity.model_dump_json(), task)
             if params > settings.max_params:
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
@@ -66,7 +67,8 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
 
                 architecture = json.dumps(tree["model"].get("architecture"), sort_keys=True)
                 shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
-                                             json.dumps(input_shape), num_classes)
+                                             json.dumps(input_shape), num_classes,
+                                             json.dumps(model.get("hf"), sort_keys=True), task)
                 check_matches(read_header(model["weights"], weights_field), shapes, weights_field, tied)
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
@@ -111,7 +113,8 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
 
 @functools.lru_cache(maxsize=64)
 def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, input_shape_json: str,
-                  num_classes: int) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+                  num_classes: int, hf_json: str = "null", task: str = "auto"
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """({state_dict name: shape}, tied names) of the model built on the meta device (cached: sweeps
     reuse one model)."""
     from rigl_core.architecture import Architecture
@@ -119,13 +122,14 @@ def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, inp
 
     architecture = json.loads(architecture_json)
     meta = build_model(name, num_classes, json.loads(input_shape_json), json.loads(hidden_sizes_json), device="meta",
-                       architecture=Architecture.model_validate(architecture) if architecture else None)
+                       architecture=Architecture.model_validate(architecture) if architecture else None,
+                       hf=json.loads(hf_json), task=task)
     return expected_shapes(meta), tied_names(meta)
 
 
 @functools.lru_cache(maxsize=512)
-def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str
-                    ) -> tuple[int, float]:
+def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str,
+                    task: str = "classification") -> tuple[int, float]:
     """Build on the meta device, run one forward and plan the sparsity; cached, since sweeps resubmit
     the same model many times. Returns (parameters, training FLOPs per example: the plan's training
     FLOPs ratio × 3 × dense forward FLOPs). Raises ValueError naming the field."""
@@ -134,8 +138,8 @@ def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sp
     model = ModelSpec.model_validate_json(model_json)
     input_shape = json.loads(input_shape_json)
     meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
-                       architecture=model.architecture)
-    check_model(meta, input_shape, num_classes)
+                       architecture=model.architecture, hf=model.hf, task=task)
+    check_model(meta, input_shape, num_classes, task)
     plan = make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json))
     dense_forward = sum(layer.flops_dense for layer in plan.layers)
     return sum(p.numel() for p in meta.parameters()), 3 * dense_forward * plan.training_flops_ratio()

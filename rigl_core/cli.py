@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = plan.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
     model.add_argument("--architecture", type=Path, help="declarative JSON architecture file")
+    model.add_argument("--hf", help="a Hugging Face config (model.hf) as JSON, or a .json file holding it")
+    plan.add_argument("--task", default="auto", choices=["auto", "classification", "sequence-classification",
+                                                         "causal-lm"], help="training.task (model.hf: its head)")
     plan.add_argument("--num-classes", type=int, help="output classes (default 10 for built-ins, 1000 otherwise)")
     plan.add_argument("--input-shape", type=_shape, help="C,H,W (default 1,28,28 for built-ins, 3,224,224 otherwise)")
     plan.add_argument("--config", type=Path, help="take the sparsity section from a JobSpec file (.json/.yaml)")
@@ -399,13 +402,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         num_classes = model_spec.num_classes or infer(model_spec.architecture)[1][-1]
     else:
-        model_spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_shape=args.input_shape,
-                               hidden_sizes=args.hidden_sizes)
+        hf = _read_hf(args.hf) if args.hf is not None else None
+        model_spec = ModelSpec(name=args.model or "hf", hf=hf, num_classes=args.num_classes,
+                               input_shape=args.input_shape, hidden_sizes=args.hidden_sizes)
         input_shape = model_spec.input_shape or default_input_shape(model_spec.name)
         num_classes = model_spec.num_classes or default_num_classes(model_spec.name)
+    from rigl_core.models import resolve_task
+
+    task = resolve_task(args.task, model_spec.hf)
     model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta",
-                        architecture=model_spec.architecture)
-    check_model(model, input_shape, num_classes)
+                        architecture=model_spec.architecture, hf=model_spec.hf, task=task)
+    check_model(model, input_shape, num_classes, task)
     plan = make_plan(model, input_shape, sparsity)
     result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
     if args.json:
@@ -416,6 +423,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for warning in result["warnings"]:  # large weights left dense that the user did not exclude
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _read_hf(value: str) -> dict:
+    """--hf: inline JSON, or a .json file holding the model.hf mapping."""
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text()
+        except OSError as exc:
+            raise UsageError(f"--hf: cannot read {value}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--hf: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError("--hf: must be a JSON object such as {\"model_type\": \"bert\", ...}")
+    return data
 
 
 def format_plan_table(plan: dict) -> str:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rigl_core.layers import KERNEL_TYPES, is_hf_conv1d, module_kernels
+from rigl_core.models import example_input
 
 
 @dataclass
@@ -111,7 +112,7 @@ def count_positions(model: nn.Module, input_shape: list[int]) -> Positions:
         was_training = meta_model.training
         meta_model.eval()
         with torch.no_grad():
-            meta_model(torch.empty(1, *input_shape, device="meta"))
+            meta_model(example_input(meta_model, input_shape))  # int64 token ids for a token model
         meta_model.train(was_training)
     finally:
         for h in hooks:

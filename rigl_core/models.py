@@ -1,4 +1,5 @@
-"""Model registry: built-in `mlp` and `lenet5`, plus every torchvision classification model by name."""
+"""Model registry: built-in `mlp` and `lenet5`, every torchvision classification model by name, timm
+models (`timm/<name>`) and Hugging Face configs (`hf`; rigl_core.hub_models)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from torch import nn
 
 BUILTIN_MODELS = ("mlp", "lenet5", "wrn-22-2", "resnet18-cifar")
 CUSTOM = "custom"  # a declarative JSON architecture (rigl_core.architecture)
+HF = "hf"  # a Hugging Face transformers config (model.hf; rigl_core.hub_models)
+
+
+def timm_name(name: str) -> str | None:
+    """The timm model name of `timm/<name>`, else None."""
+    return name[5:] if name.startswith("timm/") else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,11 +28,15 @@ def torchvision_classifiers() -> tuple[str, ...]:
 
 
 def available_models() -> tuple[str, ...]:
-    return BUILTIN_MODELS + (CUSTOM,) + torchvision_classifiers()
+    """Names known without importing timm: `timm/<name>` is checked against timm.list_models() apart."""
+    return BUILTIN_MODELS + (CUSTOM, HF) + torchvision_classifiers()
 
 
 def default_input_shape(name: str) -> list[int]:
-    """Input shape used by `rigl plan` when none is given: MNIST, CIFAR or ImageNet shaped."""
+    """Input shape used by `rigl plan` when none is given: MNIST, CIFAR or ImageNet shaped (128 tokens
+    for a model.hf config)."""
+    if name == HF:
+        return [128]
     if name in ("mlp", "lenet5"):
         return [1, 28, 28]
     if name in ("wrn-22-2", "resnet18-cifar"):
@@ -34,6 +45,8 @@ def default_input_shape(name: str) -> list[int]:
 
 
 def default_num_classes(name: str) -> int:
+    if name == HF:
+        return 2  # sequence classification; a causal LM's outputs are its vocabulary
     return 10 if name in BUILTIN_MODELS else 1000
 
 
@@ -182,6 +195,28 @@ def _zero_residual_batchnorms(model: nn.Module) -> None:
 
 
 AUX_LOGIT_MODELS = ("googlenet", "inception_v3")  # torchvision classifiers with auxiliary heads
+TASKS = ("classification", "sequence-classification", "causal-lm")
+
+
+def resolve_task(task: str, hf: dict | None) -> str:
+    """training.task `auto`: sequence-classification for a model.hf config, classification otherwise.
+    Token tasks need a model.hf model (the one kind that takes token ids); raises ValueError naming the field."""
+    if task == "auto":
+        return "sequence-classification" if hf is not None else "classification"
+    if (task != "classification") != (hf is not None):
+        if hf is not None:
+            raise ValueError("training.task: a model.hf model takes token ids: use sequence-classification or "
+                             "causal-lm")
+        raise ValueError(f"training.task: {task} needs a token model: give model.hf")
+    return task
+
+
+def example_input(model: nn.Module, input_shape: list[int], batch: int = 1,
+                  device: torch.device | str = "meta") -> torch.Tensor:
+    """A dummy batch the model takes: int64 token ids (zeros, a valid id) for a token model, else floats."""
+    if getattr(model, "input_dtype", None) == torch.long:
+        return torch.zeros(batch, *input_shape, dtype=torch.long, device=device)
+    return torch.empty(batch, *input_shape, device=device)
 
 
 def build_model(
@@ -192,8 +227,13 @@ def build_model(
     device: torch.device | str | None = None,
     architecture=None,
     zero_init_residual: bool | None = None,
+    hf: dict | None = None,
+    task: str = "auto",
 ) -> nn.Module:
     """Build a freshly initialised model; `device="meta"` builds shapes only (for plans and validation).
+
+    `hf` (model.hf, with name "hf") builds a transformers model with the head of `task` (see
+    `resolve_task`); `timm/<name>` a timm model. Neither downloads anything.
 
     `zero_init_residual` starts the last BatchNorm γ of every residual block at 0 (torchvision ResNets,
     resnet18-cifar, declarative residual blocks ending in a BatchNorm); None keeps the model's default.
@@ -212,7 +252,20 @@ def build_model(
         if zero_init_residual and next(model.parameters()).device.type != "meta":
             _zero_residual_batchnorms(model)
         return model
+    task = resolve_task(task, hf if name == HF else None)
+    if name == HF and hf is None:
+        raise ValueError("model.hf: required when model.name is 'hf'")
     with torch.device(device or "cpu"):
+        if name == HF:
+            from rigl_core.hub_models import build_hf
+
+            return build_hf(hf, task, num_classes)
+        if timm_name(name) is not None:
+            from rigl_core.hub_models import build_timm
+
+            if hidden_sizes is not None:
+                raise ValueError("model.hidden_sizes: applies to mlp only")
+            return build_timm(timm_name(name), num_classes, input_shape)
         if name == "wrn-22-2":
             return WideResNet(22, 2, num_classes, input_shape[0])
         if name == "resnet18-cifar":
@@ -238,11 +291,16 @@ def build_model(
     raise ValueError(f"unknown model {name!r}")
 
 
-def check_model(model: nn.Module, input_shape: list[int], num_classes: int) -> None:
+def check_model(model: nn.Module, input_shape: list[int], num_classes: int, task: str = "auto") -> None:
     """Run one forward on the meta device: rejects an input shape the model cannot take.
 
+    A causal LM must output (L, vocab) logits per sample, every other model `num_classes`.
     Raises ValueError naming `model.input_shape` or `model.num_classes`.
     """
+    limit = getattr(model, "max_positions", None)
+    if limit is not None and input_shape[-1] > limit:  # the meta device would not catch the bad index
+        raise ValueError(f"model.input_shape: sequence length {input_shape[-1]} exceeds the model.hf "
+                         f"position embeddings ({limit})")
     meta = model if next(model.parameters()).device.type == "meta" else None
     if meta is None:
         import copy
@@ -250,10 +308,16 @@ def check_model(model: nn.Module, input_shape: list[int], num_classes: int) -> N
         meta = copy.deepcopy(model).to("meta")
     try:
         with torch.no_grad():
-            out = meta.eval()(torch.empty(2, *input_shape, device="meta"))
+            out = meta.eval()(example_input(meta, input_shape, batch=2))
     except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"model.input_shape: {list(input_shape)} does not fit this model: {first}") from None
+    if task == "causal-lm":
+        expected = (2, *input_shape, getattr(model, "vocab_size", num_classes))
+        if tuple(out.shape) != expected:
+            raise ValueError(f"model.input_shape: a causal LM must output {list(expected[1:])} logits per sample, "
+                             f"this model outputs {list(out.shape[1:])}")
+        return
     if tuple(out.shape) != (2, num_classes):
         raise ValueError(f"model.num_classes: the model outputs {list(out.shape[1:])} per sample, "
                          f"expected [{num_classes}]")

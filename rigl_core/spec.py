@@ -8,7 +8,7 @@ rejected so a typo never silently trains something other than what was asked.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,15 +37,20 @@ class ModelSpec(_Strict):
 
     name: str = Field(
         "custom",
-        description="mlp, lenet5, wrn-22-2, resnet18-cifar, a torchvision classification model name, or "
-        "'custom' with `architecture`.",
+        description="mlp, lenet5, wrn-22-2, resnet18-cifar, a torchvision classification model name, "
+        "'timm/<name>' (any timm model, randomly initialised), 'hf' with `hf`, or 'custom' with `architecture`.",
     )
+    hf: dict[str, Any] | None = Field(
+        None, max_length=MAX_LIST, description="A Hugging Face transformers config, e.g. {\"model_type\": \"bert\", "
+        "\"vocab_size\": 30522, ...}: built offline with AutoConfig.for_model and the head of training.task "
+        "(sequence classification or causal LM); takes int64 token ids. Implies name 'hf'.")
     architecture: Architecture | None = Field(
         None, description="Declarative JSON architecture (layers with shape inference); implies name 'custom'."
     )
     num_classes: int | None = Field(None, ge=2, le=100_000, description="Output classes; defaults to the dataset's.")
     input_shape: list[int] | None = Field(
-        None, min_length=1, max_length=4, description="Input shape C,H,W (or C,L / features); defaults to the dataset's."
+        None, min_length=1, max_length=4, description="Input shape C,H,W (or C,L / features; "
+        "L token ids for model.hf); defaults to the dataset's."
     )
     hidden_sizes: list[int] | None = Field(
         None, max_length=16, description="MLP hidden layer widths (default 300,100 as LeNet-300-100)."
@@ -74,16 +79,42 @@ class ModelSpec(_Strict):
             raise ValueError("model.init_from_job: give either model.weights or model.init_from_job, not both")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_implies_name(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("hf") is not None and "name" not in data:
+            return {**data, "name": "hf"}
+        return data
+
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        from rigl_core.models import available_models
+        from rigl_core.models import available_models, timm_name
 
         if UPLOADED_ARCHITECTURE.match(value):
             return value  # an architecture uploaded to the service; it resolves the reference
+        if timm_name(value) is not None:
+            from rigl_core.hub_models import check_timm_name  # imports timm: only for timm/ names
+
+            try:
+                check_timm_name(timm_name(value))
+            except ValueError as exc:
+                raise ValueError(str(exc).removeprefix("model.name: ")) from None
+            return value
         if value not in available_models():
             raise ValueError(f"unknown model {value!r}; try 'mlp', 'lenet5' or a torchvision name such as 'resnet18'")
         return value
+
+    @model_validator(mode="after")
+    def _hf_config(self) -> "ModelSpec":
+        if (self.name == "hf") != (self.hf is not None):
+            raise ValueError("model.hf: required with name 'hf'" if self.hf is None else
+                             "model.hf: give either model.name or model.hf, not both")
+        if self.hf is not None:
+            from rigl_core.hub_models import hf_config  # imports transformers: only for model.hf
+
+            hf_config(self.hf)
+        return self
 
     @model_validator(mode="after")
     def _architecture_or_name(self) -> "ModelSpec":
@@ -263,6 +294,11 @@ class TrainingSpec(_Strict):
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: LR factor at each milestone.")
     warmup_epochs: float = Field(0.0, ge=0.0, le=100_000, description="Linear LR warm-up length in epochs.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    task: Literal["auto", "classification", "sequence-classification", "causal-lm"] = Field(
+        "auto", description="What the model learns. classification: one label per sample (y). "
+        "sequence-classification: one label per int64 token sequence (model.hf). causal-lm: next-token "
+        "prediction over the token ids x (y ignored), reported as val_loss, val_perplexity and next-token "
+        "val_accuracy. auto: sequence-classification with model.hf, classification otherwise.")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
@@ -348,6 +384,13 @@ class JobSpec(_Strict):
         from rigl_core.recipes import apply_recipe
 
         return apply_recipe(data)  # merged under the user's input; a dumped spec already holds every field
+
+    @model_validator(mode="after")
+    def _task_fits_model(self) -> "JobSpec":
+        from rigl_core.models import resolve_task
+
+        resolve_task(self.training.task, self.model.hf)
+        return self
 
     @model_validator(mode="after")
     def _magnitude_init_needs_weights(self) -> "JobSpec":

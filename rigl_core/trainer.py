@@ -25,13 +25,14 @@ from rigl_core import distributed
 from rigl_core.datasets.feed import BatchPlan, open_feed
 from rigl_core.distributed import Group, rank_device, resolve_devices
 from rigl_core.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
-from rigl_core.models import build_model, check_model
+from rigl_core.models import build_model, check_model, resolve_task
 from rigl_core.optim import build_optimizer, lr_at
 from rigl_core.plan import Plan, make_plan
 from rigl_core.rigl import RigL
 from rigl_core.schedules import UpdateSchedule, resolve_t_end
 from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
 from rigl_core.spec import JobSpec, TrainingSpec
+from rigl_core.tasks import Task
 from rigl_core.warm_start import warm_start
 
 CHECKPOINT_VERSION = 1
@@ -122,17 +123,20 @@ class Trainer:
         self.tf32 = configure_kernels(self.device, t.tf32)  # CUDA only: TF32 and cudnn.benchmark
         _seed_everything(t.seed)
         self.feed = open_feed(spec.dataset, self.device, self.world_size)
+        self.task = Task(resolve_task(t.task, spec.model.hf), t.label_smoothing)
         self.num_classes = spec.model.num_classes or self.feed.num_classes
         self.input_shape = self.feed.input_shape
         self._check_data_fits_model()
         self.model: nn.Module = build_model(
             spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes,
             architecture=spec.model.architecture, zero_init_residual=spec.model.zero_init_residual,
+            hf=spec.model.hf, task=self.task.name,
         ).to(self.device)
+        self._check_tokens_fit_model()
         self.channels_last = resolve_channels_last(t.channels_last, self.model, self.device)
         if self.channels_last:  # 4-D weights only; masks and exports index the logical shape
             self.model = self.model.to(memory_format=torch.channels_last)
-        check_model(self.model, self.input_shape, self.num_classes)
+        check_model(self.model, self.input_shape, self.num_classes, self.task.name)
         self.accumulate_steps = resolve_accumulation(t, self.world_size)
         self.batch_plan = BatchPlan(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
                                     self.accumulate_steps)
@@ -163,7 +167,7 @@ class Trainer:
         self.sparsifier.init_masks()  # seeded: the same masks on every rank
         # the public library API steps the sparsifier: the loop below calls optimizer.step() itself
         self.rigl = RigL.from_sparsifier(self.sparsifier, self.plan, self.total_steps)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.loss_fn = self.task.loss_fn
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -185,11 +189,31 @@ class Trainer:
         if declared is not None and list(declared) != data_shape:
             field = "model.input_shape" if self.spec.model.input_shape else "model.architecture.input_shape"
             raise ValueError(f"{field}: {list(declared)} does not match the dataset's {data_shape}")
+        if self.task.causal_lm:
+            return  # the targets are the token ids, checked against the vocabulary once the model is built
         max_label = self.feed.max_label()
         if max_label >= self.num_classes:
             raise ValueError(
                 f"model.num_classes: {self.num_classes} but the dataset has labels up to {max_label}"
             )
+
+    def _check_tokens_fit_model(self) -> None:
+        """A token model needs int64 ids below its vocabulary; other models never get token ids."""
+        vocab = getattr(self.model, "vocab_size", None)
+        tokens = getattr(self.feed, "tokens", False)
+        if vocab is None:
+            if tokens:
+                raise ValueError(f"dataset.x: int64 token ids, but {self.spec.model.name!r} takes float inputs "
+                                 "(give model.hf, or store x as float32)")
+            return
+        if not tokens or len(self.input_shape) != 1:
+            raise ValueError(f"dataset.x: model.hf models take int64 token ids of shape (N, L), the data has "
+                             f"samples of shape {list(self.input_shape)}{'' if tokens else ' that are not int64'}")
+        if self.feed.max_token() >= vocab:
+            raise ValueError(f"model.hf.vocab_size: {vocab} but the dataset has token ids up to "
+                             f"{self.feed.max_token()}")
+        if self.task.causal_lm:
+            self.num_classes = vocab
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -318,10 +342,10 @@ class Trainer:
             sync = nullcontext() if number == last or self.group is None else model.no_sync()
             with sync:
                 if dtype is None:  # fp32: exactly the plain loop
-                    loss = self.loss_fn(model(self._layout(x)), y)
+                    loss = self.task.loss(model(self._layout(x)), x, y)
                 else:
                     with torch.autocast(self.device.type, dtype=dtype):
-                        loss = self.loss_fn(model(self._layout(x)), y)
+                        loss = self.task.loss(model(self._layout(x)), x, y)
                 if scale != 1.0:
                     loss = loss * scale
                 (loss if scaler is None else scaler.scale(loss)).backward()
@@ -354,24 +378,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss and accuracy; with several ranks each evaluates its share and they add up."""
+        """Validation loss and accuracy (a causal LM's per token, plus perplexity); with several ranks each
+        evaluates its share and they add up."""
         was_training = self.model.training
         self.model.eval()
         total_loss, correct, count = 0.0, 0, 0
         for x, y in self.feed.val_batches(self.rank if self.group else 0, self.world_size if self.group else 1):
-            x = self._layout(x)
             if self.autocast_dtype is None:
-                logits = self.model(x)
+                logits = self.model(self._layout(x))
             else:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    logits = self.model(x).float()
-            total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
+                    logits = self.model(self._layout(x)).float()
+            batch_loss, batch_correct, batch_count = self.task.eval_sums(logits, x, y)
+            total_loss += batch_loss
+            correct += batch_correct
+            count += batch_count
         if self.group is not None:
             total_loss, correct, count = self.group.sum([total_loss, correct, count])
         self.model.train(was_training)
-        return {"val_loss": total_loss / count, "val_accuracy": correct / count}
+        return self.task.metrics(total_loss, correct, count)
 
     # ------------------------------------------------------------------ reporting
     def nnz(self) -> dict[str, int]:
@@ -388,6 +413,7 @@ class Trainer:
             {
                 "model": self.spec.model.name,
                 "dataset": self.spec.dataset.name,
+                "task": self.task.name,
                 "final_metrics": {k: v for k, v in final.items() if k not in ("step", "epoch")},
                 "train_seconds": self.train_seconds,
                 "steps": self.step,

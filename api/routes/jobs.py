@@ -247,7 +247,7 @@ def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
         return {"object": "sparsity", "job_id": job_id, "final": True, "layers": report["layers"],
                 "totals": report["totals"], "leak_check": report["leak_check"]}
     from rigl_core.datasets.describe import describe
-    from rigl_core.models import build_model
+    from rigl_core.models import build_model, resolve_task
     from rigl_core.plan import make_plan
 
     spec = JobSpec.model_validate(job.resolved_spec)
@@ -257,7 +257,8 @@ def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
     if not input_shape or num_classes is None:
         raise ApiError(409, "not_ready", "the report is available when the job has succeeded", "job_id")
     model = build_model(spec.model.name, num_classes, input_shape, spec.model.hidden_sizes, device="meta",
-                        architecture=spec.model.architecture)
+                        architecture=spec.model.architecture, hf=spec.model.hf,
+                        task=resolve_task(spec.training.task, spec.model.hf))
     plan = make_plan(model, input_shape, spec.sparsity).to_dict()
     return {"object": "sparsity", "job_id": job_id, "final": False, "layers": plan["layers"],
             "totals": plan["totals"]}

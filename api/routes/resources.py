@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,7 +16,8 @@ from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
 from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
-from rigl_core.models import BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes
+from rigl_core.models import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
+                              resolve_task)
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 from store import deletion
 
@@ -36,6 +37,8 @@ class PlanRequest(BaseModel):
     input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] | None = Field(None, min_length=1, max_length=4)
     num_classes: int | None = Field(None, ge=2, le=100_000)
     dataset: DatasetSpec | None = Field(None, description="Plan against this dataset's input shape and classes.")
+    task: Literal["auto", "classification", "sequence-classification", "causal-lm"] = Field(
+        "auto", description="As training.task: the head of a model.hf model.")
 
 
 @router.get("/architectures")
@@ -179,9 +182,10 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         input_shape = body.input_shape or model.input_shape or data_shape or default_input_shape(name)
         num_classes = body.num_classes or model.num_classes or data_classes or default_num_classes(name)
     try:
+        task = resolve_task(body.task, model.hf)
         meta = build_model(name, num_classes, input_shape, model.hidden_sizes, device="meta",
-                           architecture=architecture)
-        check_model(meta, input_shape, num_classes)
+                           architecture=architecture, hf=model.hf, task=task)
+        check_model(meta, input_shape, num_classes, task)
         result = make_plan(meta, input_shape, body.sparsity).to_dict()
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc, code="invalid_request") from None

@@ -32,6 +32,7 @@ class Dataset:
     mean: torch.Tensor | None = None  # per channel (dim 1), after scaling
     std: torch.Tensor | None = None
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR-like images
+    tokens: bool = False  # x holds int64 token ids: passed to the model unchanged (never scaled or cast)
 
     @property
     def input_shape(self) -> list[int]:
@@ -40,9 +41,12 @@ class Dataset:
     def to(self, device: torch.device) -> "Dataset":
         move = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_val", "y_val")}
         stats = {k: (getattr(self, k).to(device) if getattr(self, k) is not None else None) for k in ("mean", "std")}
-        return Dataset(**move, **stats, num_classes=self.num_classes, scale=self.scale, augment=self.augment)
+        return Dataset(**move, **stats, num_classes=self.num_classes, scale=self.scale, augment=self.augment,
+                       tokens=self.tokens)
 
     def prepare(self, x: torch.Tensor, train: bool, seed: int = 0, step: int = 0) -> torch.Tensor:
+        if self.tokens:
+            return x
         x = x.float()
         if self.scale != 1.0:
             x = x * self.scale

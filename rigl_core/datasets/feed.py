@@ -100,6 +100,14 @@ class MemoryFeed:
     def max_label(self) -> int:
         return int(max(self.data.y_train.max(), self.data.y_val.max()))
 
+    @property
+    def tokens(self) -> bool:
+        """Whether the samples are int64 token ids (passed to the model unchanged)."""
+        return self.data.tokens
+
+    def max_token(self) -> int:
+        return int(max(self.data.x_train.max(), self.data.x_val.max()))
+
     def train_steps(self, plan: BatchPlan, epoch: int, start_batch: int, first_step: int
                     ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, float]]]:
         """Per step from `start_batch` to the end of the epoch: this rank's micro-batches as

@@ -1,5 +1,8 @@
 """Uploaded tensors: a `.npz` or `.safetensors` file holding `x` and `y` (optionally `x_val`, `y_val`).
 
+An int64 `x` of shape (N, L) holds token ids for a model.hf model: passed through unchanged (no
+normalisation, no cast); `y` is the sequence label, or any integers (ignored) for training.task causal-lm.
+
 Validated before anything trains: keys, dtypes, shapes, label range, finiteness and size, each
 failure a DatasetError naming the key. `.npz` is read with allow_pickle=False: never unpickled.
 """
@@ -104,17 +107,24 @@ def tensors_dataset(spec) -> Dataset:
         path = Path(spec.data_dir) / path
     arrays = validate_arrays(read_tensor_file(path, spec.max_bytes))
     integer_images = arrays["x"].dtype == np.uint8
+    # int64 x are token ids (for model.hf models): kept as they are, never normalised or cast to float
+    tokens = arrays["x"].dtype == np.int64 and arrays.get("x_val", arrays["x"]).dtype == np.int64
+    keep = integer_images or tokens
     x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
     y = torch.from_numpy(arrays["y"].astype(np.int64))
-    if not integer_images:
+    if not keep:
         x = x.float()
     if "x_val" in arrays:
         xv = torch.from_numpy(np.ascontiguousarray(arrays["x_val"]))
-        xv = xv if integer_images else xv.float()
+        xv = xv if keep else xv.float()
         xt, yt, yv = x, y, torch.from_numpy(arrays["y_val"].astype(np.int64))
     else:
         xt, yt, xv, yv = split(x, y, spec.val_fraction, spec.split_seed)
     num_classes = int(max(yt.max(), yv.max())) + 1
+    if tokens:
+        if int(min(xt.min(), xv.min())) < 0:
+            raise DatasetError("dataset.x: token ids (int64) must be ≥ 0")
+        return Dataset(xt, yt, xv, yv, num_classes=max(2, num_classes), tokens=True)
     scale = 1 / 255 if integer_images else 1.0
     mean, std = channel_stats(xt, scale) if spec.normalize else (None, None)
     augment = spec.augment == "crop-flip"
