@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from rigl_core.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
 from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
 
 
@@ -15,6 +16,23 @@ def iso(value: dt.datetime | None) -> str | None:
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
     return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def job_warnings(job: Job) -> list[str]:
+    """What the job's own settings will get wrong, known before it runs (e.g. too few mask updates
+    for RigL to work), so a user reads why at submit instead of guessing from a poor accuracy."""
+    sparsity = (job.resolved_spec or {}).get("sparsity") or {}
+    schedule = sparsity.get("schedule") or {}
+    total = job.total_steps or 0
+    if total < 1 or "delta_t" not in schedule:
+        return []
+    try:
+        t_end = resolve_t_end(total, schedule.get("t_end", 0.75), schedule.get("t_end_steps"))
+    except ValueError:
+        return []
+    delta_t = resolve_delta_t(schedule["delta_t"], t_end)
+    warning = few_updates_warning(sparsity.get("method", "rigl"), delta_t, t_end, total)
+    return [warning] if warning else []
 
 
 def job_json(job: Job, admin: bool = False) -> dict:
@@ -37,6 +55,7 @@ def job_json(job: Job, admin: bool = False) -> dict:
         # requested: N or "all"; a worker owning fewer can't claim it (a waiting job says so in `error`)
         "devices": ((job.resolved_spec or {}).get("training") or {}).get("devices", 1),
         "spec": job.spec,
+        "warnings": job_warnings(job),
     }
 
 

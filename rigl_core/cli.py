@@ -35,7 +35,7 @@ def _shape(text: str) -> list[int]:
 def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, help="sparse-training method (default rigl)")
     p.add_argument("--sparsity", type=float, help="target sparsity over masked layers, in [0, 1)")
-    p.add_argument("--distribution", choices=("uniform", "er", "erk"), help="per-layer distribution (default erk)")
+    p.add_argument("--distribution", choices=("uniform", "er", "erk"), help="per-layer distribution (default erk; uniform for --method gmp)")
     p.add_argument("--erk-power-scale", type=float, help="ERK exponent (default 1)")
     first = p.add_mutually_exclusive_group()
     first.add_argument("--dense-first-layer", dest="dense_first_layer", action="store_true", default=None,
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--input-shape", type=_shape, help="C,H,W (default 1,28,28 for built-ins, 3,224,224 otherwise)")
     plan.add_argument("--config", type=Path, help="take the sparsity section from a JobSpec file (.json/.yaml)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--total-steps", type=int,
+                      help="training steps of the run: resolves delta_t auto and warns about too few mask updates")
+    plan.add_argument("--delta-t", type=_int_or("auto"), help="steps between mask updates (ΔT), or auto")
     _add_sparsity_flags(plan)
 
     train = sub.add_parser("train", help="train locally and write report, metrics and exports to --out")
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed precision (default auto: bf16 on a GPU that has it, else fp32)")
     train.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this")
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    train.add_argument("--delta-t", type=int, help="steps between mask updates (ΔT)")
+    train.add_argument("--delta-t", type=_int_or("auto"),
+                       help="steps between mask updates (ΔT), or auto (scaled to the run's length)")
     train.add_argument("--alpha", type=float, help="initial drop fraction α")
     train.add_argument("--t-end", type=float, help="last mask update as a fraction of training")
     train.add_argument("--weights", type=lambda text: str(Path(text).expanduser()),
@@ -391,6 +395,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for flag, dotted in SPARSITY_FLAGS.items():
         if dotted.startswith("sparsity."):
             _set(tree, dotted.removeprefix("sparsity."), getattr(args, flag))
+    _set(tree, "schedule.delta_t", args.delta_t)
     sparsity = SparsitySpec.model_validate(tree)
     from rigl_core.spec import ModelSpec
 
@@ -413,14 +418,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta",
                         architecture=model_spec.architecture, hf=model_spec.hf, task=task)
     check_model(model, input_shape, num_classes, task)
+    schedule_warnings = []
+    if args.total_steps is not None:  # the run's length fixes T_end, ΔT "auto" and the update count
+        from rigl_core.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
+
+        if args.total_steps < 1:
+            raise UsageError("--total-steps: at least 1")
+        t_end = resolve_t_end(args.total_steps, sparsity.schedule.t_end, sparsity.schedule.t_end_steps)
+        delta_t = resolve_delta_t(sparsity.schedule.delta_t, t_end)
+        sparsity = sparsity.model_copy(update={"schedule": sparsity.schedule.model_copy(update={"delta_t": delta_t})})
+        warning = few_updates_warning(sparsity.method, delta_t, t_end, args.total_steps)
+        schedule_warnings = [warning] if warning else []
     plan = make_plan(model, input_shape, sparsity)
     result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
+    if args.total_steps is not None:
+        result["schedule"] = {"total_steps": args.total_steps, "t_end": t_end, "delta_t": delta_t,
+                              "mask_updates": len(range(0, t_end, delta_t)), "warnings": schedule_warnings}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_plan_table(result))
     _warn_partial_sparsity(result)
-    for warning in result["warnings"]:  # large weights left dense that the user did not exclude
+    for warning in result["warnings"] + schedule_warnings:  # large weights left dense; too few mask updates
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
@@ -447,7 +466,7 @@ def format_plan_table(plan: dict) -> str:
     for row in plan["layers"]:
         lines.append(
             f"{row['name']:<32} {'x'.join(map(str, row['shape'])):<20} {row['params']:>11,} "
-            f"{row['density']:>8.4f} {row['flops_sparse']:>14,}  {'' if row['masked'] else row['reason']}"
+            f"{row['density']:>8.4f} {row['flops_sparse']:>14,}  {'' if row['reason'] == 'masked' else row['reason']}"
         )
     t = plan["totals"]
     lines.append(
@@ -483,6 +502,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     _warn_partial_sparsity(report)
+    for warning in report.get("schedule_warnings", []):  # too few mask updates for the method to work
+        print(f"warning: {warning}", file=sys.stderr)
     m = report["final_metrics"]
     print(
         f"{spec.sparsity.method} {report['totals']['sparsity']:.3f} sparse: val_accuracy "

@@ -23,8 +23,12 @@ def _type_name(annotation) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None)) + " or null"
+        args = typing.get_args(annotation)
+        named = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return named + " or null" if type(None) in args else named
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
     return getattr(annotation, "__name__", str(annotation))

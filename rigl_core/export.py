@@ -23,6 +23,27 @@ from torch import nn
 PACKED_FORMAT = "rigl-packed-v1"
 
 
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it, briefly, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+    """safetensors writes 0600 whatever the umask; give exports the mode of every other output file
+    (0644 under the usual umask 022), so a shared results folder or a web server can read them."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -30,7 +51,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_dense(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """`model.safetensors`: loads with plain `load_state_dict(strict=True)` into the unmodified model."""
     path = Path(path)
-    save_file(dense_state_dict(model), str(path), metadata=metadata)
+    _save(dense_state_dict(model), path, metadata)
     return path
 
 
@@ -60,7 +81,7 @@ def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os
     by_param = {_param_key(k, state): v for k, v in masks.items()}
     tensors, metadata = pack_state_dict(state, by_param)
     path = Path(path)
-    save_file(tensors, str(path), metadata=metadata)
+    _save(tensors, path, metadata)
     return path
 
 

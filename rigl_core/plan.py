@@ -12,7 +12,7 @@ from torch import nn
 from rigl_core.distributions import active_count, layer_sparsities
 from rigl_core.flops import Positions, count_positions, training_flops_ratio
 from rigl_core.layers import Layer, select_layers
-from rigl_core.schedules import gmp_sparsity
+from rigl_core.schedules import PAPER_DELTA_T, gmp_sparsity, resolve_delta_t, resolve_t_end
 from rigl_core.spec import SparsitySpec
 
 
@@ -50,6 +50,9 @@ class Plan:
     # over the whole model count them as dense, so a plan never reports a sparsity the model lacks.
     other_params: dict[str, tuple[int, int]] = field(default_factory=dict)
     attention_flops: int = 0  # per sample, dense: score and weighted-sum matmuls (see rigl_core.flops)
+    # Steps the run will make, when known (the Trainer, RigL(total_steps=...), a job's epochs): the
+    # training FLOPs then use T_end in steps (`schedule.t_end_steps` included), not the t_end fraction.
+    total_steps: int | None = None
 
     def warnings(self) -> list[str]:
         """Large weights (ndim ≥ 2, over 1M entries or 5% of the model) left dense without the user asking."""
@@ -66,10 +69,22 @@ class Plan:
     def masked(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if lp.layer.masked]
 
+    def t_end_fraction(self) -> float:
+        """T_end as a share of training: from the resolved T_end in steps when the run length is known
+        (so `t_end_steps` counts, and GMP's T_end ≤ total − 1 as the Trainer clamps it), else `t_end`."""
+        schedule = self.spec.schedule
+        if not self.total_steps:
+            return schedule.t_end
+        t_end = resolve_t_end(self.total_steps, schedule.t_end, schedule.t_end_steps)
+        if self.method == "gmp" and self.total_steps > 1:
+            t_end = min(t_end, self.total_steps - 1)
+        return t_end / self.total_steps
+
     def training_flops_ratio(self, nnz: dict[str, int] | None = None) -> float:
         dense = sum(lp.flops_dense for lp in self.layers)
         sparse = self.inference_flops(nnz)
         schedule = self.spec.schedule
+        t_end = self.t_end_fraction()
         curve = None
         if self.method == "gmp":
             curve = []
@@ -79,16 +94,26 @@ class Plan:
                 total = 0
                 for lp in self.layers:
                     s = gmp_sparsity(int(t * 10_000), lp.target_sparsity, int(schedule.gmp_begin * 10_000),
-                                     int(schedule.t_end * 10_000)) if lp.layer.masked else 0.0
+                                     int(t_end * 10_000)) if lp.layer.masked else 0.0
                     total += lp.flops_for(active_count(lp.layer.numel, s))
                 curve.append(total)
-        return training_flops_ratio(self.method, dense, sparse, schedule.delta_t, schedule.t_end, curve)
+        delta_t = schedule.delta_t
+        if delta_t == "auto":  # from T_end in steps when the run's length is known, else the paper's ΔT
+            delta_t = resolve_delta_t("auto", round(t_end * self.total_steps)) if self.total_steps else PAPER_DELTA_T
+        return training_flops_ratio(self.method, dense, sparse, delta_t, t_end, curve)
 
     def inference_flops(self, nnz: dict[str, int] | None = None) -> int:
         if self.method == "dense":
             return sum(lp.flops_dense for lp in self.layers)
         nnz = nnz or {}
         return sum(lp.flops_for(nnz.get(lp.layer.name, lp.target_active)) for lp in self.layers)
+
+    def _reason(self, lp: LayerPlan) -> str:
+        """The layer's reason, saying so when ER/ERK itself left a masked layer dense (its raw density
+        exceeded 1 and was capped): a masked layer at density 1.0 would read as a bug otherwise."""
+        if lp.layer.reason == "masked" and lp.target_sparsity == 0.0 and self.spec.sparsity > 0:
+            return f"{self.spec.distribution.upper()} density capped at 1"
+        return lp.layer.reason
 
     def to_dict(self, nnz: dict[str, int] | None = None) -> dict:
         """Per-layer rows and totals; `nnz` (measured) replaces the planned counts in a report."""
@@ -104,7 +129,7 @@ class Plan:
                     "shape": list(lp.layer.shape),
                     "params": lp.layer.numel,
                     "masked": masked,
-                    "reason": "dense method" if dense_method else lp.layer.reason,
+                    "reason": "dense method" if dense_method else self._reason(lp),
                     "nnz": count,
                     "density": count / lp.layer.numel,
                     "target_density": target / lp.layer.numel,
@@ -142,9 +167,11 @@ class Plan:
         }
 
 
-def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpec) -> Plan:
+def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpec,
+              total_steps: int | None = None) -> Plan:
     """Select layers, distribute the sparsity and count FLOPs (none without an `input_shape`: every
-    layer's positions are 0). Raises ValueError naming the field."""
+    layer's positions are 0). `total_steps`, when known, puts T_end in steps into the training FLOPs.
+    Raises ValueError naming the field."""
     layers = select_layers(
         model,
         spec.distribution,
@@ -176,4 +203,4 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
     covered = {id(layer.weight) for layer in layers}
     other = {name: (p.numel(), p.dim()) for name, p in model.named_parameters() if id(p) not in covered}
     return Plan(method=spec.method, spec=spec, layers=plans, other_params=other,
-                attention_flops=counted.attention_flops)
+                attention_flops=counted.attention_flops, total_steps=total_steps)

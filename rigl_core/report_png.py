@@ -124,12 +124,32 @@ def _no_updates(data: dict) -> str:
     return "no mask updates yet"
 
 
+def _single_update_bars(ax, data: dict, series: list[tuple]) -> None:
+    """One mask update: a lone dot on a step axis reads as nothing, so draw each (step, value, colour,
+    label) as a labelled bar at its step, a few percent of the run wide."""
+    step = series[0][0]
+    width = max(1.0, 0.04 * (data.get("total_steps") or 2 * step or 25))
+    center = max(step, width * len(series) / 2)  # an update at step 0 stays inside the step axis
+    for i, (_, value, color, label) in enumerate(series):
+        x = center + (i - (len(series) - 1) / 2) * width
+        ax.bar(x, value, width, color=color, label=label)
+        ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize=9)
+    ax.set_xlabel(f"step (one mask update, at step {step})")
+
+
 def _updates(ax, data: dict) -> None:
     ax.set_title("(d) drop fraction and mask churn per update", loc="left")
     steps, drop = _values(data["mask_updates"], "drop_fraction")
     churn_steps, churn = _values(data["mask_updates"], "churn")
-    if _lines(ax, [(steps, drop, DROP_COLOR, "drop fraction"),
-                   (churn_steps, churn, CHURN_COLOR, "churn (new weights / active)")], _no_updates(data)):
+    series = [(steps, drop, DROP_COLOR, "drop fraction"),
+              (churn_steps, churn, CHURN_COLOR, "churn (new weights / active)")]
+    if len(data["mask_updates"]) == 1 and (drop or churn):
+        _single_update_bars(ax, data, [(xs[0], ys[0], c, label) for xs, ys, c, label in series if ys])
+        top = max(ys[0] for _, ys, _, _ in series if ys)
+        ax.set_ylim(0, top * 1.3 + 0.01)  # room for the value labels and the legend
+        ax.legend(fontsize=8)
+        return
+    if _lines(ax, series, _no_updates(data)):
         ax.set_ylim(bottom=0)
 
 
@@ -139,12 +159,15 @@ def _exploration(ax, data: dict) -> None:
     if not explored:
         _no_data(ax, _no_updates(data))
         return
-    _line(ax, steps, explored, EXPLORATION_COLOR, "ever active")
+    if len(explored) == 1:
+        _single_update_bars(ax, data, [(steps[0], explored[0], EXPLORATION_COLOR, "ever active")])
+    else:
+        _line(ax, steps, explored, EXPLORATION_COLOR, "ever active")
+        ax.set_xlabel("step")
     sparsity = data["totals"].get("sparsity")
     if sparsity is not None:  # the floor: a method that never moves the mask explores only its density
         ax.axhline(1 - sparsity, color="#999999", linestyle="--", linewidth=1, label=f"density {1 - sparsity:.3f}")
     ax.set_ylim(0, min(1.02, max(explored) * 1.25))
-    ax.set_xlabel("step")
     ax.legend(fontsize=8, loc="lower right")
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rigl_core.plan import Plan, make_plan
-from rigl_core.schedules import UpdateSchedule, resolve_t_end
+from rigl_core.schedules import UpdateSchedule, resolve_delta_t, resolve_t_end
 from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
 from rigl_core.spec import ScheduleSpec, SparsitySpec
 
@@ -80,7 +80,9 @@ class RigL:
         gmp_begin = int(spec.schedule.gmp_begin * total_steps)
         if spec.method == "gmp" and gmp_begin >= t_end:
             raise ValueError("gmp_begin: pruning must begin before T_end")
-        schedule = UpdateSchedule(spec.schedule.delta_t, t_end, spec.schedule.alpha, spec.schedule.decay)
+        delta_t = resolve_delta_t(spec.schedule.delta_t, t_end)
+        spec = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"delta_t": delta_t})})
+        schedule = UpdateSchedule(delta_t, t_end, spec.schedule.alpha, spec.schedule.decay)
         plan = _library_error(lambda: make_plan(model, input_shape, spec))
         sparsifier = SPARSIFIERS[spec.method](
             [lp.layer for lp in plan.masked], [lp.target_sparsity for lp in plan.masked], optimizer, schedule,
@@ -102,11 +104,13 @@ class RigL:
         self.sparsifier = sparsifier
         self.optimizer = sparsifier.optimizer
         self._plan = plan
+        if plan.total_steps is None:
+            plan.total_steps = total_steps  # training FLOPs use T_end in steps (t_end_steps included)
         self.total_steps = total_steps
         self.counts_flops = counts_flops
         self.step_count = 0  # the next step() call's step, unless one is passed
         self.last_update: MaskUpdate | None = None  # the mask update made at the last step, if any
-        self._after_step: int | None = None  # SET/GMP: the step whose update waits for optimizer.step()
+        self._after_step: int | None = None  # SET/SNFS/GMP: the step whose update waits for optimizer.step()
         self._prepared = False  # step() said the optimizer may step and it has not yet
         self._warned = False
         self._hook = None
@@ -123,7 +127,7 @@ class RigL:
         """Call after backward, before the optimizer step; step the optimizer only if it returns True.
 
         Masks the gradients (they are then unscaled and masked, ready to clip), makes a due mask
-        update, and returns False when the optimizer must not step: RigL/SNFS/SNIP update steps
+        update, and returns False when the optimizer must not step: RigL/SNIP update steps
         (the update replaces the step), a scaler overflow, or a due update with non-finite scores
         (postponed to the next finite step). `step` defaults to an internal counter (0, 1, ...).
         """
@@ -138,7 +142,7 @@ class RigL:
         return plan.take_step
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        """Optimizer step post-hook: SET/GMP's update after the step; repairs an unprepared step."""
+        """Optimizer step post-hook: SET/SNFS/GMP's update after the step; repairs an unprepared step."""
         if not self._prepared:
             if not self._warned:
                 warnings.warn("optimizer.step() ran without rigl.step() before it (unmasked gradients): "
@@ -153,7 +157,7 @@ class RigL:
             self.last_update = self.sparsifier.finish_step(step)
 
     def _flush_after_step(self) -> None:
-        """A SET/GMP update whose optimizer step never came (the caller skipped it): make it now."""
+        """A SET/SNFS/GMP update whose optimizer step never came (the caller skipped it): make it now."""
         if self._after_step is not None:
             step, self._after_step = self._after_step, None
             self.sparsifier.finish_step(step)

@@ -45,6 +45,34 @@ def resolve_t_end(total_steps: int, t_end_fraction: float, t_end_steps: int | No
     return max(1, int(t_end_fraction * total_steps))
 
 
+PAPER_DELTA_T = 100  # the paper's ΔT (§4.1)
+AUTO_MIN_UPDATES = 10  # delta_t "auto": at least this many mask updates before T_end
+FEW_UPDATES = 5  # fewer mask updates than this earn a warning
+UPDATING_METHODS = ("set", "snfs", "rigl")
+
+
+def resolve_delta_t(delta_t: int | str, t_end: int) -> int:
+    """ΔT in steps. "auto" is the paper's 100 when T_end ≥ 1000 steps, else T_end // 10 (at least 1),
+    so short runs still make ≥ 10 mask updates; an integer is used as given."""
+    if delta_t == "auto":
+        return max(1, min(PAPER_DELTA_T, t_end // AUTO_MIN_UPDATES))
+    return int(delta_t)
+
+
+def few_updates_warning(method: str, delta_t: int, t_end: int, total_steps: int) -> str | None:
+    """A warning when a drop/grow method makes fewer than FEW_UPDATES mask updates: a very sparse net
+    trained with one or two updates is close to static sparse training, and a newcomer cannot tell why."""
+    if method not in UPDATING_METHODS:
+        return None
+    updates = len(UpdateSchedule(delta_t, t_end).update_steps())
+    if updates >= FEW_UPDATES:
+        return None
+    suggested = resolve_delta_t("auto", t_end)
+    return (f"sparsity.schedule.delta_t: {updates} mask update(s) before T_end (step {t_end} of {total_steps}) "
+            f"with delta_t {delta_t}; set delta_t to {suggested} or \"auto\", or train for more steps, "
+            f"so {method} can move its masks")
+
+
 def gmp_sparsity(step: int, final_sparsity: float, begin: int, end: int) -> float:
     """Zhu & Gupta cubic schedule: s_t = s_f·(1 − (1 − (t − t0)/(t1 − t0))³), dense before t0."""
     if step < begin:

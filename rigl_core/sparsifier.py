@@ -6,7 +6,7 @@ step is split so that nothing in the decision calls the optimizer:
 
     plan = sparsifier.prepare_step(step, scaler)   # masks grads; says whether the optimizer may step
     if plan.take_step: optimizer.step()            # or scaler.step(optimizer)
-    if plan.update_after_step: sparsifier.finish_step(step)   # SET/GMP drop after the step
+    if plan.update_after_step: sparsifier.finish_step(step)   # SET/SNFS/GMP drop after the step
 
 `sparsifier.step(step, scaler=scaler)` still does all three (the older one-call form).
 
@@ -72,15 +72,15 @@ class StepPlan:
     """What `Sparsifier.prepare_step` decided for one step."""
 
     take_step: bool  # the caller may call optimizer.step() (gradients are masked, unscaled, clipped)
-    update: MaskUpdate | None = None  # a mask update already made (RigL/SNFS/SNIP replace the step)
-    update_after_step: bool = False  # SET/GMP: call finish_step() after the optimizer step
+    update: MaskUpdate | None = None  # a mask update already made (RigL/SNIP replace the step)
+    update_after_step: bool = False  # SET/SNFS/GMP: call finish_step() after the optimizer step
 
 
 class Sparsifier:
     """Base: fixed masks (the `static` method). Subclasses override the hooks below."""
 
     method = "static"
-    replaces_step_on_update = False  # RigL/SNFS/SNIP skip the optimizer step on update iterations
+    replaces_step_on_update = False  # RigL/SNIP skip the optimizer step on update iterations
     starts_dense = False  # SNIP and GMP: every weight is active until the first update prunes
 
     def __init__(
@@ -203,7 +203,7 @@ class Sparsifier:
 
     def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepPlan:
         """Everything before the optimizer step, without calling it: observe the dense gradients,
-        make a due RigL/SNFS/SNIP update (those skip the optimizer step), else mask and clip the
+        make a due RigL/SNIP update (those skip the optimizer step), else mask and clip the
         gradients. `take_step` says whether the caller may step the optimizer now.
 
         Non-finite gradients never reach the masks:
@@ -241,12 +241,12 @@ class Sparsifier:
             return StepPlan(False, update=update)
         self.mask_gradients()
         self._clip()
-        if due:  # SET/GMP: pending until finish_step, so a step the caller never takes keeps it due
+        if due:  # SET/SNFS/GMP: pending until finish_step, so a step the caller never takes keeps it due
             self.pending_update = True
         return StepPlan(True, update_after_step=due)
 
     def finish_step(self, step: int) -> MaskUpdate | None:
-        """After the optimizer step: the SET/GMP mask update prepare_step found due."""
+        """After the optimizer step: the SET/SNFS/GMP mask update prepare_step found due."""
         if not self.pending_update or self.replaces_step_on_update:
             return None
         self.pending_update = False
@@ -492,9 +492,16 @@ class RigLSparsifier(Sparsifier):
 
 
 class SNFSSparsifier(RigLSparsifier):
-    """SNFS (sparse momentum, no redistribution): grow by |EMA of dense gradients| updated every step."""
+    """SNFS (sparse momentum, no redistribution): grow by |EMA of dense gradients| updated every step.
+
+    As in the reference, the optimizer step is taken first and the mask is updated after it, like
+    SET's: `SparseMomentumOptimizer` subclasses `SparseSETOptimizerBase`, whose `apply_gradients`
+    steps and then updates the masks (rigl_spec.md §SNFS, [R:sparse_optimizers.py]). Only RigL and
+    SNIP replace the step on update iterations.
+    """
 
     method = "snfs"
+    replaces_step_on_update = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -219,7 +219,9 @@ class DatasetSpec(_Strict):
 class ScheduleSpec(_Strict):
     """When masks change and by how much (paper §3(2))."""
 
-    delta_t: int = Field(100, ge=1, le=MAX_STEPS, description="ΔT: steps between mask updates.")
+    delta_t: int | Literal["auto"] = Field(  # range checked by _delta_t
+        100, description="ΔT: steps between mask updates (the paper's 100). \"auto\": 100 when T_end is at least "
+        "1000 steps, else T_end // 10 (at least 1), so a short run still makes about 10 mask updates.")
     t_end: float = Field(0.75, gt=0.0, le=1.0, description="T_end as a fraction of total training steps.")
     t_end_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="T_end in steps; overrides t_end when set.")
     alpha: float = Field(0.3, gt=0.0, le=1.0, description="Initial drop fraction α.")
@@ -229,6 +231,16 @@ class ScheduleSpec(_Strict):
     )
     snfs_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SNFS: EMA coefficient of dense gradients.")
     gmp_begin: float = Field(0.2, ge=0.0, lt=1.0, description="GMP: pruning starts at this fraction of training.")
+
+    @field_validator("delta_t", mode="before")
+    @classmethod
+    def _delta_t(cls, value):
+        """One plain error for the int-or-"auto" field instead of one per branch of the union."""
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STEPS:
+            raise ValueError(f"an integer in [1, {MAX_STEPS}] or \"auto\", got {value!r}")
+        return value
 
 
 class SparsitySpec(_Strict):
@@ -241,7 +253,9 @@ class SparsitySpec(_Strict):
         "then train sparse with `method` (static, set, snfs or rigl: e.g. RigL fine-tuning). gmp starts dense "
         "from the weights by itself.")
     sparsity: float = Field(0.9, ge=0.0, lt=1.0, description="Target sparsity S over the masked layers, in [0, 1).")
-    distribution: Literal["uniform", "er", "erk"] = Field("erk")
+    distribution: Literal["uniform", "er", "erk"] = Field(
+        "erk", description="How the sparsity is spread over layers. Default: erk; for method gmp, uniform "
+        "(with the first layer dense), the paper's pruning baseline. Set it to override either.")
     erk_power_scale: float = Field(1.0, ge=0.0, le=1.0, description="ERK exponent; 0 makes ERK uniform.")
     dense_first_layer: bool | None = Field(
         None, description="Keep the first layer dense. Default: true for uniform, false for er/erk (paper)."
@@ -262,6 +276,14 @@ class SparsitySpec(_Strict):
         description="Explicit density per module name; such layers are outside the budget.",
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gmp_uniform_by_default(cls, data):
+        """GMP as the paper's pruning baseline (uniform, dense first layer) unless `distribution` is given."""
+        if isinstance(data, dict) and data.get("method") == "gmp" and "distribution" not in data:
+            return {**data, "distribution": "uniform"}
+        return data
 
     @field_validator("layer_density")
     @classmethod

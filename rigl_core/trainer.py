@@ -29,7 +29,7 @@ from rigl_core.models import build_model, check_model, resolve_task
 from rigl_core.optim import build_optimizer, lr_at
 from rigl_core.plan import Plan, make_plan
 from rigl_core.rigl import RigL
-from rigl_core.schedules import UpdateSchedule, resolve_t_end
+from rigl_core.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t, resolve_t_end
 from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
 from rigl_core.spec import JobSpec, TrainingSpec
 from rigl_core.tasks import Task
@@ -146,8 +146,12 @@ class Trainer:
         t_end = resolve_t_end(self.total_steps, sched.t_end, sched.t_end_steps)
         if spec.sparsity.method == "gmp":
             t_end = min(t_end, self.total_steps - 1)  # the last pruning step must happen
-        self.schedule = UpdateSchedule(sched.delta_t, t_end, sched.alpha, sched.decay)
-        self.plan: Plan = make_plan(self.model, self.input_shape, spec.sparsity)
+        delta_t = resolve_delta_t(sched.delta_t, t_end)  # "auto" scales ΔT to the run's length
+        self.schedule = UpdateSchedule(delta_t, t_end, sched.alpha, sched.decay)
+        warning = few_updates_warning(spec.sparsity.method, delta_t, t_end, self.total_steps)
+        self.schedule_warnings: list[str] = [warning] if warning else []
+        sparsity = spec.sparsity.model_copy(update={"schedule": sched.model_copy(update={"delta_t": delta_t})})
+        self.plan: Plan = make_plan(self.model, self.input_shape, sparsity)
         self.optimizer = build_optimizer(self.model, t)
         gmp_begin = int(sched.gmp_begin * self.total_steps)
         if spec.sparsity.method == "gmp" and gmp_begin >= t_end:
@@ -421,6 +425,7 @@ class Trainer:
                 "completed": self.step >= self.total_steps,
                 "t_end": self.schedule.t_end,
                 "delta_t": self.schedule.delta_t,
+                "schedule_warnings": self.schedule_warnings,
                 "device": str(self.device),
                 "devices": self.world_size,
                 "accumulate_steps": self.accumulate_steps,

@@ -91,3 +91,31 @@ def test_counts_are_floor_of_sparsity():
     assert zeros_count(1000, 0.9) == 900
     assert active_count(1000, 0.9) == 100
     assert zeros_count(7, 0.5) == 3
+
+
+def test_erk_capped_layers_say_so_in_the_plan(resnet50):
+    """A masked layer ERK left at density 1.0 carries the reason, in the rows and the printed table."""
+    from rigl_core.cli import format_plan_table
+
+    plan = make_plan(resnet50, [3, 224, 224], SparsitySpec(sparsity=0.9, distribution="erk")).to_dict()
+    capped = [r for r in plan["layers"] if r["masked"] and r["target_density"] == 1.0]
+    assert [r["name"] for r in capped] == ["layer1.0.conv1"]
+    assert capped[0]["reason"] == "ERK density capped at 1"
+    assert all(r["reason"] == "masked" for r in plan["layers"] if r["masked"] and r["target_density"] < 1.0)
+    line = next(l for l in format_plan_table(plan).splitlines() if l.startswith("layer1.0.conv1 "))
+    assert line.endswith("ERK density capped at 1")
+    conv1 = next(l for l in format_plan_table(plan).splitlines() if l.startswith("conv1 "))
+    assert conv1.rstrip().endswith("99,147,776")  # an ordinary masked layer: no note
+
+
+def test_gmp_defaults_to_the_papers_uniform_with_dense_first_layer(resnet50):
+    """GMP without `distribution`: uniform + dense first layer (the paper's pruning baseline); a
+    `distribution` the user sets is kept, and other methods still default to ERK."""
+    gmp = SparsitySpec(method="gmp")
+    assert gmp.distribution == "uniform" and SparsitySpec.model_validate(gmp.model_dump()).distribution == "uniform"
+    assert SparsitySpec(method="gmp", distribution="erk").distribution == "erk"
+    assert SparsitySpec(method="rigl").distribution == "erk"
+    rows = make_plan(resnet50, [3, 224, 224], gmp).to_dict()["layers"]
+    assert rows[0]["masked"] is False and rows[0]["reason"] == "first layer dense"
+    assert make_plan(resnet50, [3, 224, 224], SparsitySpec(method="gmp", distribution="erk")).to_dict()[
+        "layers"][0]["masked"] is True

@@ -91,3 +91,33 @@ def test_report_file_has_required_fields(trained):
     assert {"sparsity", "inference_flops_ratio", "training_flops_ratio"} <= report["totals"].keys()
     assert {"final_metrics", "train_seconds", "steps", "leak_check", "spec"} <= report.keys()
     assert report["leak_check"] == {"ok": True, "leaked": {}}
+
+
+def test_exports_get_the_same_mode_as_the_other_output_files(trained):
+    """safetensors alone writes 0600; exports follow the umask like report.json (0644 under 022)."""
+    import os
+    import stat
+
+    _, out, _ = trained
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    current = os.umask(0o022)
+    os.umask(current)
+    assert modes[DENSE_EXPORT] == modes[PACKED_EXPORT] == modes[REPORT] == 0o666 & ~current
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_export_mode_respects_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    from rigl_core.export import save_dense, save_packed
+
+    model = torch.nn.Linear(4, 2)
+    previous = os.umask(umask)
+    try:
+        dense = save_dense(model, tmp_path / "d.safetensors")
+        packed = save_packed(model, {"weight": torch.ones(2, 4, dtype=torch.bool)}, tmp_path / "p.safetensors")
+    finally:
+        os.umask(previous)
+    for path in (dense, packed):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -80,6 +80,21 @@ def test_quick_start_curl_submits(served, tmp_path):
     assert job["status"] == "queued" and job["spec"]["sparsity"]["sparsity"] == 0.9
 
 
+@pytest.mark.slow
+def test_quick_start_job_reaches_93_percent_with_several_mask_updates(tmp_path):
+    """Issue 14: the first job a newcomer runs must show RigL working, not one mask update and 25%."""
+    from rigl_core.run import run_training
+    from rigl_core.spec import JobSpec
+
+    spec = JobSpec.model_validate(json.loads(re.search(r"-d '(\{.*\})'", CURL).group(1)))
+    assert spec.sparsity.method == "rigl" and spec.sparsity.sparsity == 0.9
+    report = run_training(spec, tmp_path / "quick", progress=False)
+    updates = len(range(0, report["t_end"], report["delta_t"]))
+    assert report["final_metrics"]["val_accuracy"] >= 0.93 and updates >= 5, (report["final_metrics"], updates)
+    assert report["schedule_warnings"] == [] and abs(report["totals"]["sparsity"] - 0.9) < 0.002
+    assert report["train_seconds"] < 30
+
+
 def test_tutorial_end_to_end(served, tmp_path):
     """plan → submit → watch → report → download in bash, then the plain-PyTorch loader and the client."""
     port, env, _ = served

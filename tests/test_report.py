@@ -212,3 +212,28 @@ def test_service_job_by_id(server, tmp_path, capsys, monkeypatch):
     assert main(["report", "job_00000000000000000000", "--png", str(tmp_path / "no.png")]) == 2
     assert capsys.readouterr().err.strip() == "rigl: error: job_id: no job 'job_00000000000000000000'"
     assert not (tmp_path / "no.png").exists()
+
+
+def test_one_update_run_draws_labelled_bars_not_a_lone_dot(tmp_path):
+    """ΔT=100 over 46 steps makes one mask update: panels (d)/(e) show it as labelled bars."""
+    from matplotlib.figure import Figure
+
+    run = tmp_path / "one-update"
+    train(run, "--sparsity", "0.9", "--delta-t", "100")
+    data = from_output_dir(run)
+    assert len(data["mask_updates"]) == 1
+    update = data["mask_updates"][0]
+    axes = Figure().subplots(1, 2)
+    rp._updates(axes[0], data)
+    rp._exploration(axes[1], data)
+    assert not any(line.get_marker() not in (None, "None", "") and len(line.get_xdata()) == 1
+                   for ax in axes for line in ax.get_lines())  # no single-marker series
+    heights = [round(patch.get_height(), 6) for patch in axes[0].patches]
+    assert heights == [round(update["drop_fraction"], 6), round(update["churn"], 6)]
+    assert [t.get_text() for t in axes[0].texts] == [f"{update['drop_fraction']:.3f}", f"{update['churn']:.3f}"]
+    assert [round(p.get_height(), 6) for p in axes[1].patches] == [round(update["exploration"], 6)]
+    assert all(p.get_x() >= -1e-9 for ax in axes for p in ax.patches)  # inside the step axis
+    out = tmp_path / "one.png"
+    assert main(["report", str(run), "--png", str(out)]) == 0
+    counts = assert_every_panel_drawn(out)
+    assert counts[1, 0][rp.DROP_COLOR] > 2000 and counts[1, 1][rp.EXPLORATION_COLOR] > 2000  # bars, not a dot

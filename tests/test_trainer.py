@@ -63,6 +63,21 @@ def test_training_flops_ratio_orders_methods():
     assert ratios["static"] < ratios["rigl"] < ratios["snfs"] < ratios["dense"] == 1.0
 
 
+@pytest.mark.parametrize("method,t_end_steps", [("rigl", 5), ("gmp", 20)])
+def test_training_flops_ratio_follows_t_end_steps(method, t_end_steps):
+    """T_end given in steps (of 46) changes the training FLOPs as the fraction it stands for."""
+    default = Trainer(small_spec(sparsity__method=method))
+    early = Trainer(small_spec(sparsity__method=method, sparsity__schedule__t_end_steps=t_end_steps))
+    same = Trainer(small_spec(sparsity__method=method,
+                              sparsity__schedule__t_end=(t_end_steps + 0.5) / default.total_steps))
+    r_default, r_early = default.plan.training_flops_ratio(), early.plan.training_flops_ratio()
+    assert r_early != pytest.approx(r_default)
+    # RigL: fewer dense-gradient steps, so cheaper; GMP: reaches its final sparsity sooner, so cheaper too
+    assert r_early < r_default
+    assert r_early == pytest.approx(same.plan.training_flops_ratio())
+    assert early.plan.to_dict()["totals"]["training_flops_ratio"] == pytest.approx(r_early)
+
+
 def test_cosine_schedule_and_t_end():
     s = UpdateSchedule(delta_t=100, t_end=1000, alpha=0.3)
     assert s.drop_fraction(0) == pytest.approx(0.3)
