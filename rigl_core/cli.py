@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train locally and write report, metrics and exports to --out")
     train.add_argument("--config", type=Path, help="JobSpec file (.json/.yaml); flags override it")
+    train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
+                       help="any JobSpec field, e.g. --set sparsity.schedule.delta_t=25 --set dataset.download=true "
+                            "(VALUE is read as JSON, else as text; applied after the other flags; repeatable)")
     train.add_argument("--recipe", help="paper setting that fills every field not given (the file and flags win): "
                                         + ", ".join(recipe_names()) + "; `rigl recipes` shows them")
     train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
@@ -270,6 +273,17 @@ def _read_config(path: Path) -> dict:
     return data
 
 
+def _parse_assignment(text: str) -> tuple[str, object]:
+    """`--set a.b=VALUE`: VALUE as JSON (numbers, true/false, null, lists, objects), else as text."""
+    dotted, sep, raw = text.partition("=")
+    if not sep or not dotted or any(not part for part in dotted.split(".")):
+        raise UsageError(f"--set: expected FIELD=VALUE such as sparsity.schedule.delta_t=25, got {text!r}")
+    try:
+        return dotted, json.loads(raw)
+    except json.JSONDecodeError:
+        return dotted, raw
+
+
 def _set(tree: dict, dotted: str, value) -> None:
     if value is None:
         return
@@ -351,6 +365,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         model.setdefault("name", "custom")
     for flag, dotted in {**SPARSITY_FLAGS, **TRAIN_FLAGS}.items():
         _set(tree, dotted, getattr(args, flag, None))
+    for assignment in getattr(args, "set_fields", []):
+        dotted, value = _parse_assignment(assignment)
+        _set(tree, dotted, value)
     for section in ("model", "dataset"):
         if section not in tree and tree.get("recipe") is None:  # a recipe names both
             raise UsageError(f"{section}: missing; pass --{section if section == 'model' else 'dataset'} or --config")

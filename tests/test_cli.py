@@ -129,3 +129,30 @@ def test_resume_from_cli_checkpoint(tmp_path, capsys):
     assert main([*base[:-3], str(out2), "--resume", str(out / "checkpoint.pt")]) == 0
     second = json.loads((out2 / "report.json").read_text())
     assert second["final_metrics"] == first["final_metrics"]
+
+
+def test_set_reaches_any_jobspec_field(tmp_path):
+    from rigl_core.cli import build_parser, spec_from_args
+
+    args = build_parser().parse_args([
+        "train", "--model", "mlp", "--dataset", "digits", "--out", str(tmp_path), "--delta-t", "50",
+        "--set", "sparsity.schedule.delta_t=25", "--set", "dataset.val_fraction=0.25",
+        "--set", "training.milestones=[0.5, 0.8]", "--set", "sparsity.schedule.decay=linear",
+        "--set", "model.hidden_sizes=[32,16]"])
+    spec = spec_from_args(args)
+    assert spec.sparsity.schedule.delta_t == 25  # --set comes after the named flags
+    assert spec.dataset.val_fraction == 0.25 and spec.training.milestones == [0.5, 0.8]
+    assert spec.sparsity.schedule.decay == "linear" and spec.model.hidden_sizes == [32, 16]
+
+
+@pytest.mark.parametrize(("assignment", "message"), [
+    ("sparsity.schedule.delta_t", "--set: expected FIELD=VALUE"),
+    ("=3", "--set: expected FIELD=VALUE"),
+    ("training.no_such_field=1", "training.no_such_field"),
+    ("sparsity.sparsity=1.5", "sparsity.sparsity"),
+])
+def test_bad_set_names_the_field(tmp_path, capsys, assignment, message):
+    from rigl_core.cli import main
+
+    code = main(["train", "--model", "mlp", "--dataset", "digits", "--out", str(tmp_path), "--set", assignment])
+    assert code == 2 and message in capsys.readouterr().err
