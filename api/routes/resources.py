@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
+from api.uploads import streamed_upload
 from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
 from rigl_core.models import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
                               resolve_task)
@@ -106,29 +105,14 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
                          format: str = Query("npz", pattern="^(npz|safetensors)$"),
                          ctx: Context = Depends(get_context)) -> dict:
     """Raw body: a .npz or .safetensors file with x, y (optionally x_val, y_val). Never unpickled."""
-    cap = ctx.settings.max_upload_bytes
-    folder = ctx.artifacts.root / "datasets"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".upload-{uuid.uuid4().hex}.{format}"
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > cap:
-                    raise ApiError(413, "too_large", f"upload over {cap} bytes", "body")
-                digest.update(chunk)
-                await run_in_threadpool(f.write, chunk)  # a disk write can block: not on the event loop
-        if size == 0:
-            raise ApiError(422, "invalid_dataset", "empty upload", "body")
-        meta = await run_in_threadpool(_inspect_upload, tmp, ctx.settings)
+    async with streamed_upload(request, ctx.artifacts.root / "datasets", f".{format}", ctx.settings.max_upload_bytes,
+                               "invalid_dataset") as upload:
+        meta = await run_in_threadpool(_inspect_upload, upload.path, ctx.settings)
         # a database call: in the threadpool, never on the event loop (this route is async for the stream)
-        row = await run_in_threadpool(ctx.store.add_dataset, name=name, format=format, size=size,
-                                      sha256=digest.hexdigest(), owner=ctx.principal, **meta)
-        await run_in_threadpool(os.replace, tmp, ctx.artifacts.dataset_file(row.id, format))
+        row = await run_in_threadpool(ctx.store.add_dataset, name=name, format=format, size=upload.size,
+                                      sha256=upload.sha256, owner=ctx.principal, **meta)
+        await run_in_threadpool(os.replace, upload.path, ctx.artifacts.dataset_file(row.id, format))
         return dataset_json(row)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _inspect_upload(path, settings) -> dict:

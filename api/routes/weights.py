@@ -9,10 +9,8 @@ Names and shapes are checked against the model when a job refers to it (api/subm
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -20,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import weights_json
+from api.uploads import streamed_upload
 from store import deletion
 
 router = APIRouter(prefix="/v1", tags=["resources"])
@@ -55,29 +54,14 @@ def delete_weights(weights_id: str, ctx: Context = Depends(get_context)) -> dict
 async def upload_weights(request: Request, name: str = Query(..., min_length=1, max_length=200),
                          ctx: Context = Depends(get_context)) -> dict:
     """Raw body: a .safetensors state_dict (e.g. `safetensors.torch.save_file(model.state_dict(), f)`)."""
-    cap = ctx.settings.max_weights_bytes
-    folder = ctx.artifacts.root / "weights"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".upload-{uuid.uuid4().hex}.safetensors"
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > cap:
-                    raise ApiError(413, "too_large", f"upload over {cap} bytes", "body")
-                digest.update(chunk)
-                await run_in_threadpool(f.write, chunk)  # a disk write can block: not on the event loop
-        if size == 0:
-            raise ApiError(422, "invalid_weights", "empty upload", "body")
-        shapes = await run_in_threadpool(_inspect, tmp)
-        row = await run_in_threadpool(ctx.store.add_weights, name=name, size=size, sha256=digest.hexdigest(),
+    async with streamed_upload(request, ctx.artifacts.root / "weights", ".safetensors",
+                               ctx.settings.max_weights_bytes, "invalid_weights") as upload:
+        shapes = await run_in_threadpool(_inspect, upload.path)
+        row = await run_in_threadpool(ctx.store.add_weights, name=name, size=upload.size, sha256=upload.sha256,
                                       owner=ctx.principal, tensors=len(shapes),
                                       params=sum(math.prod(s) for s in shapes.values()))
-        await run_in_threadpool(os.replace, tmp, ctx.artifacts.weights_file(row.id))
+        await run_in_threadpool(os.replace, upload.path, ctx.artifacts.weights_file(row.id))
         return weights_json(row)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _inspect(path) -> dict:
