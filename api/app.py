@@ -11,10 +11,12 @@ from api import dashboard, errors
 from api.context import Context, celery_enqueue
 from api.janitor import Janitor
 from api.limits import BodyLimit
+from api import metrics
+from api.request_log import RequestLog
 from api.origin_guard import OriginGuard, split_list
-from api.reaper import Reaper
 from api.routes import jobs, resources, weights
 from store.artifacts import Artifacts
+from store.reaper import start_reaper
 from store.jobs import JobStore
 from store.settings import Settings, get_settings
 
@@ -22,15 +24,16 @@ from store.settings import Settings, get_settings
 def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
     settings = (settings or get_settings()).resolved()
     store = JobStore(settings.database_url)
-    context = Context(settings=settings, store=store, artifacts=Artifacts(settings.artifact_dir),
+    context = Context(settings=settings, store=store, artifacts=Artifacts.from_settings(settings),
                       enqueue=enqueue or celery_enqueue(settings))
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         context.artifacts.remove_orphan_uploads(settings.orphan_upload_seconds)  # left by a crash mid-upload
         sweeper = janitor = None
         if reaper:
-            sweeper = Reaper(store, context.enqueue, settings.lease_seconds, settings.reaper_interval_seconds)
-            sweeper.start()
+            if settings.reaper:  # one process acts at a time (store/leader.py); workers run it too
+                sweeper = start_reaper(store, context.enqueue, settings.database_url, settings.lease_seconds,
+                                       settings.reaper_interval_seconds)
             janitor = Janitor(store, context.artifacts, settings.cleanup_interval_seconds, settings.retention_days)
             janitor.start()
         yield
@@ -63,6 +66,8 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
         return {"status": "ok", "database": "ok"}
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(("POST", "/v1/datasets"), ("POST", "/v1/weights")))
-    app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # outermost: Host, cross-site
+    app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # Host, cross-site
                        allowed_origins=split_list(settings.allowed_origins))
+    metrics.install(app, settings, store)  # /metrics + latency histogram (outside the guards: refusals count)
+    app.add_middleware(RequestLog)  # outermost: request id and access log for every request
     return app

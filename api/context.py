@@ -36,6 +36,7 @@ def get_context(request: Request) -> Context:
     if principal is None:
         raise ApiError(401, "unauthorized", "missing, unknown or revoked API key (Authorization: Bearer …)",
                        "Authorization", headers={"WWW-Authenticate": "Bearer"})
+    request.state.key_id = principal.key_id  # for the access log (api/request_log.py): the key's id, never the key
     return replace(base, owner=None if principal.admin else principal.owner, principal=principal.owner)
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from rigl_core.optional import SERVICE_MODULES, add_unavailable_command, missing
+
 
 def add_command(subparsers) -> None:
-    parser = subparsers.add_parser("keys", help="manage API keys (runs against RIGL_DATABASE_URL)")
+    help = "manage API keys (runs against RIGL_DATABASE_URL)"
+    if absent := missing(*SERVICE_MODULES):  # a library-only install: say what to install
+        return add_unavailable_command(subparsers, "keys", "service", absent, help)
+    parser = subparsers.add_parser("keys", help=help)
     sub = parser.add_subparsers(dest="keys_command", required=True)
     create = sub.add_parser("create", help="create a key; it is printed once")
     create.add_argument("--owner", required=True, help="who owns the jobs made with this key")

@@ -3,9 +3,55 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints, field_validator
 
 from rigl_core.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
+from rigl_core.spec import JobSpec
 from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
+
+
+TAG_PATTERN = r"^[a-z0-9_.:-]{1,64}$"
+MAX_TAGS = 20
+MAX_METADATA_KEYS = 64
+MAX_METADATA_BYTES = 16 * 1024
+LABELS = ("name", "tags", "metadata")
+
+
+class JobSubmission(JobSpec):
+    """`POST /v1/jobs`: a JobSpec plus the user's labels for the job. The labels are stored beside the
+    spec, never in it (`job_spec()`), so workers and `rigl train` see the same JobSpec as before."""
+
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                             description="A label for lists and the dashboard (not unique; no control characters).")
+    tags: list[Annotated[str, StringConstraints(pattern=TAG_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_TAGS,
+        description=f"At most {MAX_TAGS}, each 1-64 of a-z 0-9 _ . : - ; `GET /v1/jobs?tag=` filters by one.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description=f"Free JSON object: at most {MAX_METADATA_KEYS} keys and "
+        f"{MAX_METADATA_BYTES // 1024} KiB as compact JSON; stored and returned as given.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys ({len(value)} given)")
+        try:
+            size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+        except ValueError:
+            raise ValueError("numbers must be finite (no NaN or Infinity)") from None
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as compact JSON ({size} given)")
+        return value
+
+    def job_spec(self) -> JobSpec:
+        """The JobSpec without the labels (already validated: built, not validated again)."""
+        return JobSpec.model_construct(_fields_set=self.model_fields_set - set(LABELS),
+                                       **{name: getattr(self, name) for name in JobSpec.model_fields})
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -54,6 +100,10 @@ def job_json(job: Job, admin: bool = False) -> dict:
         "cancel_requested": job.cancel_requested,
         # requested: N or "all"; a worker owning fewer can't claim it (a waiting job says so in `error`)
         "devices": ((job.resolved_spec or {}).get("training") or {}).get("devices", 1),
+        "name": job.name,
+        "tags": job.tags or [],
+        "metadata": job.meta or {},
+        "method": job.method,
         "spec": job.spec,
         "warnings": job_warnings(job),
     }

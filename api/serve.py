@@ -26,11 +26,16 @@ import subprocess
 import sys
 import time
 
+from rigl_core.optional import SERVICE_MODULES, add_unavailable_command, missing
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_command(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="run the job service (API + one worker) with embedded defaults")
+    help = "run the job service (API + one worker) with embedded defaults"
+    if absent := missing(*SERVICE_MODULES):  # a library-only install: say what to install
+        return add_unavailable_command(subparsers, "serve", "service", absent, help)
+    parser = subparsers.add_parser("serve", help=help)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--data-dir", help="where the database, queue and artifacts live (default ~/.rigl)")
@@ -80,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
         hosts = "*" if settings.auth else ",".join(default_allowed_hosts(args.host))
         settings = settings.model_copy(update={"allowed_hosts": hosts})
+    from api.request_log import configure_logging
+
+    configure_logging(settings.log_format)  # one readable line per record (RIGL_LOG_FORMAT=json: JSON lines)
+    if not args.no_worker and settings.worker_metrics_dir is None:  # /metrics shows the worker's series too
+        folder = settings.data_dir / "metrics" / "worker"
+        os.environ["RIGL_WORKER_METRICS_DIR"] = str(folder)  # the worker inherits it (worker/metrics.py)
+        settings = settings.model_copy(update={"worker_metrics_dir": folder})
 
     # From here on a stop signal never kills this process outright (uvicorn.run re-raised SIGTERM
     # with the default handler after its shutdown, so the worker was never stopped): it asks
@@ -102,10 +114,16 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from store.migrations import SchemaBehind
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)  # opens the database: upgrades its schema, or refuses when told not to
+    except SchemaBehind as exc:
+        print(f"rigl serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     # open event streams would hold a graceful shutdown forever: give them a few seconds
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                            log_config=None,  # its lines through ours
                                             timeout_graceful_shutdown=5))
     if received:
         server.should_exit = True

@@ -1,10 +1,11 @@
 """Datasets read from the server's datasets directory (mnist, cifar, imagefolder), checked at submit time.
 
 Why: the user names at most a folder inside the datasets directory; the server resolves it once to a
-real path that must stay inside (symlinks included), counts what it holds (capped, nothing decoded)
-and stores the absolute real path in the resolved spec, so the worker reads exactly what was checked
-(and re-checks it: `store.user_paths.check_job_paths`). The datasets directory is the implicit
-data_dir of every such job. Error messages carry no server path.
+real path that must stay inside (symlinks included) and counts what it holds (capped, nothing decoded).
+The resolved spec stores no node's path: data_dir is the key `@datasets` and an image folder
+`@datasets/<its real path inside the directory>`, which each worker turns into its own datasets
+directory (`store.user_paths.on_this_node`), where every node mounts the same files, and re-checks
+(`store.user_paths.check_job_paths`). Error messages carry no server path.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rigl_core.datasets.describe import describe
 from rigl_core.datasets.feed import uses_stream
 from store.scrub import scrub_paths
 from store.settings import Settings
-from store.user_paths import folder_limit, imagefolder_layout
+from store.user_paths import DATASETS_KEY, datasets_key, folder_limit, imagefolder_layout
 
 from api.errors import ApiError, from_value_error
 
@@ -26,7 +27,7 @@ def resolve_server_dataset(spec, tree: dict, settings: Settings) -> tuple[list[i
     classes, training samples), None where unknown. Raises ApiError naming the field."""
     name = tree["name"]
     if name in SERVER_DATASETS:
-        tree["data_dir"] = str(settings.datasets_dir)
+        tree["data_dir"] = DATASETS_KEY
     shape = describe(spec)
     input_shape, num_classes, num_train = shape.input_shape, shape.num_classes, shape.num_train
     try:
@@ -47,7 +48,7 @@ def _imagefolder(spec, tree: dict, settings: Settings) -> tuple[int, int]:
     all the same."""
     if uses_stream(spec):
         layout = imagefolder_layout(tree["path"], settings.datasets_dir, folder_limit(tree))
-        tree["path"] = str(layout.base)
+        tree["path"] = datasets_key(layout.base, settings.datasets_dir)
         return _counts(spec, layout)
     server_cap = settings.max_imagefolder_images
     try:
@@ -66,7 +67,7 @@ def _imagefolder(spec, tree: dict, settings: Settings) -> tuple[int, int]:
         raise ApiError(422, "too_large", f"{images:,} images of {spec.image_size}×{spec.image_size} take "
                                          f"{decoded:,} bytes, over the server's limit of "
                                          f"{settings.max_imagefolder_bytes:,}", "dataset.image_size")
-    tree["path"] = str(layout.base)  # the real path, checked; the worker re-checks it
+    tree["path"] = datasets_key(layout.base, settings.datasets_dir)  # the checked real path; the worker re-checks it
     return _counts(spec, layout)
 
 

@@ -18,7 +18,7 @@ from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings
 
-from api.costs import check_costs
+from api.costs import check_costs, planned_steps
 from api.errors import ApiError, from_value_error
 from api.server_datasets import resolve_server_dataset
 
@@ -33,7 +33,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded architecture {model['name']!r}", "model.name")
         model["architecture"], model["name"] = record.spec, "custom"
-    weights_field = _resolve_weights(model, store, artifacts, owner)
+    weights_field, weights_file = _resolve_weights(model, store, artifacts, owner)
     if dataset.get("data_dir") is not None:
         raise ApiError(422, "invalid_job", "the server sets data_dir; leave it out", "dataset.data_dir")
     if dataset.get("download"):
@@ -44,7 +44,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         record = store.get_dataset(dataset["path"], owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded dataset {dataset['path']!r}", "dataset.path")
-        dataset["path"] = str(artifacts.dataset_file(record.id, record.format))
+        dataset["path"] = artifacts.dataset_key(record.id, record.format)  # a storage key, not a path
         input_shape, num_classes = list(record.input_shape), record.num_classes
         num_train = record.num_samples if record.num_val else record.num_samples - max(
             1, int(round(record.num_samples * spec.dataset.val_fraction)))
@@ -56,9 +56,10 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         flops_per_example = None
         if num_classes is not None:
             task = resolve_task(resolved.training.task, resolved.model.hf)
+            run_steps = planned_steps(resolved, num_train) if num_train is not None else None
             params, flops_per_example = _checked_params(json.dumps(tree["model"], sort_keys=True),
                                                         json.dumps(input_shape), num_classes,
-                                                        resolved.sparsity.model_dump_json(), task)
+                                                        resolved.sparsity.model_dump_json(), task, run_steps)
             if params > settings.max_params:
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
@@ -69,7 +70,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                 shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
                                              json.dumps(input_shape), num_classes,
                                              json.dumps(model.get("hf"), sort_keys=True), task)
-                check_matches(read_header(model["weights"], weights_field), shapes, weights_field, tied)
+                check_matches(read_header(weights_file, weights_field), shapes, weights_field, tied)
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
         total_steps = check_costs(resolved, settings, num_train, flops_per_example)
@@ -83,10 +84,12 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     return tree, total_steps
 
 
-def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None) -> str | None:
+def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None
+                     ) -> tuple[str | None, str | None]:
     """`model.weights` (an uploaded `w_…` id) or `model.init_from_job` (a succeeded job's dense export)
-    becomes the server file's path in `model.weights`; returns the field it came from, None without.
-    A user never names a server path, and someone else's weights or job are as good as missing."""
+    becomes the file's storage key in `model.weights`; returns (the field it came from, this node's
+    copy of the file, for its header), (None, None) without. A user never names a server path, and
+    someone else's weights or job are as good as missing."""
     if model.get("weights") is not None:
         weights_id = model["weights"]
         if not UPLOADED_WEIGHTS.fullmatch(weights_id):
@@ -95,11 +98,11 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
         record = store.get_weights(weights_id, owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded weights {weights_id!r}", "model.weights")
-        model["weights"] = str(artifacts.weights_file(record.id))
-        return "model.weights"
+        model["weights"] = artifacts.weights_key(record.id)
+        return "model.weights", _local_copy(artifacts, model["weights"], record.size, "model.weights")
     job_id = model.get("init_from_job")
     if job_id is None:
-        return None
+        return None, None
     job = store.get_job(job_id, owner)
     if job is None:
         raise ApiError(422, "invalid_job", f"no job {job_id!r}", "model.init_from_job")
@@ -107,8 +110,18 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
     if export is None:
         raise ApiError(422, "invalid_job", f"job {job_id!r} is {job.status}; only a succeeded job's dense "
                                            "export can be started from", "model.init_from_job")
-    model["weights"], model["init_from_job"] = str(artifacts.job_file(job.id, export.filename)), None
-    return "model.init_from_job"
+    model["weights"], model["init_from_job"] = artifacts.job_key(job.id, export.filename), None
+    return "model.init_from_job", _local_copy(artifacts, model["weights"], export.size, "model.init_from_job")
+
+
+def _local_copy(artifacts: Artifacts, key: str, size: int, field: str) -> str:
+    """This node's copy of a stored file (fetched from a bucket once, then cached), for its header."""
+    from store.artifacts import MissingArtifact
+
+    try:
+        return str(artifacts.fetch(key, size))
+    except MissingArtifact:
+        raise ApiError(422, "invalid_job", "the file is no longer in the artifact store", field) from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,10 +142,11 @@ def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, inp
 
 @functools.lru_cache(maxsize=512)
 def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str,
-                    task: str = "classification") -> tuple[int, float]:
+                    task: str = "classification", total_steps: int | None = None) -> tuple[int, float]:
     """Build on the meta device, run one forward and plan the sparsity; cached, since sweeps resubmit
     the same model many times. Returns (parameters, training FLOPs per example: the plan's training
-    FLOPs ratio × 3 × dense forward FLOPs). Raises ValueError naming the field."""
+    FLOPs ratio × 3 × dense forward FLOPs; `total_steps`, when known, puts T_end, ΔT "auto" and the
+    real number of mask updates into that ratio). Raises ValueError naming the field."""
     from rigl_core.spec import ModelSpec, SparsitySpec
 
     model = ModelSpec.model_validate_json(model_json)
@@ -140,6 +154,6 @@ def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sp
     meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
                        architecture=model.architecture, hf=model.hf, task=task)
     check_model(meta, input_shape, num_classes, task)
-    plan = make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json))
+    plan = make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json), total_steps=total_steps)
     dense_forward = sum(layer.flops_dense for layer in plan.layers)
     return sum(p.numel() for p in meta.parameters()), 3 * dense_forward * plan.training_flops_ratio()

@@ -11,7 +11,7 @@ COPY rigl_core ./rigl_core
 COPY api ./api
 COPY worker ./worker
 COPY store ./store
-RUN pip install .
+RUN pip install ".[service]"  # the library alone has no API, worker or job store
 
 RUN useradd --create-home --uid 10001 rigl && mkdir -p /data /datasets && chown rigl /data
 USER rigl

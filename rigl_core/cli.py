@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from rigl_core.optional import MissingExtra, require
 from rigl_core.recipes import recipe_names
 from rigl_core.spec import METHODS, JobSpec, SparsitySpec, format_validation_error
 
@@ -65,13 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--total-steps", type=int,
                       help="training steps of the run: resolves delta_t auto and warns about too few mask updates")
     plan.add_argument("--delta-t", type=_int_or("auto"), help="steps between mask updates (ΔT), or auto")
+    _add_set_flag(plan, "a sparsity.* or model.* JobSpec field, e.g. --set sparsity.erk_power_scale=0.8")
     _add_sparsity_flags(plan)
 
     train = sub.add_parser("train", help="train locally and write report, metrics and exports to --out")
     train.add_argument("--config", type=Path, help="JobSpec file (.json/.yaml); flags override it")
-    train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
-                       help="any JobSpec field, e.g. --set sparsity.schedule.delta_t=25 --set dataset.download=true "
-                            "(VALUE is read as JSON, else as text; applied after the other flags; repeatable)")
+    _add_set_flag(train, "any JobSpec field, e.g. --set sparsity.schedule.delta_t=25 --set dataset.download=true")
     train.add_argument("--recipe", help="paper setting that fills every field not given (the file and flags win): "
                                         + ", ".join(recipe_names()) + "; `rigl recipes` shows them")
     train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, help="resume from a checkpoint written by --checkpoint-every")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_sparsity_flags(train)
+    fields = sub.add_parser("fields", help="list every JobSpec field (what --set and job files accept)")
+    fields.add_argument("prefix", nargs="?", default="", help="only fields starting with this, e.g. dataset.")
+    fields.set_defaults(handler=cmd_fields)
     recipes = sub.add_parser("recipes", help="list the paper recipes and the fields each one fills")
     recipes.add_argument("--json", action="store_true", help="print {name: {description, defaults}} as JSON")
     recipes.set_defaults(handler=cmd_recipes)
@@ -131,7 +134,11 @@ def _add_client_commands(sub) -> None:
     """Commands that talk to a running service (RIGL_API_URL, RIGL_API_KEY)."""
     submit = sub.add_parser("submit", help="submit a JobSpec file (.json/.yaml) to the service")
     submit.add_argument("file", type=Path)
+    _add_set_flag(submit, "change a field of FILE before sending it, e.g. --set training.epochs=5")
     submit.add_argument("--wait", action="store_true", help="then follow it with a progress bar")
+    submit.add_argument("--name", help="a label for the job (lists, dashboard)")
+    submit.add_argument("--tag", action="append", dest="tags", metavar="TAG", help="a tag (repeatable); "
+                        "`rigl jobs --tag` filters by one")
     submit.set_defaults(handler=cmd_submit)
     status = sub.add_parser("status", help="show a job")
     status.add_argument("job_id")
@@ -148,13 +155,18 @@ def _add_client_commands(sub) -> None:
     jobs = sub.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--status")
     jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--tag", help="only jobs with this tag")
+    jobs.add_argument("--name-prefix", help="only jobs whose name starts with this (case-sensitive)")
+    jobs.add_argument("--method", help="only jobs of this sparsity method")
     jobs.set_defaults(handler=cmd_jobs)
 
 
 def _client():
     from rigl_core.client import Client
 
-    return Client()
+    # A person at a terminal: a server that is not there is said within about 2 s (0.5 + 1 s of backoff),
+    # not after the library's 15 s of retries meant for a server that is restarting.
+    return Client(retries=int(os.environ.get("RIGL_CLI_RETRIES", "2")))
 
 
 def _job_line(job) -> str:
@@ -165,13 +177,17 @@ def _job_line(job) -> str:
     accuracy = (result.get("final_metrics") or {}).get("val_accuracy") or (d.get("metrics") or {}).get("val_accuracy")
     line = (f"{d['id']}  {d['status']:<10} {p['step']:>7}/{p['total_steps']:<7} "
             f"{sparsity.get('method', 'rigl'):<6} S={sparsity.get('sparsity', 0.9)}")
-    return line + (f"  val_accuracy {accuracy:.4f}" if accuracy is not None else "")
+    line += f"  val_accuracy {accuracy:.4f}" if accuracy is not None else ""
+    labels = " ".join(([repr(d["name"])] if d.get("name") else []) + [f"#{tag}" for tag in d.get("tags") or []])
+    return line + (f"  {labels}" if labels else "")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise UsageError(f"file: {args.file} does not exist")
-    job = _client().submit(_read_config(args.file))
+    body = _apply_sets(_read_config(args.file), args.set_fields)
+    body.update({k: v for k, v in (("name", args.name), ("tags", args.tags)) if v})  # labels beside the spec
+    job = _client().submit(body)
     print(job.id)
     if args.wait:
         return _follow(job.id)
@@ -202,7 +218,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    for job in _client().list(status=args.status, limit=args.limit):
+    for job in _client().list(status=args.status, limit=args.limit, tag=args.tag, name_prefix=args.name_prefix,
+                              method=args.method):
         print(_job_line(job))
     return 0
 
@@ -259,10 +276,9 @@ def _read_config(path: Path) -> dict:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
+    yaml = require("yaml", "client", "reading a YAML JobSpec") if path.suffix in (".yaml", ".yml") else None
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
+        if yaml is not None:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
@@ -271,6 +287,23 @@ def _read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"--config: {path} must hold a mapping with sections model, dataset, sparsity, training")
     return data
+
+
+def _add_set_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
+                        help=f"{what} (VALUE is read as JSON, else as text; applied after the other flags; "
+                             "repeatable; `rigl fields` lists them all)")
+
+
+def _apply_sets(tree: dict, assignments: list[str], sections: tuple[str, ...] | None = None) -> dict:
+    """Apply `--set FIELD=VALUE` assignments to a JobSpec-shaped dict (only `sections` when given)."""
+    for assignment in assignments:
+        dotted, value = _parse_assignment(assignment)
+        if sections is not None and dotted.split(".")[0] not in sections:
+            raise UsageError(f"--set: {dotted} does not apply here; use fields under "
+                             + " or ".join(f"{section}." for section in sections))
+        _set(tree, dotted, value)
+    return tree
 
 
 def _parse_assignment(text: str) -> tuple[str, object]:
@@ -365,9 +398,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         model.setdefault("name", "custom")
     for flag, dotted in {**SPARSITY_FLAGS, **TRAIN_FLAGS}.items():
         _set(tree, dotted, getattr(args, flag, None))
-    for assignment in getattr(args, "set_fields", []):
-        dotted, value = _parse_assignment(assignment)
-        _set(tree, dotted, value)
+    _apply_sets(tree, getattr(args, "set_fields", []))
     for section in ("model", "dataset"):
         if section not in tree and tree.get("recipe") is None:  # a recipe names both
             raise UsageError(f"{section}: missing; pass --{section if section == 'model' else 'dataset'} or --config")
@@ -413,20 +444,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if dotted.startswith("sparsity."):
             _set(tree, dotted.removeprefix("sparsity."), getattr(args, flag))
     _set(tree, "schedule.delta_t", args.delta_t)
-    sparsity = SparsitySpec.model_validate(tree)
+    chosen = _apply_sets({"sparsity": tree}, args.set_fields, ("sparsity", "model"))
+    sparsity = _validated(SparsitySpec, chosen["sparsity"], "sparsity")
     from rigl_core.spec import ModelSpec
 
+    model_sets = chosen.get("model", {})  # --set model.*: the flags below win where both are given
     if args.architecture is not None:
-        model_spec = ModelSpec(architecture=_read_architecture(args.architecture), num_classes=args.num_classes,
-                               input_shape=args.input_shape)
+        model_spec = _validated(ModelSpec, {**model_sets, **_given(
+            architecture=_read_architecture(args.architecture), num_classes=args.num_classes,
+            input_shape=args.input_shape)}, "model")
         input_shape = model_spec.architecture.input_shape
         from rigl_core.architecture import infer
 
         num_classes = model_spec.num_classes or infer(model_spec.architecture)[1][-1]
     else:
         hf = _read_hf(args.hf) if args.hf is not None else None
-        model_spec = ModelSpec(name=args.model or "hf", hf=hf, num_classes=args.num_classes,
-                               input_shape=args.input_shape, hidden_sizes=args.hidden_sizes)
+        model_spec = _validated(ModelSpec, {**model_sets, **_given(
+            name=args.model or "hf", hf=hf, num_classes=args.num_classes, input_shape=args.input_shape,
+            hidden_sizes=args.hidden_sizes)}, "model")
         input_shape = model_spec.input_shape or default_input_shape(model_spec.name)
         num_classes = model_spec.num_classes or default_num_classes(model_spec.name)
     from rigl_core.models import resolve_task
@@ -458,6 +493,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _warn_partial_sparsity(result)
     for warning in result["warnings"] + schedule_warnings:  # large weights left dense; too few mask updates
         print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _validated(model, data: dict, section: str):
+    """Validate one JobSpec section alone, naming fields by their full path (`sparsity.sparsity`)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        parts = format_validation_error(exc).split("; ")
+        raise UsageError("; ".join(p if p.startswith(section + ".") else f"{section}.{p}" for p in parts)) from None
+
+
+def _given(**values) -> dict:
+    """The keyword arguments that were actually given (flags left out are None)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def cmd_fields(args: argparse.Namespace) -> int:
+    """Every JobSpec field with its type and default: the same rows as README's reference."""
+    from rigl_core.docs import fields
+
+    rows = [row for row in fields() if row[0].startswith(args.prefix)]
+    if not rows:
+        raise UsageError(f"prefix: no JobSpec field starts with {args.prefix!r}")
+    width = max(len(row[0]) for row in rows)
+    for name, type_name, default, description in rows:
+        plain = (f"{type_name}, default {default}").replace("`", "").replace("\\|", "|")
+        print(f"{name:<{width}}  {plain}" + (f"\n{'':<{width}}  {description}" if description else ""))
     return 0
 
 
@@ -500,9 +563,11 @@ def _warn_partial_sparsity(plan: dict) -> None:
     if plan["method"] == "dense" or t["sparsity"] - t["overall_sparsity"] < 0.01:
         return
     dense = [r["name"] for r in plan["layers"] if not r["masked"]]
+    kept = (f"{len(dense)} layer(s) kept dense ({', '.join(dense[:4])}{'…' if len(dense) > 4 else ''}) and "
+            if dense else "")
     print(
-        f"note: {len(dense)} layer(s) kept dense ({', '.join(dense[:4])}{'…' if len(dense) > 4 else ''}); "
-        f"whole-network sparsity is {t['overall_sparsity']:.3f} while the masked layers are {t['sparsity']:.3f}",
+        f"note: {kept}biases, norms and embeddings are never masked; whole-network sparsity is "
+        f"{t['overall_sparsity']:.3f} while the masked layers are {t['sparsity']:.3f}",
         file=sys.stderr,
     )
 
@@ -541,13 +606,19 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     except ValidationError as exc:
         print(f"rigl: error: {format_validation_error(exc)}", file=sys.stderr)
+    except MissingExtra as exc:  # a feature whose optional dependency is not installed: name the extra
+        print(f"rigl: error: {exc}", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001 - client errors from the service, shown as one line
         from rigl_core.client import RiglError, Unavailable
 
         if not isinstance(exc, (RiglError, UsageError, ValueError)):
             raise
         print(f"rigl: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, Unavailable) else 2
+        if isinstance(exc, Unavailable):
+            print("rigl: is the service running? start it with `rigl serve`, or point RIGL_API_URL at it",
+                  file=sys.stderr)
+            return 1
+        return 2
     except KeyboardInterrupt:
         print("rigl: interrupted", file=sys.stderr)
         return 130

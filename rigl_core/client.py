@@ -26,7 +26,12 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-import httpx
+from rigl_core.optional import require
+
+try:  # the 'client' extra; without it the error types below still import, so `rigl` can catch them
+    import httpx
+except ModuleNotFoundError:
+    httpx = None
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RETRY_STATUS = (502, 503, 504)
@@ -126,6 +131,8 @@ class Client:
         self.base_url = (base_url or os.environ.get("RIGL_API_URL") or "http://127.0.0.1:8000").rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get("RIGL_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if httpx is None:
+            require("httpx", "client", "the service client")
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.retries, self.backoff = retries, backoff
 
@@ -171,8 +178,11 @@ class Client:
     def get(self, job_id: str) -> Job:
         return Job(self, self._request("GET", f"/v1/jobs/{job_id}").json())
 
-    def list(self, status: str | None = None, limit: int = 20, after: str | None = None) -> list[Job]:
-        params = {"limit": limit, **({"status": status} if status else {}), **({"after": after} if after else {})}
+    def list(self, status: str | None = None, limit: int = 20, after: str | None = None, tag: str | None = None,
+             name_prefix: str | None = None, method: str | None = None) -> list[Job]:
+        """Newest first; the filters combine (`tag`: one of the job's tags, `method`: the sparsity method)."""
+        filters = {"status": status, "after": after, "tag": tag, "name_prefix": name_prefix, "method": method}
+        params = {"limit": limit, **{k: v for k, v in filters.items() if v}}
         return [Job(self, j) for j in self._request("GET", "/v1/jobs", params=params).json()["data"]]
 
     def iter_jobs(self, status: str | None = None) -> Iterator[Job]:
@@ -323,9 +333,7 @@ def _spec_body(spec: Any) -> dict:
         path = Path(spec)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
+            return require("yaml", "client", "reading a YAML JobSpec").safe_load(text)
         return json.loads(text)
     if hasattr(spec, "model_dump"):
         return spec.model_dump(mode="json", exclude_unset=True)

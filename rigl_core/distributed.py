@@ -212,4 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything this rank owed rank 0 went through the collectives. Skip interpreter teardown:
+    # gloo threads destroyed there can abort the process ("terminate called without an active
+    # exception"), which would read as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -45,18 +45,25 @@ def _default(field) -> str:
         "`False`", "`false`")
 
 
-def reference() -> str:
-    lines = [START, "", "| field | type | default | meaning |", "|---|---|---|---|"]
+def fields() -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, meaning) of every JobSpec field: the README reference and `rigl fields`."""
+    rows = []
     for name, field in JobSpec.model_fields.items():  # top-level fields that are not sections (`recipe`)
         if name not in {prefix.split(".")[0] for prefix, _ in SECTIONS}:
-            description = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
+            rows.append((name, _type_name(field.annotation), _default(field), field.description or ""))
     for prefix, model in SECTIONS:
         for name, field in model.model_fields.items():
             if isinstance(field.default, BaseModel) or name == "architecture":
                 continue
-            description = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{prefix}.{name}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
+            rows.append((f"{prefix}.{name}", _type_name(field.annotation), _default(field), field.description or ""))
+    return rows
+
+
+def reference() -> str:
+    lines = [START, "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, type_name, default, description in fields():
+        description = description.replace("|", "\\|")
+        lines.append(f"| `{name}` | {type_name} | {default} | {description} |")
     lines += ["", "`model.architecture` takes a declarative architecture (see Models). Unknown fields are rejected.",
               "", END]
     return "\n".join(lines)

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from rigl_core.optional import require
+
 def check_timm_name(name: str) -> None:
     """Raises ValueError naming model.name when timm has no such model."""
-    import timm
+    timm = require("timm", "models", "a timm/ model")
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:5]
@@ -29,7 +31,7 @@ def check_timm_name(name: str) -> None:
 
 def build_timm(name: str, num_classes: int, input_shape: list[int]) -> nn.Module:
     check_timm_name(name)
-    import timm
+    timm = require("timm", "models", "a timm/ model")
 
     kwargs: dict[str, Any] = {}
     if len(input_shape) == 3:
@@ -45,6 +47,7 @@ def hf_config(hf: dict[str, Any]):
     model_type = hf.get("model_type")
     if not isinstance(model_type, str):
         raise ValueError("model.hf.model_type: required, e.g. 'bert' or 'gpt2'")
+    require("transformers", "models", "a model.hf (Hugging Face) model")
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if model_type not in CONFIG_MAPPING:

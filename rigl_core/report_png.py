@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from rigl_core.optional import require
+
+require("matplotlib", "report", "drawing a report PNG")  # one line naming the extra, not a traceback
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 TARGET_COLOR = "#9ecae1"  # density bars; tests look for these exact colours in the image
 ACHIEVED_COLOR = "#08519c"

@@ -491,7 +491,7 @@ class Trainer:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint {path}: unsupported version {state.get('version')}")
         saved = JobSpec.model_validate_json(state["spec"])
-        if saved != self.spec:
+        if _portable(saved) != _portable(self.spec):
             raise ValueError(f"checkpoint {path} was written for a different job spec")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -532,6 +532,17 @@ class NoSpaceError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+def _portable(spec: JobSpec) -> JobSpec:
+    """The spec with where its files lie reduced to their names: a checkpoint resumes on any machine
+    that holds the same files, wherever its folders are (the service gives each node its own)."""
+    def name(path: str | None) -> str | None:
+        return Path(path).name if path else None
+
+    dataset = spec.dataset.model_copy(update={"path": name(spec.dataset.path), "data_dir": None})
+    model = spec.model.model_copy(update={"weights": name(spec.model.weights)})
+    return spec.model_copy(update={"dataset": dataset, "model": model})
 
 
 def is_no_space(exc: BaseException | None) -> bool:

@@ -1,15 +1,24 @@
-"""Tables: jobs, events (monotonic ids), checkpoints, architectures, datasets, weights."""
+"""Tables: jobs, job_tags, events (monotonic ids), checkpoints, architectures, datasets, weights.
+
+The schema is made and changed by the migrations in store/migrations (never create_all): every model
+change comes with a revision there, and tests/test_migrations.py fails when the two differ."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import time
 import uuid
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, text
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, create_engine,
+                        event, false, text)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> dt.datetime:
@@ -54,19 +63,39 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # runs started, resumptions included
     # runs that ended in a clean checkpoint-and-requeue (SIGTERM, warm shutdown): they don't count
     # against max_attempts; a run that died without one (found by the reaper) does
-    preemptions: Mapped[int] = mapped_column(Integer, default=0)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_token: Mapped[str | None] = mapped_column(String(40), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the current holder
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False)  # worker shutting down
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # worker stopping
     error_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # latest train/eval metrics
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # summary of the final report
+    # what the user calls it: `name`, `tags` (as submitted, for display; JobTag rows are what the tag filter
+    # reads) and free `metadata` (column `meta`: `metadata` is SQLAlchemy's); bounded at submit (api/schemas.py)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    tags: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)  # sparsity.method, for the list filter
 
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only
+Index("ix_jobs_owner_method", Job.owner, Job.method)
+
+
+class JobTag(Base):
+    """One row per (job, tag): `GET /v1/jobs?tag=` is an index lookup on both SQLite and PostgreSQL,
+    where a JSON column would need each dialect's own JSON operators and a scan."""
+
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+Index("ix_job_tags_tag", JobTag.tag, JobTag.job_id)
 
 
 class Event(Base):
@@ -90,7 +119,7 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     filename: Mapped[str] = mapped_column(String(200))  # inside the job's artifact directory
     sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes: files over 2 GiB
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
@@ -102,7 +131,7 @@ class ArchitectureRecord(Base):
     owner: Mapped[str] = mapped_column(String(64), default="local", index=True)
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict] = mapped_column(JSON)
-    params: Mapped[int] = mapped_column(Integer)
+    params: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -113,7 +142,7 @@ class DatasetRecord(Base):
     owner: Mapped[str] = mapped_column(String(64), default="local", index=True)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(16))  # npz | safetensors
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes: files over 2 GiB
     sha256: Mapped[str] = mapped_column(String(64))
     num_samples: Mapped[int] = mapped_column(Integer)
     num_val: Mapped[int] = mapped_column(Integer, default=0)
@@ -130,10 +159,10 @@ class WeightsRecord(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("w"))
     owner: Mapped[str] = mapped_column(String(64), default="local", index=True)
     name: Mapped[str] = mapped_column(String(200))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes: files over 2 GiB
     sha256: Mapped[str] = mapped_column(String(64))
     tensors: Mapped[int] = mapped_column(Integer)  # entries of the state_dict
-    params: Mapped[int] = mapped_column(Integer)  # values over all of them
+    params: Mapped[int] = mapped_column(BigInteger)  # values over all of them (7B: over 2^31)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -202,15 +231,23 @@ def make_engine(url: str) -> Engine:
         # instead of hanging in connect()
         connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
-    for attempt in range(5):  # the API and workers may start together and race to create the tables
+    from store.migrations import ensure_schema
+
+    for attempt in range(5):  # a database that is still starting (compose) gets a few seconds
         try:
-            Base.metadata.create_all(engine)
+            ensure_schema(engine, auto_upgrade=auto_upgrade())
             break
-        except (IntegrityError, ProgrammingError, OperationalError):
+        except OperationalError:
             if attempt == 4:
                 raise
+            log.warning("database not reachable yet; retrying its schema check")
             time.sleep(0.5 * (attempt + 1))
     return engine
+
+
+def auto_upgrade() -> bool:
+    """RIGL_DB_AUTO_UPGRADE=0: never migrate on start (refuse to start behind; `rigl db upgrade` does it)."""
+    return os.environ.get("RIGL_DB_AUTO_UPGRADE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

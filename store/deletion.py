@@ -108,7 +108,7 @@ def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner
                         and spec["dataset"].get("path") == dataset_id)
         if s.execute(delete(DatasetRecord).where(DatasetRecord.id == dataset_id)).rowcount != 1:
             return False
-    artifacts.dataset_file(dataset_id, row.format).unlink(missing_ok=True)
+    artifacts.remove(artifacts.dataset_key(dataset_id, row.format))
     return True
 
 
@@ -123,7 +123,7 @@ def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner
         _refuse_if_used(s, lambda spec: (spec.get("model") or {}).get("weights") == weights_id)
         if s.execute(delete(WeightsRecord).where(WeightsRecord.id == weights_id)).rowcount != 1:
             return False
-    artifacts.weights_file(weights_id).unlink(missing_ok=True)
+    artifacts.remove(artifacts.weights_key(weights_id))
     return True
 
 
@@ -157,8 +157,10 @@ def discard_resume_checkpoint(store: JobStore, artifacts: Artifacts, job_id: str
         return False
     folder = artifacts.root / "jobs" / job_id
     older = [p.name for p in folder.glob("resume*")] if folder.is_dir() and not folder.is_symlink() else []
+    if artifacts.remote:  # and those in the bucket (written by any worker)
+        older += artifacts.list_job(job_id, "resume")
     for name in set(names) | set(older):  # the recorded one, earlier ones and temp files of any attempt
-        artifacts.job_file(job_id, name).unlink(missing_ok=True)
+        artifacts.remove(artifacts.job_key(job_id, name))
     with store.sessions.begin() as s:
         s.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == "resume"))
     return True

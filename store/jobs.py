@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from store.artifacts import issued_id
-from store.db import (ArchitectureRecord, Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, OwnerLock,
+from store.db import (ArchitectureRecord, Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, JobTag, OwnerLock,
                       WeightsRecord, db_now, make_engine, make_sessionmaker, utcnow)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -62,7 +62,8 @@ class JobStore:
     # ------------------------------------------------------------------ jobs
     def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local",
                    idempotency: tuple[str, str] | None = None, max_active: int | None = None,
-                   dataset_id: str | None = None, weights_id: str | None = None) -> Job:
+                   dataset_id: str | None = None, weights_id: str | None = None, name: str | None = None,
+                   tags: list[str] | None = None, metadata: dict | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
         requests with one key create one job (the loser gets IdempotencyConflict and replays).
 
@@ -70,7 +71,8 @@ class JobStore:
         after taking the owner's lock row (TooManyActiveJobs), so concurrent submissions can't overshoot.
         `dataset_id`: an uploaded dataset the job reads; it must still exist under its owner's lock, so a
         concurrent `DELETE /v1/datasets/{id}` either sees this job or makes this one fail (UploadGone).
-        `weights_id`: the same for uploaded weights (`model.weights`)."""
+        `weights_id`: the same for uploaded weights (`model.weights`).
+        `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows."""
         try:
             with self.sessions.begin() as s:
                 owners = {owner}
@@ -87,10 +89,13 @@ class JobStore:
                     raise UploadGone("dataset.path")
                 if weights_id is not None and s.get(WeightsRecord, weights_id) is None:
                     raise UploadGone("model.weights")
+                tags = list(dict.fromkeys(tags or []))  # once each, in the order given
                 job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
-                          devices=required_devices(resolved_spec))
+                          devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
+                          method=(resolved_spec.get("sparsity") or {}).get("method"))
                 s.add(job)
                 s.flush()
+                s.add_all(JobTag(job_id=job.id, tag=tag) for tag in tags)
                 s.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
                 if idempotency is not None:
                     s.add(IdempotencyRecord(owner=owner, key=idempotency[0], body_sha256=idempotency[1],
@@ -146,14 +151,22 @@ class JobStore:
         return SimpleNamespace(**row)
 
     def list_jobs(self, limit: int = 20, after: str | None = None, status: str | None = None,
-                  owner: str | None = None) -> tuple[list[Job], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
+                  owner: str | None = None, tag: str | None = None, name_prefix: str | None = None,
+                  method: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first; `after` is the id of the last job of the previous page. The filters combine (AND);
+        `name_prefix` is case-sensitive on both databases (SQLite's LIKE is not, hence substr)."""
         with self.sessions() as s:
             query = select(Job).order_by(Job.seq.desc())
             if owner is not None:
                 query = query.where(Job.owner == owner)
             if status:
                 query = query.where(Job.status == status)
+            if tag:
+                query = query.where(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
+            if name_prefix:
+                query = query.where(func.substr(Job.name, 1, len(name_prefix)) == name_prefix)
+            if method:
+                query = query.where(Job.method == method)
             if after:
                 if not issued_id(after):
                     raise KeyError(after)

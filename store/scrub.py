@@ -17,6 +17,9 @@ END = r"(?=[/\s'\"`,;:)\]}>]|$)"
 
 def scrub_paths(message: str, settings=None) -> str:
     roots = []
+    for url in (getattr(settings, "s3_endpoint_url", None), getattr(settings, "artifact_url", None)):
+        if url:  # the bucket's endpoint and name are the server's layout too
+            message = message.replace(url.rstrip("/"), "<artifact store>")
     if settings is not None:
         roots += [(settings.datasets_dir, "<datasets>"), (settings.artifact_dir, "<artifacts>"),
                   (settings.data_dir, "<data>")]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,6 +21,19 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker; default kombu's filesystem transport.")
     artifact_dir: Path | None = Field(None, description="Checkpoints, exports, reports, uploads.")
+    artifact_url: str | None = Field(None, description="s3://bucket/prefix: artifacts live in an S3-compatible "
+                                     "bucket (credentials: the standard AWS_* variables) and artifact_dir is "
+                                     "this node's local cache of them; None: artifact_dir is the store.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, R2, GCS interop); None: AWS, or "
+                                        "AWS_ENDPOINT_URL.")
+    s3_region: str | None = Field(None, description="S3 region; None: AWS_REGION / AWS_DEFAULT_REGION.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="path for MinIO behind "
+                                                                    "a plain host name.")
+    s3_presigned_downloads: bool = Field(False, description="Checkpoint downloads answer 307 to a presigned "
+                                         "bucket URL instead of streaming through the API.")
+    s3_presign_seconds: int = Field(900, ge=1, le=7 * 24 * 3600, description="Lifetime of a presigned URL.")
+    s3_max_attempts: int = Field(5, ge=1, le=20, description="Tries per S3 request (boto3's standard retries, "
+                                 "with backoff) before an operation fails.")
     datasets_dir: Path | None = Field(None, description="Read-only directory for mnist/cifar/imagefolder data.")
     queue: str = Field("rigl-train", description="Celery queue the training tasks go to.")
     auth: bool | None = Field(None, description="Require API keys; default on except in the embedded mode.")
@@ -71,7 +85,9 @@ class Settings(BaseSettings):
                                        "training.devices: N runs only on a worker owning ≥ N; 'all' uses all of them). "
                                        "Default: the visible CUDA GPUs, or 1 on a host without one.")
     lease_seconds: float = Field(120, gt=0, description="A running job whose heartbeat is older is requeued.")
-    reaper_interval_seconds: float = Field(15, gt=0, description="How often the API looks for lost jobs.")
+    reaper_interval_seconds: float = Field(15, gt=0, description="How often the reaper looks for lost jobs.")
+    reaper: bool = Field(True, description="Run the reaper in this API replica or worker; one process of the "
+                         "database acts at a time (a PostgreSQL advisory lock, or a file lock beside SQLite).")
     job_time_limit_seconds: int = Field(3 * 24 * 3600)
     max_attempts: int = Field(3, ge=1, description="Failed runs (lost workers) before a job fails; clean "
                               "preemptions (SIGTERM, warm shutdown: checkpoint and requeue) don't count.")
@@ -84,7 +100,27 @@ class Settings(BaseSettings):
                                       "--host; with keys on: any.")
     allowed_origins: str = Field("", description="Comma-separated extra origins (https://host[:port]) that may "
                                  "send POST/PUT/PATCH/DELETE from a browser, besides the API's own.")
+    metrics: bool = Field(True, description="Serve Prometheus metrics at the API's /metrics (api/metrics.py).")
+    metrics_token: str | None = Field(None, description="If set, /metrics wants `Authorization: Bearer <this>`.")
+    metrics_cache_seconds: float = Field(5.0, ge=0, description="How long /metrics reuses its database counts "
+                                         "(jobs by status, queue, per owner): a scrape storm costs one query set.")
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="A worker serves its Prometheus "
+                                            "metrics on this port (worker/metrics.py); None: no port.")
+    worker_metrics_dir: Path | None = Field(None, description="prometheus_client multiprocess folder of the "
+                                            "worker; `rigl serve` sets it and its API exports those series too.")
+    log_format: str = Field("text", pattern="^(text|json)$", description="Log lines: `text` (readable) or "
+                            "`json` (one object a line, with request_id / job_id).")
     fault_kill_at_step: int | None = Field(None, description="Tests only: the worker SIGKILLs itself at this step.")
+
+    @field_validator("artifact_url", "s3_endpoint_url", "s3_region")
+    @classmethod
+    def _s3_url(cls, value: str | None, info) -> str | None:
+        """An empty variable (compose passes `${X:-}`) means unset."""
+        if value and info.field_name == "artifact_url":
+            from store.object_store import parse_artifact_url
+
+            parse_artifact_url(value)
+        return value or None
 
     def resolved(self) -> "Settings":
         """Fill the defaults that depend on data_dir and create the directories."""

@@ -3,8 +3,10 @@
 Why: a job's `dataset.path` for `imagefolder` is user input that ends up opened by a worker. It is
 resolved at submit time to a real path (symlinks followed) that must lie inside the server's
 datasets directory, and every image file the loader will read must too; the resolved spec then
-stores that absolute real path. The worker re-checks the same rules against its own settings before
-loading anything, so a stored spec (old, edited, or built by a bug) cannot read outside either.
+stores that real path relative to the directory (`@datasets/...`, no node's absolute path: each
+worker puts its own datasets directory in front, `on_this_node`). The worker re-checks the same rules
+against its own settings before loading anything, so a stored spec (old, edited, or built by a bug)
+cannot read outside either.
 
 Every rejection, including a folder that does not exist, raises the same message, which names no
 server path and does not reveal whether anything exists.
@@ -36,6 +38,32 @@ class UserPathError(DatasetError):
 
 def _real(path: Path | str) -> Path:
     return Path(os.path.realpath(path))
+
+
+DATASETS_KEY = "@datasets"  # a resolved spec's name for "this node's datasets directory"
+
+
+def datasets_key(real_path: Path | str, datasets_dir: Path | str) -> str:
+    """`@datasets/<path inside the datasets directory>` for a checked real path inside it."""
+    inside = Path(real_path).relative_to(_real(datasets_dir)).as_posix()
+    return DATASETS_KEY if inside == "." else f"{DATASETS_KEY}/{inside}"
+
+
+def on_this_node(resolved_spec: dict, settings) -> dict:
+    """Turn the `@datasets` keys of a resolved spec into this node's datasets directory (in place).
+    Specs stored before the keys hold absolute paths, left as they are for check_job_paths to judge."""
+    dataset = resolved_spec.get("dataset") or {}
+    root = settings.datasets_dir
+    if root is None:
+        return resolved_spec
+    if dataset.get("data_dir") == DATASETS_KEY:
+        dataset["data_dir"] = str(root)
+    path = dataset.get("path")
+    if dataset.get("name") == "imagefolder" and isinstance(path, str) and (
+            path == DATASETS_KEY or path.startswith(DATASETS_KEY + "/")):
+        inside = path[len(DATASETS_KEY):].lstrip("/")
+        dataset["path"] = str(Path(root) / inside) if inside else str(root)
+    return resolved_spec
 
 
 def check_syntax(user_path: object) -> list[str]:

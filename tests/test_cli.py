@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,37 @@ def test_bad_set_names_the_field(tmp_path, capsys, assignment, message):
 
     code = main(["train", "--model", "mlp", "--dataset", "digits", "--out", str(tmp_path), "--set", assignment])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_takes_set_for_sparsity_and_model_fields_only(capsys):
+    from rigl_core.cli import main
+
+    base = ["plan", "--model", "mlp", "--input-shape", "1,8,8", "--json"]
+    assert main([*base, "--set", "model.hidden_sizes=[20,10]", "--set", "sparsity.sparsity=0.8",
+                 "--set", "sparsity.distribution=uniform"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    shapes = {layer["name"]: layer["shape"] for layer in plan["layers"]}
+    assert shapes["fc1"] == [20, 64] and shapes["fc2"] == [10, 20]
+    assert plan["distribution"] == "uniform" and abs(plan["totals"]["sparsity"] - 0.8) < 0.01
+    assert main([*base, "--set", "training.epochs=3"]) == 2
+    assert "--set: training.epochs does not apply here" in capsys.readouterr().err
+    assert main([*base, "--set", "sparsity.sparsity=2"]) == 2
+    assert "sparsity.sparsity" in capsys.readouterr().err
+
+
+def test_fields_lists_every_jobspec_field_the_readme_documents(capsys):
+    from rigl_core.cli import main
+    from rigl_core.docs import fields
+
+    assert main(["fields"]) == 0
+    out = capsys.readouterr().out
+    names = [row[0] for row in fields()]
+    assert "dataset.download" in names and "sparsity.schedule.delta_t" in names and len(names) > 50
+    listed = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
+    assert listed == names
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in names)  # one source of truth with the reference
+    assert main(["fields", "dataset."]) == 0
+    assert all(line.split()[0].startswith("dataset.") for line in capsys.readouterr().out.splitlines()
+               if line and not line.startswith(" "))
+    assert main(["fields", "nope."]) == 2

@@ -86,3 +86,21 @@ def test_specs_import_without_torch_and_build_with_it(tmp_path):
         assert "torch" in sys.modules
     '''), tmp_path, torch_free=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_missing_service_is_said_at_once_with_what_to_do(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    proc = _run(textwrap.dedent(f'''
+        import os, time
+        os.environ["RIGL_API_URL"] = "http://127.0.0.1:{port}"
+        from rigl_core.cli import main
+        started = time.monotonic()
+        assert main(["status", "job_00ff"]) == 1
+        assert time.monotonic() - started < 5, time.monotonic() - started  # not the library's 15 s of retries
+    '''), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot reach" in proc.stderr and "rigl serve" in proc.stderr

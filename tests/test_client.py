@@ -62,11 +62,14 @@ def test_cancel_and_cli_commands(server, tmp_path, capsys, monkeypatch):
     url, _ = server
     monkeypatch.setenv("RIGL_API_URL", url)
     spec = tmp_path / "job.json"
-    spec.write_text(json.dumps({**JOB, "training": {"epochs": 1, "batch_size": 64}}))
-    assert main(["submit", str(spec), "--wait"]) == 0
+    spec.write_text(json.dumps({**JOB, "training": {"epochs": 3, "batch_size": 64}}))
+    assert main(["submit", str(spec), "--wait", "--set", "training.epochs=1", "--set", "training.seed=5"]) == 0
     job_id = capsys.readouterr().out.split()[0]
     assert main(["status", job_id]) == 0
     assert "succeeded" in capsys.readouterr().out
+    with Client(url) as client:  # --set changed the file's values on the way out
+        sent = client.get(job_id).data["spec"]["training"]
+    assert (sent["epochs"], sent["seed"], sent["batch_size"]) == (1, 5, 64)
     assert main(["jobs", "--limit", "3"]) == 0
     assert job_id in capsys.readouterr().out
     assert main(["download", job_id, "--format", "packed", "--out", str(tmp_path / "x.safetensors")]) == 0

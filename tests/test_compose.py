@@ -104,9 +104,9 @@ def test_an_8_gpu_node_runs_eight_1_gpu_workers_or_one_8_gpu_worker():
 def test_every_rigl_variable_is_a_setting_and_every_env_example_entry_is_used():
     fields = {f"RIGL_{name.upper()}" for name in Settings.model_fields}
     text = (ROOT / "docker-compose.yml").read_text()
-    used = set(re.findall(r"\b(RIGL_[A-Z_]+)\s*:", text))
+    used = set(re.findall(r"\b(RIGL_[A-Z0-9_]+)\s*:", text))
     assert used and used <= fields, used - fields
-    referenced = set(re.findall(r"\$\{([A-Z_]+)", text))
+    referenced = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
     assert set(ENV_EXAMPLE) <= referenced, set(ENV_EXAMPLE) - referenced
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
     assert required <= set(ENV_EXAMPLE)
@@ -122,6 +122,7 @@ def test_commands_parse_with_our_cli():
     for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
         text = (ROOT / "docker" / dockerfile).read_text()
         assert "torch==2.14.1" in text and "USER rigl" in text and "HEALTHCHECK" in text
+        assert 'RUN pip install ".[service]"' in text  # `rigl serve` / `rigl worker` need the extra
         cmd = re.search(r'^CMD (\[.*\])', text, flags=re.M).group(1)
         assert parser.parse_args(yaml.safe_load(cmd)[1:]).handler is not None
 
@@ -197,4 +198,4 @@ def test_images_ship_the_dashboard_assets():
     assert {"static/index.html", "static/app.js", "static/charts.js", "static/style.css"} <= set(assets)
     assert all(any(fnmatch.fnmatch(a, pattern) for pattern in patterns) for a in assets), (assets, patterns)
     dockerfile = (ROOT / "docker" / "api.Dockerfile").read_text()
-    assert "COPY api ./api" in dockerfile and "RUN pip install ." in dockerfile
+    assert "COPY api ./api" in dockerfile and 'RUN pip install ".[service]"' in dockerfile

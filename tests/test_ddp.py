@@ -8,6 +8,7 @@ optimizer state; the parent process compares them bitwise.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import traceback
@@ -43,6 +44,9 @@ def _worker(rank: int, world_size: int, port: int, method: str, out_dir: str) ->
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # Results are saved and the group is gone: skip interpreter teardown, where a gloo thread
+    # still being destroyed can abort the process ("terminate called without an active exception").
+    os._exit(0)
 
 
 def _train_rank(rank: int, world_size: int, port: int, method: str, out_dir: str) -> None:

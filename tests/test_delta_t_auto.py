@@ -23,9 +23,9 @@ def test_auto_is_the_papers_100_on_long_runs_and_ten_updates_on_short_ones(t_end
     assert len(UpdateSchedule(delta_t, t_end).update_steps()) >= min(10, t_end)
 
 
-def test_an_integer_delta_t_is_used_as_given_and_stays_the_default():
+def test_an_integer_delta_t_is_used_as_given_and_auto_is_the_default():
     assert resolve_delta_t(7, 34) == 7 and resolve_delta_t(100, 34) == 100
-    assert ScheduleSpec().delta_t == 100  # recipes and the paper's defaults are unchanged
+    assert ScheduleSpec().delta_t == "auto"  # the paper's 100 on every run as long as the paper's
     assert ScheduleSpec(delta_t="auto").delta_t == "auto"
     for bad in (0, "fast", 1.5):
         with pytest.raises(ValidationError, match="delta_t"):
@@ -47,7 +47,7 @@ def test_trainer_resolves_auto_and_the_cli_warns_on_stderr(tmp_path, capsys):
 
     args = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "--max-steps", "8",
             "--no-progress", "--out"]
-    assert main([*args, str(tmp_path / "fixed")]) == 0
+    assert main([*args, str(tmp_path / "fixed"), "--delta-t", "100"]) == 0
     fixed = json.loads((tmp_path / "fixed" / "report.json").read_text())
     assert fixed["delta_t"] == 100 and len(fixed["schedule_warnings"]) == 1
     assert "warning: sparsity.schedule.delta_t: 1 mask update(s)" in capsys.readouterr().err
@@ -67,11 +67,13 @@ def api(tmp_path):
 
 
 def test_the_job_json_carries_the_warning_at_submit_and_after(api):
-    job = api.post("/v1/jobs", json=JOB).json()  # 46 steps, T_end 34, ΔT 100: one update
+    fixed = {**JOB, "sparsity": {**JOB["sparsity"], "schedule": {"delta_t": 100}}}
+    job = api.post("/v1/jobs", json=fixed).json()  # 46 steps, T_end 34, ΔT 100: one update
     assert len(job["warnings"]) == 1 and "sparsity.schedule.delta_t" in job["warnings"][0]
     assert api.get(f"/v1/jobs/{job['id']}").json()["warnings"] == job["warnings"]
     auto = {**JOB, "sparsity": {**JOB["sparsity"], "schedule": {"delta_t": "auto"}}}
     assert api.post("/v1/jobs", json=auto).json()["warnings"] == []
+    assert api.post("/v1/jobs", json=JOB).json()["warnings"] == []  # auto is the default
     JobSpec.model_validate(auto)  # the same spec the worker trains
 
 
@@ -79,7 +81,7 @@ def test_plan_with_total_steps_resolves_auto_and_warns_on_stderr(capsys):
     from rigl_core.cli import main
 
     base = ["plan", "--model", "mlp", "--input-shape", "1,8,8", "--json", "--total-steps", "460"]
-    assert main(base) == 0
+    assert main([*base, "--delta-t", "100"]) == 0
     out = capsys.readouterr()
     schedule = json.loads(out.out)["schedule"]
     assert (schedule["t_end"], schedule["delta_t"], schedule["mask_updates"]) == (345, 100, 4)

@@ -48,7 +48,8 @@ def test_the_worker_emits_a_bounded_number_of_metrics_events():
 
     settings = Settings(event_every_steps=20, max_metrics_events=2000)
     for total_steps, expected in ((1000, 50), (1_000_000, 2000)):
-        callback = SimpleNamespace(settings=settings, pending=[], latest={}, step=None)
+        callback = SimpleNamespace(settings=settings, pending=[], latest={}, step=None,
+                                   meter=SimpleNamespace(on_step=lambda trainer, metrics: None))
         trainer = SimpleNamespace(total_steps=total_steps, step=0)
         for step in range(1, total_steps + 1):
             trainer.step = step

@@ -158,14 +158,17 @@ def test_training_flops_over_the_cap_is_a_422(api):
     spec = JobSpec.model_validate(JOB)
     shape = describe(spec.dataset)
     model = build_model("mlp", 10, shape.input_shape, None, device="meta")
-    plan = make_plan(model, shape.input_shape, spec.sparsity)
+    steps = spec.training.epochs * -(-shape.num_train // spec.training.batch_size)
+    plan = make_plan(model, shape.input_shape, spec.sparsity, total_steps=steps)  # the run's T_end and ΔT
+    unknown_length = make_plan(model, shape.input_shape, spec.sparsity)
+    assert plan.training_flops_ratio() > unknown_length.training_flops_ratio()  # 46 steps: ΔT 3, not 100
     per_example = 3 * sum(lp.flops_dense for lp in plan.layers) * plan.training_flops_ratio()
-    examples = spec.training.epochs * -(-shape.num_train // spec.training.batch_size) * spec.training.batch_size
+    examples = steps * spec.training.batch_size
     estimate = per_example * examples
-    with api(max_training_flops=estimate * 0.9) as client:
+    with api(max_training_flops=estimate * 0.995) as client:
         error = _error(client.post("/v1/jobs", json=JOB))
         assert error["field"] == "training" and "FLOPs" in error["message"]
-    with api(max_training_flops=estimate * 1.1) as client:
+    with api(max_training_flops=estimate * 1.005) as client:
         assert client.post("/v1/jobs", json=JOB).status_code == 201
 
 

@@ -39,7 +39,7 @@ ACCELERATE = next(block for block in PYTHON if "accelerator.prepare" in block)
 
 
 def test_two_setup_commands_and_ci():
-    assert commands(SERVE) == ["pip install -e . && rigl serve"]
+    assert commands(SERVE) == ['pip install -e ".[service]" && rigl serve']
     assert commands(TEST) == ['pip install -e ".[test]" && pytest']
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands(TEST)[0] in ci

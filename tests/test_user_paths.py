@@ -9,6 +9,7 @@ folder size is capped; a failed job's message names no server path.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import struct
@@ -21,7 +22,7 @@ from PIL import Image
 
 from service_helpers import JOB
 from store.settings import Settings
-from store.user_paths import PATH_MESSAGE
+from store.user_paths import PATH_MESSAGE, check_job_paths, on_this_node
 
 FOLDER_JOB = {**JOB, "dataset": {"name": "imagefolder", "path": "pets", "image_size": 8, "val_fraction": 0.25},
               "training": {"epochs": 1, "batch_size": 4}}
@@ -108,8 +109,12 @@ def test_good_folders_resolve_to_their_real_path_and_count_their_images(served):
         assert response.status_code == 201, response.text
         job = response.json()
         assert job["spec"]["dataset"]["path"] == path  # the user's spec is kept as sent
-        resolved = store.get_job(job["id"]).resolved_spec["dataset"]
-        assert resolved["path"] == real_pets and resolved["data_dir"] == str(settings.datasets_dir)
+        resolved = store.get_job(job["id"]).resolved_spec
+        # no node's absolute path in the stored spec: keys each worker resolves to its datasets directory
+        assert resolved["dataset"]["path"] == "@datasets/pets" and resolved["dataset"]["data_dir"] == "@datasets"
+        on_node = on_this_node(json.loads(json.dumps(resolved)), settings)["dataset"]
+        assert os.path.realpath(on_node["path"]) == real_pets and on_node["data_dir"] == str(settings.datasets_dir)
+        check_job_paths({"dataset": on_node}, settings)  # what the worker loads passes its re-check
         assert job["progress"]["total_steps"] == 1  # 4 images, 1 held out, batch 4: known at submit time
     assert api.post("/v1/jobs", json={**FOLDER_JOB, "dataset": {**FOLDER_JOB["dataset"], "path": "loop",
                                                                 "val_fraction": 0.5}}).status_code == 201
@@ -130,6 +135,8 @@ def test_the_worker_rechecks_a_stored_spec_before_loading(served, tmp_path):
         "link out": ("imagefolder", str(datasets / "escape"), str(datasets)),
         "file link out": ("imagefolder", os.path.realpath(datasets / "leaky"), str(datasets)),
         "data_dir moved": ("imagefolder", "pets", "/"),
+        "key climbing out": ("imagefolder", "@datasets/../outside", "@datasets"),
+        "key to a link out": ("imagefolder", "@datasets/escape", "@datasets"),
         "tensors outside uploads": ("tensors", str(tmp_path / "outside" / "ds_00000000000000000000.npz"), None),
     }
     for what, (name, path, data_dir) in cases.items():
@@ -189,7 +196,7 @@ def test_mnist_jobs_use_the_servers_datasets_directory(served):
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
-    assert store.get_job(job_id).resolved_spec["dataset"]["data_dir"] == str(settings.datasets_dir)
+    assert store.get_job(job_id).resolved_spec["dataset"]["data_dir"] == "@datasets"  # the worker's own folder
     assert run_job(job_id, settings, store) == "succeeded"
 
     missing = api.post("/v1/jobs", json={**body, "dataset": {"name": "fashion-mnist"}})

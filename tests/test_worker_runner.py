@@ -68,7 +68,7 @@ def test_a_stop_request_checkpoints_requeues_and_the_next_run_resumes(service):
 
 def test_a_job_whose_message_could_not_be_sent_waits_visibly_and_the_reaper_sends_it(tmp_path):
     from api.app import create_app
-    from api.reaper import Reaper
+    from store.reaper import Reaper
 
     broker: dict = {"up": False, "sent": []}
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from rigl_core.optional import SERVICE_MODULES, add_unavailable_command, missing
+
 
 def add_command(subparsers) -> None:
-    parser = subparsers.add_parser("worker", help="run a training worker (Celery) against RIGL_BROKER_URL")
+    help = "run a training worker (Celery) against RIGL_BROKER_URL"
+    if absent := missing(*SERVICE_MODULES):  # a library-only install: say what to install
+        return add_unavailable_command(subparsers, "worker", "service", absent, help)
+    parser = subparsers.add_parser("worker", help=help)
     parser.add_argument("--name", default="rigl@%h", help="Celery node name")
     parser.add_argument("--loglevel", default="INFO")
     parser.set_defaults(handler=run)
@@ -21,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     check_visible_gpus(settings)  # before any job: an 'all' job uses exactly the GPUs this worker owns
     queues = worker_queues(settings.queue, owned_devices(settings))  # slot classes 1 … devices
+    from api.request_log import configure_logging
+    from worker.metrics import setup as setup_metrics
+
+    configure_logging(settings.log_format, args.loglevel.upper())  # text or JSON lines, with job_id
+    setup_metrics(settings.worker_metrics_dir, settings.worker_metrics_port)  # before Celery forks its pool
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
             "--queues", ",".join(queues), "--hostname", args.name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]

@@ -26,14 +26,16 @@ from rigl_core.export import save_dense, save_packed
 from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
 from rigl_core.spec import JobSpec
 from rigl_core.trainer import Callback, NoSpaceError, Trainer, is_no_space
-from store.artifacts import Artifacts, sha256_file
+from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
 from store.jobs import JobStore, LeaseLost
+from store.object_store import is_store_outage
 from store.scrub import scrub_paths
 from store.settings import Settings
-from store.user_paths import check_job_paths
+from store.user_paths import check_job_paths, on_this_node
 from worker.devices import owned_devices
 from worker.heartbeat import Heartbeat
+from worker.metrics import JobMeter, observed
 from worker.retry import is_transient, retry_transient
 
 try:  # the Celery task's fallback when the cooperative time-limit check could not stop the run in time
@@ -75,6 +77,7 @@ class StoreCallback(Callback):
         self.stop_requested = stop_requested or threading.Event()
         self.heartbeat = Heartbeat(store, job.id, token, settings.cancel_poll_seconds,
                                    progress=lambda: (self.step, self.latest or None))
+        self.meter = JobMeter(job.id, job.attempt)  # Prometheus rates (worker/metrics.py); job id in log lines
 
     @property
     def cancel(self) -> bool:
@@ -156,6 +159,7 @@ class StoreCallback(Callback):
 
     def on_step(self, trainer, metrics):
         self.step = trainer.step
+        self.meter.on_step(trainer, metrics)
         self.latest = {**self.latest, "loss": metrics["loss"], "lr": metrics["lr"]}
         every = max(self.settings.event_every_steps,  # long jobs: at most ~max_metrics_events metrics events
                     -(-trainer.total_steps // self.settings.max_metrics_events))
@@ -198,18 +202,23 @@ class StoreCallback(Callback):
             elif is_transient(error):
                 log.warning("job %s: checkpoint at step %d not recorded (database unavailable); training on",
                             self.job_id, trainer.step)
+            elif is_store_outage(error):
+                log.warning("job %s: checkpoint at step %d not uploaded (artifact store unavailable: %s); "
+                            "training on", self.job_id, trainer.step, type(error).__name__)
             else:
                 raise
 
 
 def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifacts, job_id: str, token: str,
                            attempt: int, budget: float = 0.0) -> str:
-    """Write the checkpoint to a file of its own, then publish its row (refused when the lease is lost:
-    the file is removed), then delete the file the previous row pointed to. Returns the file name."""
+    """Write the checkpoint to a file of its own and upload it to the artifact store (a bucket: so any
+    worker can resume it), then publish its row (refused when the lease is lost: the file is removed),
+    then delete the file the previous row pointed to. Returns the file name."""
     artifacts.job_dir(job_id)
     name = resume_name(attempt, trainer.step)
     path = trainer.save_checkpoint(artifacts.job_file(job_id, name))
     try:
+        artifacts.upload(path)
         row = retry_transient(
             lambda: store.add_checkpoint(job_id, "resume", trainer.step, name, sha256_file(path), path.stat().st_size,
                                          metrics=trainer.eval_history[-1] if trainer.eval_history else None,
@@ -217,29 +226,66 @@ def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifac
             budget, f"job {job_id}: checkpoint row")
     except BaseException:
         path.unlink(missing_ok=True)  # no row points at it
+        _forget(artifacts, artifacts.job_key(job_id, name))
         raise
     for old in row.replaced:
-        artifacts.job_file(job_id, old).unlink(missing_ok=True)
+        _forget(artifacts, artifacts.job_key(job_id, old))
     return name
 
 
+def _forget(artifacts: Artifacts, key: str) -> None:
+    """Remove an artifact nobody refers to; a store that can't be reached leaves it to the API's sweep."""
+    try:
+        artifacts.remove(key)
+    except Exception as error:  # noqa: BLE001 - logged; never hides the error being handled
+        log.warning("could not remove %s from the artifact store: %s", key, type(error).__name__)
+
+
 def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path, write: Callable[[Path], object],
-            budget: float) -> Path:
+            budget: float, artifacts: Artifacts | None = None) -> Path:
     """Write `final` through a temp file of this attempt's own, then rename it into place only while
-    this run still holds the lease. A failed write leaves no temp file."""
+    this run still holds the lease. A failed write leaves no temp file. With a bucket, the temp file is
+    uploaded under its own key first and copied to the final key after the lease check."""
     tmp = final.with_name(f"{final.name}.a{attempt}.tmp")
     try:
         write(tmp)
+        if artifacts is not None:
+            artifacts.upload(tmp)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if artifacts is not None:
+            _forget(artifacts, artifacts.key_of(tmp))
         if is_no_space(error):
             raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
         raise
     if not retry_transient(lambda: store.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
         tmp.unlink(missing_ok=True)
+        if artifacts is not None:
+            _forget(artifacts, artifacts.key_of(tmp))
         raise LeaseLost(job_id)
+    if artifacts is not None:
+        return artifacts.replace(tmp, final)
     os.replace(tmp, final)
     return final
+
+
+def materialise(resolved_spec: dict, artifacts: Artifacts) -> dict:
+    """The resolved spec with its storage keys (an uploaded dataset, weights or a job's export) turned
+    into this node's paths, fetched from the store first. Anything that is not such a key is left as
+    it is, for check_job_paths to judge."""
+    tree = json.loads(json.dumps(resolved_spec))
+    dataset, model = tree.get("dataset") or {}, tree.get("model") or {}
+    for part, field, pattern, label in ((dataset, "path", DATASET_KEY, "dataset.path"),
+                                        (model, "weights", WEIGHTS_KEY, "model.weights")):
+        if part is dataset and dataset.get("name") != "tensors":
+            continue
+        key = artifacts.spec_key(part.get(field), pattern)
+        if key is not None:
+            try:
+                part[field] = str(artifacts.fetch(key))
+            except MissingArtifact:
+                raise ValueError(f"{label}: the file is no longer in the artifact store") from None
+    return tree
 
 
 def _write_json(data: dict) -> Callable[[Path], None]:
@@ -274,6 +320,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
     return run_slot(job_id, settings, store, stop_requested)[0]
 
 
+@observed  # the run's outcome, duration and attempt as Prometheus series (worker/metrics.py)
 def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = None,
              stop_requested: threading.Event | None = None,
              forward: Callable[[int], None] | None = None) -> tuple[str, str | None]:
@@ -288,7 +335,7 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
     """
     started = time.monotonic()
     store = store or JobStore(settings.database_url)
-    artifacts = Artifacts(settings.artifact_dir)
+    artifacts = Artifacts.from_settings(settings)
     budget = settings.db_retry_seconds
     devices = owned_devices(settings)
     job, token = retry_transient(
@@ -319,13 +366,14 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
             log.error("job %s: could not record %s: %s", job_id, status, traceback.format_exc())
 
     try:
-        check_job_paths(job.resolved_spec, settings)  # confined to this worker's datasets/uploads dirs
-        spec = JobSpec.model_validate(job.resolved_spec)
+        resolved = on_this_node(materialise(job.resolved_spec, artifacts), settings)  # keys -> this node's files
+        check_job_paths(resolved, settings)  # confined to this worker's datasets/uploads dirs
+        spec = JobSpec.model_validate(resolved)
         trainer = Trainer(spec, callbacks=[callback])
         resume = retry_transient(lambda: store.latest_checkpoint(job_id, "resume"), budget,
                                  f"job {job_id}: resume checkpoint")
         if resume is not None:
-            trainer.load_checkpoint(artifacts.job_file(job_id, resume.filename))
+            trainer.load_checkpoint(artifacts.fetch(artifacts.job_key(job_id, resume.filename), resume.size))
             callback.step = trainer.step
             callback.note(f"resumed from step {trainer.step}", data={"resumed_from_step": trainer.step})
             callback.flush(force=True)
@@ -343,6 +391,13 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
                 callback.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
                               level="warn", data={"step": trainer.step, "code": "no_space"})
                 callback.sync(trainer.step)
+            except Exception as error:  # noqa: BLE001 - a bucket that can't be reached: as a full disk
+                if not is_store_outage(error):
+                    raise
+                saved = "no checkpoint could be saved (the artifact store was unavailable)"
+                callback.note(f"checkpoint at step {trainer.step} skipped: the artifact store was unavailable",
+                              level="warn", data={"step": trainer.step, "code": "storage_unavailable"})
+                callback.sync(trainer.step)
             if callback.shutdown and not callback.cancel:
                 why = "worker process stopped (SIGTERM)" if callback.stop_requested.is_set() else \
                     "worker shutting down"
@@ -359,11 +414,11 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
             return "cancelled", job_id
         job_dir = artifacts.job_dir(job_id)
         report["spec"] = job.spec
-        publish(store, job_id, token, job.attempt, job_dir / REPORT, _write_json(report), budget)
+        publish(store, job_id, token, job.attempt, job_dir / REPORT, _write_json(report), budget, artifacts)
         for kind, name, save in (("dense", DENSE_EXPORT, lambda p: save_dense(trainer.model, p)),
                                  ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model,
                                                                                  trainer.sparsifier.masks, p))):
-            path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget)
+            path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget, artifacts)
             sha, size = sha256_file(path), path.stat().st_size
             retry_transient(lambda: store.add_checkpoint(job_id, kind, trainer.step, name, sha, size,
                                                          metrics=report["final_metrics"], token=token),
@@ -383,9 +438,16 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
         if is_no_space(exc):
             finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
             return "failed", job_id
+        if is_store_outage(exc):  # its message names the bucket's endpoint: not shown
+            finish("failed", "the artifact store was unavailable", error_code="storage_unavailable")
+            return "failed", job_id
         code = "invalid_job" if isinstance(exc, ValueError) else "training_error"
         message = scrub_paths(str(exc).splitlines()[0], settings) if str(exc) else type(exc).__name__
         finish("failed", message, error_code=code)
         return "failed", job_id
     finally:
         callback.heartbeat.stop()
+        try:
+            artifacts.release_job(job_id)  # a bucket holds the job's files; this node's copies go
+        except OSError:
+            log.warning("job %s: could not clear its local artifact folder", job_id)

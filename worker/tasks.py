@@ -8,6 +8,7 @@ import threading
 import rigl_core.trainer  # noqa: F401 - preload torch in the parent so each fresh child starts fast
 from celery.signals import worker_shutting_down
 
+from worker import reaping  # noqa: F401 - the worker's reaper thread (signals)
 from worker.app import app
 
 # Set in the worker's main process when its warm shutdown begins. A pool process forked after that

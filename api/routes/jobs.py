@@ -5,24 +5,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import typing
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from api.context import Context, get_context
 from api.errors import ApiError
 from api.event_hub import EventHub, StreamSlots
-from api.schemas import checkpoint_json, event_json, job_json
+from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, event_json, job_json
 from api.submission import resolve
-from rigl_core.spec import JobSpec
+from rigl_core.spec import JobSpec, SparsitySpec
 from store.deletion import delete_job as delete_stored_job
 from store.dispatch import dispatch
 from store.jobs import IdempotencyConflict, TooManyActiveJobs, UploadGone
+from store.object_store import is_store_outage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "cancelling", "requeued")
+METHODS = typing.get_args(SparsitySpec.model_fields["method"].annotation)
 MAX_EVENT_ID = 2**31 - 1  # event ids are 32-bit: a larger cursor is a 422, not a database overflow
 
 
@@ -34,14 +37,17 @@ def _job_or_404(ctx: Context, job_id: str):
 
 
 @router.post("", status_code=201)
-def create_job(spec: JobSpec, response: Response, ctx: Context = Depends(get_context),
+def create_job(submission: JobSubmission, response: Response, ctx: Context = Depends(get_context),
                idempotency_key: str | None = Header(None, min_length=1, max_length=200)) -> dict:
-    """Validate, store as `queued`, enqueue. The body is a JobSpec; unknown fields are rejected.
+    """Validate, store as `queued`, enqueue. The body is a JobSpec, optionally with `name`, `tags` and
+    `metadata` (labels, stored beside the spec); unknown fields are rejected.
 
     With `Idempotency-Key`, the same key and body replay the first job; another body is a 422.
     """
-    body = spec.model_dump(mode="json", exclude_unset=True)
+    body = submission.model_dump(mode="json", exclude_unset=True)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    labels = {key: body.pop(key) for key in LABELS if key in body}  # body is now the JobSpec alone
+    spec = submission.job_spec()
     if idempotency_key is not None:
         replay = _replay(ctx, idempotency_key, digest, response)
         if replay is not None:
@@ -55,7 +61,7 @@ def create_job(spec: JobSpec, response: Response, ctx: Context = Depends(get_con
                                    idempotency=(idempotency_key, digest) if idempotency_key else None,
                                    max_active=cap,
                                    dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
-                                   weights_id=spec.model.weights)
+                                   weights_id=spec.model.weights, **labels)
     except IdempotencyConflict:
         return _replay(ctx, idempotency_key, digest, response)
     except TooManyActiveJobs:
@@ -86,11 +92,17 @@ def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | N
 
 @router.get("")
 def list_jobs(limit: int = Query(20, ge=1, le=100), after: str | None = Query(None, max_length=40),
-              status: str | None = Query(None), ctx: Context = Depends(get_context)) -> dict:
+              status: str | None = Query(None), tag: str | None = Query(None, pattern=TAG_PATTERN),
+              name_prefix: str | None = Query(None, min_length=1, max_length=200), method: str | None = Query(None),
+              ctx: Context = Depends(get_context)) -> dict:
+    """Newest first, `limit` a page, `after` the last id of the previous page; the filters combine."""
     if status is not None and status not in STATUSES:
         raise ApiError(422, "invalid_request", f"status must be one of {', '.join(STATUSES)}", "status")
+    if method is not None and method not in METHODS:
+        raise ApiError(422, "invalid_request", f"method must be one of {', '.join(METHODS)}", "method")
     try:
-        jobs, has_more = ctx.store.list_jobs(limit, after, status, ctx.owner)
+        jobs, has_more = ctx.store.list_jobs(limit, after, status, ctx.owner, tag=tag, name_prefix=name_prefix,
+                                             method=method)
     except KeyError:
         raise ApiError(422, "invalid_request", f"no job {after!r} to page after", "after") from None
     return {"object": "list", "data": [job_json(j, admin=ctx.owner is None) for j in jobs], "has_more": has_more}
@@ -241,9 +253,9 @@ def metrics(job_id: str, max_points: int | None = Query(None, ge=10, le=100_000)
 def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
     """The per-layer report: measured once the job succeeded, the plan (targets) before."""
     job = _job_or_404(ctx, job_id)
-    report_path = ctx.artifacts.job_file(job_id, "report.json")
-    if job.status == "succeeded" and report_path.is_file():
-        report = json.loads(report_path.read_text())
+    raw = ctx.artifacts.read_bytes(ctx.artifacts.job_key(job_id, "report.json")) if job.status == "succeeded" else None
+    if raw is not None:
+        report = json.loads(raw)
         return {"object": "sparsity", "job_id": job_id, "final": True, "layers": report["layers"],
                 "totals": report["totals"], "leak_check": report["leak_check"]}
     from rigl_core.datasets.describe import describe
@@ -274,13 +286,33 @@ def list_checkpoints(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 @router.get("/{job_id}/checkpoint")
 def download_checkpoint(job_id: str, format: str = Query("dense", pattern="^(dense|packed)$"),
                         ctx: Context = Depends(get_context)):
-    """The final export: `dense` (state_dict with exact zeros) or `packed` (values + bit masks)."""
+    """The final export: `dense` (state_dict with exact zeros) or `packed` (values + bit masks).
+    With a bucket it is streamed from the store, or, with `s3_presigned_downloads`, answered 307 to a
+    presigned URL of the object (the bytes then never pass through the API)."""
     _job_or_404(ctx, job_id)
     row = ctx.store.latest_checkpoint(job_id, format)
     if row is None:
         raise ApiError(404, "not_found", f"job {job_id!r} has no {format} checkpoint yet", "format")
-    path = ctx.artifacts.job_file(job_id, row.filename)
-    if not path.is_file():
-        raise ApiError(404, "not_found", "the checkpoint file is missing", "format")
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{row.filename}",
-                        headers={"X-Content-SHA256": row.sha256, "ETag": f'"{row.sha256}"'})
+    artifacts, filename = ctx.artifacts, f"{job_id}-{row.filename}"
+    headers = {"X-Content-SHA256": row.sha256, "ETag": f'"{row.sha256}"'}
+    key = artifacts.job_key(job_id, row.filename)
+    if not artifacts.remote:
+        path = artifacts.job_file(job_id, row.filename)
+        if not path.is_file():
+            raise ApiError(404, "not_found", "the checkpoint file is missing", "format")
+        return FileResponse(path, media_type="application/octet-stream", filename=filename, headers=headers)
+    if ctx.settings.s3_presigned_downloads:
+        url = artifacts.store.presigned_url(key, filename, ctx.settings.s3_presign_seconds)
+        return RedirectResponse(url, status_code=307, headers={**headers, "Cache-Control": "no-store"})
+    try:
+        size, chunks = artifacts.open_chunks(key)
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", "the checkpoint file is missing", "format") from None
+    except Exception as error:
+        if not is_store_outage(error):
+            raise
+        raise ApiError(503, "storage_unavailable", "the artifact store is unavailable; retry later", None,
+                       headers={"Retry-After": "30"}) from None
+    return StreamingResponse(chunks, media_type="application/octet-stream",
+                             headers={**headers, "Content-Length": str(size),
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from typing import Annotated, Literal
@@ -13,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
-from api.uploads import streamed_upload
+from api.uploads import place_upload, streamed_upload
 from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
 from rigl_core.models import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
                               resolve_task)
@@ -111,7 +109,8 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
         # a database call: in the threadpool, never on the event loop (this route is async for the stream)
         row = await run_in_threadpool(ctx.store.add_dataset, name=name, format=format, size=upload.size,
                                       sha256=upload.sha256, owner=ctx.principal, **meta)
-        await run_in_threadpool(os.replace, upload.path, ctx.artifacts.dataset_file(row.id, format))
+        await place_upload(ctx, upload.path, ctx.artifacts.dataset_key(row.id, format), keep_local=False,
+                           undo=lambda: deletion.delete_dataset(ctx.store, ctx.artifacts, row.id))
         return dataset_json(row)
 
 

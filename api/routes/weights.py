@@ -10,7 +10,6 @@ Names and shapes are checked against the model when a job refers to it (api/subm
 from __future__ import annotations
 
 import math
-import os
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import weights_json
-from api.uploads import streamed_upload
+from api.uploads import place_upload, streamed_upload
 from store import deletion
 
 router = APIRouter(prefix="/v1", tags=["resources"])
@@ -60,7 +59,8 @@ async def upload_weights(request: Request, name: str = Query(..., min_length=1, 
         row = await run_in_threadpool(ctx.store.add_weights, name=name, size=upload.size, sha256=upload.sha256,
                                       owner=ctx.principal, tensors=len(shapes),
                                       params=sum(math.prod(s) for s in shapes.values()))
-        await run_in_threadpool(os.replace, upload.path, ctx.artifacts.weights_file(row.id))
+        await place_upload(ctx, upload.path, ctx.artifacts.weights_key(row.id),
+                           undo=lambda: deletion.delete_weights(ctx.store, ctx.artifacts, row.id))
         return weights_json(row)
 
 

@@ -156,6 +156,10 @@ function jobAccuracy(job) {
   if (final && Number.isFinite(final.val_accuracy)) return final.val_accuracy;
   return job.metrics && Number.isFinite(job.metrics.val_accuracy) ? job.metrics.val_accuracy : NaN;
 }
+function tagChips(job, onPick) {  // each tag filters the jobs list by it
+  return (job.tags || []).map(tag => h("a", { class: "tag", href: "#/?tag=" + encodeURIComponent(tag),
+    onclick: onPick ? ev => { ev.preventDefault(); onPick(tag); } : null }, tag));
+}
 function statusBadge(status) { return h("span", { class: `status status-${status}` }, status); }
 function progressBar(job) {
   const f = job.status === "succeeded" ? 1 : job.progress.fraction || 0;
@@ -165,17 +169,45 @@ function progressBar(job) {
 }
 
 // ------------------------------------------------------------------ jobs list
-function jobsView(view) {
+const FILTERS = { status: ["queued", "running", "requeued", "cancelling", "succeeded", "failed", "cancelled"],
+  method: ["rigl", "set", "snfs", "static", "snip", "gmp", "dense"] };
+
+function jobsView(view, query) {
   const selected = new Set();
   const table = h("tbody");
   const compare = h("button", { id: "compare-selected", disabled: true,
     onclick: () => { location.hash = "#/compare?ids=" + [...selected].join(","); } }, "Compare selected");
   const more = h("button", { hidden: true }, "Load more");
   let cursor = null;
+  // Filters (GET /v1/jobs?status=&method=&tag=&name_prefix=) live in the URL, so a filtered list can be linked.
+  const choose = (name, label) => h("select", { id: `filter-${name}`, "aria-label": label },
+    h("option", { value: "" }, label), ...FILTERS[name].map(v => h("option", { value: v }, v)));
+  const filters = { status: choose("status", "any status"), method: choose("method", "any method"),
+    tag: h("input", { id: "filter-tag", placeholder: "tag", "aria-label": "tag", size: 14 }),
+    name_prefix: h("input", { id: "filter-name", placeholder: "name starts with", "aria-label": "name starts with", size: 18 }) };
+  for (const [k, input] of Object.entries(filters)) input.value = (query && query.get(k)) || "";
+  let typing = null;
+  function applyFilters() {
+    const params = new URLSearchParams();
+    for (const [k, input] of Object.entries(filters)) if (input.value.trim()) params.set(k, input.value.trim());
+    const qs = params.toString();
+    history.replaceState(null, "", "#/" + (qs ? "?" + qs : ""));
+    load(false);
+  }
+  for (const input of Object.values(filters)) {
+    input.addEventListener(input.tagName === "SELECT" ? "change" : "input",
+      () => { clearTimeout(typing); typing = setTimeout(applyFilters, input.tagName === "SELECT" ? 0 : 300); });
+  }
+  const pickTag = tag => { filters.tag.value = tag; applyFilters(); };
+  const clear = h("button", { id: "filter-clear", onclick: () => {
+    for (const input of Object.values(filters)) input.value = "";
+    applyFilters();
+  } }, "Clear filters");
   view.replaceChildren(
     h("div", { class: "toolbar" }, h("h1", {}, "Jobs"), h("a", { class: "button", href: "#/submit" }, "New job"), compare),
+    h("div", { class: "toolbar filters", id: "job-filters" }, ...Object.values(filters), clear),
     h("table", { class: "jobs", id: "jobs-table" },
-      h("thead", {}, h("tr", {}, ["", "Job", "Status", "Progress", "Method", "Sparsity", "Accuracy", "Created"]
+      h("thead", {}, h("tr", {}, ["", "Job", "Name", "Status", "Progress", "Method", "Sparsity", "Accuracy", "Created"]
         .map(t => h("th", {}, t)))), table),
     more);
 
@@ -185,6 +217,7 @@ function jobsView(view) {
     return h("tr", { "data-job": job.id },
       h("td", {}, box),
       h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.id)),
+      h("td", { class: "job-name" }, job.name || "", " ", tagChips(job, pickTag)),
       h("td", {}, statusBadge(job.status)),
       h("td", {}, progressBar(job)),
       h("td", {}, jobMethod(job)),
@@ -195,14 +228,16 @@ function jobsView(view) {
 
   async function load(append) {
     const params = new URLSearchParams({ limit: "50" });
+    for (const [k, input] of Object.entries(filters)) if (input.value.trim()) params.set(k, input.value.trim());
     if (append && cursor) params.set("after", cursor);
     try {
       const page = await api("/v1/jobs?" + params);
       if (!append) table.replaceChildren();
       for (const job of page.data) table.appendChild(row(job));
+      const filtered = [...params.keys()].some(k => k in filters);
       if (!page.data.length && !append) {
-        table.appendChild(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No jobs yet: ",
-          h("a", { href: "#/submit" }, "submit one"), ".")));
+        table.appendChild(h("tr", {}, h("td", { colspan: 9, class: "muted" }, filtered ? "No jobs match these filters."
+          : ["No jobs yet: ", h("a", { href: "#/submit" }, "submit one"), "."])));
       }
       cursor = page.data.length ? page.data[page.data.length - 1].id : cursor;
       more.hidden = !page.has_more;
@@ -255,6 +290,8 @@ function jobView(view, jobId) {
     const totals = data.totals || {};
     const latest = data.updates[data.updates.length - 1];
     const facts = [
+      ["Name", job.name || "—"],
+      ["Tags", job.tags && job.tags.length ? tagChips(job) : "—"],
       ["Model", (job.spec.model && job.spec.model.name) || "—"],
       ["Dataset", (job.spec.dataset && job.spec.dataset.name) || "—"],
       ["Method", jobMethod(job)],
@@ -269,6 +306,9 @@ function jobView(view, jobId) {
       ["Finished", when(job.finished_at)],
     ];
     if (job.error) facts.push(["Error", `${job.error.code}: ${job.error.message}`]);
+    if (job.metadata && Object.keys(job.metadata).length) {
+      facts.push(["Metadata", h("code", { id: "job-metadata" }, JSON.stringify(job.metadata))]);
+    }
     summary.replaceChildren(...facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     spec.textContent = JSON.stringify(job.spec, null, 2);
 
@@ -380,7 +420,10 @@ function submitView(view) {
   const select = (name, options, value) => h("select", { name, id: `f-${name}` },
     options.map(o => h("option", { value: o, selected: o === value }, o)));
   const number = (name, value, attrs) => h("input", { type: "number", name, id: `f-${name}`, value, ...(attrs || {}) });
+  const text = (name, attrs) => h("input", { type: "text", name, id: `f-${name}`, ...(attrs || {}) });
   const form = h("form", { id: "submit-form", class: "form" },
+    field("Name", text("name", { maxlength: 200, placeholder: "optional" }), "a label for the jobs list"),
+    field("Tags", text("tags", { placeholder: "e.g. sweep, gpu" }), "comma-separated; a-z 0-9 _ . : -"),
     field("Model", select("model", ["mlp", "lenet5", "wrn-22-2", "resnet18-cifar"], "mlp"), "built-in or uploaded architecture"),
     field("Dataset", select("dataset", ["digits", "mnist1d", "synthetic"], "digits")),
     field("Method", select("method", ["rigl", "set", "snfs", "static", "snip", "gmp", "dense"], "rigl")),
@@ -411,12 +454,17 @@ function submitView(view) {
     const v = name => form.elements[name].value;
     const model = uploads.models[v("model")] ? { name: uploads.models[v("model")] } : { name: v("model") };
     const dataset = uploads.datasets[v("dataset")] ? { name: "tensors", path: uploads.datasets[v("dataset")] } : { name: v("dataset") };
-    return {
+    const spec = {
       model, dataset,
       sparsity: { method: v("method"), sparsity: +v("sparsity"), distribution: v("distribution"),
         schedule: { delta_t: +v("delta_t"), alpha: +v("alpha") } },
       training: { epochs: +v("epochs"), batch_size: +v("batch_size"), optimizer: v("optimizer"), lr: +v("lr") },
     };
+    // labels beside the spec, only when filled in (so ones typed into the JSON survive form edits)
+    const tags = v("tags").split(",").map(s => s.trim()).filter(Boolean);
+    if (v("name").trim()) spec.name = v("name").trim();
+    if (tags.length) spec.tags = tags;
+    return spec;
   }
   function currentSpec() {
     try { return JSON.parse(json.value); } catch (err) { throw new Error("JobSpec: not valid JSON: " + err.message); }
@@ -553,7 +601,7 @@ function route() {
   if (parts[0] === "jobs" && parts[1]) teardown = jobView(view, decodeURIComponent(parts[1]));
   else if (parts[0] === "submit") { active = "submit"; teardown = submitView(view); }
   else if (parts[0] === "compare") { active = "compare"; teardown = compareView(view, query); }
-  else teardown = jobsView(view);
+  else teardown = jobsView(view, query);
   document.querySelectorAll("[data-nav]").forEach(a => a.classList.toggle("active", a.dataset.nav === active));
 }
 

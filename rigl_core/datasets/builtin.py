@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from rigl_core.datasets import Dataset, channel_stats, split
+from rigl_core.optional import require
 
 
 def digits(spec) -> Dataset:
     """8×8 handwritten digits shipped with scikit-learn (1797 images), fixed train/val split."""
-    from sklearn.datasets import load_digits
+    datasets = require("sklearn.datasets", "datasets", "dataset 'digits' (scikit-learn)")
 
-    bunch = load_digits()
+    bunch = datasets.load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None, :, :]  # (N, 1, 8, 8) in [0, 1]
     y = torch.from_numpy(bunch.target.astype(np.int64))
     xt, yt, xv, yv = split(x, y, spec.val_fraction, spec.split_seed)
@@ -27,13 +28,13 @@ def mnist1d(spec) -> Dataset:
     """MNIST-1D (Greydanus 2020): generated from its templates with the package's own generator, never
     downloaded; 4000 train / 1000 test sequences of length 40, shape (1, 40)."""
     os.environ.setdefault("MPLBACKEND", "Agg")  # the package imports pyplot
-    from mnist1d.data import get_dataset_args, make_dataset
+    data_module = require("mnist1d.data", "datasets", "dataset 'mnist1d'")
 
-    args = get_dataset_args()
+    args = data_module.get_dataset_args()
     args.seed = 42 + spec.split_seed  # 42 is the published dataset
     state = np.random.get_state()  # the generator seeds numpy's global RNG; leave it as we found it
     try:
-        data = make_dataset(args)
+        data = data_module.make_dataset(args)
     finally:
         np.random.set_state(state)
     xt = torch.from_numpy(data["x"].astype(np.float32))[:, None, :]

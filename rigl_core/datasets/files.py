@@ -29,7 +29,8 @@ def _data_dir(spec) -> Path:
         raise DatasetError(f"dataset.data_dir: required for {spec.name!r}")
     root = Path(spec.data_dir)
     if not root.is_dir() and not spec.download:
-        raise DatasetError(f"dataset.data_dir: {root} is not a directory")
+        raise DatasetError(f"dataset.data_dir: {root} is not a directory (create it, or set dataset.download: "
+                           "true to fetch the files into it)")
     return root
 
 
@@ -61,7 +62,8 @@ def find_idx(root: Path, folder: str, stem: str) -> Path:
         for name in (stem, stem + ".gz"):
             if (base / name).is_file():
                 return base / name
-    raise DatasetError(f"dataset.data_dir: {stem} not found under {root} (looked in {folder}/raw, {folder}, .)")
+    raise DatasetError(f"dataset.data_dir: {stem} not found under {root} (looked in {folder}/raw, {folder}, .; "
+                       "set dataset.download: true to fetch it, e.g. `rigl train --set dataset.download=true`)")
 
 
 def idx_dataset(spec) -> Dataset:
@@ -134,7 +136,8 @@ def cifar_dataset(spec) -> Dataset:
         _download_cifar(root, info["url"])
     if not folder.is_dir():
         raise DatasetError(f"dataset.data_dir: {info['folder']}/ not found under {root} "
-                           f"(the binary version of {spec.name}; set download: true to fetch it)")
+                           f"(the binary version of {spec.name}; set dataset.download: true to fetch it, "
+                           "e.g. `rigl train --set dataset.download=true`)")
     parts = {}
     for part in ("train", "val"):
         xs, ys = [], []

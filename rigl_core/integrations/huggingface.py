@@ -30,14 +30,12 @@ import os
 
 import torch
 
-try:
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("rigl_core.integrations.huggingface needs transformers: pip install 'transformers>=4.44' "
-                      "accelerate") from exc
-
 from rigl_core.integrations.common import StepGate, create_rigl
+from rigl_core.optional import require
+
+require("transformers", "models", "rigl_core.integrations.huggingface")  # its Trainer also needs accelerate
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from rigl_core.rigl import RigL
 
 STATE_FILE = "rigl_state.pt"

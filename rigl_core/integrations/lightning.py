@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import math
 
-try:
-    import lightning.pytorch as pl
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("rigl_core.integrations.lightning needs Lightning: pip install 'lightning>=2.4'") from exc
-
 from rigl_core.integrations.common import StepGate, create_rigl
+from rigl_core.optional import require
 from rigl_core.rigl import RigL, unwrap_optimizer
+
+pl = require("lightning.pytorch", "lightning", "rigl_core.integrations.lightning")
 
 
 class RigLCallback(pl.Callback):

@@ -7,6 +7,10 @@ is neither reaped while alive nor kept alive when dead. A run found this way cou
 attempt (a clean SIGTERM requeue does not), and the attempt cap in `JobStore.claim` ends a job that
 keeps killing its worker. It also sends the messages that could not be sent while the broker was
 down (store/dispatch.py).
+
+It runs in every API replica and every worker (`RIGL_REAPER`), so lost jobs come back even when no
+API is up; a LeaderLock (store/leader.py) lets exactly one of them act at a time, and another takes
+over within one interval when that one dies.
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ from typing import Callable
 
 from store.dispatch import dispatch, redispatch
 from store.jobs import JobStore
+from store.leader import LeaderLock
 
 log = logging.getLogger("rigl.reaper")
 
 
 class Reaper(threading.Thread):
-    def __init__(self, store: JobStore, enqueue: Callable[[str], None], lease_seconds: float, interval: float):
+    def __init__(self, store: JobStore, enqueue: Callable[[str], None], lease_seconds: float, interval: float,
+                 lock: LeaderLock | None = None):
         super().__init__(name="rigl-reaper", daemon=True)
         self.store, self.enqueue = store, enqueue
         self.lease_seconds, self.interval = lease_seconds, interval
+        self.lock = lock  # None: act on every sweep (a test, or a single process that is the only one)
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -33,7 +40,10 @@ class Reaper(threading.Thread):
             self.sweep()
 
     def sweep(self) -> list[str]:
-        """Requeue and re-send jobs whose worker died; re-send jobs whose message never reached the broker."""
+        """Requeue and re-send jobs whose worker died; re-send jobs whose message never reached the broker.
+        Does nothing (returns []) while another process holds the reaper's lock."""
+        if self.lock is not None and not self.lock.held():
+            return []
         try:
             requeued = self.store.requeue_stale(self.lease_seconds)
             for job_id in requeued:
@@ -48,3 +58,15 @@ class Reaper(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+        if self.lock is not None:
+            if self.is_alive():
+                self.join(timeout=5)  # not mid-sweep when the lock goes to the next holder
+            self.lock.release()
+
+
+def start_reaper(store: JobStore, enqueue: Callable[[str], None], database_url: str, lease_seconds: float,
+                 interval: float) -> Reaper:
+    """The reaper of an API replica or a worker: one thread, acting only while it holds the lock."""
+    reaper = Reaper(store, enqueue, lease_seconds, interval, lock=LeaderLock(database_url, "reaper"))
+    reaper.start()
+    return reaper
