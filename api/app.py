@@ -14,7 +14,7 @@ from api.limits import BodyLimit
 from api import metrics
 from api.request_log import RequestLog
 from api.origin_guard import OriginGuard, split_list
-from api.routes import jobs, resources, weights
+from api.routes import jobs, resources, sweeps, weights
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
         if reaper:
             if settings.reaper:  # one process acts at a time (store/leader.py); workers run it too
                 sweeper = start_reaper(store, context.enqueue, settings.database_url, settings.lease_seconds,
-                                       settings.reaper_interval_seconds)
+                                       settings.reaper_interval_seconds, settings.max_active_jobs_per_owner)
             janitor = Janitor(store, context.artifacts, settings.cleanup_interval_seconds, settings.retention_days)
             janitor.start()
         yield
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     app.include_router(jobs.router)
     app.include_router(resources.router)
     app.include_router(weights.router)
+    app.include_router(sweeps.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from rigl_core.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
 from rigl_core.spec import JobSpec
@@ -104,6 +104,7 @@ def job_json(job: Job, admin: bool = False) -> dict:
         "tags": job.tags or [],
         "metadata": job.meta or {},
         "method": job.method,
+        "sweep_id": getattr(job, "sweep_id", None),
         "spec": job.spec,
         "warnings": job_warnings(job),
     }
@@ -133,3 +134,52 @@ def dataset_json(row: DatasetRecord) -> dict:
 def weights_json(row: WeightsRecord) -> dict:
     return {"id": row.id, "object": "weights", "name": row.name, "size": row.size, "sha256": row.sha256,
             "tensors": row.tensors, "params": row.params, "created_at": iso(row.created_at)}
+
+
+MAX_SWEEP_AXIS = 16
+MAX_SWEEP_SEEDS = 8
+
+
+class SweepGrid(BaseModel):
+    """The axes of a sweep; an axis left out keeps the base spec's value. Values are checked against the
+    JobSpec per child (a bad one is a 422 naming `grid.<axis>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sparsity: list[float] | None = Field(None, min_length=1, max_length=MAX_SWEEP_AXIS,
+                                         description="sparsity.sparsity values")
+    method: list[str] | None = Field(None, min_length=1, max_length=MAX_SWEEP_AXIS,
+                                     description="sparsity.method values")
+    distribution: list[str] | None = Field(None, min_length=1, max_length=MAX_SWEEP_AXIS,
+                                           description="sparsity.distribution values")
+    seed: list[int] | None = Field(None, min_length=1, max_length=MAX_SWEEP_SEEDS, description="training.seed values")
+
+    @field_validator("sparsity", "method", "distribution", "seed")
+    @classmethod
+    def _distinct(cls, value: list | None) -> list | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("values must be distinct")
+        return value
+
+
+class SweepSubmission(BaseModel):
+    """`POST /v1/sweeps`: a base job (a JobSpec with optional name/tags/metadata) and the grid."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    base: JobSubmission
+    grid: SweepGrid
+
+
+def sweep_json(sweep, children: list[dict], table: dict) -> dict:
+    """A sweep with its children (jobs and held entries), progress by status, and the aggregate table."""
+    counts: dict[str, int] = {}
+    for child in children:
+        counts[child["status"]] = counts.get(child["status"], 0) + 1
+    finished = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+    total = sweep.children
+    status = "cancelled" if sweep.status == "cancelled" else "finished" if finished == total else "active"
+    return {"id": sweep.id, "object": "sweep", "name": sweep.name, "status": status,
+            "created_at": iso(sweep.created_at), "grid": sweep.grid, "base": sweep.base,
+            "progress": {"total": total, "finished": finished, "fraction": finished / total if total else 1.0,
+                         "by_status": counts},
+            "children": children, "aggregate": table["groups"], "frontier": table["frontier"]}

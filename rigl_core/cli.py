@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_report_command(sub) -> None:
-    report = sub.add_parser("report", help="render a run's charts to a PNG (a --out directory or a job id)")
+    report = sub.add_parser("report", help="render a run's charts to a PNG (a --out directory, a job or sweep id)")
     report.add_argument("source", metavar="SOURCE",
-                        help="a `rigl train --out` directory, or a job id on the service (RIGL_API_URL)")
+                        help="a `rigl train --out` directory, or a job or sweep id on the service (RIGL_API_URL)")
     report.add_argument("--png", type=Path, help="write the figure here")
     report.add_argument("--json", action="store_true", help="print the normalised report data as JSON")
     report.set_defaults(handler=cmd_report)
@@ -149,9 +149,14 @@ def _add_client_commands(sub) -> None:
     watch.set_defaults(handler=cmd_watch)
     download = sub.add_parser("download", help="download a job's sparse checkpoint")
     download.add_argument("job_id")
-    download.add_argument("--format", choices=("dense", "packed"), default="dense")
+    download.add_argument("--format", choices=("dense", "packed", "compressed", "onnx"), default="dense")
     download.add_argument("--out", type=Path, help="file or directory (default: the server's file name, reduced to a safe base name, here)")
     download.set_defaults(handler=cmd_download)
+    sweep = sub.add_parser("sweep", help="submit a sweep file ({base, grid, name}) to the service")
+    sweep.add_argument("file", type=Path)
+    sweep.add_argument("--wait", action="store_true", help="then poll until every child ended and print the table")
+    sweep.add_argument("--poll", type=float, default=2.0, help="seconds between polls with --wait")
+    sweep.set_defaults(handler=cmd_sweep)
     jobs = sub.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--status")
     jobs.add_argument("--limit", type=int, default=20)
@@ -224,6 +229,46 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise UsageError(f"file: {args.file} does not exist")
+    body = _read_config(args.file)
+    with _client() as client:
+        sweep = client.submit_sweep(body)
+        print(sweep["id"])
+        if not args.wait:
+            return 0
+        seen = [None]
+
+        def show(state: dict) -> None:
+            p = state["progress"]
+            counts = ", ".join(f"{status} {n}" for status, n in p["by_status"].items())
+            line = f"{state['id']} {state['status']}: {p['finished']}/{p['total']} finished ({counts})"
+            if line != seen[0]:
+                print(line, file=sys.stderr)
+                seen[0] = line
+
+        sweep = client.wait_sweep(sweep["id"], poll=args.poll, on_update=show)
+    print(format_sweep_table(sweep))
+    return 0 if all(c["status"] == "succeeded" for c in sweep["children"]) else 1
+
+
+def format_sweep_table(sweep: dict) -> str:
+    """The aggregate as text: one row per (method, distribution, sparsity); * marks the frontiers."""
+    lines = [f"{'method':<7} {'dist':<8} {'sparsity':>8} {'n':>3} {'val_accuracy':>17} {'flops':>7} "
+             f"{'packed bytes':>13}  frontier"]
+    for g in sweep["aggregate"]:
+        acc = g["val_accuracy"]
+        text = "-" if acc["mean"] is None else f"{acc['mean']:.4f}" + (
+            f" ± {acc['sd']:.4f}" if acc["sd"] is not None else "")
+        flops = "-" if g["inference_flops_ratio"] is None else f"{g['inference_flops_ratio']:.3f}"
+        size = "-" if g["packed_bytes"] is None else f"{g['packed_bytes']:,.0f}"
+        marks = ",".join(name for name, on in (g.get("on_frontier") or {}).items() if on)
+        lines.append(f"{g['method']:<7} {g['distribution']:<8} {g['sparsity']:>8} {g['succeeded']:>3} {text:>17} "
+                     f"{flops:>7} {size:>13}  {marks}")
+    return "\n".join(lines)
+
+
 def _is_job_id(source: str) -> bool:
     """Service job ids are `job_` + hex; anything else (or an existing path) is a local directory, so a
     mistyped directory gets "does not exist", not a connection error."""
@@ -237,6 +282,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError("--png: required (or --json to print the data)")
     if args.png is not None and args.png.is_dir():
         raise UsageError(f"--png: {args.png} is a directory; give a file name like report.png")
+    if args.source.startswith("sweep_") and not Path(args.source).exists():
+        return _report_sweep(args)
     try:
         if _is_job_id(args.source):
             with _client() as client:
@@ -252,6 +299,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         try:
             path = render(data, args.png)
+        except OSError as exc:
+            raise UsageError(f"--png: cannot write {args.png}: {exc.strerror or exc}") from None
+        if not args.json:
+            print(path)
+    return 0
+
+
+def _report_sweep(args: argparse.Namespace) -> int:
+    """`rigl report sweep_…`: the sweep's accuracy against FLOPs and size, with the Pareto frontiers."""
+    with _client() as client:
+        sweep = client.sweep(args.source)
+    if args.json:
+        print(json.dumps(sweep, indent=2))
+    if args.png is not None:
+        from rigl_core.report_png import render_sweep
+
+        try:
+            path = render_sweep(sweep, args.png)
         except OSError as exc:
             raise UsageError(f"--png: cannot write {args.png}: {exc.strerror or exc}") from None
         if not args.json:

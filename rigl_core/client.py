@@ -21,7 +21,7 @@ import os
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,45 @@ class Client:
 
     def plan(self, model: dict, sparsity: dict | None = None, **extra) -> dict:
         return self._request("POST", "/v1/plan", json={"model": model, "sparsity": sparsity or {}, **extra}).json()
+
+    # ------------------------------------------------------------------ sweeps
+    def submit_sweep(self, sweep: Any, grid: dict | None = None, name: str | None = None) -> dict:
+        """`sweep`: {base, grid, name?} (a dict or a .json/.yaml file), or a base JobSpec with `grid`.
+        Not retried once sent: a sweep has no Idempotency-Key, and a retry would make a second one."""
+        body = _spec_body(sweep)
+        if grid is not None:
+            body = {"base": body, "grid": grid}
+        if name is not None:
+            body["name"] = name
+        return self._request("POST", "/v1/sweeps", retry=False, json=body).json()
+
+    def sweep(self, sweep_id: str) -> dict:
+        """The sweep with its children, progress, aggregate table and Pareto frontiers."""
+        return self._request("GET", f"/v1/sweeps/{sweep_id}").json()
+
+    def sweeps(self, limit: int = 20) -> list[dict]:
+        return self._request("GET", "/v1/sweeps", params={"limit": limit}).json()["data"]
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        return self._request("POST", f"/v1/sweeps/{sweep_id}/cancel").json()
+
+    def delete_sweep(self, sweep_id: str) -> dict:
+        return self._request("DELETE", f"/v1/sweeps/{sweep_id}").json()
+
+    def wait_sweep(self, sweep_id: str, timeout: float | None = None, poll: float = 2.0,
+                   on_update: Callable[[dict], None] | None = None) -> dict:
+        """Poll until every child has ended (or the sweep was cancelled); `on_update` sees each poll."""
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            sweep = self.sweep(sweep_id)
+            if on_update is not None:
+                on_update(sweep)
+            if sweep["status"] in ("finished", "cancelled") and not any(
+                    c["status"] in ("queued", "running", "requeued", "cancelling") for c in sweep["children"]):
+                return sweep
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {sweep['status']} after {timeout}s")
+            time.sleep(poll)
 
 
 def _disposition_filename(disposition: str) -> str | None:

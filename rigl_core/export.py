@@ -6,7 +6,10 @@ Packed format (`rigl-packed-v1`), readable with numpy alone:
   `numpy.packbits(bitorder="little")`, uint8;
 - any tensor that is not masked is stored unchanged under its own name;
 - safetensors metadata key `rigl`: JSON `{"format": "rigl-packed-v1", "tensors": {name: {"shape": [...],
-  "dtype": "float32", "nnz": N}}}` for every packed tensor.
+  "dtype": "float32", "nnz": N}}}` for every packed tensor; with `values="fp16"|"bf16"` the values are
+  stored in that precision (`"values_dtype"`) and `load_packed` casts them back to `dtype`.
+
+The entropy-coded export is in rigl_core/export_compressed.py, the ONNX export in rigl_core/export_onnx.py.
 """
 
 from __future__ import annotations
@@ -55,10 +58,15 @@ def save_dense(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     return path
 
 
+HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def pack_state_dict(
-    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], values: str = "fp32"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Split masked tensors into values + packed bits; `masks` is keyed by state_dict name."""
+    if values not in HALF:
+        raise ValueError(f"values: one of fp32, fp16, bf16, not {values!r}")
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
     for name, tensor in state.items():
@@ -67,21 +75,36 @@ def pack_state_dict(
             tensors[name] = tensor.contiguous()
             continue
         flat_mask = mask.detach().cpu().reshape(-1)
-        tensors[f"{name}.values"] = tensor.reshape(-1)[flat_mask].contiguous()
+        nz = tensor.reshape(-1)[flat_mask]
+        half = HALF[values] and nz.is_floating_point()
+        tensors[f"{name}.values"] = (nz.to(HALF[values]) if half else nz).contiguous()
         bits = np.packbits(flat_mask.numpy().astype(np.uint8), bitorder="little")
         tensors[f"{name}.mask"] = torch.from_numpy(bits)
         info[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-                      "nnz": int(flat_mask.sum())}
+                      "nnz": int(flat_mask.sum()),
+                      "values_dtype": str(tensors[f"{name}.values"].dtype).removeprefix("torch.")}
     return tensors, {"rigl": json.dumps({"format": PACKED_FORMAT, "tensors": info})}
 
 
-def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os.PathLike,
+                values: str = "fp32") -> Path:
     """Write the packed export; `masks` keyed by module name (e.g. "fc1") or parameter name."""
     state = dense_state_dict(model)
     by_param = {_param_key(k, state): v for k, v in masks.items()}
-    tensors, metadata = pack_state_dict(state, by_param)
+    tensors, metadata = pack_state_dict(state, by_param, values)
     path = Path(path)
     _save(tensors, path, metadata)
+    return path
+
+
+def save_compressed_model(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os.PathLike,
+                          values: str = "fp32") -> Path:
+    """The entropy-coded export (rigl_core/export_compressed.py) of `model`; masks keyed as in save_packed."""
+    from rigl_core.export_compressed import save_compressed
+
+    state = dense_state_dict(model)
+    path = save_compressed(state, {_param_key(k, state): v for k, v in masks.items()}, path, values)
+    os.chmod(path, 0o666 & ~_umask())
     return path
 
 
@@ -109,8 +132,8 @@ def load_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         numel = int(np.prod(entry["shape"], dtype=np.int64))
         bits = np.unpackbits(raw[f"{name}.mask"].numpy(), count=numel, bitorder="little").astype(bool)
         values = raw[f"{name}.values"]
-        dense = torch.zeros(numel, dtype=values.dtype)
-        dense[torch.from_numpy(bits)] = values
+        dense = torch.zeros(numel, dtype=getattr(torch, entry["dtype"]))
+        dense[torch.from_numpy(bits)] = values.to(dense.dtype)
         state[name] = dense.view(entry["shape"])
     for key, tensor in raw.items():
         base = key.rsplit(".", 1)[0]
@@ -118,3 +141,16 @@ def load_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             continue
         state[key] = tensor
     return state
+
+
+COMPRESSED_EXPORT = "model.compressed.safetensors"
+ONNX_EXPORT = "model.onnx"
+
+
+def extra_exports(model: nn.Module, masks: dict[str, torch.Tensor], input_shape) -> list[tuple]:
+    """(kind, file name, writer(path), optional) for the exports beyond dense and packed. An optional
+    one that fails (a model the ONNX exporter cannot trace, e.g. token models) is skipped with a warning."""
+    from rigl_core.export_onnx import export_onnx
+
+    return [("compressed", COMPRESSED_EXPORT, lambda p: save_compressed_model(model, masks, p), False),
+            ("onnx", ONNX_EXPORT, lambda p: export_onnx(model, input_shape, p), True)]

@@ -220,3 +220,54 @@ def render(data: dict, path: str | Path, dpi: int = 150) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=dpi, facecolor="white")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+FRONTIER_COLOR = "#e6550d"
+METHOD_COLORS = ("#3182bd", "#31a354", "#756bb1", "#636363", "#e6550d", "#de2d26", "#8c510a")
+
+
+def _sweep_panel(ax, groups: list[dict], cost: str, frontier_keys: list[str], xlabel: str) -> None:
+    """Each group's mean val_accuracy (± sd over seeds) against one cost, by method; the frontier as a step line."""
+    points = [g for g in groups if g["val_accuracy"]["mean"] is not None and g.get(cost) is not None]
+    if not points:
+        _no_data(ax, "no finished children yet")
+        return
+    methods = sorted({g["method"] for g in points})
+    for i, method in enumerate(methods):
+        mine = [g for g in points if g["method"] == method]
+        ax.errorbar([g[cost] for g in mine], [g["val_accuracy"]["mean"] for g in mine],
+                    yerr=[g["val_accuracy"]["sd"] or 0.0 for g in mine], fmt="o", capsize=3, markersize=5,
+                    color=METHOD_COLORS[i % len(METHOD_COLORS)], label=method)
+        for g in mine:
+            ax.annotate(f"{g['distribution']} {g['sparsity']}", (g[cost], g["val_accuracy"]["mean"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color="#555555")
+    by_key = {g["key"]: g for g in points}
+    front = [by_key[k] for k in frontier_keys if k in by_key]
+    if front:
+        ax.step([g[cost] for g in front], [g["val_accuracy"]["mean"] for g in front], where="post",
+                color=FRONTIER_COLOR, linewidth=1.6, label="Pareto frontier")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val accuracy (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.25)
+
+
+def render_sweep(sweep: dict, path: str | Path, dpi: int = 150) -> Path:
+    """A sweep (GET /v1/sweeps/{id}) as one PNG: accuracy against inference FLOPs and against the packed
+    export's size, with each Pareto frontier."""
+    figure = Figure(figsize=(14, 6), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    groups = sweep.get("aggregate") or []
+    frontier = sweep.get("frontier") or {}
+    _sweep_panel(left, groups, "inference_flops_ratio", frontier.get("flops", []),
+                 "inference FLOPs (fraction of dense)")
+    _sweep_panel(right, groups, "packed_bytes", frontier.get("size", []), "packed export (bytes)")
+    progress = sweep.get("progress") or {}
+    figure.suptitle(f"sweep {sweep.get('name') or sweep.get('id')}: {progress.get('finished', 0)}/"
+                    f"{progress.get('total', 0)} children finished", fontsize=13)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=dpi, facecolor="white")
+    return path

@@ -1,4 +1,5 @@
-"""Run one job into an output directory: report.json, metrics.jsonl, model.safetensors, packed export.
+"""Run one job into an output directory: report.json, metrics.jsonl, model.safetensors, packed, compressed
+and ONNX exports.
 
 Used by `rigl train`; the service worker calls the same function with its own callbacks.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from rigl_core.export import save_dense, save_packed
+from rigl_core.export import extra_exports, save_dense, save_packed
 from rigl_core.sparsifier import MaskUpdate
 from rigl_core.spec import JobSpec
 from rigl_core.trainer import Callback, Trainer
@@ -92,4 +94,12 @@ def run_training(
     write_json(out / REPORT, report)
     save_dense(trainer.model, out / DENSE_EXPORT)
     save_packed(trainer.model, trainer.sparsifier.masks, out / PACKED_EXPORT)
+    for kind, name, write, optional in extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape):
+        try:
+            write(out / name)
+        except Exception as error:  # noqa: BLE001 - an optional export never fails the run
+            if not optional:
+                raise
+            warnings.warn(f"{kind} export skipped: {str(error).splitlines()[0] if str(error) else error!r}",
+                          stacklevel=2)
     return report

@@ -1,4 +1,4 @@
-"""Tables: jobs, job_tags, events (monotonic ids), checkpoints, architectures, datasets, weights.
+"""Tables: jobs, job_tags, events (monotonic ids), checkpoints, architectures, datasets, weights, sweeps.
 
 The schema is made and changed by the migrations in store/migrations (never create_all): every model
 change comes with a revision there, and tests/test_migrations.py fails when the two differ."""
@@ -79,6 +79,7 @@ class Job(Base):
     tags: Mapped[list | None] = mapped_column(JSON, nullable=True)
     meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     method: Mapped[str | None] = mapped_column(String(16), nullable=True)  # sparsity.method, for the list filter
+    sweep_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)  # store/sweeps.py
 
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only
@@ -164,6 +165,27 @@ class WeightsRecord(Base):
     tensors: Mapped[int] = mapped_column(Integer)  # entries of the state_dict
     params: Mapped[int] = mapped_column(BigInteger)  # values over all of them (7B: over 2^31)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Sweep(Base):
+    """A grid of jobs over one base spec (store/sweeps.py). Children past the owner's active-job cap wait
+    in `held` (the specs, already validated and resolved) and become jobs as the owner's jobs finish."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("sweep"))
+    owner: Mapped[str] = mapped_column(String(64), default="local", index=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | cancelled
+    base: Mapped[dict] = mapped_column(JSON)  # the base JobSpec as submitted
+    grid: Mapped[dict] = mapped_column(JSON)  # axis -> values, as validated
+    children: Mapped[int] = mapped_column(Integer)  # grid size: jobs created + held
+    held: Mapped[list] = mapped_column(JSON)  # children not created yet, in grid order
+    held_count: Mapped[int] = mapped_column(Integer, default=0)  # len(held), for an indexed release query
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+Index("ix_sweeps_held", Sweep.status, Sweep.held_count)
 
 
 class ApiKey(Base):

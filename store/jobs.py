@@ -89,14 +89,7 @@ class JobStore:
                     raise UploadGone("dataset.path")
                 if weights_id is not None and s.get(WeightsRecord, weights_id) is None:
                     raise UploadGone("model.weights")
-                tags = list(dict.fromkeys(tags or []))  # once each, in the order given
-                job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
-                          devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
-                          method=(resolved_spec.get("sparsity") or {}).get("method"))
-                s.add(job)
-                s.flush()
-                s.add_all(JobTag(job_id=job.id, tag=tag) for tag in tags)
-                s.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
+                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata)
                 if idempotency is not None:
                     s.add(IdempotencyRecord(owner=owner, key=idempotency[0], body_sha256=idempotency[1],
                                             job_id=job.id))
@@ -104,6 +97,21 @@ class JobStore:
             if idempotency is None:
                 raise
             raise IdempotencyConflict() from None
+        return job
+
+    @staticmethod
+    def add_job_rows(session, spec: dict, resolved_spec: dict, total_steps: int, owner: str, name: str | None = None,
+                     tags: list[str] | None = None, metadata: dict | None = None, sweep_id: str | None = None) -> Job:
+        """The rows of one new queued job, in the caller's transaction (which holds the owner's lock and has
+        checked the cap): create_job's, and a sweep's release of held children (store/sweeps.py)."""
+        tags = list(dict.fromkeys(tags or []))  # once each, in the order given
+        job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
+                  devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
+                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id)
+        session.add(job)
+        session.flush()
+        session.add_all(JobTag(job_id=job.id, tag=tag) for tag in tags)
+        session.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
         return job
 
     def lock_owners(self, session, owners: Iterable[str]) -> None:

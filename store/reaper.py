@@ -6,7 +6,8 @@ judged by the database's clock, the one heartbeats are stamped with, so a worker
 is neither reaped while alive nor kept alive when dead. A run found this way counts as a failed
 attempt (a clean SIGTERM requeue does not), and the attempt cap in `JobStore.claim` ends a job that
 keeps killing its worker. It also sends the messages that could not be sent while the broker was
-down (store/dispatch.py).
+down (store/dispatch.py), and releases sweep children held by the per-owner cap (store/sweeps.py)
+once their owner's jobs have ended.
 
 It runs in every API replica and every worker (`RIGL_REAPER`), so lost jobs come back even when no
 API is up; a LeaderLock (store/leader.py) lets exactly one of them act at a time, and another takes
@@ -28,11 +29,12 @@ log = logging.getLogger("rigl.reaper")
 
 class Reaper(threading.Thread):
     def __init__(self, store: JobStore, enqueue: Callable[[str], None], lease_seconds: float, interval: float,
-                 lock: LeaderLock | None = None):
+                 lock: LeaderLock | None = None, max_active: int | None = None):
         super().__init__(name="rigl-reaper", daemon=True)
         self.store, self.enqueue = store, enqueue
         self.lease_seconds, self.interval = lease_seconds, interval
         self.lock = lock  # None: act on every sweep (a test, or a single process that is the only one)
+        self.max_active = max_active  # the per-owner active-job cap held sweep children wait for; None: settings'
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -51,10 +53,18 @@ class Reaper(threading.Thread):
                 dispatch(self.store, self.enqueue, job_id)
             for job_id in redispatch(self.store, self.enqueue):
                 log.info("job %s sent to the broker, which is reachable again", job_id)
+            self.release_sweep_children()
             return requeued
         except Exception:  # noqa: BLE001 - a database hiccup must not kill the thread
             log.exception("reaper sweep failed")
             return []
+
+    def release_sweep_children(self) -> list[str]:
+        from store.settings import get_settings
+        from store.sweeps import release_held
+
+        cap = self.max_active if self.max_active is not None else get_settings().max_active_jobs_per_owner
+        return release_held(self.store, self.enqueue, cap)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -65,8 +75,9 @@ class Reaper(threading.Thread):
 
 
 def start_reaper(store: JobStore, enqueue: Callable[[str], None], database_url: str, lease_seconds: float,
-                 interval: float) -> Reaper:
+                 interval: float, max_active: int | None = None) -> Reaper:
     """The reaper of an API replica or a worker: one thread, acting only while it holds the lock."""
-    reaper = Reaper(store, enqueue, lease_seconds, interval, lock=LeaderLock(database_url, "reaper"))
+    reaper = Reaper(store, enqueue, lease_seconds, interval, lock=LeaderLock(database_url, "reaper"),
+                    max_active=max_active)
     reaper.start()
     return reaper

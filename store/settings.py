@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     queue: str = Field("rigl-train", description="Celery queue the training tasks go to.")
     auth: bool | None = Field(None, description="Require API keys; default on except in the embedded mode.")
     max_active_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have.")
+    max_sweep_children: int = Field(64, ge=1, le=1024, description="Most jobs one sweep's grid may make "
+                                    "(children past the active-job cap wait in the sweep, they don't fail).")
     max_body_bytes: int = Field(1024 * 1024, description="JSON request body cap (bytes received).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Dataset upload cap.")
     max_upload_inflated_bytes: int = Field(2 * 1024**3, ge=1, description="Most bytes an upload's arrays may "

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from rigl_core.export import save_dense, save_packed
+from rigl_core.export import extra_exports, save_dense, save_packed
 from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
 from rigl_core.spec import JobSpec
 from rigl_core.trainer import Callback, NoSpaceError, Trainer, is_no_space
@@ -415,10 +415,20 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
         job_dir = artifacts.job_dir(job_id)
         report["spec"] = job.spec
         publish(store, job_id, token, job.attempt, job_dir / REPORT, _write_json(report), budget, artifacts)
-        for kind, name, save in (("dense", DENSE_EXPORT, lambda p: save_dense(trainer.model, p)),
-                                 ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model,
-                                                                                 trainer.sparsifier.masks, p))):
-            path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget, artifacts)
+        for kind, name, save, optional in (
+                ("dense", DENSE_EXPORT, lambda p: save_dense(trainer.model, p), False),
+                ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model, trainer.sparsifier.masks, p), False),
+                *extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape)):
+            try:
+                path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget, artifacts)
+            except Exception as error:  # an optional export (ONNX) that fails is skipped, never the job
+                if not optional or isinstance(error, (LeaseLost, NoSpaceError)) or is_store_outage(error):
+                    raise
+                callback.note(f"{kind} export skipped: {scrub_paths(str(error).splitlines()[0], settings)}"
+                              if str(error) else f"{kind} export skipped: {type(error).__name__}",
+                              level="warn", data={"code": "export_skipped", "export": kind})
+                callback.sync(trainer.step)
+                continue
             sha, size = sha256_file(path), path.stat().st_size
             retry_transient(lambda: store.add_checkpoint(job_id, kind, trainer.step, name, sha, size,
                                                          metrics=report["final_metrics"], token=token),

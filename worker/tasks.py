@@ -55,9 +55,25 @@ def train(job_id: str) -> str:
         if outcome == "requeued":  # checkpointed; send it to the next worker (or leave it to the reaper)
             retry_transient(lambda: dispatch(store, lambda job: train.apply_async(args=[job], queue=settings.queue),
                                              ran), settings.db_retry_seconds, f"job {ran}: requeue message")
+        elif outcome in ("succeeded", "failed", "cancelled"):  # a slot under its owner's cap came free
+            release_sweep_children(store, settings)
         return outcome
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def release_sweep_children(store, settings) -> None:
+    """Held sweep children of the finished job's owner (and any other) start now rather than at the next
+    reaper sweep (store/sweeps.py); a failure here only delays them to that sweep."""
+    import logging
+
+    from store.sweeps import release_held
+
+    try:
+        release_held(store, lambda job: train.apply_async(args=[job], queue=settings.queue),
+                     settings.max_active_jobs_per_owner)
+    except Exception:  # noqa: BLE001 - the reaper releases them later
+        logging.getLogger("rigl.worker").exception("could not release held sweep children")
 
 
 def allow_child_processes() -> None:

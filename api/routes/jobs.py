@@ -284,9 +284,10 @@ def list_checkpoints(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 
 
 @router.get("/{job_id}/checkpoint")
-def download_checkpoint(job_id: str, format: str = Query("dense", pattern="^(dense|packed)$"),
+def download_checkpoint(job_id: str, format: str = Query("dense", pattern="^(dense|packed|compressed|onnx)$"),
                         ctx: Context = Depends(get_context)):
-    """The final export: `dense` (state_dict with exact zeros) or `packed` (values + bit masks).
+    """The final export: `dense` (state_dict with exact zeros), `packed` (values + bit masks), `compressed`
+    (entropy-coded masks + values, rigl_core/export_compressed.py) or `onnx` (the dense-with-zeros model).
     With a bucket it is streamed from the store, or, with `s3_presigned_downloads`, answered 307 to a
     presigned URL of the object (the bytes then never pass through the API)."""
     _job_or_404(ctx, job_id)

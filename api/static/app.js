@@ -589,6 +589,88 @@ function compareView(view, query) {
   return () => {};
 }
 
+// ------------------------------------------------------------------ sweeps
+function sweepsView(view) {
+  const table = h("tbody");
+  view.replaceChildren(h("h1", {}, "Sweeps"),
+    h("p", { class: "muted" }, "Grids of jobs (POST /v1/sweeps, or `rigl sweep FILE`); children past your active-job cap wait as held."),
+    h("table", { class: "jobs", id: "sweeps-table" }, h("thead", {}, h("tr", {},
+      ["Sweep", "Name", "Status", "Finished", "Children by status", "Created"].map(t => h("th", {}, t)))), table));
+  async function load() {
+    try {
+      const sweeps = (await api("/v1/sweeps?limit=100")).data;
+      table.replaceChildren(...sweeps.map(s => h("tr", {},
+        h("td", {}, h("a", { href: `#/sweeps/${s.id}` }, s.id)), h("td", {}, s.name || "—"), h("td", {}, statusBadge(s.status)),
+        h("td", {}, `${s.progress.finished}/${s.progress.total}`),
+        h("td", {}, Object.entries(s.progress.by_status).map(([k, v]) => `${k} ${v}`).join(", ")), h("td", {}, when(s.created_at)))));
+      if (!sweeps.length) table.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "no sweeps yet")));
+    } catch (err) { banner(err.message); }
+  }
+  load();
+  const timer = setInterval(load, 5000);
+  return () => clearInterval(timer);
+}
+
+function sweepView(view, sweepId) {
+  const head = h("div");
+  const flops = h("div", { class: "chart-box", id: "sweep-flops" });
+  const size = h("div", { class: "chart-box", id: "sweep-size" });
+  const groups = h("tbody"), children = h("tbody");
+  const cancel = h("button", { type: "button", id: "sweep-cancel" }, "Cancel sweep");
+  view.replaceChildren(h("h1", {}, "Sweep ", h("code", {}, sweepId)), head, h("p", {}, cancel),
+    h("div", { class: "grid" }, flops, size),
+    h("h2", {}, "Aggregate (mean ± sd over seeds)"),
+    h("table", { class: "jobs", id: "sweep-aggregate" }, h("thead", {}, h("tr", {},
+      ["Method", "Distribution", "Sparsity", "Succeeded", "Val accuracy", "Inference FLOPs", "Packed bytes", "Frontier"]
+        .map(t => h("th", {}, t)))), groups),
+    h("h2", {}, "Children"),
+    h("table", { class: "jobs", id: "sweep-children" }, h("thead", {}, h("tr", {},
+      ["Job", "Status", "Method", "Distribution", "Sparsity", "Seed", "Progress", "Val accuracy"].map(t => h("th", {}, t)))), children));
+  let sweep = null;
+  function chart(box, cost, front, label, xFmt) {
+    const done = sweep.aggregate.filter(g => Number.isFinite(g.val_accuracy.mean) && Number.isFinite(g[cost]));
+    const points = done.map(g => ({ x: g[cost], y: g.val_accuracy.mean, group: g.method,
+      label: `${g.distribution} ${g.sparsity}` }));
+    const keyed = Object.fromEntries(done.map(g => [g.key, g]));
+    const frontier = (sweep.frontier[front] || []).filter(k => keyed[k]).map(k => ({ x: keyed[k][cost], y: keyed[k].val_accuracy.mean }));
+    const xs = points.map(p => p.x), ys = points.map(p => p.y);
+    Charts.scatter(box, `Validation accuracy vs ${label}`, points, { xLabel: label, yLabel: "validation accuracy (mean)",
+      xFmt, frontier, yMin: Math.max(0, Math.min(...ys) - 0.02), yMax: Math.min(1, Math.max(...ys) + 0.02),
+      xMin: Math.min(...xs) * 0.9, xMax: Math.max(...xs) * 1.05, empty: "no finished children yet" });
+  }
+  function render() {
+    const p = sweep.progress;
+    head.replaceChildren(h("p", {}, statusBadge(sweep.status), ` ${sweep.name || ""} — ${p.finished}/${p.total} children finished (`,
+      Object.entries(p.by_status).map(([k, v]) => `${k} ${v}`).join(", "), ")"));
+    cancel.hidden = sweep.status !== "active";
+    chart(flops, "inference_flops_ratio", "flops", "inference FLOPs (× dense)");
+    chart(size, "packed_bytes", "size", "packed export (bytes)");
+    groups.replaceChildren(...sweep.aggregate.map(g => h("tr", {}, h("td", {}, g.method), h("td", {}, g.distribution),
+      h("td", {}, pct(g.sparsity)), h("td", {}, `${g.succeeded}/${g.children}`),
+      h("td", {}, Number.isFinite(g.val_accuracy.mean) ? num(g.val_accuracy.mean) + (Number.isFinite(g.val_accuracy.sd) ? " ± " + num(g.val_accuracy.sd) : "") : "—"),
+      h("td", {}, Number.isFinite(g.inference_flops_ratio) ? num(g.inference_flops_ratio, 3) + "×" : "—"),
+      h("td", {}, Number.isFinite(g.packed_bytes) ? Math.round(g.packed_bytes).toLocaleString() : "—"),
+      h("td", {}, Object.entries(g.on_frontier || {}).filter(([, on]) => on).map(([k]) => k).join(", ") || "—"))));
+    children.replaceChildren(...sweep.children.map(c => h("tr", {},
+      h("td", {}, c.id ? h("a", { href: `#/jobs/${c.id}` }, c.id) : "—"), h("td", {}, statusBadge(c.status)),
+      h("td", {}, c.params.method), h("td", {}, c.params.distribution), h("td", {}, pct(c.params.sparsity)),
+      h("td", {}, String(c.params.seed)), h("td", {}, pct(c.progress)), h("td", {}, pct(c.val_accuracy)))));
+  }
+  async function load() {
+    try {
+      sweep = await api(`/v1/sweeps/${encodeURIComponent(sweepId)}`);
+      render();
+    } catch (err) { banner(err.message); }
+  }
+  cancel.addEventListener("click", async () => {
+    try { sweep = await api(`/v1/sweeps/${encodeURIComponent(sweepId)}/cancel`, { method: "POST" }); render(); }
+    catch (err) { banner(err.message); }
+  });
+  load();
+  const timer = setInterval(() => { if (!sweep || sweep.status === "active") load(); }, 3000);  // the frontier grows live
+  return () => clearInterval(timer);
+}
+
 // ------------------------------------------------------------------ routing
 function route() {
   teardown();
@@ -601,6 +683,8 @@ function route() {
   if (parts[0] === "jobs" && parts[1]) teardown = jobView(view, decodeURIComponent(parts[1]));
   else if (parts[0] === "submit") { active = "submit"; teardown = submitView(view); }
   else if (parts[0] === "compare") { active = "compare"; teardown = compareView(view, query); }
+  else if (parts[0] === "sweeps" && parts[1]) { active = "sweeps"; teardown = sweepView(view, decodeURIComponent(parts[1])); }
+  else if (parts[0] === "sweeps") { active = "sweeps"; teardown = sweepsView(view); }
   else teardown = jobsView(view, query);
   document.querySelectorAll("[data-nav]").forEach(a => a.classList.toggle("active", a.dataset.nav === active));
 }

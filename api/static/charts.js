@@ -159,7 +159,7 @@ const Charts = (() => {
     legend(svg, series.map((s, i) => ({ name: s.name, color: s.color || PALETTE[i % PALETTE.length] })));
   }
 
-  /** points: [{x, y, label, group}]; one colour per group. */
+  /** points: [{x, y, label, group}]; one colour per group; options.frontier: [{x, y}] drawn as a step line. */
   function scatter(container, title, points, options) {
     const o = options || {};
     const svg = frame(container, title);
@@ -176,6 +176,14 @@ const Charts = (() => {
         if (pts.length > 1) el("polyline", { points: pts.map(p => `${x(p.x).toFixed(1)},${y(p.y).toFixed(1)}`).join(" "),
           fill: "none", stroke: PALETTE[gi % PALETTE.length], "stroke-width": 1.5, opacity: 0.6 }, svg);
       });
+    }
+    if (o.frontier && o.frontier.length) {  // [{x, y}] by cost: a step line through the non-dominated points
+      const f = [...o.frontier].sort((a, b) => a.x - b.x);
+      const steps = f.flatMap((p, i) => (i ? [[x(p.x), y(f[i - 1].y)], [x(p.x), y(p.y)]] : [[x(p.x), y(p.y)]]));
+      const line = el("polyline", { points: steps.map(([a, b]) => `${a.toFixed(1)},${b.toFixed(1)}`).join(" "),
+        fill: "none", stroke: "#ea580c", "stroke-width": 2, "stroke-dasharray": "5 3", class: "frontier",
+        "data-n": f.length }, svg);
+      el("title", {}, line).textContent = "Pareto frontier";
     }
     for (const p of points) {
       const color = PALETTE[groups.indexOf(p.group) % PALETTE.length];
