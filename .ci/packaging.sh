@@ -5,7 +5,7 @@
 #      smoke-tests it: no service packages, `rigl --help`, a one-epoch synthetic `rigl train`,
 #      and `rigl serve` / digits answering with the extra to install (exit 2);
 #   3. py312: a Python 3.12 venv with `pip install -e ".[test]"` runs `pytest -m "not slow"`.
-# Any failure fails CI. Measured on the 2-core CI machine (bench/packaging.md): build 7-28 s; wheel
+# Any failure fails CI. Measured on the 2-core CI machine (bench/results/packaging.md): build 7-28 s; wheel
 # leg ~1.5 min (60 s install, torch 2.14.1 from the local wheel files; 30 s smoke); py312 leg
 # ~3 min install with a warm pip cache (6.6 min cold: torch cp312 is downloaded) + ~5 min of tests.
 # PACKAGING_LEGS=build,wheel,py312 picks legs (all by default).

@@ -11,7 +11,7 @@ of them alike; the table gives the median over repeats of each repeat's p50 and 
 
     python bench/api_metrics_p99.py [--requests 1000] [--repeats 5]
 
-Writes bench/api_metrics_p99.md (and .json next to it).
+Writes bench/results/api_metrics_p99.md (and .json next to it).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "api_metrics_p99.md"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "api_metrics_p99.md"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rigl-metrics-bench-"))
     processes, urls = [], {}

@@ -5,7 +5,7 @@ this measures what that costs per MB against the local folder (a file copy). The
 standalone server (pure Python, started here on 127.0.0.1): a protocol-faithful stand-in, not a
 real S3 or MinIO, so its figures are a floor for the client path, not a forecast for a real bucket.
 
-    python bench/artifact_throughput.py [--repeats 5] [--out bench/artifact_throughput.md]
+    python bench/artifact_throughput.py [--repeats 5] [--out bench/results/artifact_throughput.md]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def measure(store, source: Path, scratch: Path, repeats: int) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "artifact_throughput.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "artifact_throughput.md")
     args = parser.parse_args()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"})

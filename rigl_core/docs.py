@@ -78,5 +78,7 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m rigl_core.docs [README.md]  (rewrites the JobSpec reference between its markers)")
     changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
     print("README.md updated" if changed else "README.md already current")

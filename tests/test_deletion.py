@@ -246,7 +246,7 @@ def test_with_a_real_worker_a_deleted_running_job_ends_cancelled_then_gone(tmp_p
                 events = api.get(f"/v1/jobs/{short}/events?limit=1000").json()["data"]
                 assert any(e["type"] == "checkpoint" and e["data"]["kind"] == "resume" for e in events)
                 wait_for(lambda: [c["kind"] for c in api.get(f"/v1/jobs/{short}/checkpoints").json()["data"]]
-                         == ["dense", "packed"], 10, what="the resume checkpoint to be dropped")
+                         == ["dense", "packed", "compressed", "onnx"], 10, what="the resume checkpoint to be dropped")
                 job_dir = tmp_path / "artifacts" / "jobs" / short
                 assert not list(job_dir.glob("resume*")) and (job_dir / "report.json").is_file()
 

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service_helpers import ROOT, free_port
+from service_helpers import (REDIS, ROOT, cleanup_redis_queue, free_port, postgres_available, redis_available,
+                             start_worker, temporary_postgres_database, wait_for)
 from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact
 from store.object_store import BadKey, LocalStore, S3Store, check_key
 from store.settings import Settings
@@ -454,3 +455,58 @@ def test_a_spec_stored_with_an_absolute_path_still_runs(tmp_path):
     job = store.create_job({**TENSORS_JOB, "dataset": {"name": "tensors", "path": dataset}}, spec, 16)
     assert run_job(job.id, settings, store) == "succeeded", store.get_job(job.id).error_message
     assert (settings.artifact_dir / "jobs" / job.id / "model.safetensors").is_file()  # the local store keeps it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (postgres_available() and redis_available()) and not os.environ.get("CI"),
+                    reason="needs PostgreSQL and Redis")
+def test_real_celery_workers_on_two_folders_hand_a_job_over_through_the_bucket(tmp_path, s3_endpoint, bucket):
+    """The same hand-over with real parts: PostgreSQL, Redis and two Celery worker processes, each with
+    its own empty data folder. Worker A is shut down warm (SIGTERM, as a deploy or a preempted node
+    does) mid-job: it checkpoints into the bucket and requeues; worker B resumes from the bucket."""
+    import signal
+
+    from api.app import create_app
+    from store.jobs import JobStore
+
+    queue = f"rigl-s3-{uuid.uuid4().hex[:8]}"
+    with temporary_postgres_database() as database_url:
+        common = {**{k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}, **AWS_ENV,
+                  "RIGL_DATABASE_URL": database_url, "RIGL_BROKER_URL": REDIS, "RIGL_QUEUE": queue,
+                  "RIGL_ARTIFACT_URL": f"s3://{bucket}/artifacts", "RIGL_S3_ENDPOINT_URL": s3_endpoint,
+                  "RIGL_LEASE_SECONDS": "3", "RIGL_CANCEL_POLL_SECONDS": "0.2", "RIGL_REAPER_INTERVAL_SECONDS": "0.5"}
+        settings = Settings(data_dir=tmp_path / "api", database_url=database_url, broker_url=REDIS, queue=queue,
+                            artifact_url=f"s3://{bucket}/artifacts", s3_endpoint_url=s3_endpoint, auth=False,
+                            reaper=False)
+        workers = []
+        try:
+            with TestClient(create_app(settings)) as api:
+                dataset = api.post("/v1/datasets?name=toy&format=npz", content=_npz(512)).json()["id"]
+                spec = {**TENSORS_JOB, "dataset": {"name": "tensors", "path": dataset},
+                        "training": {**TENSORS_JOB["training"], "epochs": 40, "batch_size": 16}}  # 40 × 29 steps
+                job_id = api.post("/v1/jobs", json=spec).json()["id"]
+            store = JobStore(database_url)
+            workers.append(start_worker({**common, "RIGL_DATA_DIR": str(tmp_path / "worker-a")}, tmp_path / "a.log"))
+            wait_for(lambda: (lambda j: j.status == "running" and j.step >= 30)(store.get_job(job_id)), 120,
+                     interval=0.1, what="worker A training")
+            workers[0].send_signal(signal.SIGTERM)  # warm shutdown: checkpoint at the next step, requeue
+            workers[0].wait(60)
+            stopped = store.get_job(job_id)
+            resume = store.latest_checkpoint(job_id, "resume")
+            assert stopped.status == "requeued" and resume is not None, (stopped.status, resume)
+            assert not (tmp_path / "worker-b").exists()
+            workers.append(start_worker({**common, "RIGL_DATA_DIR": str(tmp_path / "worker-b")}, tmp_path / "b.log"))
+            done = wait_for(lambda: (lambda j: j if j.status in ("succeeded", "failed") else None)(
+                store.get_job(job_id)), 180, interval=0.3, what="worker B finishing the job")
+            assert done.status == "succeeded", done.error_message
+            assert done.step == done.total_steps and store.get_job(job_id).preemptions == 1
+            events = store.list_events(job_id, 0, 10_000)
+            resumed = [e.data["resumed_from_step"] for e in events if "resumed_from_step" in (e.data or {})]
+            assert resumed == [resume.step]  # B started from A's checkpoint, fetched from the bucket
+            assert f"artifacts/jobs/{job_id}/model.packed.safetensors" in _bucket_keys(s3_endpoint, bucket)
+            assert not (tmp_path / "worker-b" / "artifacts" / "jobs" / job_id).exists()  # B cleared its copy
+        finally:
+            for worker in workers:
+                worker.kill()
+                worker.wait(30)
+            cleanup_redis_queue(queue)
