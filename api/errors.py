@@ -57,8 +57,10 @@ def install(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         field = _loc_to_field(first["loc"])
-        named = FIELD_PREFIX.match(message) if field == "body" else None
-        if named and "." in named.group(1):  # a whole-spec rule (e.g. sparsity.init vs model.weights) names its field
+        # a whole-spec rule (e.g. sparsity.init vs model.weights), or a section's cross-field rule
+        # (sparsity.pattern inside `sparsity`), names its field
+        named = FIELD_PREFIX.match(message) if field == "body" or message.startswith(field + ".") else None
+        if named and "." in named.group(1):
             field, message = named.group(1), named.group(2)
             details[0] = {"field": field, "message": message}
         body = _body("invalid_request", message, field)

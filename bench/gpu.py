@@ -35,6 +35,7 @@ skipped and said so; results are written after every part, so a timeout still le
 
     python bench/gpu.py --out DIR           # on the GPU; writes bench/results/gpu.{md,json} (and DIR/)
     python bench/gpu.py --smoke             # on CPU, 10 s idle to ~1 min busy, tiny sizes: gpu_smoke.*
+    python bench/gpu.py --nm24 [--out DIR]  # only 2:4 semi-structured Linear vs dense fp16: gpu_nm24.* (NOT RUN YET)
 
 On the device machine (`run` tool; see bench/run_gpu.sh, which also prepares the wheels here):
 
@@ -463,6 +464,71 @@ def write(results: dict, paths: list[Path]) -> None:
         md.write_text(text)
 
 
+# ---------------------------------------------------------------------------- 2:4 semi-structured (NOT RUN YET)
+# Written for issue 16 item 4 without a GPU: this part has never run. `python bench/gpu.py --nm24` on a lent
+# GPU times a Linear layer's forward with a 2:4 weight (sparsity.pattern "2:4") converted by
+# rigl_core.export_nm.to_semi_structured (torch.sparse.to_sparse_semi_structured) against the same dense
+# fp16 matmul, and writes bench/results/gpu_nm24.{md,json}. On CPU it only records why nothing converted.
+NM24_SHAPES = [(4096, 4096, 4096), (4096, 11008, 4096), (256, 4096, 4096)]  # (tokens, in, out)
+
+
+def run_nm24(device, paths: list[Path], iters: int = 50, warmup: int = 10, shapes=NM24_SHAPES) -> dict:
+    import torch
+    from torch import nn
+
+    from rigl_core.export_nm import to_semi_structured
+    from rigl_core.nm import nm_random_mask
+
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine(device), "git": commit(), "shapes": [], "iters": iters}
+    generator = torch.Generator().manual_seed(0)
+    for tokens, d_in, d_out in shapes:
+        row = {"tokens": tokens, "in": d_in, "out": d_out}
+        layer = nn.Linear(d_in, d_out, bias=False)
+        with torch.no_grad():
+            layer.weight.mul_(nm_random_mask((d_out, d_in), 2, 4, generator))
+        layer = layer.to(device, torch.float16)
+        x = torch.randn(tokens, d_in, device=device, dtype=torch.float16)
+        dense_weight = layer.weight.detach().clone()
+
+        def timed(fn) -> float:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+            return (time.perf_counter() - start) / iters
+
+        with torch.inference_mode():
+            row["dense_ms"] = 1000 * timed(lambda: torch.nn.functional.linear(x, dense_weight))
+            _, report = to_semi_structured(layer)
+            row["report"] = report
+            if report["converted"]:
+                row["sparse_ms"] = 1000 * timed(lambda: layer(x))
+                row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+                expected = torch.nn.functional.linear(x, dense_weight).float()
+                row["max_rel_error"] = float((layer(x).float() - expected).abs().max() / expected.abs().max())
+        results["shapes"].append(row)
+        print(f"2:4 {tokens}×{d_in}→{d_out}: dense {row['dense_ms']:.3f} ms, "
+              + (f"2:4 {row['sparse_ms']:.3f} ms ({row['speedup']:.2f}×)" if "sparse_ms" in row
+                 else f"not converted: {report['reason']}"), flush=True)
+    lines = ["# 2:4 semi-structured Linear vs dense fp16 (bench/gpu.py --nm24)", "",
+             f"Device {results['machine'].get('gpu') or results['machine']['device']}, torch "
+             f"{results['machine']['torch']}; {results['date']}; {iters} timed iterations after {warmup}.", "",
+             "| tokens × in → out | dense ms | 2:4 ms | speedup | note |", "|---|---|---|---|---|"]
+    for row in results["shapes"]:
+        note = row["report"]["reason"] or ""
+        lines.append(f"| {row['tokens']} × {row['in']} → {row['out']} | {row['dense_ms']:.3f} | "
+                     f"{row.get('sparse_ms', float('nan')):.3f} | {row.get('speedup', float('nan')):.2f} | {note} |")
+    for md in paths:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
+        md.write_text("\n".join(lines) + "\n")
+    return results
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -471,7 +537,17 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="skip parts that would end past this "
                         "many seconds from the start (default 300; 240 with --smoke)")
     parser.add_argument("--only", default=None, help="comma list of model names to run (default: all)")
+    parser.add_argument("--nm24", action="store_true", help="only the 2:4 semi-structured Linear timing "
+                        "(gpu_nm24.{md,json}; never run yet); with --smoke, on CPU (records why it cannot run)")
     args = parser.parse_args()
+    if args.nm24:
+        import torch
+
+        device = torch.device("cpu" if args.smoke else "cuda")
+        paths = [] if args.smoke else [RESULTS / "gpu_nm24.md"]  # the CPU smoke prints only
+        run_nm24(device, paths + ([args.out / "gpu_nm24.md"] if args.out else []), iters=2 if args.smoke else 50,
+                 warmup=1 if args.smoke else 10, shapes=[(8, 64, 64)] if args.smoke else NM24_SHAPES)
+        return
     started = time.perf_counter()
     budget = args.budget_s or (240.0 if args.smoke else 300.0)
 

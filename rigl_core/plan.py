@@ -182,6 +182,14 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
         layer_density=spec.layer_density,
         embeddings=spec.embeddings,
     )
+    nm = spec.nm if spec.method != "dense" else None
+    if nm is not None:  # N:M: layers without an (out, in) layout divisible by M stay dense, saying why
+        from rigl_core.nm import nm_unfit_reason
+
+        for layer in layers:
+            reason = nm_unfit_reason(layer.kind, layer.shape, nm[1]) if layer.masked else None
+            if reason is not None:
+                layer.masked, layer.reason = False, reason
     masked = [layer for layer in layers if layer.masked]
     if spec.method != "dense" and not masked:
         raise ValueError(
@@ -195,6 +203,8 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
         custom=[layer.custom_density for layer in masked],
         erk_power_scale=spec.erk_power_scale,
     )
+    if nm is not None:  # every masked layer at exactly N/M: the distribution does not apply
+        sparsities = [1.0 - nm[0] / nm[1]] * len(masked)
     by_name = {layer.name: s for layer, s in zip(masked, sparsities)}
     counted = count_positions(model, input_shape) if input_shape is not None else Positions()
     positions = counted.by_layer

@@ -87,7 +87,7 @@ class RigL:
         sparsifier = SPARSIFIERS[spec.method](
             [lp.layer for lp in plan.masked], [lp.target_sparsity for lp in plan.masked], optimizer, schedule,
             seed=seed, grad_accumulation_n=spec.schedule.grad_accumulation_n,
-            snfs_momentum=spec.schedule.snfs_momentum, gmp_begin=gmp_begin,
+            snfs_momentum=spec.schedule.snfs_momentum, gmp_begin=gmp_begin, pattern=spec.nm,
         )
         sparsifier.init_masks()
         self._attach(sparsifier, plan, total_steps, counts_flops=input_shape is not None)
@@ -261,6 +261,8 @@ def sparsity_spec(sparsity: float, options: dict) -> SparsitySpec:
         loc = [str(p) for p in item["loc"] if p != "schedule"]
         name = loc[0] if loc else "options"
         message = item["msg"].removeprefix("Value error, ")
+        if not loc and message.startswith("sparsity."):  # a cross-field check already names its field
+            raise ValueError(message.removeprefix("sparsity.")) from None
         raise ValueError(f"{name}: {message}") from None
 
 

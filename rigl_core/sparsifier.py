@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rigl_core.distributions import active_count
 from rigl_core.layers import Layer
 from rigl_core.masking import drop_and_grow, like_weight, mask_optimizer_state, random_mask, topk_mask
+from rigl_core.nm import group_counts, nm_drop_and_grow, nm_random_mask, nm_unfit_reason
 from rigl_core.schedules import UpdateSchedule, gmp_sparsity
 
 
@@ -93,12 +94,22 @@ class Sparsifier:
         grad_accumulation_n: int = 1,
         snfs_momentum: float = 0.9,
         gmp_begin: int = 0,
+        pattern: tuple[int, int] | None = None,
     ):
         self.layers = [layer for layer in layers if layer.masked]
         self.sparsity = {layer.name: s for layer, s in zip(self.layers, sparsities)}
         self.target_active = {
             layer.name: max(1, active_count(layer.numel, self.sparsity[layer.name])) for layer in self.layers
         }
+        # (N, M) of sparsity.pattern N:M (rigl_core/nm.py): exactly N active in every group of M
+        self.pattern = pattern if self.method in ("static", "set", "snfs", "rigl") else None
+        if self.pattern is not None:
+            n, m = self.pattern
+            for layer in self.layers:
+                unfit = nm_unfit_reason(layer.kind, layer.shape, m)
+                if unfit is not None:  # make_plan leaves such layers dense; a caller passed one anyway
+                    raise ValueError(f"sparsity.pattern: layer {layer.name!r} cannot be masked {n}:{m} ({unfit})")
+                self.target_active[layer.name] = layer.numel // m * n
         self.optimizer = optimizer
         self.schedule = schedule
         self.seed = seed
@@ -141,6 +152,9 @@ class Sparsifier:
                 if tuple(mask.shape) != layer.shape or int(mask.sum()) != self.target_active[layer.name]:
                     raise ValueError(f"initial mask of {layer.name!r}: needs shape {list(layer.shape)} with "
                                      f"{self.target_active[layer.name]} active entries")
+                if self.pattern is not None and bool((group_counts(mask, self.pattern[1]) != self.pattern[0]).any()):
+                    raise ValueError(f"initial mask of {layer.name!r}: needs exactly {self.pattern[0]} active in "
+                                     f"every group of {self.pattern[1]} (sparsity.pattern)")
                 self._store_mask(layer, mask)
             self._broadcast_masks()
             self.apply_masks()
@@ -151,7 +165,10 @@ class Sparsifier:
             return
         generator = torch.Generator().manual_seed(self.seed)
         for layer in self.layers:
-            mask = random_mask(layer.shape, self.target_active[layer.name], generator)
+            if self.pattern is not None:
+                mask = nm_random_mask(layer.shape, *self.pattern, generator)
+            else:
+                mask = random_mask(layer.shape, self.target_active[layer.name], generator)
             self._store_mask(layer, mask.to(layer.weight.device))
         self._broadcast_masks()
         self.apply_masks()
@@ -324,7 +341,11 @@ class Sparsifier:
                 if n_active is None:
                     n_active = self._active[layer.name] = int(old.sum())
                 k = int(fraction * n_active)
-                result = drop_and_grow(old, layer.weight, grow_score(index, layer), k, n_active=n_active)
+                if self.pattern is not None:  # drop/grow within each group of M (rigl_core/nm.py)
+                    result = nm_drop_and_grow(old, layer.weight, grow_score(index, layer), k, self.pattern[1],
+                                              n_active=n_active)
+                else:
+                    result = drop_and_grow(old, layer.weight, grow_score(index, layer), k, n_active=n_active)
                 old_flat = old.reshape(-1)
                 ever = self.ever_active.get(layer.name)
                 if ever is None:

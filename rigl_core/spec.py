@@ -276,7 +276,66 @@ class SparsitySpec(_Strict):
         default_factory=dict, max_length=MAX_LIST,
         description="Explicit density per module name; such layers are outside the budget.",
     )
+    pattern: str = Field(
+        "unstructured", max_length=16, description="unstructured, or \"N:M\" (e.g. \"2:4\", 1 <= N < M <= 32): "
+        "exactly N active weights in every M consecutive weights along each masked layer's input dimension "
+        "(the layout of GPU 2:4 sparse kernels). Every masked layer then has density N/M: sparsity.sparsity "
+        "defaults to 1 - N/M and must equal it; distribution is ignored; layers whose input dim (in·kh·kw) is "
+        "not divisible by M, and GPT-2 Conv1D/embedding kernels, stay dense. Methods static, set, snfs, rigl; "
+        "drop/grow stays within each group.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, None when unstructured."""
+        from rigl_core.nm import parse_pattern
+
+        return parse_pattern(self.pattern)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nm_sparsity_by_default(cls, data):
+        """With an N:M pattern and no `sparsity` given, the sparsity is N:M's own, 1 - N/M."""
+        from rigl_core.nm import parse_pattern
+
+        if isinstance(data, dict) and "sparsity" not in data and isinstance(data.get("pattern"), str):
+            try:
+                nm = parse_pattern(data["pattern"])
+            except ValueError:
+                return data  # the field validator reports it
+            if nm is not None:
+                return {**data, "sparsity": 1.0 - nm[0] / nm[1]}
+        return data
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern(cls, value: object) -> object:
+        from rigl_core.nm import parse_pattern
+
+        if not isinstance(value, str):  # YAML 1.1 reads an unquoted 2:4 as the number 124
+            raise ValueError(f"a string such as \"2:4\" (quote it in YAML), got {value!r}")
+        parse_pattern(value)
+        return value
+
+    @model_validator(mode="after")
+    def _nm_fits(self) -> "SparsitySpec":
+        nm = self.nm
+        if nm is None:
+            return self
+        n, m = nm
+        if self.method not in ("static", "set", "snfs", "rigl"):
+            raise ValueError(f"sparsity.pattern: {self.pattern} applies to methods static, set, snfs and rigl, "
+                             f"not {self.method}")
+        if self.init != "random":
+            raise ValueError(f"sparsity.pattern: {self.pattern} needs sparsity.init random (magnitude init is "
+                             "unstructured)")
+        if abs(self.sparsity - (1.0 - n / m)) > 1e-9:
+            raise ValueError(f"sparsity.sparsity: must be 1 - N/M = {1.0 - n / m:g} with sparsity.pattern "
+                             f"{self.pattern} (or leave it out), got {self.sparsity:g}")
+        if any(density != 1.0 for density in self.layer_density.values()):
+            raise ValueError(f"sparsity.layer_density: with sparsity.pattern {self.pattern} every masked layer has "
+                             "density N/M; only 1.0 (keep a layer dense) is allowed")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -165,6 +165,7 @@ class Trainer:
             grad_accumulation_n=sched.grad_accumulation_n,
             snfs_momentum=sched.snfs_momentum,
             gmp_begin=gmp_begin,
+            pattern=spec.sparsity.nm,
         )
         self.sparsifier.clip_grad_norm = t.clip_grad_norm
         warm_start(spec, self.model, self.sparsifier)  # model.weights loaded; sparsity.init magnitude's masks
