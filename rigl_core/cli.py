@@ -292,31 +292,25 @@ def cmd_report(args: argparse.Namespace) -> int:
             data = from_output_dir(args.source)
     except ReportSourceError as exc:
         raise UsageError(str(exc)) from None
-    if args.json:
-        print(json.dumps(data, indent=2))
-    if args.png is not None:
-        from rigl_core.report_png import render
-
-        try:
-            path = render(data, args.png)
-        except OSError as exc:
-            raise UsageError(f"--png: cannot write {args.png}: {exc.strerror or exc}") from None
-        if not args.json:
-            print(path)
-    return 0
+    return _print_report(args, data, "render")
 
 
 def _report_sweep(args: argparse.Namespace) -> int:
     """`rigl report sweep_…`: the sweep's accuracy against FLOPs and size, with the Pareto frontiers."""
     with _client() as client:
         sweep = client.sweep(args.source)
+    return _print_report(args, sweep, "render_sweep")
+
+
+def _print_report(args: argparse.Namespace, data: dict, renderer: str) -> int:
+    """--json prints the data; --png draws it with rigl_core.report_png.<renderer> and prints the path."""
     if args.json:
-        print(json.dumps(sweep, indent=2))
+        print(json.dumps(data, indent=2))
     if args.png is not None:
-        from rigl_core.report_png import render_sweep
+        from rigl_core import report_png
 
         try:
-            path = render_sweep(sweep, args.png)
+            path = getattr(report_png, renderer)(data, args.png)
         except OSError as exc:
             raise UsageError(f"--png: cannot write {args.png}: {exc.strerror or exc}") from None
         if not args.json:
