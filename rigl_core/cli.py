@@ -651,6 +651,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{m.get('val_accuracy', float('nan')):.4f}, {report['steps']} steps in {report['train_seconds']:.1f}s "
         f"-> {args.out}"
     )
+    check = report.get("export") or {}
+    if check.get("change"):  # export.values fp16/bf16: what the half-precision exports cost
+        print("exports store " + check["values"] + " values: " + ", ".join(
+            f"{k} {check['metrics'][k]:.4f} ({v:+.4f})" for k, v in check["change"].items()))
     return 0
 
 

@@ -303,15 +303,17 @@ class Client:
         return self._request("POST", "/v1/plan", json={"model": model, "sparsity": sparsity or {}, **extra}).json()
 
     # ------------------------------------------------------------------ sweeps
-    def submit_sweep(self, sweep: Any, grid: dict | None = None, name: str | None = None) -> dict:
+    def submit_sweep(self, sweep: Any, grid: dict | None = None, name: str | None = None,
+                     idempotency_key: str | None = None) -> dict:
         """`sweep`: {base, grid, name?} (a dict or a .json/.yaml file), or a base JobSpec with `grid`.
-        Not retried once sent: a sweep has no Idempotency-Key, and a retry would make a second one."""
+        Retried like `submit`, with one Idempotency-Key, so a retry answers with the same sweep."""
         body = _spec_body(sweep)
         if grid is not None:
             body = {"base": body, "grid": grid}
         if name is not None:
             body["name"] = name
-        return self._request("POST", "/v1/sweeps", retry=False, json=body).json()
+        headers = {"Idempotency-Key": idempotency_key or f"rigl-client-{uuid.uuid4()}"}
+        return self._request("POST", "/v1/sweeps", json=body, headers=headers).json()
 
     def sweep(self, sweep_id: str) -> dict:
         """The sweep with its children, progress, aggregate table and Pareto frontiers."""

@@ -14,6 +14,7 @@ The entropy-coded export is in rigl_core/export_compressed.py, the ONNX export i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -147,10 +148,31 @@ COMPRESSED_EXPORT = "model.compressed.safetensors"
 ONNX_EXPORT = "model.onnx"
 
 
-def extra_exports(model: nn.Module, masks: dict[str, torch.Tensor], input_shape) -> list[tuple]:
+def extra_exports(model: nn.Module, masks: dict[str, torch.Tensor], input_shape, values: str = "fp32") -> list[tuple]:
     """(kind, file name, writer(path), optional) for the exports beyond dense and packed. An optional
     one that fails (a model the ONNX exporter cannot trace, e.g. token models) is skipped with a warning."""
     from rigl_core.export_onnx import export_onnx
 
-    return [("compressed", COMPRESSED_EXPORT, lambda p: save_compressed_model(model, masks, p), False),
+    return [("compressed", COMPRESSED_EXPORT, lambda p: save_compressed_model(model, masks, p, values), False),
             ("onnx", ONNX_EXPORT, lambda p: export_onnx(model, input_shape, p), True)]
+
+
+@contextlib.contextmanager
+def stored_values(model: nn.Module, masks: dict[str, torch.Tensor], values: str):
+    """Inside, the masked weights hold what a reader of a `values` export gets back (rounded to fp16/bf16
+    and cast back); restored exactly on exit. Lets a run measure the accuracy its half-precision export
+    costs before writing it."""
+    if values not in HALF:
+        raise ValueError(f"values: one of fp32, fp16, bf16, not {values!r}")
+    params = dict(model.named_parameters())
+    keys = {_param_key(k, params) for k in masks} & params.keys()
+    kept = {k: params[k].detach().clone() for k in keys if HALF[values] and params[k].is_floating_point()}
+    try:
+        with torch.no_grad():
+            for key in kept:
+                params[key].copy_(params[key].to(HALF[values]).to(params[key].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for key, original in kept.items():
+                params[key].copy_(original)

@@ -93,8 +93,10 @@ def run_training(
     report["spec"] = spec.model_dump(mode="json")
     write_json(out / REPORT, report)
     save_dense(trainer.model, out / DENSE_EXPORT)
-    save_packed(trainer.model, trainer.sparsifier.masks, out / PACKED_EXPORT)
-    for kind, name, write, optional in extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape):
+    values = spec.export.values
+    save_packed(trainer.model, trainer.sparsifier.masks, out / PACKED_EXPORT, values)
+    for kind, name, write, optional in extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape,
+                                                     values):
         try:
             write(out / name)
         except Exception as error:  # noqa: BLE001 - an optional export never fails the run

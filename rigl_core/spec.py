@@ -450,6 +450,15 @@ def _int_or_word(value: object, word: str, most: int) -> object:
     raise ValueError(f"must be {word!r} or an integer in 1..{most}")
 
 
+class ExportSpec(_Strict):
+    """How the run's exports store their values (the dense export and ONNX stay in the training dtype)."""
+
+    values: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Precision of the nonzero values in the packed and compressed exports. fp16/bf16 "
+        "halve their value bytes; the run then also evaluates the model with the rounded values and reports "
+        "the change (report `export`, job result `export`).")
+
+
 class JobSpec(_Strict):
     """A complete training job."""
 
@@ -460,6 +469,7 @@ class JobSpec(_Strict):
     dataset: DatasetSpec
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
 
     @model_validator(mode="before")
     @classmethod

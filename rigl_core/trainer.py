@@ -24,6 +24,7 @@ from torch import nn
 from rigl_core import distributed
 from rigl_core.datasets.feed import BatchPlan, open_feed
 from rigl_core.distributed import Group, rank_device, resolve_devices
+from rigl_core.export import stored_values
 from rigl_core.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
 from rigl_core.models import build_model, check_model, resolve_task
 from rigl_core.optim import build_optimizer, lr_at
@@ -179,6 +180,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.data_wait_seconds = 0.0
         self.eval_history: list[dict] = []
+        self.export_check: dict | None = None  # metrics with the exports' fp16/bf16 values (spec.export)
         self.last_train_loss: float | None = None
         self.stopped_early = False
         self.resumed_from: str | None = None  # the other ranks of a multi-device job resume from it too
@@ -326,7 +328,19 @@ class Trainer:
             self.train_seconds += time.perf_counter() - started - eval_seconds
             if bar is not None:
                 bar.close()
+        if self.spec.export.values != "fp32" and self.step >= self.total_steps:
+            self.export_check = self._evaluate_export_values()
         return self.report()
+
+    def _evaluate_export_values(self) -> dict:
+        """The validation metrics with the values the packed/compressed exports store (fp16/bf16), beside the
+        final ones: what the half-precision export costs. Every rank takes part (evaluate sums over ranks)."""
+        values = self.spec.export.values
+        with stored_values(self.model, self.sparsifier.masks, values):
+            metrics = self.evaluate()
+        final = self.eval_history[-1] if self.eval_history else {}
+        change = {k: v - final[k] for k, v in metrics.items() if isinstance(final.get(k), (int, float))}
+        return {"values": values, "metrics": metrics, "change": change}
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return to_channels_last(x) if self.channels_last else x
@@ -420,6 +434,7 @@ class Trainer:
                 "dataset": self.spec.dataset.name,
                 "task": self.task.name,
                 "final_metrics": {k: v for k, v in final.items() if k not in ("step", "epoch")},
+                "export": self.export_check or {"values": self.spec.export.values},
                 "train_seconds": self.train_seconds,
                 "steps": self.step,
                 "total_steps": self.total_steps,

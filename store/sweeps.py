@@ -18,9 +18,9 @@ from typing import Callable
 from sqlalchemy import delete, select, update
 
 from store.artifacts import ID_PATTERN, issued_id
-from store.db import Checkpoint, DatasetRecord, Event, Job, Sweep, WeightsRecord, utcnow
+from store.db import Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, Sweep, WeightsRecord, utcnow
 from store.dispatch import dispatch
-from store.jobs import TERMINAL, JobStore
+from store.jobs import TERMINAL, IdempotencyConflict, JobStore
 
 log = logging.getLogger("rigl.sweeps")
 
@@ -51,16 +51,22 @@ def params_of(resolved_spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- create
 def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid: dict, children: list[dict],
-                 max_active: int) -> tuple[Sweep, list[str]]:
+                 max_active: int, idempotency: tuple[str, str] | None = None) -> tuple[Sweep, list[str]]:
     """Store the sweep and the children that fit under the owner's cap as queued jobs, all in one
     transaction; the rest are held. `children`: entries with spec, resolved, total_steps, name, tags,
-    metadata (validated by the caller). Returns (sweep, ids of the jobs created: the caller dispatches)."""
+    metadata (validated by the caller). Returns (sweep, ids of the jobs created: the caller dispatches).
+    `idempotency` = (key, body hash), stored with the sweep (the jobs' table: a key names one job or one
+    sweep); a twin that committed first raises IdempotencyConflict."""
     with store.sessions.begin() as s:
         store.lock_owners(s, [owner])
+        if idempotency is not None and s.get(IdempotencyRecord, (owner, idempotency[0])) is not None:
+            raise IdempotencyConflict()
         sweep = Sweep(owner=owner, name=name, status="active", base=base, grid=grid, children=len(children),
                       held=[], held_count=0)
         s.add(sweep)
         s.flush()
+        if idempotency is not None:
+            s.add(IdempotencyRecord(owner=owner, key=idempotency[0], body_sha256=idempotency[1], job_id=sweep.id))
         free = max(0, max_active - store._count_active(s, owner))
         created = [_add_child(store, s, sweep, entry).id for entry in children[:free]]
         sweep.held, sweep.held_count = children[free:], len(children) - min(free, len(children))
@@ -195,6 +201,7 @@ def delete_sweep(store: JobStore, artifacts, sweep_id: str, owner: str | None = 
         if outcome is not None:
             done["deleted" if outcome == "deleted" else "pending"].append(job.id)
     with store.sessions.begin() as s:
+        s.execute(delete(IdempotencyRecord).where(IdempotencyRecord.job_id == sweep_id))  # the key is free again
         s.execute(delete(Sweep).where(Sweep.id == sweep_id))
     return done
 

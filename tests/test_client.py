@@ -202,6 +202,14 @@ def test_a_proxy_504_after_forwarding_the_post_still_makes_one_job(server):
                 direct.cancel(created_job.id)
             for created_job in (job, other):
                 direct.wait(created_job.id, timeout=60, poll=0.2)
+            # a sweep's POST is retried the same way: one sweep, not two grids
+            seen.clear()
+            before = {s["id"] for s in direct.sweeps(limit=100)}
+            with Client(f"http://127.0.0.1:{httpd.server_port}", backoff=0.01) as client:
+                sweep = client.submit_sweep({"base": spec, "grid": {"seed": [0, 1]}})
+            assert {s["id"] for s in direct.sweeps(limit=100)} - before == {sweep["id"]}
+            assert len(seen) == 2 and seen[0] and seen[0] == seen[1]
+            direct.delete_sweep(sweep["id"])
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -145,6 +145,16 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     kernels = [v for k, v in tensors.items() if k.endswith("weight")]
     zeros = sum(int((v == 0).sum()) for v in kernels) / sum(v.size for v in kernels)
     assert 0.75 < zeros < 0.85 and all(np.isfinite(v).all() for v in tensors.values())
+    buttons = page.locator(".checkpoint button").all_inner_texts()  # every deployable export, in order
+    assert buttons == ["Download dense", "Download packed", "Download compressed", "Download onnx"], buttons
+    with page.expect_download() as info:
+        page.click("#download-compressed")
+    assert info.value.suggested_filename == f"{job_id}-model.compressed.safetensors"
+    info.value.save_as(tmp_path / "c.safetensors")
+    from rigl_core.export_compressed import read_compressed
+
+    back = read_compressed(tmp_path / "c.safetensors")
+    assert set(back) == set(tensors) and all(np.array_equal(back[k], tensors[k]) for k in tensors)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "dashboard_job.png"

@@ -269,3 +269,86 @@ def test_a_model_the_onnx_exporter_cannot_trace_is_skipped_with_a_warning(tmp_pa
         missing = api.get(f"/v1/jobs/{job_id}/checkpoint?format=onnx")
         assert missing.status_code == 404 and missing.json()["error"]["field"] == "format"
     assert not list((tmp_path).rglob("*.onnx*"))  # no temp file left behind
+
+
+# ------------------------------------------------------------------------------- export.values fp16/bf16
+def test_stored_values_rounds_the_masked_weights_inside_and_restores_them_exactly():
+    from rigl_core.export import stored_values
+
+    model, masks = sparse_model("lenet5", [1, 28, 28], 0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with stored_values(model, masks, "bf16"):
+        inside = model.state_dict()
+        rounded = [k for k in before if not torch.equal(inside[k], before[k])]
+        assert rounded and all(k.rsplit(".", 1)[0] in masks for k in rounded)  # only masked weights move
+        for k in rounded:
+            assert torch.equal(inside[k], before[k].to(torch.bfloat16).float())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="values"):
+        with stored_values(model, masks, "int8"):
+            pass
+
+
+def test_a_job_with_fp16_values_exports_them_and_reports_the_accuracy_they_cost(tmp_path):
+    """The run evaluates the model holding exactly what the packed/compressed readers get back, and the
+    report's figures are those of the exported files."""
+    from rigl_core.run import run_training
+    from rigl_core.spec import JobSpec
+
+    spec = JobSpec.model_validate({"model": {"name": "mlp"}, "dataset": {"name": "digits"},
+                                   "training": {"epochs": 3, "device": "cpu"}, "export": {"values": "fp16"}})
+    report = run_training(spec, tmp_path)
+    check = report["export"]
+    assert check["values"] == "fp16" and set(check["change"]) >= {"val_accuracy", "val_loss"}
+    final = report["final_metrics"]
+    assert check["change"]["val_accuracy"] == pytest.approx(check["metrics"]["val_accuracy"] - final["val_accuracy"])
+    meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "model.packed.safetensors"), "pt")
+                      .metadata()["rigl"])
+    assert {t["values_dtype"] for t in meta["tensors"].values()} == {"float16"}
+    packed = load_packed(tmp_path / "model.packed.safetensors")
+    back = read_compressed(tmp_path / "model.compressed.safetensors")
+    assert all(np.array_equal(back[k], v.numpy()) for k, v in packed.items())
+    from rigl_core.trainer import Trainer
+
+    trainer = Trainer(spec)  # the exported values give the reported accuracy
+    trainer.model.load_state_dict(packed)
+    assert trainer.evaluate()["val_accuracy"] == pytest.approx(check["metrics"]["val_accuracy"])
+
+
+def test_export_values_is_checked_and_reaches_the_service_result(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from service_helpers import JOB
+    from store.settings import Settings
+    from worker.runner import run_job
+
+    settings = Settings(data_dir=tmp_path).resolved()
+    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
+        bad = api.post("/v1/jobs", json={**JOB, "export": {"values": "fp8"}})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "export.values", bad.json()
+        job = {**JOB, "training": {**JOB["training"], "epochs": 1}, "export": {"values": "bf16"}}
+        job_id = api.post("/v1/jobs", json=job).json()["id"]
+        assert run_job(job_id, settings) == "succeeded"
+        result = api.get(f"/v1/jobs/{job_id}").json()["result"]
+        assert result["export"]["values"] == "bf16" and "val_accuracy" in result["export"]["change"]
+        (tmp_path / "p.safetensors").write_bytes(api.get(f"/v1/jobs/{job_id}/checkpoint?format=packed").content)
+        from safetensors.torch import load_file
+
+        assert load_file(str(tmp_path / "p.safetensors"))["fc1.weight.values"].dtype == torch.bfloat16
+
+
+def test_onnx_of_a_token_model_takes_int64_ids(tmp_path):
+    """A model.hf sequence classifier exports with token ids in; onnxruntime agrees with PyTorch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("transformers")
+    from rigl_core.export_onnx import check_onnx, export_onnx, run_onnx
+
+    hf = {"model_type": "bert", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+    model = build_model("hf", 3, [16], hf=hf, task="sequence-classification").eval()
+    path = export_onnx(model, [16], tmp_path / "bert.onnx")
+    assert check_onnx(model, path, [16], batch=3) <= 1e-4
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert np.allclose(run_onnx(path, ids.numpy()), model(ids).numpy(), atol=1e-4)

@@ -121,6 +121,55 @@ def test_a_sweep_creates_validated_children_and_enqueues_them(service):
     assert sweep["frontier"] == {"flops": [], "size": []}  # nothing finished yet
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_an_idempotency_key_replays_the_sweep_and_refuses_another_body(service, database):
+    """A retried POST (the client's, after a lost answer) gets the first sweep back, never a second grid;
+    racing twins make one sweep. The key is one namespace with jobs' keys and is freed by deleting the sweep."""
+    import contextlib
+
+    from service_helpers import postgres_available, temporary_postgres_database
+
+    if database == "postgresql" and not postgres_available():
+        pytest.skip("needs PostgreSQL on 127.0.0.1:5432")
+    with (temporary_postgres_database() if database == "postgresql" else contextlib.nullcontext(None)) as url:
+        _idempotent_sweeps(*service(**({"database_url": url, "auth": False} if url else {})))
+
+
+def _idempotent_sweeps(api, store, sent, _settings):
+    import threading
+
+    body = {"base": JOB, "grid": {"seed": [0, 1]}}
+    key = {"Idempotency-Key": "grid-1"}
+    answers = []
+    barrier = threading.Barrier(4)
+
+    def post():
+        barrier.wait()
+        answers.append(api.post("/v1/sweeps", json=body, headers=key))
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 3
+    assert len(api.get("/v1/sweeps").json()["data"]) == 1 and len(sent) == 2  # two children, sent once
+    sweep_id = answers[0].json()["id"]
+
+    assert _error(api.post("/v1/sweeps", json={**body, "grid": {"seed": [0, 1, 2]}}, headers=key))["field"] == \
+        "Idempotency-Key"
+    assert _error(api.post("/v1/jobs", json=JOB, headers=key))["field"] == "Idempotency-Key"
+    assert api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "job-1"}).status_code == 201
+    assert _error(api.post("/v1/sweeps", json=body, headers={"Idempotency-Key": "job-1"}))["field"] == \
+        "Idempotency-Key"
+
+    assert api.delete(f"/v1/sweeps/{sweep_id}").status_code == 200
+    again = api.post("/v1/sweeps", json=body, headers=key)
+    assert again.status_code == 201 and again.json()["id"] != sweep_id and "idempotent-replayed" not in again.headers
+
+
 def _finish(store, job_id: str, accuracy: float | None, flops: float = 0.5, size: int = 1000) -> None:
     """Ends a job as a worker would: result summary, packed export row, status."""
     if accuracy is None:

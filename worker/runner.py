@@ -309,7 +309,7 @@ def summary(report: dict) -> dict:
         "steps": report["steps"],
         "leak_check_ok": report["leak_check"]["ok"],
         # how it ran: processes, micro-batches, autocast dtype, share of time spent waiting for data
-        **{key: report[key] for key in ("devices", "accumulate_steps", "precision", "data_wait_share")
+        **{key: report[key] for key in ("devices", "accumulate_steps", "precision", "data_wait_share", "export")
            if key in report},
     }
 
@@ -414,11 +414,13 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
             return "cancelled", job_id
         job_dir = artifacts.job_dir(job_id)
         report["spec"] = job.spec
+        values = trainer.spec.export.values
         publish(store, job_id, token, job.attempt, job_dir / REPORT, _write_json(report), budget, artifacts)
         for kind, name, save, optional in (
                 ("dense", DENSE_EXPORT, lambda p: save_dense(trainer.model, p), False),
-                ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model, trainer.sparsifier.masks, p), False),
-                *extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape)):
+                ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model, trainer.sparsifier.masks, p,
+                                                                values), False),
+                *extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape, values)):
             try:
                 path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget, artifacts)
             except Exception as error:  # an optional export (ONNX) that fails is skipped, never the job

@@ -7,9 +7,11 @@ owner's active-job cap are held in the sweep and released as the owner's jobs en
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import ValidationError
 
 from api.context import Context, get_context
@@ -18,6 +20,7 @@ from api.schemas import LABELS, SweepSubmission, sweep_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
 from store import sweeps as stored
+from store.jobs import IdempotencyConflict
 from store.dispatch import dispatch
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -40,10 +43,20 @@ def _child_error(field: str | None, message: str, params: dict) -> ApiError:
 
 
 @router.post("", status_code=201)
-def create_sweep(submission: SweepSubmission, ctx: Context = Depends(get_context)) -> dict:
+def create_sweep(submission: SweepSubmission, response: Response, ctx: Context = Depends(get_context),
+                 idempotency_key: str | None = Header(None, min_length=1, max_length=200)) -> dict:
     """Expand the grid (method × distribution × sparsity × seed over the base spec), validate every child
     as `POST /v1/jobs` would, then store the sweep and queue the children the owner's cap allows; the rest
-    wait in the sweep (a sweep queues, it does not fail on the cap)."""
+    wait in the sweep (a sweep queues, it does not fail on the cap).
+
+    With `Idempotency-Key`, the same key and body replay the first sweep; another body (or a key already
+    used for a job) is a 422."""
+    digest = hashlib.sha256(json.dumps({"sweep": submission.model_dump(mode="json", exclude_unset=True)},
+                                       sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        replay = _replay(ctx, idempotency_key, digest, response)
+        if replay is not None:
+            return replay
     grid = submission.grid.model_dump(exclude_none=True)
     if not grid:
         raise ApiError(422, "invalid_sweep", "give at least one axis: sparsity, method, distribution or seed", "grid")
@@ -74,11 +87,27 @@ def create_sweep(submission: SweepSubmission, ctx: Context = Depends(get_context
         entries.append({"spec": tree, "resolved": resolved, "total_steps": total_steps,
                         "params": stored.params_of(resolved), "name": f"{prefix} {label}"[:200],
                         "tags": labels.get("tags"), "metadata": labels.get("metadata")})
-    sweep, created = stored.create_sweep(ctx.store, ctx.principal, submission.name, {**body, **labels}, grid, entries,
-                                         ctx.settings.max_active_jobs_per_owner)
+    try:
+        sweep, created = stored.create_sweep(ctx.store, ctx.principal, submission.name, {**body, **labels}, grid,
+                                             entries, ctx.settings.max_active_jobs_per_owner,
+                                             (idempotency_key, digest) if idempotency_key else None)
+    except IdempotencyConflict:  # its twin committed while this one validated: answer with that sweep
+        return _replay(ctx, idempotency_key, digest, response)
     for job_id in created:
         dispatch(ctx.store, ctx.enqueue, job_id)  # unsent: the reaper sends it (store/dispatch.py)
     return _view(ctx, stored.get_sweep(ctx.store, sweep.id))
+
+
+def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
+    record = ctx.store.idempotent_job(ctx.principal, key)
+    if record is None:
+        return None
+    sweep = stored.get_sweep(ctx.store, record.job_id, ctx.owner) if record.body_sha256 == digest else None
+    if sweep is None:  # another body, or the key named a job
+        raise ApiError(422, "idempotency_mismatch", "this Idempotency-Key was used with a different body",
+                       "Idempotency-Key")
+    response.headers["Idempotent-Replayed"] = "true"
+    return _view(ctx, sweep)
 
 
 @router.get("")

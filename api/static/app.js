@@ -100,13 +100,15 @@ async function streamEvents(jobId, onEvent, state) {
   }
 }
 
-async function download(jobId, format) {
+const EXPORT_KINDS = ["dense", "packed", "compressed", "onnx"];  // the checkpoint route's formats, in this order
+
+async function download(jobId, format, filename) {
   const resp = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/checkpoint?format=${format}`,
     { headers: authHeaders() });
   if (!resp.ok) throw new ApiError(resp.status, await resp.json().catch(() => null));
   const blob = await resp.blob();
   const url = URL.createObjectURL(blob);
-  const a = h("a", { href: url, download: `${jobId}-${format === "packed" ? "model.packed" : "model"}.safetensors` });
+  const a = h("a", { href: url, download: `${jobId}-${filename}` });
   document.body.appendChild(a);
   a.click();
   a.remove();
@@ -388,10 +390,11 @@ function jobView(view, jobId) {
   async function refreshCheckpoints() {
     try {
       const list = await api(`/v1/jobs/${jobId}/checkpoints`);
-      const exports = list.data.filter(c => c.kind === "dense" || c.kind === "packed");
+      const exports = list.data.filter(c => EXPORT_KINDS.includes(c.kind))
+        .sort((a, b) => EXPORT_KINDS.indexOf(a.kind) - EXPORT_KINDS.indexOf(b.kind));
       checkpoints.replaceChildren(...(exports.length ? exports.map(c =>
         h("div", { class: "checkpoint" },
-          h("button", { id: `download-${c.kind}`, onclick: () => download(jobId, c.kind).catch(e => banner(e.message)) },
+          h("button", { id: `download-${c.kind}`, onclick: () => download(jobId, c.kind, c.filename).catch(e => banner(e.message)) },
             `Download ${c.kind}`),
           h("span", { class: "muted" }, ` ${c.filename}, ${Charts.fmt(c.size)}B, step ${c.step}, sha256 ${c.sha256.slice(0, 12)}…`)))
         : [h("p", { class: "muted" }, "No sparse checkpoint: the job did not succeed.")]));
