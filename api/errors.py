@@ -73,8 +73,32 @@ def install(app: FastAPI) -> None:
         return JSONResponse(_body("invalid_request", first["msg"].removeprefix("Value error, "),
                                   _loc_to_field(first["loc"])), status_code=422)
 
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(_request: Request, exc: Exception):
+        """The database refused or dropped the connection, or every pooled connection stayed busy: a
+        retryable 503 (nothing was changed), not a 500. Any other OperationalError is a bug and stays one."""
+        if isinstance(exc, OperationalError) and not database_unavailable(exc):
+            raise exc
+        return JSONResponse(_body("database_unavailable", "the database is unavailable or overloaded; retry shortly",
+                                  None), status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         return JSONResponse(_body(codes.get(exc.status_code, "http_error"), str(exc.detail), None),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def database_unavailable(exc: Exception) -> bool:
+    """PostgreSQL's OperationalError is always about the server or the connection (refused, too many
+    clients, terminated, lock timeout); SQLite's only when the file is locked or cannot be opened
+    ("no such column" is a schema bug)."""
+    module = type(getattr(exc, "orig", None)).__module__ or ""
+    if module.startswith(("psycopg", "psycopg2")):
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in text or "unable to open database" in text
