@@ -84,6 +84,11 @@ class Job(Base):
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only
 Index("ix_jobs_owner_method", Job.owner, Job.method)
+# keyset pages newest first (an owner's, a status filter's) and the claim's max(started_at) per owner: index walks
+# at 100,000 jobs (bench/scale.py; revision 0006)
+Index("ix_jobs_owner_seq", Job.owner, Job.seq)
+Index("ix_jobs_status_seq", Job.status, Job.seq)
+Index("ix_jobs_owner_started", Job.owner, Job.started_at)
 
 
 class JobTag(Base):
@@ -103,12 +108,16 @@ class Event(Base):
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id"), index=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id"))  # ix_events_job_id_id
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     type: Mapped[str] = mapped_column(String(16))  # status | metrics | eval | mask_update | checkpoint | message
     level: Mapped[str] = mapped_column(String(8), default="info")
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+# a stream's cursor (job_id = ? AND id > ? ORDER BY id) and a job's newest event id: one index walk
+Index("ix_events_job_id_id", Event.job_id, Event.id)
 
 
 class Checkpoint(Base):
@@ -252,7 +261,9 @@ def make_engine(url: str) -> Engine:
         # connect_timeout: a worker whose database is unreachable fails fast and retries (worker/retry.py)
         # instead of hanging in connect()
         connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+        pool_size, max_overflow = pool_sizes()
+        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+                               connect_args=connect_args)
     from store.migrations import ensure_schema
 
     for attempt in range(5):  # a database that is still starting (compose) gets a few seconds
@@ -270,6 +281,19 @@ def make_engine(url: str) -> Engine:
 def auto_upgrade() -> bool:
     """RIGL_DB_AUTO_UPGRADE=0: never migrate on start (refuse to start behind; `rigl db upgrade` does it)."""
     return os.environ.get("RIGL_DB_AUTO_UPGRADE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def pool_sizes() -> tuple[int, int]:
+    """RIGL_DB_POOL_SIZE / RIGL_DB_MAX_OVERFLOW (default 10 / 20): connections one process keeps / may add.
+    Every API process and worker has its own pool, so their sum must stay under the server's
+    max_connections (or go through PgBouncer): README "Sizing"."""
+    sizes = []
+    for name, default, least in (("RIGL_DB_POOL_SIZE", 10, 1), ("RIGL_DB_MAX_OVERFLOW", 20, 0)):
+        raw = os.environ.get(name, str(default)).strip()
+        if not raw.isdigit() or int(raw) < least:
+            raise ValueError(f"{name} must be a whole number ≥ {least}, not {raw!r}")
+        sizes.append(int(raw))
+    return sizes[0], sizes[1]
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
