@@ -1,25 +1,43 @@
-# Worker image: CUDA runtime base with the pinned torch build from PyPI (CUDA 13 wheels).
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
+# Worker image: Python with the pinned torch from PyPI. No CUDA base image is needed: PyPI's torch
+# wheels carry the CUDA runtime (CUDA 13) as pip packages, and the host's driver comes in through the
+# NVIDIA Container Toolkit (README "Self-hosting"). Build arguments, defaults being what compose builds:
+#   BASE_IMAGE       any image with python3 (3.11+) and its venv module; Debian's python3 + python3-venv
+#                    work too (tests/test_compose_stack.py builds from a locally bootstrapped bookworm)
+#   TORCH_INDEX_URL  where torch comes from (PyPI: the CUDA build; https://download.pytorch.org/whl/cpu
+#                    for a CPU-only worker, a much smaller image)
+#   TORCH            the torch and torchvision requirements
+# The steps up to `USER rigl` are the API image's, word for word (the arguments are declared before
+# FROM for that), so built with the same arguments the two images share those layers.
+ARG BASE_IMAGE=python:3.11-slim
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH="torch==2.14.1 torchvision==0.29.1"
+FROM ${BASE_IMAGE}
+ARG TORCH_INDEX_URL
+ARG TORCH
 
-ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-RUN pip install torch==2.14.1 torchvision==0.29.1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv && pip install --index-url "$TORCH_INDEX_URL" $TORCH
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# The dependencies in a layer of their own, so a code or README change rebuilds only the last steps
+# (an empty README.md stands in for the real one, which pyproject.toml names, until then).
+COPY pyproject.toml ./
+RUN touch README.md
+RUN pip install ".[service]"  # the library alone has no API, worker or job store
+COPY README.md ./
 COPY rigl_core ./rigl_core
 COPY api ./api
 COPY worker ./worker
 COPY store ./store
-RUN pip install ".[service]"  # the library alone has no API, worker or job store
+RUN pip install --no-deps --force-reinstall . && rm -rf build
 
 RUN useradd --create-home --uid 10001 rigl && mkdir -p /data /datasets && chown rigl /data
 USER rigl
-# Celery answers `inspect ping` while a job trains (prefork pool); see docker-compose.yml.
+
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# Celery answers `inspect ping` while a job trains (prefork pool); see docker-compose.yml. `uname -n` is
+# the %h of the node name (podman's exec, which runs healthchecks, has no $HOSTNAME).
 HEALTHCHECK --interval=30s --timeout=20s --retries=3 \
-  CMD celery -A worker.app inspect ping -d "rigl@$HOSTNAME" --timeout 10 || exit 1
+  CMD celery -A worker.app inspect ping -d "rigl@$(uname -n)" --timeout 10 || exit 1
 CMD ["rigl", "worker", "--name", "rigl@%h"]

@@ -178,13 +178,34 @@ def test_compose_worker_command_runs_a_job_on_real_redis(tmp_path):
             done = wait_for(lambda: (lambda j: j if j.status in ("succeeded", "failed") else None)(
                 store.get_job(job.id)), 120, what="the job")
             assert done.status == "succeeded", done.error_message
-            health = " ".join(SERVICES["worker-gpu0"]["healthcheck"]["test"][1:]).replace("$$HOSTNAME", "$HOSTNAME")
-            probe = subprocess.run(["bash", "-c", health.replace("rigl@$HOSTNAME", "rigl@" + os.uname().nodename)],
+            health = " ".join(SERVICES["worker-gpu0"]["healthcheck"]["test"][1:]).replace("$$", "$")
+            assert "rigl@$(uname -n)" in health  # the node name of `--name rigl@%h`
+            probe = subprocess.run(["sh", "-c", health],
                                    env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert probe.returncode == 0, probe.stdout + probe.stderr
         finally:
             stop(process)
             cleanup_redis_queue(queue)
+
+
+def test_api_and_worker_images_share_their_layers():
+    """Word for word from FROM to `USER rigl`, so built with the same arguments (the stack test builds both
+    with the worker's torch) the worker image reuses every layer of the API image; and both take their
+    base image as a build argument that compose passes from PYTHON_IMAGE."""
+    def shared(name: str) -> str:
+        text = (ROOT / "docker" / name).read_text()
+        steps = [line for line in text.splitlines() if line and not line.startswith("#")]
+        start = next(i for i, line in enumerate(steps) if line.startswith("FROM "))
+        return "\n".join(steps[start:steps.index("USER rigl") + 1])
+
+    assert shared("api.Dockerfile") == shared("worker.Dockerfile")
+    assert shared("api.Dockerfile").startswith("FROM ${BASE_IMAGE}\nARG TORCH_INDEX_URL\nARG TORCH\n")
+    for name in ("api", "worker-cpu"):
+        assert SERVICES[name]["build"]["args"] == {"BASE_IMAGE": "${PYTHON_IMAGE:-python:3.11-slim}"}
+    for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
+        assert "ARG BASE_IMAGE=python:3.11-slim\n" in (ROOT / "docker" / dockerfile).read_text()
+    assert SERVICES["redis"]["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
+    assert SERVICES["postgres"]["image"] == "${POSTGRES_IMAGE:-postgres:16-alpine}"
 
 
 def test_images_ship_the_dashboard_assets():
