@@ -85,6 +85,15 @@ class DropGrow:
     n_drop: int
 
 
+def kept_after_drop(flat_mask: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The active positions left once the k active weights of smallest |w| are dropped: the k largest
+    of -|w| among active, in fp32; inactive entries can never be dropped (or kept)."""
+    drop_scores = weight.detach().reshape(-1).abs().float().neg_().masked_fill_(~flat_mask, -float("inf"))
+    kept = flat_mask.clone()
+    kept[topk_indices(drop_scores, k)] = False
+    return kept
+
+
 def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int,
                   n_active: int | None = None) -> DropGrow:
     """Drop the k active weights of smallest |w|; grow the k non-kept positions of largest grow score.
@@ -99,12 +108,7 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Te
     k = min(k, n_active)
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
-    magnitude = weight.detach().reshape(-1).abs().float()
-    # Drop = the k largest of -|w| among active; inactive entries can never be dropped (or kept).
-    drop_scores = magnitude.neg_().masked_fill_(~flat_mask, -float("inf"))
-    kept = flat_mask.clone()
-    kept[topk_indices(drop_scores, k)] = False
-    del drop_scores
+    kept = kept_after_drop(flat_mask, weight, k)
     grow = grow_score.detach().reshape(-1).float()
     grow = torch.where(kept, -float("inf"), grow)  # a new tensor: the gradient itself is untouched
     grown = torch.zeros_like(flat_mask)

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from rigl_core.masking import DropGrow, topk_indices
+from rigl_core.masking import DropGrow, kept_after_drop
 
 PATTERN = re.compile(r"^([0-9]{1,2}):([0-9]{1,2})$")
 MAX_M = 32
@@ -75,10 +75,7 @@ def nm_drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch
     k = min(k, n_active)
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
-    drop_scores = weight.detach().reshape(-1).abs().float().neg_().masked_fill_(~flat_mask, -float("inf"))
-    kept = flat_mask.clone()
-    kept[topk_indices(drop_scores, k)] = False
-    del drop_scores
+    kept = kept_after_drop(flat_mask, weight, k)
     dropped_per_group = (flat_mask & ~kept).view(-1, m).sum(dim=1, keepdim=True)
     grow = torch.where(kept, -float("inf"), grow_score.detach().reshape(-1).float()).view(-1, m)
     order = grow.argsort(dim=1, descending=True, stable=True)
