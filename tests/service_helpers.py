@@ -137,8 +137,10 @@ def stop_group(process: subprocess.Popen, sig: int, timeout: float) -> None:
 @contextmanager
 def serve_process(data_dir: Path, log_path: Path | None = None, args: tuple[str, ...] = (), **env):
     """`rigl serve ARGS` (SQLite and the filesystem broker under `data_dir`) on a free port, with
-    none of the caller's RIGL_* settings but `env`; yields (URL, process) once /readyz answers."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_")}
+    none of the caller's RIGL_* settings (nor a metrics folder an in-process test chose) but `env`;
+    yields (URL, process) once /readyz answers."""
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("RIGL_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     environ.update(RIGL_DATA_DIR=str(data_dir), **env)
     port = free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL

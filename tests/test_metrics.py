@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service_helpers import JOB, ROOT, free_port, wait_for
+from service_helpers import JOB, ROOT, free_port, serve_process, wait_for
 from store.settings import Settings
 
 
@@ -185,22 +183,9 @@ def test_worker_series_move_after_real_runs(api):
 def test_rigl_serve_exports_its_workers_series_and_prints_readable_logs(tmp_path):
     """`rigl serve`: the worker's pool process writes multiprocess files, the API's /metrics and the
     worker's own port both export them; the log lines are readable text with request ids."""
-    port, worker_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIGL_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["RIGL_WORKER_METRICS_PORT"] = str(worker_port)
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "rigl_core.cli", "serve", "--port", str(port),
-                               "--data-dir", str(tmp_path / "data")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              cwd=ROOT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, what="rigl serve to start")
+    worker_port = free_port()
+    with serve_process(tmp_path / "data", tmp_path / "serve.log",
+                       RIGL_WORKER_METRICS_PORT=str(worker_port)) as (base, _server):
         job = httpx.post(f"{base}/v1/jobs", json=JOB, headers={"X-Request-ID": "serve-test-1"}, timeout=30).json()
         final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
             httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=10).json()), 120, what="the job")
@@ -225,14 +210,6 @@ def test_rigl_serve_exports_its_workers_series_and_prints_readable_logs(tmp_path
         folder = tmp_path / "data" / "metrics" / "worker"  # the job's process folds its files as it exits
         wait_for(lambda: sorted(p.name for p in folder.glob("*.db")) == ["counter_totals.db", "histogram_totals.db"],
                  10, what="the exited process's files folded into the totals")
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
     text = (tmp_path / "serve.log").read_text()
     line = next(line for line in text.splitlines() if "rigl.access POST /v1/jobs 201" in line)
     assert "[req=serve-test-1]" in line and "+00:00" in line.split()[0]
