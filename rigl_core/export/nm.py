@@ -4,7 +4,7 @@ The semi-structured kernels (CUTLASS / cuSPARSELt) run only on CUDA GPUs of comp
 later, in fp16/bf16, on weights with at most 2 nonzeros in every 4 consecutive along the input dim, which
 is what `sparsity.pattern: "2:4"` trains. Elsewhere (CPU, fp32, an older GPU, a torch without it) the model
 is returned unchanged and the report says why, so callers can fall back to the dense or packed exports
-(rigl_core/export.py), which work on any mask.
+(rigl_core/export/packed.py), which work on any mask.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Building modules from a declarative Architecture (rigl_core/architecture.py): shape inference on the
+"""Building modules from a declarative Architecture (rigl_core/models/architecture.py): shape inference on the
 meta device, caps, and the real model. Apart from the pydantic models so that validating a JobSpec
 (the API server, the CLI's client commands) does not import torch until an architecture is checked.
 """
@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from rigl_core.architecture import Architecture, ArchitectureError, Limits
+from rigl_core.models.architecture import Architecture, ArchitectureError, Limits
 
 
 class ResidualBlock(nn.Module):

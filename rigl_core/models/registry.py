@@ -1,5 +1,5 @@
 """Model registry: built-in `mlp` and `lenet5`, every torchvision classification model by name, timm
-models (`timm/<name>`) and Hugging Face configs (`hf`; rigl_core.hub_models)."""
+models (`timm/<name>`) and Hugging Face configs (`hf`; rigl_core.models.hub)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 BUILTIN_MODELS = ("mlp", "lenet5", "wrn-22-2", "resnet18-cifar")
-CUSTOM = "custom"  # a declarative JSON architecture (rigl_core.architecture)
-HF = "hf"  # a Hugging Face transformers config (model.hf; rigl_core.hub_models)
+CUSTOM = "custom"  # a declarative JSON architecture (rigl_core.models.architecture)
+HF = "hf"  # a Hugging Face transformers config (model.hf; rigl_core.models.hub)
 
 
 def timm_name(name: str) -> str | None:
@@ -186,7 +186,7 @@ def _residual_ends_in_batchnorm(layers) -> bool:
 
 def _zero_residual_batchnorms(model: nn.Module) -> None:
     """Zero γ of a declarative architecture's residual blocks whose body ends in a BatchNorm."""
-    from rigl_core.architecture import ResidualBlock
+    from rigl_core.models.architecture import ResidualBlock
 
     for module in model.modules():
         if isinstance(module, ResidualBlock) and isinstance(module.body[-1], (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -241,7 +241,7 @@ def build_model(
     if zero_init_residual and not supports_zero_init_residual(name, architecture):
         raise ValueError(f"model.zero_init_residual: {name!r} has no residual block ending in a BatchNorm")
     if name == CUSTOM:
-        from rigl_core.architecture import ArchitectureError, build_architecture
+        from rigl_core.models.architecture import ArchitectureError, build_architecture
 
         if architecture is None:
             raise ValueError("model.architecture: required when model.name is 'custom'")
@@ -257,11 +257,11 @@ def build_model(
         raise ValueError("model.hf: required when model.name is 'hf'")
     with torch.device(device or "cpu"):
         if name == HF:
-            from rigl_core.hub_models import build_hf
+            from rigl_core.models.hub import build_hf
 
             return build_hf(hf, task, num_classes)
         if timm_name(name) is not None:
-            from rigl_core.hub_models import build_timm
+            from rigl_core.models.hub import build_timm
 
             if hidden_sizes is not None:
                 raise ValueError("model.hidden_sizes: applies to mlp only")

@@ -11,7 +11,7 @@ The caller (or a framework: AMP, Accelerate, Lightning, the Hugging Face Trainer
 inactive weights are exactly 0 and stay 0 through the optimizer step, because `step()` masks the
 gradients and every mask change zeroes the optimizer state (momentum, Adam moments) at inactive
 positions; SGD (momentum, Nesterov, weight decay), Adam and AdamW then move no inactive weight
-(rigl_core/masking.py). SET and GMP change masks after the optimizer step: a step post-hook on the
+(rigl_core/sparse/masking.py). SET and GMP change masks after the optimizer step: a step post-hook on the
 optimizer does it, whoever calls `optimizer.step()`.
 
 With fp16 and a `torch.amp.GradScaler`:
@@ -32,9 +32,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rigl_core.plan import Plan, make_plan
-from rigl_core.schedules import UpdateSchedule, resolve_delta_t, resolve_t_end
-from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
+from rigl_core.sparse.plan import Plan, make_plan
+from rigl_core.sparse.schedules import UpdateSchedule, resolve_delta_t, resolve_t_end
+from rigl_core.sparse.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
 from rigl_core.spec import ScheduleSpec, SparsitySpec
 
 STATE_VERSION = 1

@@ -1,6 +1,6 @@
 """Sparse-training methods: dense, static, SET, SNFS, RigL, GMP and SNIP.
 
-A Sparsifier owns the masks. The public way to use one is `rigl_core.RigL` (rigl_core/rigl.py), which
+A Sparsifier owns the masks. The public way to use one is `rigl_core.RigL` (rigl_core/sparse/rigl.py), which
 lets the caller (or a framework: AMP, Accelerate, Lightning) call `optimizer.step()` itself. Here the
 step is split so that nothing in the decision calls the optimizer:
 
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from rigl_core.distributions import active_count
-from rigl_core.layers import Layer
-from rigl_core.masking import drop_and_grow, like_weight, mask_optimizer_state, random_mask, topk_mask
-from rigl_core.nm import group_counts, nm_drop_and_grow, nm_random_mask, nm_unfit_reason
-from rigl_core.schedules import UpdateSchedule, gmp_sparsity
+from rigl_core.sparse.distributions import active_count
+from rigl_core.sparse.layers import Layer
+from rigl_core.sparse.masking import drop_and_grow, like_weight, mask_optimizer_state, random_mask, topk_mask
+from rigl_core.sparse.nm import group_counts, nm_drop_and_grow, nm_random_mask, nm_unfit_reason
+from rigl_core.sparse.schedules import UpdateSchedule, gmp_sparsity
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Sparsifier:
         self.target_active = {
             layer.name: max(1, active_count(layer.numel, self.sparsity[layer.name])) for layer in self.layers
         }
-        # (N, M) of sparsity.pattern N:M (rigl_core/nm.py): exactly N active in every group of M
+        # (N, M) of sparsity.pattern N:M (rigl_core/sparse/nm.py): exactly N active in every group of M
         self.pattern = pattern if self.method in ("static", "set", "snfs", "rigl") else None
         if self.pattern is not None:
             n, m = self.pattern
@@ -341,7 +341,7 @@ class Sparsifier:
                 if n_active is None:
                     n_active = self._active[layer.name] = int(old.sum())
                 k = int(fraction * n_active)
-                if self.pattern is not None:  # drop/grow within each group of M (rigl_core/nm.py)
+                if self.pattern is not None:  # drop/grow within each group of M (rigl_core/sparse/nm.py)
                     result = nm_drop_and_grow(old, layer.weight, grow_score(index, layer), k, self.pattern[1],
                                               n_active=n_active)
                 else:

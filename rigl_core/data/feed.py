@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rigl_core.datasets import Dataset, DatasetError, epoch_order
+from rigl_core.data import Dataset, DatasetError, epoch_order
 
 PRENORMALIZE_MAX_BYTES = 2 * 1024**3  # keep normalised float copies of in-memory data up to this size
 
@@ -167,9 +167,9 @@ def open_feed(spec, device: torch.device, world_size: int = 1) -> "MemoryFeed":
     """The feed a DatasetSpec asks for: a StreamFeed for a streamed imagefolder, else a MemoryFeed.
     `world_size` (processes of the job on this node) shares the CPUs among the ranks' decoding workers."""
     if uses_stream(spec):
-        from rigl_core.datasets.streaming import StreamFeed
+        from rigl_core.data.streaming import StreamFeed
 
         return StreamFeed(spec, device, world_size)
-    from rigl_core.datasets import load_dataset
+    from rigl_core.data import load_dataset
 
     return MemoryFeed(load_dataset(spec), device)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from rigl_core.layers import kernel_parameters
+from rigl_core.sparse.layers import kernel_parameters
 from rigl_core.spec import TrainingSpec
 
 

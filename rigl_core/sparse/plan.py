@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from rigl_core.distributions import active_count, layer_sparsities
-from rigl_core.flops import Positions, count_positions, training_flops_ratio
-from rigl_core.layers import Layer, select_layers
-from rigl_core.schedules import PAPER_DELTA_T, gmp_sparsity, resolve_delta_t, resolve_t_end
+from rigl_core.sparse.distributions import active_count, layer_sparsities
+from rigl_core.sparse.flops import Positions, count_positions, training_flops_ratio
+from rigl_core.sparse.layers import Layer, select_layers
+from rigl_core.sparse.schedules import PAPER_DELTA_T, gmp_sparsity, resolve_delta_t, resolve_t_end
 from rigl_core.spec import SparsitySpec
 
 
@@ -49,7 +49,7 @@ class Plan:
     # Parameters no Layer covers (biases, norms, position embeddings, …): name -> (numel, ndim). Totals
     # over the whole model count them as dense, so a plan never reports a sparsity the model lacks.
     other_params: dict[str, tuple[int, int]] = field(default_factory=dict)
-    attention_flops: int = 0  # per sample, dense: score and weighted-sum matmuls (see rigl_core.flops)
+    attention_flops: int = 0  # per sample, dense: score and weighted-sum matmuls (see rigl_core.sparse.flops)
     # Steps the run will make, when known (the Trainer, RigL(total_steps=...), a job's epochs): the
     # training FLOPs then use T_end in steps (`schedule.t_end_steps` included), not the t_end fraction.
     total_steps: int | None = None
@@ -184,7 +184,7 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
     )
     nm = spec.nm if spec.method != "dense" else None
     if nm is not None:  # N:M: layers without an (out, in) layout divisible by M stay dense, saying why
-        from rigl_core.nm import nm_unfit_reason
+        from rigl_core.sparse.nm import nm_unfit_reason
 
         for layer in layers:
             reason = nm_unfit_reason(layer.kind, layer.shape, nm[1]) if layer.masked else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rigl_core.datasets.augment import crop_flip
+from rigl_core.data.augment import crop_flip
 
 
 class DatasetError(ValueError):
@@ -95,6 +95,6 @@ def batches_per_epoch(num_samples: int, batch_size: int) -> int:
 
 def load_dataset(spec) -> Dataset:
     """Build the dataset a DatasetSpec names. Raises DatasetError naming the field."""
-    from rigl_core.datasets.registry import SOURCES
+    from rigl_core.data.registry import SOURCES
 
     return SOURCES[spec.name](spec)

@@ -12,10 +12,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from rigl_core.export import extra_exports, save_dense, save_packed
-from rigl_core.sparsifier import MaskUpdate
+from rigl_core.export.packed import extra_exports, save_dense, save_packed
+from rigl_core.sparse.sparsifier import MaskUpdate
 from rigl_core.spec import JobSpec
-from rigl_core.trainer import Callback, Trainer
+from rigl_core.training.trainer import Callback, Trainer
 
 REPORT = "report.json"
 METRICS = "metrics.jsonl"

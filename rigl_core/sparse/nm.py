@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from rigl_core.masking import DropGrow, kept_after_drop
+from rigl_core.sparse.masking import DropGrow, kept_after_drop
 
 PATTERN = re.compile(r"^([0-9]{1,2}):([0-9]{1,2})$")
 MAX_M = 32

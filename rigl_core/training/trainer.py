@@ -21,20 +21,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from rigl_core import distributed
-from rigl_core.datasets.feed import BatchPlan, open_feed
-from rigl_core.distributed import Group, rank_device, resolve_devices
-from rigl_core.export import stored_values
-from rigl_core.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
-from rigl_core.models import build_model, check_model, resolve_task
-from rigl_core.optim import build_optimizer, lr_at
-from rigl_core.plan import Plan, make_plan
-from rigl_core.rigl import RigL
-from rigl_core.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t, resolve_t_end
-from rigl_core.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
+from rigl_core.training import distributed
+from rigl_core.data.feed import BatchPlan, open_feed
+from rigl_core.training.distributed import Group, rank_device, resolve_devices
+from rigl_core.export.packed import stored_values
+from rigl_core.training.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
+from rigl_core.models.registry import build_model, check_model, resolve_task
+from rigl_core.training.optim import build_optimizer, lr_at
+from rigl_core.sparse.plan import Plan, make_plan
+from rigl_core.sparse.rigl import RigL
+from rigl_core.sparse.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t, resolve_t_end
+from rigl_core.sparse.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
 from rigl_core.spec import JobSpec, TrainingSpec
-from rigl_core.tasks import Task
-from rigl_core.warm_start import warm_start
+from rigl_core.training.tasks import Task
+from rigl_core.training.warm_start import warm_start
 
 CHECKPOINT_VERSION = 1
 
@@ -100,7 +100,7 @@ class Trainer:
     """Builds data, model, optimizer and sparsifier from a JobSpec and trains.
 
     With `training.devices` > 1 this process is rank 0 of a DistributedDataParallel job: `fit` starts
-    the other ranks (rigl_core.distributed), and only rank 0 runs callbacks and reports. `rank` and
+    the other ranks (rigl_core.training.distributed), and only rank 0 runs callbacks and reports. `rank` and
     `master_port` are for those other ranks only."""
 
     def __init__(self, spec: JobSpec, callbacks: Sequence[Callback] = (), progress: bool = False,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rigl_core.datasets.builtin import digits, mnist1d, synthetic
-from rigl_core.datasets.files import cifar_dataset, idx_dataset, imagefolder_dataset
-from rigl_core.datasets.tensors import tensors_dataset
+from rigl_core.data.builtin import digits, mnist1d, synthetic
+from rigl_core.data.files import cifar_dataset, idx_dataset, imagefolder_dataset
+from rigl_core.data.tensors import tensors_dataset
 
 SOURCES = {
     "digits": digits,

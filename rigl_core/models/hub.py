@@ -101,7 +101,7 @@ class TokenModel(nn.Module):
     causal LM. The attention mask is all ones: sequences are taken as unpadded (fixed-length chunks of
     a token stream, or classifier inputs of one length). The transformers model is `self.hf`."""
 
-    input_dtype = torch.long  # what `rigl_core.models.example_input` feeds it
+    input_dtype = torch.long  # what `rigl_core.models.registry.example_input` feeds it
 
     def __init__(self, hf: nn.Module, vocab_size: int, max_positions: int | None):
         super().__init__()

@@ -2,7 +2,7 @@
 
 Why this shape: the caller (`rigl train`, the service's worker) keeps calling `Trainer(spec).fit()`
 unchanged, and only rank 0 has callbacks, writes files and talks to the job store. The other ranks
-are plain `python -m rigl_core.distributed` processes (not multiprocessing children: a Celery pool
+are plain `python -m rigl_core.training.distributed` processes (not multiprocessing children: a Celery pool
 process is daemonic and may not fork those), given the spec and the checkpoint to resume from. They
 die with rank 0 (PR_SET_PDEATHSIG) and ignore SIGTERM/SIGINT: rank 0 decides when everyone stops
 and tells them after every step, so all ranks stop at the same step and rank 0 checkpoints it.
@@ -146,7 +146,7 @@ def start(spec_json: str, world_size: int, device: torch.device, resume: str | N
         group.threads = torch.get_num_threads()
         torch.set_num_threads(share)
     for rank in range(1, world_size):
-        command = [sys.executable, "-m", "rigl_core.distributed", "--spec", str(spec_path), "--rank", str(rank),
+        command = [sys.executable, "-m", "rigl_core.training.distributed", "--spec", str(spec_path), "--rank", str(rank),
                    "--world-size", str(world_size), "--port", str(port)]
         if resume is not None:
             command += ["--resume", str(resume)]
@@ -191,7 +191,7 @@ def _join(group: Group, store) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ranks 1..N-1 (started by `start`)."""
-    parser = argparse.ArgumentParser(prog="python -m rigl_core.distributed")
+    parser = argparse.ArgumentParser(prog="python -m rigl_core.training.distributed")
     parser.add_argument("--spec", required=True)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when to stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     spec = JobSpec.model_validate_json(Path(args.spec).read_text())
     trainer = Trainer(spec, rank=args.rank, master_port=args.port)

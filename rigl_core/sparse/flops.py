@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rigl_core.layers import KERNEL_TYPES, is_hf_conv1d, module_kernels
-from rigl_core.models import example_input
+from rigl_core.sparse.layers import KERNEL_TYPES, is_hf_conv1d, module_kernels
+from rigl_core.models.registry import example_input
 
 
 @dataclass
 class Positions:
-    """Per layer name (see rigl_core.layers): positions per sample; plus the attention-matrix FLOPs."""
+    """Per layer name (see rigl_core.sparse.layers): positions per sample; plus the attention-matrix FLOPs."""
 
     by_layer: dict[str, int] = field(default_factory=dict)
     attention_flops: int = 0

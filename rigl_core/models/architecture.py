@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-if TYPE_CHECKING:  # torch is imported by rigl_core/architecture_build.py, when a model is built
+if TYPE_CHECKING:  # torch is imported by rigl_core/models/build.py, when a model is built
     from torch import nn
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -146,8 +146,8 @@ def architecture_json_schema() -> dict:
 
 def infer(arch: Architecture, limits: Limits | None = None) -> tuple[nn.Sequential, tuple[int, ...], int]:
     """Check shapes and caps; returns the meta-device model, its output shape and parameter count.
-    Imports torch (rigl_core/architecture_build.py) only when called."""
-    from rigl_core.architecture_build import infer as _infer
+    Imports torch (rigl_core/models/build.py) only when called."""
+    from rigl_core.models.build import infer as _infer
 
     return _infer(arch, limits)
 
@@ -155,14 +155,14 @@ def infer(arch: Architecture, limits: Limits | None = None) -> tuple[nn.Sequenti
 def build_architecture(arch: Architecture, num_classes: int | None = None, device=None,
                        limits: Limits | None = None) -> nn.Sequential:
     """A real, freshly initialised model; raises ArchitectureError when the output is not `num_classes` logits."""
-    from rigl_core.architecture_build import build_architecture as _build
+    from rigl_core.models.build import build_architecture as _build
 
     return _build(arch, num_classes, device, limits)
 
 
 def __getattr__(name: str):
     if name == "ResidualBlock":  # a torch module: imported on first use, not with the specs
-        from rigl_core.architecture_build import ResidualBlock
+        from rigl_core.models.build import ResidualBlock
 
         return ResidualBlock
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ Packed format (`rigl-packed-v1`), readable with numpy alone:
   "dtype": "float32", "nnz": N}}}` for every packed tensor; with `values="fp16"|"bf16"` the values are
   stored in that precision (`"values_dtype"`) and `load_packed` casts them back to `dtype`.
 
-The entropy-coded export is in rigl_core/export_compressed.py, the ONNX export in rigl_core/export_onnx.py.
+The entropy-coded export is in rigl_core/export/compressed.py, the ONNX export in rigl_core/export/onnx.py.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os
 
 def save_compressed_model(model: nn.Module, masks: dict[str, torch.Tensor], path: str | os.PathLike,
                           values: str = "fp32") -> Path:
-    """The entropy-coded export (rigl_core/export_compressed.py) of `model`; masks keyed as in save_packed."""
-    from rigl_core.export_compressed import save_compressed
+    """The entropy-coded export (rigl_core/export/compressed.py) of `model`; masks keyed as in save_packed."""
+    from rigl_core.export.compressed import save_compressed
 
     state = dense_state_dict(model)
     path = save_compressed(state, {_param_key(k, state): v for k, v in masks.items()}, path, values)
@@ -151,7 +151,7 @@ ONNX_EXPORT = "model.onnx"
 def extra_exports(model: nn.Module, masks: dict[str, torch.Tensor], input_shape, values: str = "fp32") -> list[tuple]:
     """(kind, file name, writer(path), optional) for the exports beyond dense and packed. An optional
     one that fails (a model the ONNX exporter cannot trace, e.g. token models) is skipped with a warning."""
-    from rigl_core.export_onnx import export_onnx
+    from rigl_core.export.onnx import export_onnx
 
     return [("compressed", COMPRESSED_EXPORT, lambda p: save_compressed_model(model, masks, p, values), False),
             ("onnx", ONNX_EXPORT, lambda p: export_onnx(model, input_shape, p), True)]

@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 from numpy.lib import format as npy_format
 
-from rigl_core.datasets import DatasetError
-from rigl_core.datasets.tensors import ALLOWED_KEYS, bad_labels, not_finite, validate_layout
+from rigl_core.data import DatasetError
+from rigl_core.data.tensors import ALLOWED_KEYS, bad_labels, not_finite, validate_layout
 
 CHUNK = 1 << 20  # bytes of array data read at a time
 MAX_MEMBERS = 8  # an upload holds at most x, y, x_val, y_val

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from rigl_core.datasets import DatasetError, split
-from rigl_core.datasets.feed import BatchPlan, _share
-from rigl_core.datasets.files import NO_IMAGE_LIMIT, imagefolder_base, imagefolder_layout, read_image
+from rigl_core.data import DatasetError, split
+from rigl_core.data.feed import BatchPlan, _share
+from rigl_core.data.files import NO_IMAGE_LIMIT, imagefolder_base, imagefolder_layout, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
