@@ -513,7 +513,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             architecture=_read_architecture(args.architecture), num_classes=args.num_classes,
             input_shape=args.input_shape)}, "model")
         input_shape = model_spec.architecture.input_shape
-        from rigl_core.models.architecture import infer
+        from rigl_core.models.build import infer
 
         num_classes = model_spec.num_classes or infer(model_spec.architecture)[1][-1]
     else:

@@ -125,7 +125,8 @@ class ModelSpec(_Strict):
         if self.architecture is not None:
             if self.input_shape not in (None, self.architecture.input_shape):
                 raise ValueError("model.input_shape: differs from architecture.input_shape")
-            from rigl_core.models.architecture import ArchitectureError, infer
+            from rigl_core.models.architecture import ArchitectureError
+            from rigl_core.models.build import infer
 
             try:
                 infer(self.architecture)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rigl_core.models.architecture import Architecture, ArchitectureError, Limits, architecture_json_schema, build_architecture, infer
+from rigl_core.models.architecture import Architecture, ArchitectureError, Limits, architecture_json_schema
+from rigl_core.models.build import build_architecture, infer
 from rigl_core.spec import JobSpec, format_validation_error
 
 ROOT = Path(__file__).resolve().parent.parent

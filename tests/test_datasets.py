@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from rigl_core.data import DatasetError, load_dataset
+from rigl_core.data.dataset import DatasetError
+
+from rigl_core.data.registry import load_dataset
 from rigl_core.data.augment import crop_flip
 from rigl_core.spec import DatasetSpec, JobSpec
 

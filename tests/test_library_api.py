@@ -14,7 +14,7 @@ from conftest import small_spec
 from torch import nn
 
 from rigl_core import RigL
-from rigl_core.data import load_dataset
+from rigl_core.data.registry import load_dataset
 from rigl_core.spec import DatasetSpec
 from rigl_core.training.trainer import Trainer
 

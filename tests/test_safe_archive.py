@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from rigl_core.data import DatasetError
+from rigl_core.data.dataset import DatasetError
 from rigl_core.data.safe_archive import CHUNK, inspect_tensor_file
 from rigl_core.data.tensors import read_tensor_file, validate_arrays
 

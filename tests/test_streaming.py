@@ -18,8 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rigl_core.data import DatasetError, load_dataset
-from rigl_core.data.feed import BatchPlan
+from rigl_core.data.dataset import DatasetError
+
+from rigl_core.data.registry import load_dataset
+from rigl_core.data.batches import BatchPlan
 from rigl_core.data.streaming import StreamFeed, default_workers
 from rigl_core.spec import DatasetSpec
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from rigl_core.data import Dataset, channel_stats, split
+from rigl_core.data.dataset import Dataset, channel_stats, split
 from rigl_core.optional import require
 
 

@@ -15,61 +15,13 @@ Two feeds implement the same two methods, `train_steps` and `val_batches`:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-from rigl_core.data import Dataset, DatasetError, epoch_order
+from rigl_core.data.batches import BatchPlan, _share
+from rigl_core.data.dataset import Dataset, DatasetError
 
 PRENORMALIZE_MAX_BYTES = 2 * 1024**3  # keep normalised float copies of in-memory data up to this size
-
-
-@dataclass(frozen=True)
-class Micro:
-    """One micro-batch of this rank: sample indices and the share of the global batch they weigh."""
-
-    index: torch.Tensor
-    weight: float  # len(index) / global batch size
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Which samples each rank and micro-batch trains on at each step of an epoch."""
-
-    num_samples: int
-    batch_size: int  # global: across devices and micro-batches
-    seed: int
-    world_size: int = 1
-    rank: int = 0
-    accumulate_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if self.num_samples < self.pieces:
-            raise DatasetError(f"dataset: {self.num_samples} training samples cannot fill {self.pieces} "
-                               "micro-batches (devices × accumulate_steps)")
-
-    @property
-    def pieces(self) -> int:
-        return self.world_size * self.accumulate_steps
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full batches, plus the last partial one when every micro-batch of every rank gets a sample."""
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest >= self.pieces else 0)
-
-    def order(self, epoch: int, device: torch.device | None = None) -> torch.Tensor:
-        order = epoch_order(self.num_samples, self.seed, epoch)
-        return order if device is None else order.to(device)
-
-    def step(self, order: torch.Tensor, batch: int) -> list[Micro]:
-        """This rank's micro-batches of batch `batch` of the epoch whose sample order is `order`."""
-        chunk = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-        total = len(chunk)
-        if self.pieces == 1:
-            return [Micro(chunk, 1.0)]
-        mine = torch.tensor_split(chunk, self.world_size)[self.rank]
-        return [Micro(part, len(part) / total) for part in torch.tensor_split(mine, self.accumulate_steps)]
 
 
 class MemoryFeed:
@@ -148,12 +100,6 @@ class MemoryFeed:
         pass
 
 
-def _share(count: int, rank: int, world_size: int) -> tuple[int, int]:
-    base, extra = divmod(count, world_size)
-    begin = rank * base + min(rank, extra)
-    return begin, begin + base + (1 if rank < extra else 0)
-
-
 def uses_stream(spec) -> bool:
     """loader auto streams an imagefolder and keeps every other dataset in memory."""
     if spec.loader == "auto":
@@ -170,6 +116,6 @@ def open_feed(spec, device: torch.device, world_size: int = 1) -> "MemoryFeed":
         from rigl_core.data.streaming import StreamFeed
 
         return StreamFeed(spec, device, world_size)
-    from rigl_core.data import load_dataset
+    from rigl_core.data.registry import load_dataset
 
     return MemoryFeed(load_dataset(spec), device)

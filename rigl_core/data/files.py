@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rigl_core.data import Dataset, DatasetError, channel_stats, split
+from rigl_core.data.dataset import Dataset, DatasetError, channel_stats, split
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 

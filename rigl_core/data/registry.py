@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rigl_core.data.dataset import Dataset
 from rigl_core.data.builtin import digits, mnist1d, synthetic
 from rigl_core.data.files import cifar_dataset, idx_dataset, imagefolder_dataset
 from rigl_core.data.tensors import tensors_dataset
@@ -17,3 +18,8 @@ SOURCES = {
     "imagefolder": imagefolder_dataset,
     "tensors": tensors_dataset,
 }
+
+
+def load_dataset(spec) -> Dataset:
+    """Build the dataset a DatasetSpec names. Raises DatasetError naming the field."""
+    return SOURCES[spec.name](spec)

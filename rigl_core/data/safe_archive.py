@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib import format as npy_format
 
-from rigl_core.data import DatasetError
+from rigl_core.data.dataset import DatasetError
 from rigl_core.data.tensors import ALLOWED_KEYS, bad_labels, not_finite, validate_layout
 
 CHUNK = 1 << 20  # bytes of array data read at a time

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from rigl_core.data import DatasetError, split
-from rigl_core.data.feed import BatchPlan, _share
+from rigl_core.data.dataset import DatasetError, split
+from rigl_core.data.batches import BatchPlan, _share
 from rigl_core.data.files import NO_IMAGE_LIMIT, imagefolder_base, imagefolder_layout, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rigl_core.data import Dataset, DatasetError, channel_stats, split
+from rigl_core.data.dataset import Dataset, DatasetError, channel_stats, split
 
 MAX_CLASSES = 10_000
 ALLOWED_KEYS = {"x", "y", "x_val", "y_val"}

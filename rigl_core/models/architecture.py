@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-if TYPE_CHECKING:  # torch is imported by rigl_core/models/build.py, when a model is built
-    from torch import nn
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
@@ -142,27 +140,3 @@ class Architecture(BaseModel):
 
 def architecture_json_schema() -> dict:
     return Architecture.model_json_schema()
-
-
-def infer(arch: Architecture, limits: Limits | None = None) -> tuple[nn.Sequential, tuple[int, ...], int]:
-    """Check shapes and caps; returns the meta-device model, its output shape and parameter count.
-    Imports torch (rigl_core/models/build.py) only when called."""
-    from rigl_core.models.build import infer as _infer
-
-    return _infer(arch, limits)
-
-
-def build_architecture(arch: Architecture, num_classes: int | None = None, device=None,
-                       limits: Limits | None = None) -> nn.Sequential:
-    """A real, freshly initialised model; raises ArchitectureError when the output is not `num_classes` logits."""
-    from rigl_core.models.build import build_architecture as _build
-
-    return _build(arch, num_classes, device, limits)
-
-
-def __getattr__(name: str):
-    if name == "ResidualBlock":  # a torch module: imported on first use, not with the specs
-        from rigl_core.models.build import ResidualBlock
-
-        return ResidualBlock
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

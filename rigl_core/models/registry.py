@@ -186,7 +186,7 @@ def _residual_ends_in_batchnorm(layers) -> bool:
 
 def _zero_residual_batchnorms(model: nn.Module) -> None:
     """Zero γ of a declarative architecture's residual blocks whose body ends in a BatchNorm."""
-    from rigl_core.models.architecture import ResidualBlock
+    from rigl_core.models.build import ResidualBlock
 
     for module in model.modules():
         if isinstance(module, ResidualBlock) and isinstance(module.body[-1], (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -241,7 +241,8 @@ def build_model(
     if zero_init_residual and not supports_zero_init_residual(name, architecture):
         raise ValueError(f"model.zero_init_residual: {name!r} has no residual block ending in a BatchNorm")
     if name == CUSTOM:
-        from rigl_core.models.architecture import ArchitectureError, build_architecture
+        from rigl_core.models.architecture import ArchitectureError
+        from rigl_core.models.build import build_architecture
 
         if architecture is None:
             raise ValueError("model.architecture: required when model.name is 'custom'")

@@ -2,7 +2,7 @@
 
 Why this shape: the caller (`rigl train`, the service's worker) keeps calling `Trainer(spec).fit()`
 unchanged, and only rank 0 has callbacks, writes files and talks to the job store. The other ranks
-are plain `python -m rigl_core.training.distributed` processes (not multiprocessing children: a Celery pool
+are plain `python -m rigl_core.training.rank` processes (not multiprocessing children: a Celery pool
 process is daemonic and may not fork those), given the spec and the checkpoint to resume from. They
 die with rank 0 (PR_SET_PDEATHSIG) and ignore SIGTERM/SIGINT: rank 0 decides when everyone stops
 and tells them after every step, so all ranks stop at the same step and rank 0 checkpoints it.
@@ -13,7 +13,6 @@ NCCL carries the gradients on GPUs and gloo on CPU; a small gloo group carries t
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime
 import os
@@ -146,7 +145,7 @@ def start(spec_json: str, world_size: int, device: torch.device, resume: str | N
         group.threads = torch.get_num_threads()
         torch.set_num_threads(share)
     for rank in range(1, world_size):
-        command = [sys.executable, "-m", "rigl_core.training.distributed", "--spec", str(spec_path), "--rank", str(rank),
+        command = [sys.executable, "-m", "rigl_core.training.rank", "--spec", str(spec_path), "--rank", str(rank),
                    "--world-size", str(world_size), "--port", str(port)]
         if resume is not None:
             command += ["--resume", str(resume)]
@@ -187,35 +186,3 @@ def _join(group: Group, store) -> None:
     dist.init_process_group(backend, store=store, rank=group.rank, world_size=group.world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     group.control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ranks 1..N-1 (started by `start`)."""
-    parser = argparse.ArgumentParser(prog="python -m rigl_core.training.distributed")
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--resume")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when to stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from rigl_core.spec import JobSpec
-    from rigl_core.training.trainer import Trainer
-
-    spec = JobSpec.model_validate_json(Path(args.spec).read_text())
-    trainer = Trainer(spec, rank=args.rank, master_port=args.port)
-    if args.resume:
-        trainer.load_checkpoint(args.resume)
-    trainer.fit()
-    return 0
-
-
-if __name__ == "__main__":
-    code = main()
-    # Everything this rank owed rank 0 went through the collectives. Skip interpreter teardown:
-    # gloo threads destroyed there can abort the process ("terminate called without an active
-    # exception"), which would read as a failed rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

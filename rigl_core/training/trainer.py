@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from rigl_core.training import distributed
-from rigl_core.data.feed import BatchPlan, open_feed
+from rigl_core.data.batches import BatchPlan
+from rigl_core.data.feed import open_feed
 from rigl_core.training.distributed import Group, rank_device, resolve_devices
 from rigl_core.export.packed import stored_values
 from rigl_core.training.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
