@@ -10,7 +10,7 @@ directory (`store.user_paths.on_this_node`), where every node mounts the same fi
 
 from __future__ import annotations
 
-from rigl_core.data import DatasetError
+from rigl_core.data.dataset import DatasetError
 from rigl_core.data.describe import describe
 from rigl_core.data.feed import uses_stream
 from store.scrub import scrub_paths

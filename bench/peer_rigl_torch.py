@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rigl_core.data import batches_per_epoch, epoch_order, load_dataset  # noqa: E402
+from rigl_core.data.dataset import batches_per_epoch, epoch_order
+
+from rigl_core.data.registry import load_dataset# noqa: E402
 from rigl_core.models.registry import build_model  # noqa: E402
 from rigl_core.training.optim import lr_at  # noqa: E402
 from rigl_core.spec import JobSpec  # noqa: E402

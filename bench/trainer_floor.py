@@ -90,7 +90,7 @@ def step_times(marks: list[float]) -> list[float]:
 
 def digits_tensors() -> tuple:
     """The digits training split, normalised once: the data a hand-written loop keeps in memory."""
-    from rigl_core.data import load_dataset
+    from rigl_core.data.registry import load_dataset
     from rigl_core.spec import DatasetSpec
 
     data = load_dataset(DatasetSpec(name="digits"))

@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from rigl_core.data import DatasetError
+from rigl_core.data.dataset import DatasetError
 
 PATH_MESSAGE = ("must name a folder inside the server's datasets directory: relative segments of letters, "
                 "digits, '.', '_', '-' and spaces, separated by '/'")

@@ -117,7 +117,7 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
 def _inspect_upload(path, settings) -> dict:
     """Headers first, then values streamed in small chunks: an upload is never inflated in the API
     (a 1 MB zip declaring 1 GiB is refused from its directory)."""
-    from rigl_core.data import DatasetError
+    from rigl_core.data.dataset import DatasetError
     from rigl_core.data.safe_archive import inspect_tensor_file
 
     try:

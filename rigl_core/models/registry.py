@@ -169,7 +169,7 @@ def supports_zero_init_residual(name: str, architecture=None) -> bool:
     """Whether `model.zero_init_residual` means something for this model.
 
     Post-activation residual blocks end in a BatchNorm whose γ can start at 0 (Goyal et al. 2017; the
-    paper's ResNet-50 does it, rigl_spec.md §1). The pre-activation WRN's branch ends in a conv: a zero
+    paper's ResNet-50 does it, docs/algorithm.md "Models"). The pre-activation WRN's branch ends in a conv: a zero
     γ there would sit before a ReLU and never receive a gradient, so it is refused rather than faked.
     """
     if architecture is not None:

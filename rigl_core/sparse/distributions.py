@@ -1,7 +1,7 @@
 """Per-layer sparsities: uniform, Erdős–Rényi (ER) and Erdős–Rényi-Kernel (ERK) with exact capping.
 
 The budget S is over masked layers only; layers with an explicit density are outside it
-(rigl_spec.md §1, following google-research/rigl sparse_utils).
+(docs/algorithm.md "Sparsity distributions", following google-research/rigl sparse_utils).
 """
 
 from __future__ import annotations

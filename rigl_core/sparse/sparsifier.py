@@ -10,7 +10,7 @@ step is split so that nothing in the decision calls the optimizer:
 
 `sparsifier.step(step, scaler=scaler)` still does all three (the older one-call form).
 
-The methods differ only in when masks change and which scores drop and grow (rigl_spec.md §3-4).
+The methods differ only in when masks change and which scores drop and grow (docs/algorithm.md "Drop and grow").
 """
 
 from __future__ import annotations
@@ -517,7 +517,7 @@ class SNFSSparsifier(RigLSparsifier):
 
     As in the reference, the optimizer step is taken first and the mask is updated after it, like
     SET's: `SparseMomentumOptimizer` subclasses `SparseSETOptimizerBase`, whose `apply_gradients`
-    steps and then updates the masks (rigl_spec.md §SNFS, [R:sparse_optimizers.py]). Only RigL and
+    steps and then updates the masks (docs/algorithm.md "SNFS", google-research/rigl sparse_optimizers.py). Only RigL and
     SNIP replace the step on update iterations.
     """
 

@@ -3,7 +3,7 @@
 `{"recipe": "rigl-imagenet-resnet50", "dataset": {"path": "/data/imagenet"}}` is a whole ImageNet job.
 A recipe fills only what the user left out: it is merged *under* the user's input at every depth
 (model, dataset, sparsity, sparsity.schedule, training), so any field the user sets wins. Numbers
-and their sources are in `../shared/docs/rigl_spec.md` §1-§2 ([P] the paper, [R] its TF code).
+and their sources are in docs/algorithm.md ("Paper recipes"; [P] the paper, [R] its TF code).
 Add a recipe by calling `register`.
 """
 
