@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print the per-layer sparsity plan without training")
     model = plan.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
+    model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small or a torchvision model name")
     model.add_argument("--architecture", type=Path, help="declarative JSON architecture file")
     model.add_argument("--hf", help="a Hugging Face config (model.hf) as JSON, or a .json file holding it")
     plan.add_argument("--task", default="auto", choices=["auto", "classification", "sequence-classification",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_flag(train, "any JobSpec field, e.g. --set sparsity.schedule.delta_t=25 --set dataset.download=true")
     train.add_argument("--recipe", help="paper setting that fills every field not given (the file and flags win): "
                                         + ", ".join(recipe_names()) + "; `rigl recipes` shows them")
-    train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
+    train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small or a torchvision model name")
     train.add_argument("--architecture", type=Path, help="declarative JSON architecture file (instead of --model)")
     train.add_argument("--dataset", help="digits, mnist1d, synthetic, mnist, fashion-mnist, cifar10, cifar100, "
                                          "imagefolder or tensors")

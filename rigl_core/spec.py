@@ -37,7 +37,7 @@ class ModelSpec(_Strict):
 
     name: str = Field(
         "custom",
-        description="mlp, lenet5, wrn-22-2, resnet18-cifar, a torchvision classification model name, "
+        description="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small, a torchvision classification model name, "
         "'timm/<name>' (any timm model, randomly initialised), 'hf' with `hf`, or 'custom' with `architecture`.",
     )
     hf: dict[str, Any] | None = Field(
