@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_core.export.condensed import densify, layer_values, read_condensed_layers
-from rigl_core.export.condensed_kernel import condensed_matmul
+from rigl_core.export.condensed_kernel import bag_of, condensed_matmul
 
 INDEX_DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 
@@ -34,6 +34,9 @@ class CondensedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("values", values.float().contiguous())
         self.register_buffer("indices", indices.contiguous())
+        flat, offsets = bag_of(self.indices)  # the embedding-bag form, for batches of 4 rows or more
+        self.register_buffer("bag_indices", flat, persistent=False)
+        self.register_buffer("bag_offsets", offsets, persistent=False)
         # Output j reads column where[j] of [active outputs | one zero column]: a gather, which ONNX exports.
         where = torch.full((out_features,), len(active), dtype=torch.long)
         where[active.long()] = torch.arange(len(active))
@@ -47,15 +50,15 @@ class CondensedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._active(x.reshape(-1, self.in_features))
-        if not self.all_active:
+        x = x.reshape(-1, self.in_features)
+        if self.all_active:
+            y = condensed_matmul(x, self.indices, self.values, (self.bag_indices, self.bag_offsets), self.bias)
+        else:
+            y = condensed_matmul(x, self.indices, self.values, (self.bag_indices, self.bag_offsets))
             y = torch.cat([y, y.new_zeros(y.shape[0], 1)], dim=1)[:, self.where]
-        if self.bias is not None:
-            y = y + self.bias
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*lead, self.out_features)
-
-    def _active(self, x: torch.Tensor) -> torch.Tensor:
-        return condensed_matmul(x, self.indices, self.values)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, active={len(self.values)}"
