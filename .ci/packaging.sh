@@ -45,7 +45,7 @@ meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
 entry = zipfile.ZipFile(sys.argv[1]).read(meta).decode()
 assert "rigl = rigl_core.cli:main" in entry and "serve = api.serve:add_command" in entry, entry
 sdist = tarfile.open(sys.argv[2]).getnames()
-assert any(n.endswith("/pyproject.toml") for n in sdist) and any(n.endswith("/rigl_core/trainer.py") for n in sdist)
+assert any(n.endswith("/pyproject.toml") for n in sdist) and any(n.endswith("/rigl_core/training/trainer.py") for n in sdist)
 print(f"wheel: {len(names)} files; sdist: {len(sdist)} files")
 EOF
   took build "$t0"
@@ -66,7 +66,7 @@ if [[ $legs == *,wheel,* ]]; then
   done
   echo "core install: $(grep -cv '^nvidia-\|^cuda-' <<<"$installed") packages besides the CUDA wheels; torch $(grep '^torch==' <<<"$installed")"
   "$bin/rigl" --help >/dev/null
-  "$bin/python" -c "import rigl_core.trainer; from rigl_core import RigL"
+  "$bin/python" -c "import rigl_core.training.trainer; from rigl_core import RigL"
   "$bin/rigl" train --model mlp --dataset synthetic --epochs 1 --set dataset.num_samples=512 --out "$work/run" 2>/dev/null
   test -s "$work/run/model.safetensors" && test -s "$work/run/report.json"
   expect_hint() {  # expect_hint EXTRA COMMAND...: exit 2 and one line naming the extra

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from rigl_core.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
+from rigl_core.sparse.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
 from rigl_core.spec import JobSpec
 from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
 

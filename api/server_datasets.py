@@ -10,9 +10,9 @@ directory (`store.user_paths.on_this_node`), where every node mounts the same fi
 
 from __future__ import annotations
 
-from rigl_core.datasets import DatasetError
-from rigl_core.datasets.describe import describe
-from rigl_core.datasets.feed import uses_stream
+from rigl_core.data.dataset import DatasetError
+from rigl_core.data.describe import describe
+from rigl_core.data.feed import uses_stream
 from store.scrub import scrub_paths
 from store.settings import Settings
 from store.user_paths import DATASETS_KEY, datasets_key, folder_limit, imagefolder_layout
@@ -83,7 +83,7 @@ def _counts(spec, layout) -> tuple[int, int]:
 
 def _check_present(spec, settings: Settings) -> None:
     """mnist/cifar: the files the loader needs exist, so a job does not fail later in a worker."""
-    from rigl_core.datasets import files
+    from rigl_core.data import files
 
     root = settings.datasets_dir
     try:

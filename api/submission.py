@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import json
 
-from rigl_core.models import build_model, check_model, resolve_task
-from rigl_core.plan import make_plan
-from rigl_core.schedules import resolve_t_end
+from rigl_core.models.registry import build_model, check_model, resolve_task
+from rigl_core.sparse.plan import make_plan
+from rigl_core.sparse.schedules import resolve_t_end
 from rigl_core.spec import UPLOADED_ARCHITECTURE, UPLOADED_WEIGHTS, JobSpec
 from store.artifacts import Artifacts
 from store.jobs import JobStore
@@ -64,7 +64,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
             if weights_field is not None:  # names and shapes against the model, from the file's header
-                from rigl_core.warm_start import check_matches, read_header
+                from rigl_core.training.warm_start import check_matches, read_header
 
                 architecture = json.dumps(tree["model"].get("architecture"), sort_keys=True)
                 shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
@@ -130,8 +130,8 @@ def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, inp
                   ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """({state_dict name: shape}, tied names) of the model built on the meta device (cached: sweeps
     reuse one model)."""
-    from rigl_core.architecture import Architecture
-    from rigl_core.warm_start import expected_shapes, tied_names
+    from rigl_core.models.architecture import Architecture
+    from rigl_core.training.warm_start import expected_shapes, tied_names
 
     architecture = json.loads(architecture_json)
     meta = build_model(name, num_classes, json.loads(input_shape_json), json.loads(hidden_sizes_json), device="meta",

@@ -8,7 +8,7 @@ One command, about 5 minutes on one H100/H200, synthetic data (nothing downloade
 it runs, one after the other in one process (bf16 autocast, channels_last, TF32, cudnn.benchmark,
 SGD momentum 0.9, weight decay 1e-4):
 
-  minimal    the floor, written here: the same model (rigl_core.models.build_model), random data
+  minimal    the floor, written here: the same model (rigl_core.models.registry.build_model), random data
              already on the GPU (as many training samples as the Trainer's synthetic split), a
              torch.randperm on the GPU per epoch, slicing, forward + loss under autocast, backward,
              optimizer.step. Constant LR, no logging.
@@ -140,7 +140,7 @@ def run_minimal(cfg: Config, device, channels_last: bool) -> dict:
     import torch
     from torch import nn
 
-    from rigl_core.models import build_model
+    from rigl_core.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.num_classes, cfg.input_shape).to(device)
@@ -191,7 +191,7 @@ def spec_tree(cfg: Config, method: str, device_name: str) -> dict:
 
 def make_timer(cfg: Config, device):
     """A Callback that reads the clock (after a GPU sync) when `warmup` and `warmup + steps` steps are done."""
-    from rigl_core.trainer import Callback
+    from rigl_core.training.trainer import Callback
 
     class WindowTimer(Callback):
         def __init__(self):
@@ -243,7 +243,7 @@ def time_updates(trainer, device) -> dict:
 
 def run_trainer(cfg: Config, method: str, device) -> dict:
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     timer = make_timer(cfg, device)
     trainer = Trainer(JobSpec.model_validate(spec_tree(cfg, method, str(device))), callbacks=[timer])
@@ -467,7 +467,7 @@ def write(results: dict, paths: list[Path]) -> None:
 # ---------------------------------------------------------------------------- 2:4 semi-structured (NOT RUN YET)
 # Written for issue 16 item 4 without a GPU: this part has never run. `python bench/gpu.py --nm24` on a lent
 # GPU times a Linear layer's forward with a 2:4 weight (sparsity.pattern "2:4") converted by
-# rigl_core.export_nm.to_semi_structured (torch.sparse.to_sparse_semi_structured) against the same dense
+# rigl_core.export.nm.to_semi_structured (torch.sparse.to_sparse_semi_structured) against the same dense
 # fp16 matmul, and writes bench/results/gpu_nm24.{md,json}. On CPU it only records why nothing converted.
 NM24_SHAPES = [(4096, 4096, 4096), (4096, 11008, 4096), (256, 4096, 4096)]  # (tokens, in, out)
 
@@ -476,8 +476,8 @@ def run_nm24(device, paths: list[Path], iters: int = 50, warmup: int = 10, shape
     import torch
     from torch import nn
 
-    from rigl_core.export_nm import to_semi_structured
-    from rigl_core.nm import nm_random_mask
+    from rigl_core.export.nm import to_semi_structured
+    from rigl_core.sparse.nm import nm_random_mask
 
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(device), "git": commit(), "shapes": [], "iters": iters}

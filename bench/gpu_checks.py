@@ -61,7 +61,7 @@ def masks_exact(trainer) -> bool:
 
 
 def check_stream(device: str, smoke: bool) -> dict:
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp), per_class=8 if smoke else 48)
@@ -87,7 +87,7 @@ def wrn(device: str, smoke: bool, **training) -> object:
 
 
 def check_fp16(device: str, smoke: bool) -> dict:
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     trainer = Trainer(wrn(device, smoke, precision="fp16", accumulate_steps=2, clip_grad_norm=1.0))
     report = trainer.fit()
@@ -96,7 +96,7 @@ def check_fp16(device: str, smoke: bool) -> dict:
 
 
 def check_compile(device: str, smoke: bool) -> dict:
-    from rigl_core.trainer import Callback, Trainer
+    from rigl_core.training.trainer import Callback, Trainer
 
     class Log(Callback):
         def __init__(self):
@@ -122,7 +122,7 @@ def check_compile(device: str, smoke: bool) -> dict:
 
 
 def check_auto(device: str, smoke: bool) -> dict:
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     trainer = Trainer(wrn(device, smoke, devices="all", max_steps=2))
     return {"ok": True, "precision": trainer.precision, "channels_last": trainer.channels_last,

@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rigl_core import RigL  # noqa: E402
-from rigl_core.export import dense_state_dict, save_compressed_model, save_dense, save_packed  # noqa: E402
-from rigl_core.export_compressed import read_compressed, size_report  # noqa: E402
-from rigl_core.export_onnx import export_onnx  # noqa: E402
-from rigl_core.models import build_model  # noqa: E402
+from rigl_core.export.packed import dense_state_dict, save_compressed_model, save_dense, save_packed  # noqa: E402
+from rigl_core.export.compressed import read_compressed, size_report  # noqa: E402
+from rigl_core.export.onnx import export_onnx  # noqa: E402
+from rigl_core.models.registry import build_model  # noqa: E402
 
 MODELS = {"mlp": [1, 8, 8], "lenet5": [1, 28, 28], "resnet18-cifar": [3, 32, 32]}
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
@@ -183,7 +183,7 @@ def _masked_ratio(report: dict) -> float:
 # -------------------------------------------------------------------------------------- half precision
 def half_precision_accuracy(epochs: int) -> list[dict]:
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     rows = []
     for name in ("mlp", "lenet5"):

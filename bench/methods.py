@@ -49,7 +49,7 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     setting = SETTINGS[job["dataset"]]
     tree = {

@@ -46,7 +46,7 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     training = {**TRAINING, "seed": job["seed"]}
     if job.get("epochs"):

@@ -86,7 +86,7 @@ def train_once(config: str, method: str, quick: bool, max_steps: int | None = No
     """One training run; also records the wall time of every `Trainer._train_step` call (forward,
     backward and the sparsifier's step, i.e. masking, optimizer step or mask update)."""
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     tree = spec_tree(config, method, quick)
     if max_steps is not None:
@@ -168,7 +168,7 @@ def single(config: str, method: str, quick: bool) -> None:
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    import rigl_core.trainer  # noqa: F401
+    import rigl_core.training.trainer  # noqa: F401
 
     rss_after_imports = current_rss_kb()
     result = train_once(config, method, quick)
@@ -208,9 +208,9 @@ def instrumented(config: str, method: str, quick: bool) -> dict:
 
     Per-call times are kept so that medians, which a burst of contention barely moves, can be
     reported next to the totals."""
-    import rigl_core.sparsifier as sp
+    import rigl_core.sparse.sparsifier as sp
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     names = ("train_step", "mask_gradients", "optimizer_step", "update_masks", "drop_and_grow", "apply_masks")
     calls: dict[str, list[float]] = {k: [] for k in names}

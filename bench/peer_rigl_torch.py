@@ -26,11 +26,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rigl_core.datasets import batches_per_epoch, epoch_order, load_dataset  # noqa: E402
-from rigl_core.models import build_model  # noqa: E402
-from rigl_core.optim import lr_at  # noqa: E402
+from rigl_core.data.dataset import batches_per_epoch, epoch_order
+
+from rigl_core.data.registry import load_dataset# noqa: E402
+from rigl_core.models.registry import build_model  # noqa: E402
+from rigl_core.training.optim import lr_at  # noqa: E402
 from rigl_core.spec import JobSpec  # noqa: E402
-from rigl_core.trainer import Trainer  # noqa: E402
+from rigl_core.training.trainer import Trainer  # noqa: E402
 
 EPOCHS, BATCH, LR, MOMENTUM, WD = 40, 64, 0.1, 0.9, 1e-4
 DELTA_T, ALPHA, T_END_FRACTION, SPARSITY = 25, 0.3, 0.75, 0.9

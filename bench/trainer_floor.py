@@ -64,7 +64,7 @@ def spec_tree(method: str, epochs: int) -> dict:
 
 def run_trainer(method: str, epochs: int) -> dict:
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Callback, Trainer
+    from rigl_core.training.trainer import Callback, Trainer
 
     class StepClock(Callback):
         """The clock after every step (should_stop is polled after each): per-step times with the
@@ -90,7 +90,7 @@ def step_times(marks: list[float]) -> list[float]:
 
 def digits_tensors() -> tuple:
     """The digits training split, normalised once: the data a hand-written loop keeps in memory."""
-    from rigl_core.datasets import load_dataset
+    from rigl_core.data.registry import load_dataset
     from rigl_core.spec import DatasetSpec
 
     data = load_dataset(DatasetSpec(name="digits"))

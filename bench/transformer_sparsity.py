@@ -129,7 +129,8 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from rigl_core import RigL
-    from rigl_core.datasets import epoch_order, load_dataset
+    from rigl_core.data.dataset import epoch_order
+    from rigl_core.data.registry import load_dataset
     from rigl_core.spec import DatasetSpec
 
     t = dict(SETTINGS["training"], epochs=job["epochs"])

@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rigl_core.distributions import layer_sparsities  # noqa: E402
-from rigl_core.layers import select_layers  # noqa: E402
-from rigl_core.schedules import UpdateSchedule  # noqa: E402
-from rigl_core.sparsifier import RigLSparsifier  # noqa: E402
+from rigl_core.sparse.distributions import layer_sparsities  # noqa: E402
+from rigl_core.sparse.layers import select_layers  # noqa: E402
+from rigl_core.sparse.schedules import UpdateSchedule  # noqa: E402
+from rigl_core.sparse.sparsifier import RigLSparsifier  # noqa: E402
 
 SIZES = [100_000, 1_000_000, 10_000_000, 50_000_000]
 DELTA_T, BATCH = 100, 128

@@ -74,7 +74,7 @@ def train_dense(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from rigl_core.run import DENSE_EXPORT, run_training
+    from rigl_core.training.run import DENSE_EXPORT, run_training
     from rigl_core.spec import JobSpec
 
     spec = JobSpec.model_validate({
@@ -93,7 +93,7 @@ def train_sparse(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     label, method, init, uses_weights, epochs_kind, extra = VARIANTS[job["variant"]]
     recipe = FINE_TUNE if uses_weights else SCRATCH

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from rigl_core.optional import MissingExtra, require
-from rigl_core.recipes import recipe_names
+from rigl_core.training.recipes import recipe_names
 from rigl_core.spec import METHODS, JobSpec, SparsitySpec, format_validation_error
 
 
@@ -276,7 +276,7 @@ def _is_job_id(source: str) -> bool:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rigl_core.report_data import ReportSourceError, from_output_dir, from_service
+    from rigl_core.report.data import ReportSourceError, from_output_dir, from_service
 
     if args.png is None and not args.json:
         raise UsageError("--png: required (or --json to print the data)")
@@ -303,11 +303,11 @@ def _report_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_report(args: argparse.Namespace, data: dict, renderer: str) -> int:
-    """--json prints the data; --png draws it with rigl_core.report_png.<renderer> and prints the path."""
+    """--json prints the data; --png draws it with rigl_core.report.png.<renderer> and prints the path."""
     if args.json:
         print(json.dumps(data, indent=2))
     if args.png is not None:
-        from rigl_core import report_png
+        from rigl_core.report import png as report_png
 
         try:
             path = getattr(report_png, renderer)(data, args.png)
@@ -480,7 +480,7 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     """Every registered recipe: name, what it reproduces, and each field it fills (dotted, as JSON)."""
-    from rigl_core.recipes import RECIPES
+    from rigl_core.training.recipes import RECIPES
 
     if args.json:
         print(json.dumps({name: {"description": r.description, "defaults": r.defaults}
@@ -495,8 +495,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from rigl_core.models import build_model, check_model, default_input_shape, default_num_classes
-    from rigl_core.plan import make_plan
+    from rigl_core.models.registry import build_model, check_model, default_input_shape, default_num_classes
+    from rigl_core.sparse.plan import make_plan
 
     tree = _read_config(args.config).get("sparsity", {}) if args.config else {}
     for flag, dotted in SPARSITY_FLAGS.items():
@@ -513,7 +513,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             architecture=_read_architecture(args.architecture), num_classes=args.num_classes,
             input_shape=args.input_shape)}, "model")
         input_shape = model_spec.architecture.input_shape
-        from rigl_core.architecture import infer
+        from rigl_core.models.build import infer
 
         num_classes = model_spec.num_classes or infer(model_spec.architecture)[1][-1]
     else:
@@ -523,7 +523,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             hidden_sizes=args.hidden_sizes)}, "model")
         input_shape = model_spec.input_shape or default_input_shape(model_spec.name)
         num_classes = model_spec.num_classes or default_num_classes(model_spec.name)
-    from rigl_core.models import resolve_task
+    from rigl_core.models.registry import resolve_task
 
     task = resolve_task(args.task, model_spec.hf)
     model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta",
@@ -531,7 +531,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_model(model, input_shape, num_classes, task)
     schedule_warnings = []
     if args.total_steps is not None:  # the run's length fixes T_end, ΔT "auto" and the update count
-        from rigl_core.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
+        from rigl_core.sparse.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
 
         if args.total_steps < 1:
             raise UsageError("--total-steps: at least 1")
@@ -632,7 +632,7 @@ def _warn_partial_sparsity(plan: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rigl_core.run import run_training
+    from rigl_core.training.run import run_training
 
     spec = spec_from_args(args)
     report = run_training(

@@ -1,7 +1,7 @@
 """JobSpec: the one description of a training job, shared by the CLI, the REST API and the worker.
 
 The sparsity defaults are the paper's (ERK, ΔT 100, T_end 0.75, α 0.3, cosine); the training defaults
-are a short generic run. `recipe` fills a paper setting whole (rigl_core.recipes). Unknown fields are
+are a short generic run. `recipe` fills a paper setting whole (rigl_core.training.recipes). Unknown fields are
 rejected so a typo never silently trains something other than what was asked.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rigl_core.architecture import Architecture
+from rigl_core.models.architecture import Architecture
 
 MAX_DIM = 65_536  # largest single dimension (width, channels, spatial size) a spec may name
 MAX_SEED = 2**32 - 1  # seeds are 32-bit everywhere (numpy, torch's generators): larger ones overflow later
@@ -89,12 +89,12 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        from rigl_core.models import available_models, timm_name
+        from rigl_core.models.registry import available_models, timm_name
 
         if UPLOADED_ARCHITECTURE.match(value):
             return value  # an architecture uploaded to the service; it resolves the reference
         if timm_name(value) is not None:
-            from rigl_core.hub_models import check_timm_name  # imports timm: only for timm/ names
+            from rigl_core.models.hub import check_timm_name  # imports timm: only for timm/ names
 
             try:
                 check_timm_name(timm_name(value))
@@ -111,7 +111,7 @@ class ModelSpec(_Strict):
             raise ValueError("model.hf: required with name 'hf'" if self.hf is None else
                              "model.hf: give either model.name or model.hf, not both")
         if self.hf is not None:
-            from rigl_core.hub_models import hf_config  # imports transformers: only for model.hf
+            from rigl_core.models.hub import hf_config  # imports transformers: only for model.hf
 
             hf_config(self.hf)
         return self
@@ -125,7 +125,8 @@ class ModelSpec(_Strict):
         if self.architecture is not None:
             if self.input_shape not in (None, self.architecture.input_shape):
                 raise ValueError("model.input_shape: differs from architecture.input_shape")
-            from rigl_core.architecture import ArchitectureError, infer
+            from rigl_core.models.architecture import ArchitectureError
+            from rigl_core.models.build import infer
 
             try:
                 infer(self.architecture)
@@ -135,7 +136,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _zero_init_applies(self) -> "ModelSpec":
-        from rigl_core.models import supports_zero_init_residual
+        from rigl_core.models.registry import supports_zero_init_residual
 
         if self.zero_init_residual and not UPLOADED_ARCHITECTURE.match(self.name) and not \
                 supports_zero_init_residual(self.name, self.architecture):
@@ -288,7 +289,7 @@ class SparsitySpec(_Strict):
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) of an N:M pattern, None when unstructured."""
-        from rigl_core.nm import parse_pattern
+        from rigl_core.sparse.nm import parse_pattern
 
         return parse_pattern(self.pattern)
 
@@ -296,7 +297,7 @@ class SparsitySpec(_Strict):
     @classmethod
     def _nm_sparsity_by_default(cls, data):
         """With an N:M pattern and no `sparsity` given, the sparsity is N:M's own, 1 - N/M."""
-        from rigl_core.nm import parse_pattern
+        from rigl_core.sparse.nm import parse_pattern
 
         if isinstance(data, dict) and "sparsity" not in data and isinstance(data.get("pattern"), str):
             try:
@@ -310,7 +311,7 @@ class SparsitySpec(_Strict):
     @field_validator("pattern", mode="before")
     @classmethod
     def _pattern(cls, value: object) -> object:
-        from rigl_core.nm import parse_pattern
+        from rigl_core.sparse.nm import parse_pattern
 
         if not isinstance(value, str):  # YAML 1.1 reads an unquoted 2:4 as the number 124
             raise ValueError(f"a string such as \"2:4\" (quote it in YAML), got {value!r}")
@@ -474,13 +475,13 @@ class JobSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _fill_from_recipe(cls, data: object) -> object:
-        from rigl_core.recipes import apply_recipe
+        from rigl_core.training.recipes import apply_recipe
 
         return apply_recipe(data)  # merged under the user's input; a dumped spec already holds every field
 
     @model_validator(mode="after")
     def _task_fits_model(self) -> "JobSpec":
-        from rigl_core.models import resolve_task
+        from rigl_core.models.registry import resolve_task
 
         resolve_task(self.training.task, self.model.hf)
         return self
@@ -501,7 +502,7 @@ class JobSpec(_Strict):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, value: str | None) -> str | None:
-        from rigl_core.recipes import get_recipe
+        from rigl_core.training.recipes import get_recipe
 
         return value if value is None else get_recipe(value).name
 

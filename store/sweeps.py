@@ -212,7 +212,7 @@ def aggregate(children: list[dict]) -> dict:
     sd of the final val_accuracy, the inference FLOPs ratio and the packed export's bytes (means over the
     succeeded children), and the Pareto frontiers of the groups' mean accuracy against each cost.
     `children`: dicts with params, status, val_accuracy, inference_flops_ratio, packed_bytes."""
-    from rigl_core.pareto import frontier, mean_sd
+    from rigl_core.report.pareto import frontier, mean_sd
 
     groups: dict[tuple, list[dict]] = {}
     for child in children:

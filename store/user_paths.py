@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from rigl_core.datasets import DatasetError
+from rigl_core.data.dataset import DatasetError
 
 PATH_MESSAGE = ("must name a folder inside the server's datasets directory: relative segments of letters, "
                 "digits, '.', '_', '-' and spaces, separated by '/'")
@@ -129,7 +129,7 @@ def confine_files(files: list[Path], root: Path) -> None:
 def imagefolder_layout(user_path: object, root: Path, limit: int):
     """Resolve and confine an `imagefolder` path; returns its ImageFolderLayout (files counted, none
     decoded). Loader errors (too few classes, too many images) pass through without server paths."""
-    from rigl_core.datasets.files import imagefolder_layout as layout_of
+    from rigl_core.data.files import imagefolder_layout as layout_of
 
     folder = resolve_folder(user_path, root)
     try:
@@ -144,7 +144,7 @@ def imagefolder_layout(user_path: object, root: Path, limit: int):
 def folder_limit(dataset: dict) -> int:
     """How many images an imagefolder job may list: max_samples when it is loaded into memory; no
     count for a streamed one (loader stream, or auto), whose files are confined all the same."""
-    from rigl_core.datasets.files import NO_IMAGE_LIMIT
+    from rigl_core.data.files import NO_IMAGE_LIMIT
 
     if dataset.get("loader", "auto") == "memory":
         return int(dataset.get("max_samples") or 200_000)

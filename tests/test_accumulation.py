@@ -11,9 +11,9 @@ import torch
 from conftest import small_spec
 from pydantic import ValidationError
 
-from rigl_core.datasets.feed import BatchPlan
+from rigl_core.data.batches import BatchPlan
 from rigl_core.spec import JobSpec, TrainingSpec, format_validation_error
-from rigl_core.trainer import Callback, Trainer, resolve_accumulation
+from rigl_core.training.trainer import Callback, Trainer, resolve_accumulation
 
 
 class Updates(Callback):

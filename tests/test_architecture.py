@@ -9,7 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rigl_core.architecture import Architecture, ArchitectureError, Limits, architecture_json_schema, build_architecture, infer
+from rigl_core.models.architecture import Architecture, ArchitectureError, Limits, architecture_json_schema
+from rigl_core.models.build import build_architecture, infer
 from rigl_core.spec import JobSpec, format_validation_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def test_published_json_schema_is_current():
 
 
 def test_custom_architecture_trains_end_to_end(tmp_path):
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     arch = {"input_shape": [1, 8, 8], "layers": [
         {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1}, {"type": "relu"},

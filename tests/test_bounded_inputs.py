@@ -15,7 +15,7 @@ import uuid
 import pytest
 from pydantic import BaseModel
 
-from rigl_core import architecture as arch_module
+from rigl_core.models import architecture as arch_module
 from rigl_core.spec import JobSpec
 from service_helpers import JOB, postgres_available, temporary_postgres_database
 from store.settings import Settings

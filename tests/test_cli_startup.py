@@ -77,10 +77,10 @@ def test_specs_import_without_torch_and_build_with_it(tmp_path):
     proc = _run(textwrap.dedent('''
         import sys
         from rigl_core.spec import JobSpec
-        from rigl_core.architecture import Architecture
+        from rigl_core.models.architecture import Architecture
         arch = Architecture.model_validate({"input_shape": [4], "layers": [{"type": "linear", "out_features": 2}]})
         assert "torch" not in sys.modules
-        from rigl_core.architecture import infer
+        from rigl_core.models.build import infer
         _, out_shape, params = infer(arch)
         assert (out_shape, params) == ((2,), 10), (out_shape, params)
         assert "torch" in sys.modules

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rigl_core.cli import main
 from rigl_core.client import Client, InvalidRequest, NotFound, Unavailable
-from rigl_core.models import build_model
+from rigl_core.models.registry import build_model
 from service_helpers import JOB, embedded_service, free_port, wait_for
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import small_spec
 
-from rigl_core.trainer import Callback, Trainer
+from rigl_core.training.trainer import Callback, Trainer
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ for the first steps: ~30 s on 2 cores
 

@@ -151,7 +151,7 @@ def test_dashboard_end_to_end(server, page, tmp_path):
         page.click("#download-compressed")
     assert info.value.suggested_filename == f"{job_id}-model.compressed.safetensors"
     info.value.save_as(tmp_path / "c.safetensors")
-    from rigl_core.export_compressed import read_compressed
+    from rigl_core.export.compressed import read_compressed
 
     back = read_compressed(tmp_path / "c.safetensors")
     assert set(back) == set(tensors) and all(np.array_equal(back[k], tensors[k]) for k in tensors)

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from rigl_core.datasets import DatasetError, load_dataset
-from rigl_core.datasets.augment import crop_flip
+from rigl_core.data.dataset import DatasetError
+
+from rigl_core.data.registry import load_dataset
+from rigl_core.data.augment import crop_flip
 from rigl_core.spec import DatasetSpec, JobSpec
 
 
@@ -193,7 +195,7 @@ def test_crop_flip_keeps_content():
 
 
 def test_cifar_job_trains_with_resnet18_cifar(tmp_path):
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     write_cifar10(tmp_path)
     job = JobSpec.model_validate({"model": {"name": "resnet18-cifar"},

@@ -54,11 +54,11 @@ def _train_rank(rank: int, world_size: int, port: int, method: str, out_dir: str
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from rigl_core.distributions import layer_sparsities
-    from rigl_core.layers import select_layers
-    from rigl_core.models import build_model
-    from rigl_core.schedules import UpdateSchedule
-    from rigl_core.sparsifier import SPARSIFIERS
+    from rigl_core.sparse.distributions import layer_sparsities
+    from rigl_core.sparse.layers import select_layers
+    from rigl_core.models.registry import build_model
+    from rigl_core.sparse.schedules import UpdateSchedule
+    from rigl_core.sparse.sparsifier import SPARSIFIERS
 
     torch.set_num_threads(1)
     dist.init_process_group(

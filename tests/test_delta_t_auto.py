@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from rigl_core.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t
+from rigl_core.sparse.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t
 from rigl_core.spec import JobSpec, ScheduleSpec
 from service_helpers import JOB
 from store.settings import Settings
@@ -92,8 +92,8 @@ def test_plan_with_total_steps_resolves_auto_and_warns_on_stderr(capsys):
 
 
 def test_training_flops_use_the_resolved_auto_delta_t_when_the_run_length_is_known():
-    from rigl_core.models import build_model
-    from rigl_core.plan import make_plan
+    from rigl_core.models.registry import build_model
+    from rigl_core.sparse.plan import make_plan
     from rigl_core.spec import SparsitySpec
 
     model = build_model("mlp", 10, [1, 8, 8], None, device="meta")

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from rigl_core.distributions import active_count, layer_sparsities, zeros_count
-from rigl_core.models import build_model
-from rigl_core.plan import make_plan
+from rigl_core.sparse.distributions import active_count, layer_sparsities, zeros_count
+from rigl_core.models.registry import build_model
+from rigl_core.sparse.plan import make_plan
 from rigl_core.spec import SparsitySpec
 
 

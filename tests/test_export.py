@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_spec
-from rigl_core.export import load_packed
-from rigl_core.models import build_model
-from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT, run_training
+from rigl_core.export.packed import load_packed
+from rigl_core.models.registry import build_model
+from rigl_core.training.run import DENSE_EXPORT, PACKED_EXPORT, REPORT, run_training
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_export_mode_respects_the_umask(tmp_path, umask):
     import os
     import stat
 
-    from rigl_core.export import save_dense, save_packed
+    from rigl_core.export.packed import save_dense, save_packed
 
     model = torch.nn.Linear(4, 2)
     previous = os.umask(umask)

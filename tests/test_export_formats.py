@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from rigl_core import RigL
-from rigl_core.export import dense_state_dict, load_packed, save_compressed_model, save_packed
-from rigl_core.export_compressed import (decode_mask, encode_mask, entropy_bits, read_compressed, save_compressed,
+from rigl_core.export.packed import dense_state_dict, load_packed, save_compressed_model, save_packed
+from rigl_core.export.compressed import (decode_mask, encode_mask, entropy_bits, read_compressed, save_compressed,
                                          size_report)
-from rigl_core.models import build_model
+from rigl_core.models.registry import build_model
 
 
 def sparse_model(name: str, input_shape: list[int], sparsity: float, seed: int = 0):
@@ -126,7 +126,7 @@ def test_the_reader_needs_numpy_only(tmp_path):
         import importlib.util, json, sys
         for blocked in ("torch", "safetensors"):
             sys.modules[blocked] = None
-        spec = importlib.util.spec_from_file_location("reader", {str(__import__("rigl_core.export_compressed",
+        spec = importlib.util.spec_from_file_location("reader", {str(__import__("rigl_core.export.compressed",
                                                                   fromlist=["x"]).__file__)!r})
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -158,7 +158,7 @@ def test_the_reader_never_unpickles_and_rejects_other_files(tmp_path):
 @pytest.mark.parametrize("name,shape", [("mlp", [64]), ("lenet5", [1, 28, 28]), ("wrn-22-2", [3, 32, 32])])
 def test_onnx_matches_pytorch(tmp_path, name, shape):
     pytest.importorskip("onnxruntime")
-    from rigl_core.export_onnx import check_onnx, export_onnx, run_onnx
+    from rigl_core.export.onnx import check_onnx, export_onnx, run_onnx
 
     model, _ = sparse_model(name, shape, 0.9)
     path = export_onnx(model, shape, tmp_path / "m.onnx")
@@ -172,8 +172,8 @@ def test_onnx_matches_pytorch(tmp_path, name, shape):
 def test_onnx_of_a_declarative_architecture(tmp_path):
     """docs/guide/models.md's residual architecture example, sparsified."""
     pytest.importorskip("onnxruntime")
-    from rigl_core.architecture import Architecture
-    from rigl_core.export_onnx import check_onnx, export_onnx
+    from rigl_core.models.architecture import Architecture
+    from rigl_core.export.onnx import check_onnx, export_onnx
 
     arch = {"input_shape": [1, 8, 8], "layers": [
         {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1, "name": "stem"},
@@ -225,7 +225,7 @@ def test_the_checkpoint_route_serves_compressed_and_onnx(succeeded_job, tmp_path
     onnx = api.get(f"/v1/jobs/{job_id}/checkpoint?format=onnx")
     assert onnx.status_code == 200 and "model.onnx" in onnx.headers["content-disposition"]
     pytest.importorskip("onnxruntime")
-    from rigl_core.export_onnx import run_onnx
+    from rigl_core.export.onnx import run_onnx
 
     (tmp_path / "m.onnx").write_bytes(onnx.content)
     import onnxruntime
@@ -247,7 +247,7 @@ def test_a_model_the_onnx_exporter_cannot_trace_is_skipped_with_a_warning(tmp_pa
     """The job still succeeds with its other exports; the event log says why there is no ONNX file."""
     from fastapi.testclient import TestClient
 
-    import rigl_core.export_onnx
+    import rigl_core.export.onnx
     from api.app import create_app
     from service_helpers import JOB
     from store.settings import Settings
@@ -256,7 +256,7 @@ def test_a_model_the_onnx_exporter_cannot_trace_is_skipped_with_a_warning(tmp_pa
     def untraceable(*_args, **_kwargs):
         raise RuntimeError("Unsupported: the exporter cannot trace this model")
 
-    monkeypatch.setattr(rigl_core.export_onnx, "export_onnx", untraceable)
+    monkeypatch.setattr(rigl_core.export.onnx, "export_onnx", untraceable)
     settings = Settings(data_dir=tmp_path).resolved()
     with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
         job_id = api.post("/v1/jobs", json={**JOB, "training": {**JOB["training"], "epochs": 1}}).json()["id"]
@@ -273,7 +273,7 @@ def test_a_model_the_onnx_exporter_cannot_trace_is_skipped_with_a_warning(tmp_pa
 
 # ------------------------------------------------------------------------------- export.values fp16/bf16
 def test_stored_values_rounds_the_masked_weights_inside_and_restores_them_exactly():
-    from rigl_core.export import stored_values
+    from rigl_core.export.packed import stored_values
 
     model, masks = sparse_model("lenet5", [1, 28, 28], 0.9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -292,7 +292,7 @@ def test_stored_values_rounds_the_masked_weights_inside_and_restores_them_exactl
 def test_a_job_with_fp16_values_exports_them_and_reports_the_accuracy_they_cost(tmp_path):
     """The run evaluates the model holding exactly what the packed/compressed readers get back, and the
     report's figures are those of the exported files."""
-    from rigl_core.run import run_training
+    from rigl_core.training.run import run_training
     from rigl_core.spec import JobSpec
 
     spec = JobSpec.model_validate({"model": {"name": "mlp"}, "dataset": {"name": "digits"},
@@ -308,7 +308,7 @@ def test_a_job_with_fp16_values_exports_them_and_reports_the_accuracy_they_cost(
     packed = load_packed(tmp_path / "model.packed.safetensors")
     back = read_compressed(tmp_path / "model.compressed.safetensors")
     assert all(np.array_equal(back[k], v.numpy()) for k, v in packed.items())
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     trainer = Trainer(spec)  # the exported values give the reported accuracy
     trainer.model.load_state_dict(packed)
@@ -342,7 +342,7 @@ def test_onnx_of_a_token_model_takes_int64_ids(tmp_path):
     """A model.hf sequence classifier exports with token ids in; onnxruntime agrees with PyTorch."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("transformers")
-    from rigl_core.export_onnx import check_onnx, export_onnx, run_onnx
+    from rigl_core.export.onnx import check_onnx, export_onnx, run_onnx
 
     hf = {"model_type": "bert", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
           "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}

@@ -150,9 +150,9 @@ def test_total_steps_over_the_cap_or_int32_is_a_422_naming_the_field(api):
 
 
 def test_training_flops_over_the_cap_is_a_422(api):
-    from rigl_core.datasets.describe import describe
-    from rigl_core.models import build_model
-    from rigl_core.plan import make_plan
+    from rigl_core.data.describe import describe
+    from rigl_core.models.registry import build_model
+    from rigl_core.sparse.plan import make_plan
     from rigl_core.spec import JobSpec
 
     spec = JobSpec.model_validate(JOB)

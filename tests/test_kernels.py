@@ -14,11 +14,11 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from test_precision import MaskWatch
 
-from rigl_core.export import load_packed, save_dense, save_packed
-from rigl_core.kernels import configure_kernels, resolve_channels_last, to_channels_last
-from rigl_core.models import build_model
+from rigl_core.export.packed import load_packed, save_dense, save_packed
+from rigl_core.training.kernels import configure_kernels, resolve_channels_last, to_channels_last
+from rigl_core.models.registry import build_model
 from rigl_core.spec import JobSpec, format_validation_error
-from rigl_core.trainer import Callback, Trainer
+from rigl_core.training.trainer import Callback, Trainer
 
 CL = torch.channels_last
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from rigl_core.cli import main
-from rigl_core.export import load_packed, save_packed
-from rigl_core.layers import select_layers
-from rigl_core.models import build_model
-from rigl_core.optim import param_groups
-from rigl_core.plan import make_plan
-from rigl_core.schedules import UpdateSchedule
-from rigl_core.sparsifier import SPARSIFIERS
+from rigl_core.export.packed import load_packed, save_packed
+from rigl_core.sparse.layers import select_layers
+from rigl_core.models.registry import build_model
+from rigl_core.training.optim import param_groups
+from rigl_core.sparse.plan import make_plan
+from rigl_core.sparse.schedules import UpdateSchedule
+from rigl_core.sparse.sparsifier import SPARSIFIERS
 from rigl_core.spec import SparsitySpec
 
 L, E = 6, 16  # tokens, embedding width

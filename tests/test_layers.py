@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from rigl_core.layers import select_layers
-from rigl_core.models import build_model
+from rigl_core.sparse.layers import select_layers
+from rigl_core.models.registry import build_model
 
 
 def test_never_masks_bias_or_norm():

@@ -14,9 +14,9 @@ from conftest import small_spec
 from torch import nn
 
 from rigl_core import RigL
-from rigl_core.datasets import load_dataset
+from rigl_core.data.registry import load_dataset
 from rigl_core.spec import DatasetSpec
-from rigl_core.trainer import Trainer
+from rigl_core.training.trainer import Trainer
 
 BATCH = 64
 

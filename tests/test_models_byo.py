@@ -17,7 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from rigl_core.cli import main  # noqa: E402
 from rigl_core.spec import JobSpec, format_validation_error  # noqa: E402
-from rigl_core.trainer import Trainer  # noqa: E402
+from rigl_core.training.trainer import Trainer  # noqa: E402
 
 VOCAB, L = 64, 16
 BERT = {"model_type": "bert", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,

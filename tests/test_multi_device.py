@@ -17,7 +17,7 @@ from conftest import small_spec
 from safetensors.torch import load_file
 from service_helpers import ROOT
 
-from rigl_core.trainer import Callback, Trainer
+from rigl_core.training.trainer import Callback, Trainer
 
 pytestmark = pytest.mark.slow
 

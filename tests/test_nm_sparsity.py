@@ -1,5 +1,5 @@
 """sparsity.pattern "N:M": validation, exactly N active per group through training, group-local drop/grow,
-and the semi-structured export's CPU path (rigl_core/nm.py, rigl_core/export_nm.py)."""
+and the semi-structured export's CPU path (rigl_core/sparse/nm.py, rigl_core/export/nm.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from torch import nn
 
 from api.schemas import JobSubmission
 from rigl_core import RigL
-from rigl_core.export_nm import to_semi_structured
-from rigl_core.layers import select_layers
-from rigl_core.nm import group_counts, nm_drop_and_grow
-from rigl_core.plan import make_plan
-from rigl_core.schedules import UpdateSchedule
-from rigl_core.sparsifier import SPARSIFIERS
+from rigl_core.export.nm import to_semi_structured
+from rigl_core.sparse.layers import select_layers
+from rigl_core.sparse.nm import group_counts, nm_drop_and_grow
+from rigl_core.sparse.plan import make_plan
+from rigl_core.sparse.schedules import UpdateSchedule
+from rigl_core.sparse.sparsifier import SPARSIFIERS
 from rigl_core.spec import JobSpec, SparsitySpec, format_validation_error
 
 
@@ -139,7 +139,7 @@ def test_library_rejects_a_mismatched_sparsity_by_name():
 
 
 def test_trainer_runs_2_4():
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     spec = JobSpec.model_validate({
         "model": {"name": "mlp", "hidden_sizes": [32]}, "dataset": {"name": "mnist1d"},
@@ -190,7 +190,7 @@ def test_api_answers_422_naming_the_field(sparsity, field):
 
 
 def test_packed_export_round_trips_a_2_4_model(tmp_path):
-    from rigl_core.export import load_packed, save_packed
+    from rigl_core.export.packed import load_packed, save_packed
 
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     rigl = RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5, total_steps=10, pattern="2:4",

@@ -92,8 +92,8 @@ for name in BLOCKED:
     sys.modules[name] = None  # what an absent package looks like to `import` and to find_spec
 
 import rigl_core
-import rigl_core.trainer
-from rigl_core.trainer import Trainer
+import rigl_core.training.trainer
+from rigl_core.training.trainer import Trainer
 from rigl_core.cli import main
 
 def run(*argv):

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from rigl_core.spec import JobSpec, format_validation_error
-from rigl_core.trainer import Callback, Trainer, resolve_precision
+from rigl_core.training.trainer import Callback, Trainer, resolve_precision
 
 MASKED_METHODS = ["rigl", "set", "snfs", "gmp", "snip", "static"]
 

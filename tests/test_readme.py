@@ -86,7 +86,7 @@ def test_quick_start_curl_submits(served, tmp_path):
 @pytest.mark.slow
 def test_quick_start_job_reaches_93_percent_with_several_mask_updates(tmp_path):
     """Issue 14: the first job a newcomer runs must show RigL working, not one mask update and 25%."""
-    from rigl_core.run import run_training
+    from rigl_core.training.run import run_training
     from rigl_core.spec import JobSpec
 
     spec = JobSpec.model_validate(json.loads(re.search(r"-d '(\{.*\})'", CURL).group(1)))
@@ -142,7 +142,7 @@ def test_readme_numpy_reader_and_library_example(tmp_path):
     scope: dict = {}
     exec(example, scope)  # trains 2 epochs
     assert scope["report"]["totals"]["sparsity"] > 0.89
-    from rigl_core.run import run_training
+    from rigl_core.training.run import run_training
     from rigl_core.spec import JobSpec
 
     spec = JobSpec.model_validate({"model": {"name": "mlp", "hidden_sizes": [32]}, "dataset": {"name": "digits"},

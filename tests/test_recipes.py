@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from rigl_core.cli import main
-from rigl_core.models import build_model
-from rigl_core.plan import make_plan
-from rigl_core.recipes import RECIPES, recipe_names
+from rigl_core.models.registry import build_model
+from rigl_core.sparse.plan import make_plan
+from rigl_core.training.recipes import RECIPES, recipe_names
 from rigl_core.spec import JobSpec, format_validation_error
 
 IMAGENET = {"recipe": "rigl-imagenet-resnet50", "dataset": {"path": "/data/imagenet"}}
@@ -199,7 +199,7 @@ def test_api_job_with_a_recipe_stores_the_filled_spec_with_the_override(api):
 
 
 def test_the_trainer_builds_the_recipes_model_with_zero_residual_bn():
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     spec = JobSpec.model_validate({**IMAGENET, "model": {"input_shape": [3, 32, 32]},
                                    "dataset": {"name": "synthetic", "num_samples": 64, "input_shape": [3, 32, 32]},

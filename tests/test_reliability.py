@@ -178,7 +178,7 @@ def test_a_preempted_two_device_job_resumes_exactly(tmp_path):
     stop at the same step, the next worker resumes both from that checkpoint, and the final weights are
     bitwise those of an uninterrupted two-rank run."""
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
 
     job_spec = {**JOB, "training": {"epochs": 12, "batch_size": 64, "device": "cpu", "devices": 2}}
     queue = f"rigl-ddp-{uuid.uuid4().hex[:8]}"

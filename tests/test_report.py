@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rigl_core import report_png as rp
+from rigl_core.report import png as rp
 from rigl_core.cli import main
 from rigl_core.client import Client
-from rigl_core.report_data import from_output_dir
+from rigl_core.report.data import from_output_dir
 from service_helpers import JOB, embedded_service, wait_for
 
 PANEL_COLOURS = {  # (row, column) of the 2x3 grid -> colours its data is drawn in

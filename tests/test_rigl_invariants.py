@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from rigl_core.layers import select_layers
-from rigl_core.distributions import layer_sparsities
-from rigl_core.schedules import UpdateSchedule
-from rigl_core.sparsifier import SPARSIFIERS
+from rigl_core.sparse.layers import select_layers
+from rigl_core.sparse.distributions import layer_sparsities
+from rigl_core.sparse.schedules import UpdateSchedule
+from rigl_core.sparse.sparsifier import SPARSIFIERS
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -201,7 +201,7 @@ def test_static_masks_never_change_and_set_grows_randomly():
 
 
 def test_fast_topk_is_exact():
-    from rigl_core.masking import topk_indices
+    from rigl_core.sparse.masking import topk_indices
 
     generator = torch.Generator().manual_seed(0)
     for n, k in ((300_000, 10), (300_000, 30_000), (1_000_000, 5_000)):

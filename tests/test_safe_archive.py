@@ -1,4 +1,4 @@
-"""Header-first inspection of uploads (rigl_core.datasets.safe_archive): the same verdicts and messages
+"""Header-first inspection of uploads (rigl_core.data.safe_archive): the same verdicts and messages
 as loading the arrays, without inflating them. The server-process bomb tests are in test_upload_bombs.py."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from rigl_core.datasets import DatasetError
-from rigl_core.datasets.safe_archive import CHUNK, inspect_tensor_file
-from rigl_core.datasets.tensors import read_tensor_file, validate_arrays
+from rigl_core.data.dataset import DatasetError
+from rigl_core.data.safe_archive import CHUNK, inspect_tensor_file
+from rigl_core.data.tensors import read_tensor_file, validate_arrays
 
 INT = np.int64
 CASES = [

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rigl_core.client import Client
-from rigl_core.models import build_model
+from rigl_core.models.registry import build_model
 from service_helpers import JOB, ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rigl_core.export import load_packed
-from rigl_core.models import build_model
+from rigl_core.export.packed import load_packed
+from rigl_core.models.registry import build_model
 from service_helpers import (JOB, REDIS, cleanup_redis_queue, postgres_available, redis_available, start_worker,
                             stop, temporary_postgres_database, wait_for)
 from store.settings import Settings

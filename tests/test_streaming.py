@@ -18,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rigl_core.datasets import DatasetError, load_dataset
-from rigl_core.datasets.feed import BatchPlan
-from rigl_core.datasets.streaming import StreamFeed, default_workers
+from rigl_core.data.dataset import DatasetError
+
+from rigl_core.data.registry import load_dataset
+from rigl_core.data.batches import BatchPlan
+from rigl_core.data.streaming import StreamFeed, default_workers
 from rigl_core.spec import DatasetSpec
 
 CPU = torch.device("cpu")

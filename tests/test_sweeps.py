@@ -9,7 +9,7 @@ import math
 import pytest
 from fastapi.testclient import TestClient
 
-from rigl_core.pareto import frontier, mean_sd
+from rigl_core.report.pareto import frontier, mean_sd
 from service_helpers import JOB
 from store.settings import Settings
 

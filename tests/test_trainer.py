@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import small_spec
-from rigl_core.schedules import UpdateSchedule, gmp_sparsity, resolve_t_end
-from rigl_core.trainer import Callback, Trainer
+from rigl_core.sparse.schedules import UpdateSchedule, gmp_sparsity, resolve_t_end
+from rigl_core.training.trainer import Callback, Trainer
 
 
 class Recorder(Callback):

@@ -101,8 +101,8 @@ def test_zip_bomb_is_refused_from_its_headers_fast_and_in_bounded_memory(server,
 
 def test_bomb_under_the_ratio_limit_is_refused_by_the_inflated_budget(tmp_path):
     """Direct check of the other guard: declared inflated size over the budget, ratio never reached."""
-    from rigl_core.datasets import DatasetError
-    from rigl_core.datasets.safe_archive import inspect_tensor_file
+    from rigl_core.data.dataset import DatasetError
+    from rigl_core.data.safe_archive import inspect_tensor_file
 
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((64, 1024), np.float32), y=np.zeros(64, np.int64))  # stored: ratio 1

@@ -230,7 +230,8 @@ def test_imagefolder_size_is_capped_at_submit_time(tmp_path):
 
 
 def test_image_pixels_are_capped_before_decoding(tmp_path):
-    from rigl_core.datasets import DatasetError, load_dataset
+    from rigl_core.data.dataset import DatasetError
+    from rigl_core.data.registry import load_dataset
     from rigl_core.spec import DatasetSpec
 
     for label in ("a", "b"):
@@ -244,7 +245,8 @@ def test_image_pixels_are_capped_before_decoding(tmp_path):
 
 def test_loaders_never_expand_home_only_the_local_cli_does(tmp_path, monkeypatch):
     from rigl_core.cli import build_parser, spec_from_args
-    from rigl_core.datasets import DatasetError, load_dataset
+    from rigl_core.data.dataset import DatasetError
+    from rigl_core.data.registry import load_dataset
     from rigl_core.spec import DatasetSpec
 
     monkeypatch.setenv("HOME", str(tmp_path))

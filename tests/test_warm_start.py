@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from conftest import small_spec
-from rigl_core.export import save_dense
-from rigl_core.trainer import Trainer
-from rigl_core.warm_start import read_header
+from rigl_core.export.packed import save_dense
+from rigl_core.training.trainer import Trainer
+from rigl_core.training.warm_start import read_header
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_magnitude_init_starts_at_the_target_sparsity_and_keeps_what_the_dense_m
 def test_magnitude_masks_break_ties_deterministically(tmp_path):
     spec = small_spec(model__hidden_sizes=[8], sparsity__init="magnitude", sparsity__distribution="uniform",
                       sparsity__dense_first_layer=False, model__weights=str(tmp_path / "w.safetensors"))
-    from rigl_core.models import build_model
+    from rigl_core.models.registry import build_model
 
     model = build_model("mlp", 10, [1, 8, 8], [8])
     save_file({k: torch.ones_like(v) for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
@@ -210,7 +210,7 @@ def test_tied_weights_saved_once_load_into_both_names(tmp_path):
     """safetensors' save_model stores a tied parameter (embedding = output layer) once."""
     from safetensors.torch import save_model
 
-    from rigl_core.warm_start import load_weights
+    from rigl_core.training.warm_start import load_weights
 
     class Tied(torch.nn.Module):
         def __init__(self):

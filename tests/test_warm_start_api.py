@@ -48,7 +48,7 @@ def service(tmp_path, request):
 
 
 def mlp_state(hidden=(64, 32)) -> dict[str, torch.Tensor]:
-    from rigl_core.models import build_model
+    from rigl_core.models.registry import build_model
 
     return build_model("mlp", 10, [1, 8, 8], list(hidden)).state_dict()
 

@@ -83,7 +83,7 @@ def test_heartbeats_and_staleness_use_the_database_clock(store, monkeypatch):
 
 def test_a_worker_that_lost_its_lease_cannot_write(store, tmp_path):
     from rigl_core.spec import JobSpec
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
     from store.artifacts import Artifacts
     from store.jobs import LeaseLost
     from worker.runner import save_resume_checkpoint
@@ -175,7 +175,7 @@ def test_the_time_limit_checkpoints_first_then_ends_the_job_time_limit(settings,
 def test_celery_soft_time_limit_is_still_caught_as_time_limit(settings, store, monkeypatch):
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from rigl_core.trainer import Trainer
+    from rigl_core.training.trainer import Trainer
     from worker.runner import run_job
 
     def interrupted(self):

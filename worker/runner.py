@@ -22,10 +22,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from rigl_core.export import extra_exports, save_dense, save_packed
-from rigl_core.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
+from rigl_core.export.packed import extra_exports, save_dense, save_packed
+from rigl_core.training.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
 from rigl_core.spec import JobSpec
-from rigl_core.trainer import Callback, NoSpaceError, Trainer, is_no_space
+from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
 from store.jobs import JobStore, LeaseLost

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import rigl_core.trainer  # noqa: F401 - preload torch in the parent so each fresh child starts fast
+import rigl_core.training.trainer  # noqa: F401 - preload torch in the parent so each fresh child starts fast
 from celery.signals import worker_shutting_down
 
 from worker import reaping  # noqa: F401 - the worker's reaper thread (signals)

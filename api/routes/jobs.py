@@ -258,9 +258,9 @@ def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
         report = json.loads(raw)
         return {"object": "sparsity", "job_id": job_id, "final": True, "layers": report["layers"],
                 "totals": report["totals"], "leak_check": report["leak_check"]}
-    from rigl_core.datasets.describe import describe
-    from rigl_core.models import build_model, resolve_task
-    from rigl_core.plan import make_plan
+    from rigl_core.data.describe import describe
+    from rigl_core.models.registry import build_model, resolve_task
+    from rigl_core.sparse.plan import make_plan
 
     spec = JobSpec.model_validate(job.resolved_spec)
     shape = describe(spec.dataset)
@@ -287,7 +287,7 @@ def list_checkpoints(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 def download_checkpoint(job_id: str, format: str = Query("dense", pattern="^(dense|packed|compressed|onnx)$"),
                         ctx: Context = Depends(get_context)):
     """The final export: `dense` (state_dict with exact zeros), `packed` (values + bit masks), `compressed`
-    (entropy-coded masks + values, rigl_core/export_compressed.py) or `onnx` (the dense-with-zeros model).
+    (entropy-coded masks + values, rigl_core/export/compressed.py) or `onnx` (the dense-with-zeros model).
     With a bucket it is streamed from the store, or, with `s3_presigned_downloads`, answered 307 to a
     presigned URL of the object (the bytes then never pass through the API)."""
     _job_or_404(ctx, job_id)

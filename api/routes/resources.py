@@ -12,8 +12,8 @@ from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
 from api.uploads import place_upload, streamed_upload
-from rigl_core.architecture import Architecture, ArchitectureError, Limits, infer
-from rigl_core.models import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
+from rigl_core.models.architecture import Architecture, ArchitectureError, Limits, infer
+from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
                               resolve_task)
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 from store import deletion
@@ -117,8 +117,8 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
 def _inspect_upload(path, settings) -> dict:
     """Headers first, then values streamed in small chunks: an upload is never inflated in the API
     (a 1 MB zip declaring 1 GiB is refused from its directory)."""
-    from rigl_core.datasets import DatasetError
-    from rigl_core.datasets.safe_archive import inspect_tensor_file
+    from rigl_core.data.dataset import DatasetError
+    from rigl_core.data.safe_archive import inspect_tensor_file
 
     try:
         summary = inspect_tensor_file(path, settings.max_upload_inflated_bytes, settings.max_upload_compression_ratio)
@@ -137,7 +137,7 @@ def _dataset_shape(dataset: DatasetSpec | None, ctx: Context) -> tuple[list[int]
         if row is None:
             raise ApiError(422, "invalid_request", f"no uploaded dataset {dataset.path!r}", "dataset.path")
         return list(row.input_shape), row.num_classes
-    from rigl_core.datasets.describe import describe
+    from rigl_core.data.describe import describe
 
     shape = describe(dataset)
     return (shape.input_shape, shape.num_classes) if shape else (None, None)
@@ -146,7 +146,7 @@ def _dataset_shape(dataset: DatasetSpec | None, ctx: Context) -> tuple[list[int]
 @router.post("/plan")
 def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
     """The same plan as `rigl plan`: per-layer densities and FLOPs, without training."""
-    from rigl_core.plan import make_plan
+    from rigl_core.sparse.plan import make_plan
     from rigl_core.spec import UPLOADED_ARCHITECTURE
 
     model = body.model

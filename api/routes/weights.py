@@ -65,7 +65,7 @@ async def upload_weights(request: Request, name: str = Query(..., min_length=1, 
 
 
 def _inspect(path) -> dict:
-    from rigl_core.warm_start import check_values, read_header
+    from rigl_core.training.warm_start import check_values, read_header
 
     try:
         shapes = read_header(path, field="body")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rigl_core.rigl import RigL, unwrap_optimizer
+from rigl_core.sparse.rigl import RigL, unwrap_optimizer
 
 
 def create_rigl(model: nn.Module, optimizer, sparsity: float, total_steps: int, options: dict,

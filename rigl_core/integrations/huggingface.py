@@ -36,7 +36,7 @@ from rigl_core.optional import require
 require("transformers", "models", "rigl_core.integrations.huggingface")  # its Trainer also needs accelerate
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
-from rigl_core.rigl import RigL
+from rigl_core.sparse.rigl import RigL
 
 STATE_FILE = "rigl_state.pt"
 

@@ -27,7 +27,7 @@ import math
 
 from rigl_core.integrations.common import StepGate, create_rigl
 from rigl_core.optional import require
-from rigl_core.rigl import RigL, unwrap_optimizer
+from rigl_core.sparse.rigl import RigL, unwrap_optimizer
 
 pl = require("lightning.pytorch", "lightning", "rigl_core.integrations.lightning")
 

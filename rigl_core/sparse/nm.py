@@ -1,0 +1,85 @@
+"""N:M structured sparsity (`sparsity.pattern: "2:4"`): exactly N active weights in every group of M.
+
+Groups are M consecutive weights along the reduction (input) dimension: in each row of a Linear weight
+[out, in], and of a conv's flattened [out, in·kh·kw], the layout cuSPARSELt's 2:4 kernels (and
+`torch.sparse.to_sparse_semi_structured`) need. In row-major order those are simply consecutive runs of M,
+so a mask viewed as [-1, M] holds one group per row once the layer's in·kh·kw is divisible by M.
+
+The drop/grow keeps unstructured RigL's global choice of what to drop (the k = fraction·n_active active
+weights of smallest |w| in the layer), then grows in each group exactly as many as it dropped there,
+taking the group's non-kept positions of largest grow score; so every group keeps exactly N active and a
+weight never moves between groups. Everything is tensor ops over all groups at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from rigl_core.sparse.masking import DropGrow, kept_after_drop
+
+PATTERN = re.compile(r"^([0-9]{1,2}):([0-9]{1,2})$")
+MAX_M = 32
+KINDS = ("linear", "conv", "attention", "rnn")  # kernels stored (out, in, ...): groups along the input dim
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of "N:M", None for "unstructured"; ValueError (without the field name) otherwise."""
+    if pattern == "unstructured":
+        return None
+    match = PATTERN.fullmatch(pattern) if isinstance(pattern, str) else None
+    if not match:
+        raise ValueError(f"'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m <= MAX_M:
+        raise ValueError(f"N:M needs 1 <= N < M <= {MAX_M}, got {pattern!r}")
+    return n, m
+
+
+def nm_unfit_reason(kind: str, shape: tuple[int, ...], m: int) -> str | None:
+    """Why a layer cannot be N:M-masked (it then stays dense), or None when it can."""
+    if kind not in KINDS:
+        return f"N:M: {kind} kernels have no (out, in) layout"
+    reduction = 1
+    for s in shape[1:]:
+        reduction *= s
+    if len(shape) < 2 or reduction % m:
+        return f"N:M: input dim {reduction} not divisible by M={m}"
+    return None
+
+
+def nm_random_mask(shape: tuple[int, ...], n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """Exactly n random active positions in every group of m (seeded, on the CPU)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    noise = torch.rand(numel // m, m, generator=generator)
+    chosen = noise.topk(n, dim=1).indices
+    mask = torch.zeros(numel // m, m, dtype=torch.bool).scatter_(1, chosen, True)
+    return mask.view(shape)
+
+
+def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Active entries per group of m (row-major), one entry per group."""
+    return mask.reshape(-1, m).sum(dim=1)
+
+
+def nm_drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int, m: int,
+                     n_active: int | None = None) -> DropGrow:
+    """Drop the k active weights of smallest |w| (over the layer); in each group grow as many as it lost,
+    the group's non-kept positions of largest grow score (a just-dropped one may come back, as in RigL)."""
+    flat_mask = mask.reshape(-1)
+    if n_active is None:
+        n_active = int(flat_mask.sum())
+    k = min(k, n_active)
+    if k <= 0:
+        return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
+    kept = kept_after_drop(flat_mask, weight, k)
+    dropped_per_group = (flat_mask & ~kept).view(-1, m).sum(dim=1, keepdim=True)
+    grow = torch.where(kept, -float("inf"), grow_score.detach().reshape(-1).float()).view(-1, m)
+    order = grow.argsort(dim=1, descending=True, stable=True)
+    take = torch.arange(m, device=grow.device).unsqueeze(0) < dropped_per_group  # the first d of each group
+    grown = torch.zeros_like(take).scatter_(1, order, take).reshape(-1)
+    new_mask = (kept | grown).view(mask.shape)
+    return DropGrow(new_mask, kept, grown, k)

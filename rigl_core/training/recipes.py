@@ -1,0 +1,135 @@
+"""Paper recipes: named JobSpec defaults that reproduce a setting of the RigL paper.
+
+`{"recipe": "rigl-imagenet-resnet50", "dataset": {"path": "/data/imagenet"}}` is a whole ImageNet job.
+A recipe fills only what the user left out: it is merged *under* the user's input at every depth
+(model, dataset, sparsity, sparsity.schedule, training), so any field the user sets wins. Numbers
+and their sources are in docs/algorithm.md ("Paper recipes"; [P] the paper, [R] its TF code).
+Add a recipe by calling `register`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+# The nested sections a recipe fills key by key; every other value (lists, layer_density, an
+# architecture) is a leaf that the user's value replaces whole.
+SECTIONS = {"model": {}, "dataset": {}, "sparsity": {"schedule": {}}, "training": {}}
+# The keys that say *which* model or dataset a section describes: a user who names another one gets
+# none of the recipe's settings for that section (ImageNet crops make no sense for digits).
+IDENTITY = {"model": ("name", "architecture"), "dataset": ("name",)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    defaults: dict = field(repr=False)  # nested JobSpec input, without `recipe`
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Add a recipe (extensible: a plugin or a test may register its own)."""
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def recipe_names() -> list[str]:
+    return sorted(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`; ValueError naming `recipe` and the known ones otherwise."""
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(recipe_names())}")
+    return RECIPES[name]
+
+
+def apply_recipe(data: object) -> object:
+    """The user's raw JobSpec input with its recipe's defaults merged underneath.
+
+    Input without a (known) recipe comes back unchanged; the `recipe` field's own validator names an
+    unknown one. Idempotent: merging again under an already-filled spec changes nothing.
+    """
+    name = data.get("recipe") if isinstance(data, dict) else None
+    if not isinstance(name, str) or name not in RECIPES:
+        return data
+    return _merge(RECIPES[name].defaults, data, SECTIONS)
+
+
+def _merge(defaults: dict, user: dict, sections: dict) -> dict:
+    merged = dict(user)
+    for key, value in defaults.items():
+        if key not in user:
+            merged[key] = copy.deepcopy(value)
+        elif key in sections and isinstance(user[key], dict) and not _names_another(key, value, user[key]):
+            merged[key] = _merge(value, user[key], sections[key])
+    return merged
+
+
+def _names_another(section: str, defaults: dict, user: dict) -> bool:
+    """Whether the user's section points at a different model/dataset than the recipe's."""
+    return any(key in user and user[key] != defaults.get(key) for key in IDENTITY.get(section, ()))
+
+
+# ImageNet: 1,281,167 training images; the paper's 32,000 steps at batch 4096 are ≈100 epochs.
+IMAGENET_STEPS, IMAGENET_T_END = 32_000, 25_000
+# CIFAR-10: 250 epochs at batch 128 = 97,656 steps; LR ×0.2 at 30k/60k/90k steps; T_end 75k.
+CIFAR_STEPS, CIFAR_T_END, CIFAR_LR_STEPS = 97_656, 75_000, (30_000, 60_000, 90_000)
+
+RIGL_SCHEDULE = {  # paper §4: ΔT=100, α=0.3, cosine drop fraction, the same for every setting
+    "delta_t": 100, "alpha": 0.3, "decay": "cosine",
+}
+
+register(Recipe(
+    name="rigl-imagenet-resnet50",
+    description="ResNet-50 on ImageNet (paper §4.1): RigL ERK 90%, batch 4096 (micro-batches of ≤256), "
+                "Nesterov, LR 1.6 with 5-epoch warm-up and ×0.1 at epochs 30/70/90 of 100, label smoothing "
+                "0.1, zero-init residual BN. Set dataset.path to an ImageNet folder (train/<class>, val/<class>).",
+    defaults={
+        # torchvision resnet50 (stride on the 3×3 conv), last BN γ of each bottleneck at 0 [R:resnet_model.py].
+        "model": {"name": "resnet50", "zero_init_residual": True},
+        # flips and random-resized crops at 224, read by DataLoader workers (ImageNet does not fit in RAM).
+        "dataset": {"name": "imagefolder", "image_size": 224, "loader": "stream", "augment": "random-resized-crop"},
+        "sparsity": {
+            "method": "rigl", "sparsity": 0.9, "distribution": "erk", "erk_power_scale": 1.0,
+            # ERK masks the first conv too (README's --first_layer_sparsity=-1) [R:README].
+            "dense_first_layer": False,
+            # T_end = 25k of 32k steps ("roughly 3/4"), kept as that fraction of whatever length runs.
+            "schedule": {**RIGL_SCHEDULE, "t_end": IMAGENET_T_END / IMAGENET_STEPS},
+        },
+        "training": {
+            "epochs": 100, "batch_size": 4096, "accumulate_steps": "auto", "max_device_batch": 256,
+            "optimizer": "nesterov", "momentum": 0.9,
+            "lr": 0.1 * 4096 / 256,  # 1.6: the linear-scaling rule from 0.1 at batch 256
+            "lr_schedule": "step", "warmup_epochs": 5, "milestones": [0.3, 0.7, 0.9], "gamma": 0.1,
+            # L2 1e-4 on conv/FC kernels only (TF l2_regularizer ≡ torch weight_decay), none on BN/bias.
+            "weight_decay": 1e-4, "weight_decay_kernels_only": True,
+            "label_smoothing": 0.1, "precision": "auto",
+        },
+    },
+))
+
+register(Recipe(
+    name="rigl-cifar10-wrn22-2",
+    description="WRN-22-2 on CIFAR-10 (paper §4.3): RigL ERK 90% with the first conv dense, batch 128, "
+                "Nesterov, LR 0.1 ×0.2 at steps 30k/60k/90k of 97,656 (250 epochs), weight decay 5e-4.",
+    defaults={
+        "model": {"name": "wrn-22-2"},
+        "dataset": {"name": "cifar10"},  # augment auto: random crop + flip
+        "sparsity": {
+            "method": "rigl", "sparsity": 0.9, "distribution": "erk", "erk_power_scale": 1.0,
+            # prune_first_layer=False in the paper's CIFAR code: conv1 unmasked, outside the budget.
+            "dense_first_layer": True,
+            "schedule": {**RIGL_SCHEDULE, "t_end": CIFAR_T_END / CIFAR_STEPS},
+        },
+        "training": {
+            "epochs": 250, "batch_size": 128, "optimizer": "nesterov", "momentum": 0.9, "lr": 0.1,
+            "lr_schedule": "step", "warmup_epochs": 0, "milestones": [s / CIFAR_STEPS for s in CIFAR_LR_STEPS],
+            "gamma": 0.2, "weight_decay": 5e-4, "weight_decay_kernels_only": True,
+            "label_smoothing": 0.0, "precision": "auto",
+        },
+    },
+))
