@@ -12,7 +12,8 @@ from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
 from api.uploads import place_upload, streamed_upload
-from rigl_core.models.architecture import Architecture, ArchitectureError, Limits, infer
+from rigl_core.models.architecture import Architecture, ArchitectureError, Limits
+from rigl_core.models.build import infer
 from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
                               resolve_task)
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
