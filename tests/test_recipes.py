@@ -1,4 +1,4 @@
-"""Paper recipes fill a JobSpec with the paper's numbers (docs/algorithm.md, "The paper's settings") and the user's fields win."""
+"""Paper recipes fill a JobSpec with the paper's numbers (docs/algorithm.md, "Paper recipes") and the user's fields win."""
 
 from __future__ import annotations
 
