@@ -95,7 +95,7 @@ def test_rigl_invariants_hold_under_bf16_autocast(optimizer, monkeypatch):
 
 # ----------------------------------------------------------------------------- fp16 + GradScaler
 def _fp16_loop(method, overflow_steps, steps=12):
-    """A user loop as README shows it: fp16 autocast, GradScaler, `sparsifier.step(step, scaler=...)`.
+    """A user loop as docs/guide/library.md shows it: fp16 autocast, GradScaler, `sparsifier.step(step, scaler=...)`.
     Batches at `overflow_steps` are scaled past fp16's range, so their gradients are inf/NaN."""
     model, opt, sp, data, target = invariants._setup(method=method, delta_t=4, t_end=40)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)

@@ -1,4 +1,5 @@
-"""RigL semantics checked at every update (rigl_spec.md §0, §3, §7.12)."""
+"""RigL semantics checked at every update (docs/algorithm.md: "Drop and grow", "Grown weights and their
+optimizer state", "Pitfalls we guard against")."""
 
 from __future__ import annotations
 
