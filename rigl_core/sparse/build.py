@@ -12,7 +12,8 @@ from torch import nn
 
 from rigl_core.sparse.plan import Plan, make_plan
 from rigl_core.sparse.schedules import update_schedule, with_delta_t
-from rigl_core.sparse.sparsifier import SPARSIFIERS, Sparsifier
+from rigl_core.sparse.sparsifier import SPARSIFIERS
+from rigl_core.sparse.updater import Sparsifier
 from rigl_core.spec import SparsitySpec
 
 

@@ -34,7 +34,8 @@ from torch import nn
 
 from rigl_core.sparse.build import build_sparsifier
 from rigl_core.sparse.plan import Plan
-from rigl_core.sparse.sparsifier import MaskUpdate, Sparsifier
+from rigl_core.sparse.updater import Sparsifier
+from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import ScheduleSpec, SparsitySpec
 
 STATE_VERSION = 1

@@ -32,7 +32,8 @@ from rigl_core.training.optim import build_optimizer, lr_at
 from rigl_core.sparse.build import build_sparsifier
 from rigl_core.sparse.plan import Plan
 from rigl_core.sparse.rigl import RigL
-from rigl_core.sparse.sparsifier import MaskUpdate, Sparsifier
+from rigl_core.sparse.updater import Sparsifier
+from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import JobSpec, TrainingSpec
 from rigl_core.training.tasks import Task
 from rigl_core.training.warm_start import warm_start
