@@ -122,12 +122,12 @@ class RigL:
         if step is None:
             step = self.step_count
         self._flush_after_step()
-        plan = self.sparsifier.prepare_step(step, scaler)
+        decision = self.sparsifier.prepare_step(step, scaler)
         self.step_count = step + 1
-        self.last_update = plan.update
-        self._prepared = plan.take_step
-        self._after_step = step if plan.update_after_step else None
-        return plan.take_step
+        self.last_update = decision.update
+        self._prepared = decision.take_step
+        self._after_step = step if decision.update_after_step else None
+        return decision.take_step
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Optimizer step post-hook: SET/SNFS/GMP's update after the step; repairs an unprepared step."""

@@ -23,7 +23,7 @@ import torch
 from rigl_core.sparse.drop_grow import DropGrowUpdate
 from rigl_core.sparse.layers import Layer
 from rigl_core.sparse.schedules import UpdateSchedule
-from rigl_core.sparse.updates import MaskUpdate, StepPlan
+from rigl_core.sparse.updates import MaskUpdate, StepDecision
 
 
 class Sparsifier(DropGrowUpdate):
@@ -72,7 +72,7 @@ class Sparsifier(DropGrowUpdate):
                 self.optimizer.step()
         return self.finish_step(step) if decision.update_after_step else decision.update
 
-    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepPlan:
+    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepDecision:
         """Everything before the optimizer step, without calling it: observe the dense gradients,
         make a due RigL/SNIP update (those skip the optimizer step), else mask and clip the
         gradients. `take_step` says whether the caller may step the optimizer now.
@@ -97,7 +97,7 @@ class Sparsifier(DropGrowUpdate):
             if scaler is not None and scaler.is_enabled() and self.clip_grad_norm is not None:
                 scaler.unscale_(self.optimizer)
             self._clip()
-            return StepPlan(True)
+            return StepDecision(True)
         if scaler is not None and scaler.is_enabled() and _unscale_found_inf(scaler, self.optimizer):
             self.skipped_steps += 1
             if self.is_update_step(step):
@@ -112,12 +112,12 @@ class Sparsifier(DropGrowUpdate):
             self.pending_update = False
             update = self.update_masks(step)
             self._zero_grads()
-            return StepPlan(False, update=update)
+            return StepDecision(False, update=update)
         self.mask_gradients()
         self._clip()
         if due:  # SET/SNFS/GMP: pending until finish_step, so a step the caller never takes keeps it due
             self.pending_update = True
-        return StepPlan(True, update_after_step=due)
+        return StepDecision(True, update_after_step=due)
 
     def finish_step(self, step: int) -> MaskUpdate | None:
         """After the optimizer step: the SET/SNFS/GMP mask update prepare_step found due."""
@@ -126,13 +126,13 @@ class Sparsifier(DropGrowUpdate):
         self.pending_update = False
         return self.update_masks(step)
 
-    def _skip_step(self) -> StepPlan:
+    def _skip_step(self) -> StepDecision:
         """No optimizer step and no update; score state a skipped step may have made non-finite is
         dropped (RigL's sums keep their finite part, SNFS's EMA restarts from the next finite gradient)."""
         for name in [n for n, v in self.score_state.items() if not bool(torch.isfinite(v).all())]:
             del self.score_state[name]
         self._zero_grads()
-        return StepPlan(False)
+        return StepDecision(False)
 
     def _clip(self) -> None:
         if self.clip_grad_norm is None or self.optimizer is None:

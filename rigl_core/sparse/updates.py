@@ -46,7 +46,7 @@ class MaskUpdate:
 
 
 @dataclass
-class StepPlan:
+class StepDecision:
     """What `Sparsifier.prepare_step` decided for one step."""
 
     take_step: bool  # the caller may call optimizer.step() (gradients are masked, unscaled, clipped)

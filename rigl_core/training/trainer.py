@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rigl_core.training import distributed
-from rigl_core.data.batches import BatchPlan
+from rigl_core.data.batches import BatchOrder
 from rigl_core.data.feed import open_feed
 from rigl_core.training.distributed import Group, rank_device, resolve_devices
 from rigl_core.export.packed import stored_values
@@ -141,9 +141,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         check_model(self.model, self.input_shape, self.num_classes, self.task.name)
         self.accumulate_steps = resolve_accumulation(t, self.world_size)
-        self.batch_plan = BatchPlan(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
+        self.batch_order = BatchOrder(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
                                     self.accumulate_steps)
-        self.steps_per_epoch = self.batch_plan.steps_per_epoch
+        self.steps_per_epoch = self.batch_order.steps_per_epoch
         self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
         self.optimizer = build_optimizer(self.model, t)
         built = build_sparsifier(self.model, self.optimizer, spec.sparsity, self.total_steps,
@@ -260,7 +260,7 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.total_steps:
-                steps = feed.train_steps(self.batch_plan, self.epoch, self.batch_in_epoch, self.step)
+                steps = feed.train_steps(self.batch_order, self.epoch, self.batch_in_epoch, self.step)
                 stop = False
                 while self.step < self.total_steps:
                     tick = time.perf_counter()
