@@ -91,7 +91,7 @@ def test_gpt2_causal_lm_trains_reports_perplexity(tmp_path):
 
 def test_token_ids_reach_the_model_unchanged(tmp_path):
     trainer = Trainer(_job(tmp_path, {"hf": GPT2}, "causal-lm"))
-    steps = trainer.feed.train_steps(trainer.batch_plan, 0, 0, 0)
+    steps = trainer.feed.train_steps(trainer.batch_order, 0, 0, 0)
     x, _y, _w = next(steps)[0]
     assert x.dtype == torch.int64
     raw = trainer.feed.data.x_train
