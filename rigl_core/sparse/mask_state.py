@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from rigl_core.sparse.distributions import active_count
+from rigl_core.sparse.fan_in import neurons_and_fan_in, random_fan_in_mask, row_counts
 from rigl_core.sparse.layers import Layer
 from rigl_core.sparse.masking import like_weight, mask_optimizer_state, random_mask
 from rigl_core.sparse.nm import group_counts, nm_random_mask, nm_unfit_reason
@@ -18,11 +19,12 @@ class MaskState:
 
     method = "static"
     starts_dense = False  # SNIP and GMP: every weight is active until the first update prunes
-    takes_pattern = True  # sparsity.pattern N:M applies (GMP and SNIP prune unstructured)
+    takes_pattern = True  # sparsity.pattern N:M and structure fan-in apply (GMP and SNIP prune unstructured)
     score_state_key: str | None = None  # the checkpoint key of `score_state` (RigL's "grad_sums", SNFS's "grad_ema")
 
     def __init__(self, layers: list[Layer], sparsities: list[float], optimizer: torch.optim.Optimizer | None,
-                 seed: int = 0, pattern: tuple[int, int] | None = None):
+                 seed: int = 0, pattern: tuple[int, int] | None = None, fan_in: dict[str, int] | None = None,
+                 ablation_threshold: float | None = None):
         self.layers = [layer for layer in layers if layer.masked]
         self.sparsity = {layer.name: s for layer, s in zip(self.layers, sparsities)}
         self.target_active = {
@@ -37,6 +39,18 @@ class MaskState:
                 if unfit is not None:  # make_plan leaves such layers dense; a caller passed one anyway
                     raise ValueError(f"sparsity.pattern: layer {layer.name!r} cannot be masked {n}:{m} ({unfit})")
                 self.target_active[layer.name] = layer.numel // m * n
+        # Structure fan-in (rigl_core/sparse/fan_in.py): inputs per active neuron, per layer; the first fan-in
+        # (the ablation threshold's reference) and the active neurons, which ablation changes.
+        self.fan_in = dict(fan_in) if fan_in is not None and self.takes_pattern else None
+        self.ablation_threshold = ablation_threshold if self.fan_in is not None else None
+        self.first_fan_in: dict[str, int] = {}
+        self.active_neurons: dict[str, int] = {}
+        if self.fan_in is not None:
+            for layer in self.layers:
+                neurons, _ = neurons_and_fan_in(layer.shape, layer.kind)
+                self.first_fan_in[layer.name] = self.fan_in[layer.name]
+                self.active_neurons[layer.name] = neurons
+                self.target_active[layer.name] = self.fan_in[layer.name] * neurons
         self.optimizer = optimizer
         self.seed = seed
         self.masks: dict[str, torch.Tensor] = {}
@@ -84,6 +98,8 @@ class MaskState:
         for layer in self.layers:
             if self.pattern is not None:
                 mask = nm_random_mask(layer.shape, *self.pattern, generator)
+            elif self.fan_in is not None:
+                mask = random_fan_in_mask(layer.shape, layer.kind, self.fan_in[layer.name], generator)
             else:
                 mask = random_mask(layer.shape, self.target_active[layer.name], generator)
             self._store_mask(layer, mask.to(layer.weight.device))
@@ -132,6 +148,12 @@ class MaskState:
             dist.broadcast(buffer, src=0)
             self._store_mask(self._layer[name], buffer.bool())
 
+    def neuron_counts(self) -> dict[str, tuple[int, int]]:
+        """Structure fan-in: per layer (active neurons, inputs per active neuron); empty otherwise."""
+        if self.fan_in is None:
+            return {}
+        return {name: (self.active_neurons[name], self.fan_in[name]) for name in self.fan_in}
+
     def ever_active_counts(self) -> dict[str, int]:
         """Per layer, how many positions have been active at some step (the mask's own count until
         the first drop/grow update; every position for methods that start dense)."""
@@ -164,6 +186,11 @@ class MaskState:
             saved = state.get("extra", {}).get(self.score_state_key, {})
             self.score_state = {layer.name: saved[layer.name].to(layer.weight.device)
                                 for layer in self.layers if layer.name in saved}
+        if self.fan_in is not None:  # the fan-in and active neurons are the masks' own (ablation changes them)
+            for layer in self.layers:
+                counts = row_counts(self.masks[layer.name], layer.kind)
+                self.active_neurons[layer.name] = int((counts > 0).sum())
+                self.fan_in[layer.name] = int(counts.max())
         with torch.no_grad():  # re-apply after loading: guards against mask drift
             for layer in self.layers:
                 layer.weight.mul_(self.masks[layer.name])
