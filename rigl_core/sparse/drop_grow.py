@@ -64,7 +64,8 @@ class DropGrowUpdate(MaskState):
                 k = self.drop_count(layer, n_active, fraction, step)
                 drop, grow = self.drop_score(index, layer), self.grow_score(index, layer)
                 if self.pattern is not None:  # drop/grow within each group of M (rigl_core/sparse/nm.py)
-                    result = nm_drop_and_grow(old, drop, grow, k, self.pattern[1], n_active=n_active)
+                    result = nm_drop_and_grow(old, drop, grow, k, self.pattern[1], n_active=n_active,
+                                              kind=layer.kind)
                 elif self.fan_in is not None:  # every neuron back to exactly k (rigl_core/sparse/fan_in.py)
                     result = self._fan_in_update(index, layer, old, drop, grow, k)
                 else:

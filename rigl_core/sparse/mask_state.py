@@ -83,7 +83,8 @@ class MaskState:
                 if tuple(mask.shape) != layer.shape or int(mask.sum()) != self.target_active[layer.name]:
                     raise ValueError(f"initial mask of {layer.name!r}: needs shape {list(layer.shape)} with "
                                      f"{self.target_active[layer.name]} active entries")
-                if self.pattern is not None and bool((group_counts(mask, self.pattern[1]) != self.pattern[0]).any()):
+                if self.pattern is not None and bool((group_counts(mask, self.pattern[1], layer.kind)
+                                                      != self.pattern[0]).any()):
                     raise ValueError(f"initial mask of {layer.name!r}: needs exactly {self.pattern[0]} active in "
                                      f"every group of {self.pattern[1]} (sparsity.pattern)")
                 self._store_mask(layer, mask)
@@ -97,7 +98,7 @@ class MaskState:
         generator = torch.Generator().manual_seed(self.seed)
         for layer in self.layers:
             if self.pattern is not None:
-                mask = nm_random_mask(layer.shape, *self.pattern, generator)
+                mask = nm_random_mask(layer.shape, *self.pattern, generator, layer.kind)
             elif self.fan_in is not None:
                 mask = random_fan_in_mask(layer.shape, layer.kind, self.fan_in[layer.name], generator)
             else:

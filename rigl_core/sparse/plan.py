@@ -19,6 +19,7 @@ from rigl_core.spec import SparsitySpec
 LARGE_WEIGHT = 1_000_000
 LARGE_SHARE = 0.05
 USER_CHOSEN_DENSE = ("excluded", "not in include", "density 1 (override)")
+STRUCTURE_REASONS = ("N:M:", "fan-in:")  # reasons of layers a structure leaves dense (rigl_core/sparse/nm.py, fan_in.py)
 ROUNDING_NOTE = 0.01  # a fan-in that moves a layer's density by more than this is named in the plan's warnings
 
 
@@ -70,6 +71,10 @@ class Plan:
         large += [(name, n, "no maskable layer type") for name, (n, ndim) in self.other_params.items() if ndim >= 2]
         out = [f"{name} ({n:,} weights, {n / total:.1%} of the model) stays dense: {why}"
                for name, n, why in large if n > LARGE_WEIGHT or n > LARGE_SHARE * total]
+        # A structure (N:M, fan-in) that cannot apply to a layer leaves it dense: always said, never silent.
+        out += [f"{lp.layer.name} ({lp.layer.numel:,} weights) stays dense: {lp.layer.reason}" for lp in self.layers
+                if not lp.layer.masked and lp.layer.reason.startswith(STRUCTURE_REASONS)
+                and not (lp.layer.numel > LARGE_WEIGHT or lp.layer.numel > LARGE_SHARE * total)]
         for lp in self.masked:  # fan-in: where rounding to whole inputs per neuron moved a density by > 1 point
             if lp.fan_in is not None and abs(lp.target_active / lp.layer.numel - lp.asked_density) > ROUNDING_NOTE:
                 out.append(f"{lp.layer.name}: fan-in rounds its density {lp.asked_density:.4f} to "
