@@ -531,7 +531,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_model(model, input_shape, num_classes, task)
     schedule_warnings = []
     if args.total_steps is not None:  # the run's length fixes T_end, ΔT "auto" and the update count
-        from rigl_core.sparse.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
+        from rigl_core.sparse.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t, resolve_t_end
 
         if args.total_steps < 1:
             raise UsageError("--total-steps: at least 1")
@@ -544,7 +544,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
     if args.total_steps is not None:
         result["schedule"] = {"total_steps": args.total_steps, "t_end": t_end, "delta_t": delta_t,
-                              "mask_updates": len(range(0, t_end, delta_t)), "warnings": schedule_warnings}
+                              "mask_updates": len(UpdateSchedule(delta_t, t_end).update_steps()), "warnings": schedule_warnings}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

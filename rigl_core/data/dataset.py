@@ -7,7 +7,6 @@ run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +86,3 @@ def split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
-
-
-def batches_per_epoch(num_samples: int, batch_size: int) -> int:
-    return math.ceil(num_samples / batch_size)

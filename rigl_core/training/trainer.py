@@ -23,6 +23,7 @@ from torch import nn
 
 from rigl_core.training import distributed
 from rigl_core.data.batches import BatchPlan
+from rigl_core.data.epochs import resolve_accumulation, total_steps
 from rigl_core.data.feed import open_feed
 from rigl_core.training.distributed import Group, rank_device, resolve_devices
 from rigl_core.export.packed import stored_values
@@ -72,23 +73,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_accumulation(t: TrainingSpec, world_size: int) -> int:
-    """accumulate_steps as given, or (auto) the fewest micro-batches that keep each device's micro-batch
-    within max_device_batch and split the global batch evenly."""
-    if t.batch_size % world_size:
-        raise ValueError(f"training.batch_size: {t.batch_size} is not divisible by the {world_size} devices")
-    if t.accumulate_steps != "auto":
-        if t.batch_size % (world_size * t.accumulate_steps):
-            raise ValueError(f"training.batch_size: {t.batch_size} is not divisible by devices × accumulate_steps "
-                             f"({world_size} × {t.accumulate_steps})")
-        return t.accumulate_steps
-    per_device = t.batch_size // world_size
-    steps = -(-per_device // t.max_device_batch)
-    while per_device % steps:
-        steps += 1
-    return steps
 
 
 def _seed_everything(seed: int) -> None:
@@ -143,7 +127,7 @@ class Trainer:
         self.batch_plan = BatchPlan(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
                                     self.accumulate_steps)
         self.steps_per_epoch = self.batch_plan.steps_per_epoch
-        self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
+        self.total_steps = total_steps(t, self.feed.num_train, self.world_size)
         sched = spec.sparsity.schedule
         t_end = resolve_t_end(self.total_steps, sched.t_end, sched.t_end_steps)
         if spec.sparsity.method == "gmp":
