@@ -1,14 +1,20 @@
-"""One rule for how long a job trains (rigl_core.data.epochs), shared by the Trainer and the API."""
+"""One rule for how long a job trains (rigl_core.data.epochs) and one for the validation split's size
+(rigl_core.data.holdout), shared by the Trainer, the loaders and the API's submit-time checks."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
 from api.costs import planned_steps
 from rigl_core.data.batches import BatchPlan
+from rigl_core.data.describe import describe
 from rigl_core.data.epochs import steps_per_epoch, total_steps
-from rigl_core.spec import JobSpec
+from rigl_core.data.holdout import training_size, validation_size
+from rigl_core.data.registry import load_dataset
+from rigl_core.spec import DatasetSpec, JobSpec
 
 
 def _spec(**training) -> JobSpec:
@@ -40,7 +46,22 @@ def test_a_single_micro_batch_counts_every_tail_and_max_steps_caps():
 
 
 def test_the_plan_is_torch_free():
-    code = ("import sys\nimport api.costs, rigl_core.data.epochs\n"
+    code = ("import sys\nimport api.costs, rigl_core.data.epochs, rigl_core.data.holdout, rigl_core.data.describe\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(("total", "fraction", "held_out"), [(1797, 0.2, 359), (10, 0.01, 1), (5, 0.5, 2)])
+def test_validation_size_rounds_and_holds_out_at_least_one(total, fraction, held_out):
+    assert validation_size(total, fraction) == held_out
+    assert training_size(total, fraction) == total - held_out
+
+
+@pytest.mark.parametrize("dataset", [{"name": "digits", "val_fraction": 0.3},
+                                     {"name": "synthetic", "num_samples": 101, "input_shape": [4], "val_fraction": 0.15}])
+def test_submit_time_count_matches_what_the_loader_splits(dataset):
+    spec = DatasetSpec.model_validate(dataset)
+    data = load_dataset(spec)
+    assert describe(spec).num_train == len(data.x_train) == training_size(len(data.x_train) + len(data.x_val),
+                                                                           spec.val_fraction)

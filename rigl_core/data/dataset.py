@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rigl_core.data.augment import crop_flip
+from rigl_core.data.holdout import validation_size
 
 
 class DatasetError(ValueError):
@@ -76,7 +77,7 @@ def channel_stats(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Te
 def split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
     """A fixed split: the same seed always gives the same validation set."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(len(x) * val_fraction)))
+    n_val = validation_size(len(x), val_fraction)
     if n_val >= len(x):
         raise DatasetError("dataset.val_fraction: leaves no training samples")
     val, train = order[:n_val], order[n_val:]
