@@ -21,11 +21,9 @@ class DataWaitWindow:
         return (waited - self.waited) / max(now - self.start, 1e-9)
 
     def restart(self, now: float, waited: float) -> None:
+        """A new window: after a log line, and after an evaluation (not training time). Both ends move
+        together: a window that began after an evaluation but counted the waits before it read > 1."""
         self.start, self.waited = now, waited
-
-    def skip_evaluation(self, now: float) -> None:
-        """Evaluation is not training time: the window starts again after it."""
-        self.start = now
 
 
 class TrainingLoop:
@@ -108,7 +106,7 @@ class TrainingLoop:
         evaluate_and_notify(self.trainer, self.bar)
         self.trainer.model.train()
         self.eval_seconds += time.perf_counter() - tick
-        self.window.skip_evaluation(time.perf_counter())
+        self.window.restart(time.perf_counter(), self.trainer.data_wait_seconds)
 
     def _stop_requested(self) -> bool:
         """Any callback's stop request; with several ranks, rank 0's decision reaches every rank."""
