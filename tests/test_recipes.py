@@ -179,11 +179,12 @@ def test_cli_unknown_recipe_exits_2_naming_it(capsys, tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_a_recipe_job_trains_with_flags_overriding_it(recipe, tmp_path):
-    """The recipe's optimizer, LR schedule, warm-up and smoothing run; flags shrink it to seconds."""
+    """The recipe's optimizer, LR schedule and smoothing run; flags shrink it to seconds (and give the
+    ImageNet LR of 1.6, which the official code starts at step 0, a 1-epoch warm-up on this small MLP)."""
     out = tmp_path / "run"
     assert main(["train", "--recipe", recipe, "--model", "mlp", "--hidden-sizes", "32", "--dataset", "digits",
                  "--epochs", "3", "--batch-size", "64", "--delta-t", "5", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--set", "training.warmup_epochs=1", "--out", str(out)]) == 0
     ran = json.loads((out / "spec.json").read_text())
     defaults = RECIPES[recipe].defaults
     assert ran["recipe"] == recipe and ran["model"]["name"] == "mlp" and ran["dataset"]["name"] == "digits"
@@ -234,3 +235,37 @@ def test_the_trainer_builds_the_recipes_model_with_zero_residual_bn():
     trainer = Trainer(spec)
     blocks = [m for m in trainer.model.modules() if type(m).__name__ == "Bottleneck"]
     assert blocks and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+
+
+@pytest.mark.parametrize(("count", "batches", "optimizer_steps"), [(True, 46, 39), (False, 53, 46)])
+def test_update_iterations_count_sets_how_many_optimizer_steps_a_run_makes(count, batches, optimizer_steps):
+    # 46 steps, T_end 34, ΔT 5: RigL updates at steps 0, 5, ..., 30 (7), each in place of an optimizer step.
+    # Counted (the default), they are 7 of the 46 steps; not counted (the official code), 7 extra batches.
+    from conftest import small_spec
+    from rigl_core.training.trainer import Callback, Trainer
+
+    class Updates(Callback):
+        steps = []
+
+        def on_mask_update(self, trainer, update):
+            self.steps.append(update.step)
+
+    watch = Updates()
+    spec = small_spec(training__device="cpu", sparsity__schedule__update_iterations_count=count)
+    trainer = Trainer(spec, callbacks=[watch])
+    taken, seen = [], []
+    trainer.optimizer.register_step_post_hook(lambda *args: taken.append(trainer.step))
+    step = trainer._train_step
+    trainer._train_step = lambda micros: seen.append(trainer.step) or step(micros)
+    report = trainer.fit()
+    assert report["steps"] == report["total_steps"] == 46 and watch.steps == [0, 5, 10, 15, 20, 25, 30]
+    assert (len(seen), len(taken)) == (batches, optimizer_steps)
+    if not count:  # the update's step comes again and then steps the optimizer: every step steps once
+        assert taken == list(range(46)) and seen.count(5) == 2
+
+
+def test_recipes_follow_the_official_code_in_not_counting_update_iterations():
+    assert not JobSpec.model_validate(IMAGENET).sparsity.schedule.update_iterations_count
+    assert not JobSpec.model_validate(CIFAR).sparsity.schedule.update_iterations_count
+    assert JobSpec.model_validate({"model": {"name": "mlp"}, "dataset": {"name": "digits"}}
+                                  ).sparsity.schedule.update_iterations_count

@@ -218,7 +218,8 @@ class Sparsifier:
                 self.optimizer.step()
         return self.finish_step(step) if plan.update_after_step else plan.update
 
-    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepPlan:
+    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None,
+                     may_update: bool = True) -> StepPlan:
         """Everything before the optimizer step, without calling it: observe the dense gradients,
         make a due RigL/SNIP update (those skip the optimizer step), else mask and clip the
         gradients. `take_step` says whether the caller may step the optimizer now.
@@ -236,21 +237,26 @@ class Sparsifier:
           is non-finite, it warns and postpones the update as above, and its optimizer step is
           skipped if the method would take it at that step. Non-finite weights raise
           FloatingPointError: training has already diverged.
+
+        `may_update=False` (the step after an update iteration that did not count as a step): the
+        update due at `step` is already made; this is its optimizer step, whose gradient scores nothing.
         """
+        scheduled = may_update and self.is_update_step(step)
         if scaler is not None and scaler.is_enabled() and _unscale_found_inf(scaler, self.optimizer):
             self.skipped_steps += 1
-            if self.is_update_step(step):
+            if scheduled:
                 self.pending_update = True
             self._discard_scores_on_skip()
             self._zero_grads()
             return StepPlan(False)
-        due = self.pending_update or self.is_update_step(step)
+        due = self.pending_update or scheduled
         if due and not self._scores_finite(step):
             self.pending_update = True
             self._discard_scores_on_skip()
             self._zero_grads()
             return StepPlan(False)
-        self.observe_gradients(step)
+        if may_update:
+            self.observe_gradients(step)
         if self.replaces_step_on_update and due:
             self.pending_update = False
             update = self.update_masks(step)
@@ -413,7 +419,8 @@ class DenseSparsifier(Sparsifier):
     def __init__(self, layers, sparsities, optimizer, schedule, **kwargs):
         super().__init__([], [], optimizer, schedule, **kwargs)
 
-    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepPlan:
+    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None,
+                     may_update: bool = True) -> StepPlan:
         """Always step: `scaler.step` skips inf/NaN steps itself. To clip, unscale first (the scaler
         does not unscale twice) so the true gradients are clipped."""
         if scaler is not None and scaler.is_enabled():

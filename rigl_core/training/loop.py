@@ -38,6 +38,7 @@ class TrainingLoop:
 
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", dynamic_ncols=True)
         self.eval_seconds = 0.0
+        self.update_iterations_count = trainer.spec.sparsity.schedule.update_iterations_count
         self.window = DataWaitWindow(time.perf_counter(), trainer.data_wait_seconds)
 
     def run(self) -> None:
@@ -67,10 +68,12 @@ class TrainingLoop:
             if micros is None:
                 return False
             loss = trainer._train_step(micros)
-            trainer.step += 1
             trainer.batch_in_epoch += 1
-            if trainer.step % trainer.spec.training.log_every_steps == 0 or trainer.step == trainer.total_steps:
-                self._log(loss)
+            counted = self._counts_as_step()
+            if counted:
+                trainer.step += 1
+                if trainer.step % trainer.spec.training.log_every_steps == 0 or trainer.step == trainer.total_steps:
+                    self._log(loss)
             epoch_done = trainer.batch_in_epoch == trainer.steps_per_epoch
             if epoch_done:
                 trainer.epoch += 1
@@ -78,11 +81,21 @@ class TrainingLoop:
             if (epoch_done and trainer.epoch % trainer.spec.training.eval_every_epochs == 0) \
                     or trainer.step == trainer.total_steps:
                 self._evaluate()
-            if self.bar is not None:
+            if self.bar is not None and counted:
                 self.bar.update(1)
-            stop = self._stop_requested()
+            stop = self._stop_requested() if counted else False  # never between an update and its step
             if stop or epoch_done:
                 return stop
+        return False
+
+    def _counts_as_step(self) -> bool:
+        """Every iteration is a step, except (update_iterations_count false) one whose mask update replaced
+        the optimizer step: the same step then comes again, with its optimizer step and no update."""
+        trainer = self.trainer
+        if self.update_iterations_count or trainer.rigl.last_update is None \
+                or not trainer.sparsifier.replaces_step_on_update:
+            return True
+        trainer.update_made_at = trainer.step
         return False
 
     def _log(self, loss: torch.Tensor) -> None:

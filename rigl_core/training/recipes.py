@@ -99,6 +99,8 @@ def lr_drops(first_steps: tuple[int, ...], total_steps: int) -> list[float]:
 
 RIGL_SCHEDULE = {  # paper §4: ΔT=100, α=0.3, cosine drop fraction, the same for every setting
     "delta_t": 100, "alpha": 0.3, "decay": "cosine",
+    # the official code's RigL update replaces the optimizer step without advancing global_step
+    "update_iterations_count": False,
 }
 
 register(Recipe(

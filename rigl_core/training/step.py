@@ -56,7 +56,8 @@ def _optimizer_step(trainer) -> None:
     """As a library user's loop: rigl.step() masks (and clips) the gradients or makes a RigL update
     that replaces the step; SET/GMP updates run in rigl's optimizer step post-hook."""
     scaler = trainer.scaler
-    if trainer.rigl.step(trainer.step, scaler=scaler):
+    # the step after an update iteration that did not count (update_iterations_count false) only steps
+    if trainer.rigl.step(trainer.step, scaler=scaler, may_update=trainer.update_made_at != trainer.step):
         if scaler is not None:
             scaler.step(trainer.optimizer)  # already unscaled and finite: a plain optimizer.step()
         else:

@@ -165,6 +165,7 @@ class Trainer:
         self.export_check: dict | None = None  # metrics with the exports' fp16/bf16 values (spec.export)
         self.last_train_loss: float | None = None
         self.stopped_early = False
+        self.update_made_at: int | None = None  # the step of an update iteration that did not count as one
         self.resumed_from: str | None = None  # the other ranks of a multi-device job resume from it too
         self.group: Group | None = None
         self.forward_model: nn.Module = self.model  # what training calls: DDP- and compile-wrapped
