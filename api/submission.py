@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 
+from rigl_core.data.holdout import training_size
 from rigl_core.models.registry import build_model, check_model, resolve_task
 from rigl_core.sparse.plan import make_plan
 from rigl_core.sparse.schedules import resolve_t_end
@@ -46,8 +47,8 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
             raise ApiError(422, "invalid_job", f"no uploaded dataset {dataset['path']!r}", "dataset.path")
         dataset["path"] = artifacts.dataset_key(record.id, record.format)  # a storage key, not a path
         input_shape, num_classes = list(record.input_shape), record.num_classes
-        num_train = record.num_samples if record.num_val else record.num_samples - max(
-            1, int(round(record.num_samples * spec.dataset.val_fraction)))
+        num_train = record.num_samples if record.num_val else training_size(record.num_samples,
+                                                                            spec.dataset.val_fraction)
     else:  # the datasets directory is their implicit data_dir; an imagefolder path is resolved and confined
         input_shape, num_classes, num_train = resolve_server_dataset(spec.dataset, dataset, settings)
     resolved = JobSpec.model_validate(tree)
