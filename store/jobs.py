@@ -21,7 +21,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from store.artifacts import issued_id
 from store.db import (ArchitectureRecord, Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, JobTag, OwnerLock,
-                      WeightsRecord, db_now, make_engine, make_sessionmaker, utcnow)
+                      WeightsRecord, db_now, utcnow)
+from store.engine import make_engine, make_sessionmaker
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("queued", "requeued")

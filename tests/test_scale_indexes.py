@@ -109,7 +109,11 @@ def test_the_fair_claim_reads_no_owners_whole_history(store):
 
 
 def test_pool_sizes_come_from_the_environment_and_name_a_bad_one(monkeypatch):
-    from store.db import pool_sizes
+    from store.settings import database_settings
+
+    def pool_sizes():
+        settings = database_settings()
+        return settings.db_pool_size, settings.db_max_overflow
 
     monkeypatch.delenv("RIGL_DB_POOL_SIZE", raising=False)
     monkeypatch.delenv("RIGL_DB_MAX_OVERFLOW", raising=False)
