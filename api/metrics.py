@@ -146,7 +146,7 @@ def build_registry(settings: Settings, store: JobStore) -> tuple[CollectorRegist
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     if settings.worker_metrics_dir is not None:
-        from worker.metrics import FolderCollector
+        from service_common.metrics_folder import FolderCollector
 
         folder = settings.worker_metrics_dir.expanduser()
         folder.mkdir(parents=True, exist_ok=True)
