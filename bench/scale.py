@@ -245,10 +245,10 @@ def sim_main(config_path: str) -> None:
                 time.sleep(1)
 
     class TimedReaper(Reaper):
-        def sweep(self):
+        def run_once(self):
             start = time.perf_counter()
             held = self.lock is None or self.lock.held()
-            result = super().sweep()
+            result = super().run_once()
             if held:
                 with lock:
                     stats["reaper_ms"].append((time.perf_counter() - start) * 1000)

@@ -229,8 +229,8 @@ class OwnerLock(Base):
 
 class PendingDeletion(Base):
     """`DELETE /v1/jobs/{id}` of a job that is still running: it is cancelled, and its rows and files
-    are removed by the API's cleanup sweep once it has stopped. Also written before any purge, so an
-    interrupted purge is finished by the next sweep."""
+    are removed by the API's cleanup pass once it has stopped. Also written before any purge, so an
+    interrupted purge is finished by the next pass."""
 
     __tablename__ = "pending_deletions"
 

@@ -36,7 +36,7 @@ def redispatch(store: JobStore, enqueue: Callable[[str], None]) -> list[str]:
     for job_id in store.undispatched_jobs():
         try:
             enqueue(job_id)
-        except Exception:  # noqa: BLE001 - still down: the next sweep tries again
+        except Exception:  # noqa: BLE001 - still down: the reaper's next pass tries again
             break
         store.mark_dispatched(job_id)
         sent.append(job_id)

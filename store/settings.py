@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     max_synthetic_values: int = Field(200_000_000, ge=1, le=200_000_000, description="synthetic datasets: most "
                                       "samples × values per sample (at most rigl_core's own ceiling).")
     retention_days: float | None = Field(None, gt=0, description="Finished jobs older than this are deleted "
-                                         "with their artifacts by the API's cleanup sweep; None: kept.")
-    cleanup_interval_seconds: float = Field(60, gt=0, description="How often the API's cleanup sweep runs "
+                                         "with their artifacts by the API's cleanup pass; None: kept.")
+    cleanup_interval_seconds: float = Field(60, gt=0, description="How often the API's cleanup pass runs "
                                             "(pending deletions, resume checkpoints of finished jobs, retention).")
     orphan_upload_seconds: float = Field(600, ge=0, description="`.upload-*` temp files older than this are "
                                          "removed at API startup (an upload in progress is younger).")

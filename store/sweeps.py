@@ -3,7 +3,7 @@
 A sweep queues, it never fails on the per-owner active-job cap: its children that fit under the cap
 become jobs at once; the rest wait in the sweep row (`held`, already validated and resolved) and become
 jobs as the owner's jobs end. Whoever learns that a job ended releases them: the worker that finished it
-(worker/tasks.py) and the reaper's sweep (store/reaper.py, every API replica and worker), so a lost
+(worker/tasks.py) and the reaper's pass (store/reaper.py, every API replica and worker), so a lost
 release is made good within one reaper interval. A release is one transaction under the owner's lock
 row (as create_job's cap check), so concurrent releases and submissions never overshoot the cap, and a
 child leaves `held` in the transaction that creates its job: never twice, never lost.
@@ -189,7 +189,7 @@ def cancel_sweep(store: JobStore, sweep_id: str, owner: str | None = None) -> Sw
 
 def delete_sweep(store: JobStore, artifacts, sweep_id: str, owner: str | None = None) -> dict | None:
     """Cancel the sweep, delete each child through the job deletion path (store/deletion.py: a running
-    child is deleted by the cleanup sweep once its worker stopped it), then the sweep row.
+    child is deleted by the cleanup pass once its worker stopped it), then the sweep row.
     Returns {deleted: [job ids], pending: [job ids]}, or None when there is no such sweep."""
     from store.deletion import delete_job
 

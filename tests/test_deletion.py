@@ -87,7 +87,7 @@ def test_delete_a_job_removes_its_rows_and_artifacts_and_frees_its_idempotency_k
 
 
 def test_delete_a_running_job_is_202_and_cancels_it_first(service):
-    from store.deletion import sweep
+    from store.deletion import clean_up
     from store.artifacts import Artifacts
 
     artifacts = Artifacts(service.settings.artifact_dir)
@@ -97,22 +97,22 @@ def test_delete_a_running_job_is_202_and_cancels_it_first(service):
     assert response.status_code == 202 and response.json()["deleted"] is False
     job = service.get(f"/v1/jobs/{job_id}", headers=service.as_("alice")).json()
     assert job["status"] == "cancelling" and job["cancel_requested"]
-    assert sweep(service.store, artifacts)["deleted"] == []  # still running: nothing removed under the worker
+    assert clean_up(service.store, artifacts)["deleted"] == []  # still running: nothing removed under the worker
     assert service.store.finish(job_id, token, "cancelled", "cancelled at step 3")  # what the worker does
-    assert sweep(service.store, artifacts)["deleted"] == [job_id]
+    assert clean_up(service.store, artifacts)["deleted"] == [job_id]
     assert set(rows_of(service.store, job_id).values()) == {0}
 
 
 def test_a_deleted_job_whose_worker_was_lost_is_still_deleted(service):
     from store.artifacts import Artifacts
-    from store.deletion import sweep
+    from store.deletion import clean_up
 
     artifacts = Artifacts(service.settings.artifact_dir)
     job_id = service.post("/v1/jobs", json=JOB, headers=service.as_("alice")).json()["id"]
     _, token = service.store.claim(job_id, max_attempts=3)
     assert service.delete(f"/v1/jobs/{job_id}", headers=service.as_("alice")).status_code == 202
     assert service.store.requeue(job_id, token, "worker lost")  # as the reaper does for a dead worker
-    assert sweep(service.store, artifacts)["deleted"] == [job_id]
+    assert clean_up(service.store, artifacts)["deleted"] == [job_id]
     assert service.get(f"/v1/jobs/{job_id}", headers=service.as_("alice")).status_code == 404
 
 
@@ -167,10 +167,10 @@ def test_a_dataset_deleted_while_a_job_is_being_submitted_refuses_that_job(servi
         service.store.create_job(JOB, JOB, 1, owner="alice", dataset_id=dataset)
 
 
-def test_the_sweep_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(service):
+def test_the_cleanup_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(service):
     from store.artifacts import Artifacts
     from store.db import Job
-    from store.deletion import sweep
+    from store.deletion import clean_up
 
     artifacts = Artifacts(service.settings.artifact_dir)
     ids = {status: finished_job(service.store, artifacts, status) for status in ("succeeded", "failed", "cancelled")}
@@ -179,7 +179,7 @@ def test_the_sweep_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(se
     (artifacts.job_dir(running) / "resume.pt").write_bytes(b"x")
     service.store.add_checkpoint(running, "resume", 5, "resume.pt", "0" * 64, 1)
 
-    done = sweep(service.store, artifacts, retention_days=30)
+    done = clean_up(service.store, artifacts, retention_days=30)
     assert sorted(done["resume_discarded"]) == sorted(ids.values()) and done["expired"] == []
     for job_id in ids.values():
         kinds = [c.kind for c in service.store.list_checkpoints(job_id)]
@@ -192,8 +192,8 @@ def test_the_sweep_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(se
     with service.store.sessions.begin() as s:
         s.execute(update(Job).where(Job.id == old).values(
             finished_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=31)))
-    assert sweep(service.store, artifacts)["expired"] == []  # no retention set: kept
-    assert sweep(service.store, artifacts, retention_days=30)["expired"] == [old]
+    assert clean_up(service.store, artifacts)["expired"] == []  # no retention set: kept
+    assert clean_up(service.store, artifacts, retention_days=30)["expired"] == [old]
     assert set(rows_of(service.store, old).values()) == {0} and not (artifacts.root / "jobs" / old).exists()
     assert service.store.get_job(ids["failed"]) is not None and service.store.get_job(running) is not None
 

@@ -410,9 +410,9 @@ def test_a_worker_with_an_empty_folder_finishes_a_job_another_worker_started(api
     assert download.status_code == 200
     assert hashlib.sha256(download.content).hexdigest() == store.latest_checkpoint(job_id, "packed").sha256
     assert _files(api.settings.artifact_dir) == []  # streamed from the bucket, nothing cached by the API
-    from store.deletion import sweep
+    from store.deletion import clean_up
 
-    assert sweep(store, api.app.state.context.artifacts)["resume_discarded"] == [job_id]
+    assert clean_up(store, api.app.state.context.artifacts)["resume_discarded"] == [job_id]
     assert not [k for k in _bucket_keys(s3_endpoint, bucket) if "/resume." in k]
 
 

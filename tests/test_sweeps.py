@@ -191,14 +191,14 @@ def test_the_owner_cap_holds_children_and_they_are_released_as_jobs_end(service)
     assert sweep["progress"]["by_status"] == {"queued": 2, "held": 4} and len(sent) == 2
     assert api.post("/v1/jobs", json=JOB).status_code == 429  # the owner's cap is full, as before
     reaper = Reaper(store, sent.append, lease_seconds=120, interval=15, max_active=2)
-    assert reaper.sweep() == [] and len(sent) == 2  # nothing ended: nothing released
+    assert reaper.run_once() == [] and len(sent) == 2  # nothing ended: nothing released
     finished = 0
     while finished < 6:
         active = [c for c in api.get(f"/v1/sweeps/{sweep['id']}").json()["children"] if c["status"] == "queued"]
         assert len(active) == min(2, 6 - finished) and store.count_active("local") <= 2
         _finish(store, active[0]["id"], 0.9)
         finished += 1
-        reaper.sweep()
+        reaper.run_once()
     state = api.get(f"/v1/sweeps/{sweep['id']}").json()
     assert state["status"] == "finished" and state["progress"]["by_status"] == {"succeeded": 6}
     assert len(sent) == 6 and sorted(sent) == sorted(c["id"] for c in state["children"])
@@ -289,7 +289,7 @@ def test_cancel_stops_held_and_queued_children_and_delete_removes_everything(ser
 
 
 def test_a_sweep_with_a_running_child_is_deleted_once_it_stops(service):
-    from store.deletion import sweep as cleanup
+    from store.deletion import clean_up
 
     api, store, sent, settings = service()
     sweep = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [0, 1]}}).json()
@@ -300,7 +300,7 @@ def test_a_sweep_with_a_running_child_is_deleted_once_it_stops(service):
     assert store.finish(job.id, token, "cancelled", "cancelled")
     from store.artifacts import Artifacts
 
-    cleanup(store, Artifacts.from_settings(settings))
+    clean_up(store, Artifacts.from_settings(settings))
     assert api.get(f"/v1/jobs/{job.id}").status_code == 404
 
 

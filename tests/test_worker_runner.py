@@ -88,12 +88,12 @@ def test_a_job_whose_message_could_not_be_sent_waits_visibly_and_the_reaper_send
             assert "broker" in job["error"]["message"]
         store = api.app.state.context.store
         reaper = Reaper(store, enqueue, lease_seconds=60, interval=1)
-        reaper.sweep()
+        reaper.run_once()
         assert broker["sent"] == []  # still down: still waiting, still marked
         assert api.get(f"/v1/jobs/{ids[0]}").json()["error"]["code"] == "broker_unavailable"
         broker["up"] = True
-        reaper.sweep()
+        reaper.run_once()
         assert broker["sent"] == ids  # oldest first, once each
-        reaper.sweep()
+        reaper.run_once()
         assert broker["sent"] == ids
         assert all(api.get(f"/v1/jobs/{i}").json()["error"] is None for i in ids)

@@ -234,7 +234,7 @@ def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifac
 
 
 def _forget(artifacts: Artifacts, key: str) -> None:
-    """Remove an artifact nobody refers to; a store that can't be reached leaves it to the API's sweep."""
+    """Remove an artifact nobody refers to; a store that can't be reached leaves it to the API's cleanup pass."""
     try:
         artifacts.remove(key)
     except Exception as error:  # noqa: BLE001 - logged; never hides the error being handled

@@ -68,7 +68,7 @@ def train(self, job_id: str) -> str:
 
 def release_sweep_children(store, settings, app) -> None:
     """Held sweep children of the finished job's owner (and any other) start now rather than at the next
-    reaper sweep (store/sweeps.py); a failure here only delays them to that sweep."""
+    reaper pass (store/sweeps.py); a failure here only delays them to that pass."""
     import logging
 
     from store.sweeps import release_held
