@@ -21,7 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from store.artifacts import ID_PATTERN, Artifacts
 from store.db import (ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, WeightsRecord,
                       utcnow)
-from store.jobs import ACTIVE, CLAIMABLE, TERMINAL, JobStore
+from store.job_state import ACTIVE, CLAIMABLE, TERMINAL
+from store.jobs import JobStore
 
 log = logging.getLogger("rigl.deletion")
 
@@ -99,7 +100,7 @@ def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner
     """False: no such dataset for this owner. InUse: an active job reads it. A finished job no longer
     needs the file. Under the owner's lock, so a job being submitted against it either is seen here or
     finds the dataset gone (JobStore.create_job)."""
-    row = store.get_dataset(dataset_id, owner) if ID_PATTERN.match(dataset_id) else None
+    row = store.uploads.get_dataset(dataset_id, owner) if ID_PATTERN.match(dataset_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
@@ -115,7 +116,7 @@ def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner
 def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner: str | None = None) -> bool:
     """As delete_dataset, for uploaded weights: InUse while an active job starts from them (a running
     job reloads them when it resumes)."""
-    row = store.get_weights(weights_id, owner) if ID_PATTERN.match(weights_id) else None
+    row = store.uploads.get_weights(weights_id, owner) if ID_PATTERN.match(weights_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
@@ -130,7 +131,7 @@ def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner
 def delete_architecture(store: JobStore, architecture_id: str, owner: str | None = None) -> bool:
     """False: no such architecture for this owner. InUse: an active job was submitted with it (every job
     keeps its own resolved copy, so finished ones are unaffected)."""
-    row = store.get_architecture(architecture_id, owner) if ID_PATTERN.match(architecture_id) else None
+    row = store.uploads.get_architecture(architecture_id, owner) if ID_PATTERN.match(architecture_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
@@ -148,7 +149,7 @@ def _refuse_if_used(session, uses) -> None:
 # ---------------------------------------------------------------------------------------------- cleanup
 def discard_resume_checkpoint(store: JobStore, artifacts: Artifacts, job_id: str) -> bool:
     """A finished job (succeeded, failed or cancelled) can never resume: drop its resume checkpoint,
-    file then row. Safe to call from the worker right after `JobStore.finish`."""
+    file then row. Safe to call from the worker right after `Leases.finish`."""
     with store.sessions() as s:
         status = s.scalar(select(Job.status).where(Job.id == job_id))
         names = list(s.scalars(select(Checkpoint.filename).where(Checkpoint.job_id == job_id,

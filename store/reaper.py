@@ -4,7 +4,7 @@ A killed worker never acks its message, and Redis would only redeliver it after 
 timeout (days), so the database lease is what brings such a job back within a minute. Staleness is
 judged by the database's clock, the one heartbeats are stamped with, so a worker whose clock is off
 is neither reaped while alive nor kept alive when dead. A run found this way counts as a failed
-attempt (a clean SIGTERM requeue does not), and the attempt cap in `JobStore.claim` ends a job that
+attempt (a clean SIGTERM requeue does not), and the attempt cap in `Claims.claim` ends a job that
 keeps killing its worker. It also sends the messages that could not be sent while the broker was
 down (store/dispatch.py), and releases sweep children held by the per-owner cap (store/sweeps.py)
 once their owner's jobs have ended.
@@ -44,7 +44,7 @@ class Reaper(BackgroundLoop):
         the reaper's lock. Returns the requeued ids."""
         if self.lock is not None and not self.lock.held():
             return []
-        requeued = self.store.requeue_stale(self.lease_seconds)
+        requeued = self.store.leases.requeue_stale(self.lease_seconds)
         for job_id in requeued:
             log.warning("job %s lost its worker; requeued", job_id)
             dispatch(self.store, self.enqueue, job_id)

@@ -173,10 +173,10 @@ def _idempotent_sweeps(api, store, sent, _settings):
 def _finish(store, job_id: str, accuracy: float | None, flops: float = 0.5, size: int = 1000) -> None:
     """Ends a job as a worker would: result summary, packed export row, status."""
     if accuracy is None:
-        assert store.finish(job_id, None, "failed", "boom", error_code="training_error")
+        assert store.leases.finish(job_id, None, "failed", "boom", error_code="training_error")
         return
-    store.add_checkpoint(job_id, "packed", 10, "model.packed.safetensors", "0" * 64, size)
-    assert store.finish(job_id, None, "succeeded", "succeeded",
+    store.checkpoints.add_checkpoint(job_id, "packed", 10, "model.packed.safetensors", "0" * 64, size)
+    assert store.leases.finish(job_id, None, "succeeded", "succeeded",
                         result={"inference_flops_ratio": flops, "final_metrics": {"val_accuracy": accuracy}})
 
 
@@ -293,11 +293,11 @@ def test_a_sweep_with_a_running_child_is_deleted_once_it_stops(service):
 
     api, store, sent, settings = service()
     sweep = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [0, 1]}}).json()
-    job, token = store.claim(sent[0], max_attempts=3)
+    job, token = store.claims.claim(sent[0], max_attempts=3)
     response = api.delete(f"/v1/sweeps/{sweep['id']}")
     assert response.status_code == 202 and response.json()["jobs_pending_deletion"] == [job.id]
     assert api.get(f"/v1/jobs/{job.id}").json()["status"] == "cancelling"
-    assert store.finish(job.id, token, "cancelled", "cancelled")
+    assert store.leases.finish(job.id, token, "cancelled", "cancelled")
     from store.artifacts import Artifacts
 
     clean_up(store, Artifacts.from_settings(settings))

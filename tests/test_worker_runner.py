@@ -31,18 +31,18 @@ def test_the_heartbeat_thread_keeps_the_lease_while_the_training_loop_is_silent(
     api, settings, _ = service
     job_id = api.post("/v1/jobs", json=JOB).json()["id"]
     store = JobStore(settings.database_url)
-    _, token = store.claim(job_id, max_attempts=3, lease_seconds=settings.lease_seconds)
+    _, token = store.claims.claim(job_id, max_attempts=3, lease_seconds=settings.lease_seconds)
     heartbeat = Heartbeat(store, job_id, token, interval=0.2, progress=lambda: (None, None))
     heartbeat.start()
     try:
         time.sleep(2.5 * settings.lease_seconds)  # no training step at all, as in a slow start
-        assert store.requeue_stale(settings.lease_seconds) == []
+        assert store.leases.requeue_stale(settings.lease_seconds) == []
         assert not heartbeat.lost_lease
     finally:
         heartbeat.stop()
     assert not heartbeat.is_alive()
     time.sleep(1.5 * settings.lease_seconds)  # the control: without the thread the lease lapses
-    assert store.requeue_stale(settings.lease_seconds) == [job_id]
+    assert store.leases.requeue_stale(settings.lease_seconds) == [job_id]
     heartbeat.beat_now()
     assert heartbeat.lost_lease  # and a late beat learns it is no longer the holder
 

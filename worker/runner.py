@@ -2,7 +2,7 @@
 
 Celery-free, so it can be tested and reused; the Celery task is a thin wrapper around `run_slot`.
 
-Every write carries the run's lease token and is refused once the lease is lost (JobStore._fence),
+Every write carries the run's lease token and is refused once the lease is lost (store/leases.py `fence`),
 and every file the run publishes is written under a name of its own (attempt and step in the resume
 checkpoint's name, `.a<attempt>.tmp` temp names for the exports), so a worker that lost its lease can
 never overwrite its successor's files or rows. A database that is briefly unreachable is waited out
@@ -28,7 +28,8 @@ from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
-from store.jobs import JobStore, LeaseLost
+from store.jobs import JobStore
+from store.leases import LeaseLost
 from store.object_store import is_store_outage
 from store.scrub import scrub_paths
 from store.settings import Settings
@@ -100,7 +101,7 @@ class StoreCallback(Callback):
         if not self.pending or (not force and now < self.flush_retry_at):
             return
         try:
-            self.store.add_events(self.job_id, self.pending, token=self.token)
+            self.store.events.add_events(self.job_id, self.pending, token=self.token)
         except LeaseLost:
             self.pending, self.write_refused = [], True
             return
@@ -129,7 +130,7 @@ class StoreCallback(Callback):
         self.pending = []
         for event in kept:
             try:
-                self.store.add_events(self.job_id, [event], token=self.token)
+                self.store.events.add_events(self.job_id, [event], token=self.token)
             except LeaseLost:
                 self.write_refused = True
                 return
@@ -220,7 +221,7 @@ def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifac
     try:
         artifacts.upload(path)
         row = retry_transient(
-            lambda: store.add_checkpoint(job_id, "resume", trainer.step, name, sha256_file(path), path.stat().st_size,
+            lambda: store.checkpoints.add_checkpoint(job_id, "resume", trainer.step, name, sha256_file(path), path.stat().st_size,
                                          metrics=trainer.eval_history[-1] if trainer.eval_history else None,
                                          token=token),
             budget, f"job {job_id}: checkpoint row")
@@ -258,7 +259,7 @@ def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path,
         if is_no_space(error):
             raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
         raise
-    if not retry_transient(lambda: store.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
+    if not retry_transient(lambda: store.leases.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
         tmp.unlink(missing_ok=True)
         if artifacts is not None:
             _forget(artifacts, artifacts.key_of(tmp))
@@ -324,7 +325,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
 def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = None,
              stop_requested: threading.Event | None = None,
              forward: Callable[[int], None] | None = None) -> tuple[str, str | None]:
-    """One message = one slot: claim the fairest claimable job (JobStore.claim) and run it.
+    """One message = one slot: claim the fairest claimable job (Claims.claim) and run it.
     Returns (outcome, id of the job run, or None when nothing was claimed).
 
     A slot has its job's device class (worker/devices.py); one too big for this worker goes to
@@ -339,11 +340,11 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
     budget = settings.db_retry_seconds
     devices = owned_devices(settings)
     job, token = retry_transient(
-        lambda: store.claim(message_job_id, settings.max_attempts, settings.lease_seconds,
+        lambda: store.claims.claim(message_job_id, settings.max_attempts, settings.lease_seconds,
                             worker=f"{socket.gethostname()}:{os.getpid()}", devices=devices),
         budget, f"job {message_job_id}: claim")
     if job is None:
-        onward = retry_transient(lambda: store.forward_class(message_job_id, devices), budget,
+        onward = retry_transient(lambda: store.claims.forward_class(message_job_id, devices), budget,
                                  f"job {message_job_id}: forward")
         if onward is not None and forward is not None:
             log.info("message for job %s: a slot for %d devices, this worker has %d; sent on", message_job_id,
@@ -360,7 +361,7 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
 
     def finish(status: str, message: str, **kwargs) -> None:
         try:
-            retry_transient(lambda: store.finish(job_id, token, status, message, **kwargs), budget,
+            retry_transient(lambda: store.leases.finish(job_id, token, status, message, **kwargs), budget,
                             f"job {job_id}: finish")
         except Exception:  # noqa: BLE001 - the reaper requeues it once the lease lapses
             log.error("job %s: could not record %s: %s", job_id, status, traceback.format_exc())
@@ -370,7 +371,7 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
         check_job_paths(resolved, settings)  # confined to this worker's datasets/uploads dirs
         spec = JobSpec.model_validate(resolved)
         trainer = Trainer(spec, callbacks=[callback])
-        resume = retry_transient(lambda: store.latest_checkpoint(job_id, "resume"), budget,
+        resume = retry_transient(lambda: store.checkpoints.latest_checkpoint(job_id, "resume"), budget,
                                  f"job {job_id}: resume checkpoint")
         if resume is not None:
             trainer.load_checkpoint(artifacts.fetch(artifacts.job_key(job_id, resume.filename), resume.size))
@@ -402,7 +403,7 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
                 why = "worker process stopped (SIGTERM)" if callback.stop_requested.is_set() else \
                     "worker shutting down"
                 requeued = retry_transient(
-                    lambda: store.requeue(job_id, token, f"{why} at step {trainer.step}; will resume"), budget,
+                    lambda: store.leases.requeue(job_id, token, f"{why} at step {trainer.step}; will resume"), budget,
                     f"job {job_id}: requeue")
                 return ("requeued" if requeued else "skipped"), job_id
             if callback.timed_out and not callback.cancel:
@@ -432,7 +433,7 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
                 callback.sync(trainer.step)
                 continue
             sha, size = sha256_file(path), path.stat().st_size
-            retry_transient(lambda: store.add_checkpoint(job_id, kind, trainer.step, name, sha, size,
+            retry_transient(lambda: store.checkpoints.add_checkpoint(job_id, kind, trainer.step, name, sha, size,
                                                          metrics=report["final_metrics"], token=token),
                             budget, f"job {job_id}: {kind} checkpoint row")
         finish("succeeded", "succeeded", result=summary(report))

@@ -50,7 +50,7 @@ def train(self, job_id: str) -> str:
             retry_transient(lambda: dispatch(store, lambda job: enqueue_train(self.app, job, queue), job_id),
                             settings.db_retry_seconds, f"job {job_id}: slot for {devices} devices")
 
-        try:  # the message is a slot: the job run is the fairest claimable one (JobStore.claim)
+        try:  # the message is a slot: the job run is the fairest claimable one (Claims.claim)
             outcome, ran = run_slot(job_id, settings, store, stop_requested=stop_requested, forward=forward)
         except Exception as error:
             if is_transient(error):  # the database stayed down longer than db_retry_seconds: try later
@@ -111,6 +111,6 @@ def _preempt_running_jobs(sig=None, how=None, exitcode=None, **_kwargs) -> None:
     if holders:
         try:
             store = JobStore(get_settings().database_url)
-            retry_transient(lambda: store.request_preempt(holders=holders), 30, "preempt on shutdown")
+            retry_transient(lambda: store.leases.request_preempt(holders=holders), 30, "preempt on shutdown")
         except Exception:  # noqa: BLE001 - the database is down: the job runs on; a later SIGTERM stops it
             logging.getLogger("rigl.worker").exception("could not ask the running job to checkpoint")
