@@ -23,7 +23,7 @@ from store.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
     settings = (settings or get_settings()).resolved()
-    store = JobStore(settings.database_url)
+    store = JobStore(settings.database_url, settings)
     context = Context(settings=settings, store=store, artifacts=Artifacts.from_settings(settings),
                       enqueue=enqueue or celery_enqueue(settings))
     @asynccontextmanager

@@ -27,7 +27,7 @@ def start_worker_reaper(sender=None, **_kwargs) -> None:
     def enqueue(job_id: str) -> None:
         enqueue_train(app, job_id, settings.queue)
 
-    _running.append(start_reaper(JobStore(settings.database_url), enqueue, settings.database_url,
+    _running.append(start_reaper(JobStore(settings.database_url, settings), enqueue, settings.database_url,
                                  settings.lease_seconds, settings.reaper_interval_seconds))
 
 

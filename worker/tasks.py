@@ -43,7 +43,7 @@ def train(self, job_id: str) -> str:
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
     try:
         settings = get_settings()
-        store = JobStore(settings.database_url)
+        store = JobStore(settings.database_url, settings)
 
         def forward(devices: int) -> None:  # to the workers owning ≥ devices; unsent: the reaper re-sends it
             queue = slot_queue(settings.queue, devices)
