@@ -30,7 +30,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     tree = spec.model_dump(mode="json")
     model, dataset = tree["model"], tree["dataset"]
     if UPLOADED_ARCHITECTURE.match(model["name"]):
-        record = store.get_architecture(model["name"], owner)
+        record = store.uploads.get_architecture(model["name"], owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded architecture {model['name']!r}", "model.name")
         model["architecture"], model["name"] = record.spec, "custom"
@@ -42,7 +42,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                                            "place them in the datasets directory", "dataset.download")
     num_train, num_classes, input_shape = None, None, None
     if dataset["name"] == "tensors":
-        record = store.get_dataset(dataset["path"], owner)
+        record = store.uploads.get_dataset(dataset["path"], owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded dataset {dataset['path']!r}", "dataset.path")
         dataset["path"] = artifacts.dataset_key(record.id, record.format)  # a storage key, not a path
@@ -96,7 +96,7 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
         if not UPLOADED_WEIGHTS.fullmatch(weights_id):
             raise ApiError(422, "invalid_job", "give the id (w_…) of weights uploaded with POST /v1/weights",
                            "model.weights")
-        record = store.get_weights(weights_id, owner)
+        record = store.uploads.get_weights(weights_id, owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded weights {weights_id!r}", "model.weights")
         model["weights"] = artifacts.weights_key(record.id)
@@ -107,7 +107,7 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
     job = store.get_job(job_id, owner)
     if job is None:
         raise ApiError(422, "invalid_job", f"no job {job_id!r}", "model.init_from_job")
-    export = store.latest_checkpoint(job.id, "dense") if job.status == "succeeded" else None
+    export = store.checkpoints.latest_checkpoint(job.id, "dense") if job.status == "succeeded" else None
     if export is None:
         raise ApiError(422, "invalid_job", f"job {job_id!r} is {job.status}; only a succeeded job's dense "
                                            "export can be started from", "model.init_from_job")
