@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from rigl_core.export.formats import EXPORT_FORMATS
 from rigl_core.optional import MissingExtra, require
 from rigl_core.training.recipes import recipe_names
 from rigl_core.spec import METHODS, JobSpec, SparsitySpec, format_validation_error
@@ -149,7 +150,8 @@ def _add_client_commands(sub) -> None:
     watch.set_defaults(handler=cmd_watch)
     download = sub.add_parser("download", help="download a job's sparse checkpoint")
     download.add_argument("job_id")
-    download.add_argument("--format", choices=("dense", "packed", "compressed", "onnx"), default="dense")
+    download.add_argument("--format", choices=EXPORT_FORMATS, default="dense",
+                          help="condensed: jobs trained with sparsity.structure fan-in (method srigl)")
     download.add_argument("--out", type=Path, help="file or directory (default: the server's file name, reduced to a safe base name, here)")
     download.set_defaults(handler=cmd_download)
     sweep = sub.add_parser("sweep", help="submit a sweep file ({base, grid, name}) to the service")

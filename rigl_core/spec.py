@@ -513,6 +513,10 @@ class ExportSpec(_Strict):
         "fp32", description="Precision of the nonzero values in the packed and compressed exports. fp16/bf16 "
         "halve their value bytes; the run then also evaluates the model with the rounded values and reports "
         "the change (report `export`, job result `export`).")
+    latency: bool = Field(
+        True, description="Measure the trained model's batch-1 inference latency on this machine's CPU (one thread, "
+        "about a second per variant: dense, and condensed for a fan-in run) into the report's "
+        "`inference_latency_ms`, for the sweep page's latency Pareto view.")
 
 
 class JobSpec(_Strict):

@@ -33,7 +33,6 @@ from rigl_core.export.compressed import (VALUE_KINDS, _NP_DTYPES, _numpy, _read_
 from rigl_core.sparse.layers import is_hf_conv1d
 
 CONDENSED_FORMAT = "rigl-condensed-v1"
-CONDENSED_EXPORT = "model.condensed.safetensors"
 
 
 def index_dtype(limit: int) -> np.dtype:
