@@ -148,6 +148,16 @@ class MaskState:
             buffer = self.masks[name].to(torch.uint8).contiguous()
             dist.broadcast(buffer, src=0)
             self._store_mask(self._layer[name], buffer.bool())
+        self._count_neurons()  # rank 0's masks: its neuron counts too
+
+    def _count_neurons(self) -> None:
+        """Fan-in and active neurons read from the masks themselves (after a resume, or rank 0's broadcast)."""
+        if self.fan_in is None:
+            return
+        for layer in self.layers:
+            counts = row_counts(self.masks[layer.name], layer.kind)
+            self.active_neurons[layer.name] = int((counts > 0).sum())
+            self.fan_in[layer.name] = int(counts.max())
 
     def neuron_counts(self) -> dict[str, tuple[int, int]]:
         """Structure fan-in: per layer (active neurons, inputs per active neuron); empty otherwise."""
@@ -187,11 +197,7 @@ class MaskState:
             saved = state.get("extra", {}).get(self.score_state_key, {})
             self.score_state = {layer.name: saved[layer.name].to(layer.weight.device)
                                 for layer in self.layers if layer.name in saved}
-        if self.fan_in is not None:  # the fan-in and active neurons are the masks' own (ablation changes them)
-            for layer in self.layers:
-                counts = row_counts(self.masks[layer.name], layer.kind)
-                self.active_neurons[layer.name] = int((counts > 0).sum())
-                self.fan_in[layer.name] = int(counts.max())
+        self._count_neurons()
         with torch.no_grad():  # re-apply after loading: guards against mask drift
             for layer in self.layers:
                 layer.weight.mul_(self.masks[layer.name])
