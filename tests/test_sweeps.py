@@ -480,6 +480,8 @@ def test_a_two_by_two_sweep_trains_for_real_and_has_a_frontier(service):
     flops = {g["sparsity"]: g["inference_flops_ratio"] for g in state["aggregate"]}
     assert flops[0.9] < flops[0.5]
     assert state["frontier"]["flops"] and state["frontier"]["size"]
+    # export.latency (on by default): each child's measured batch-1 CPU latency reaches the sweep
+    assert all(c["latency_ms"] > 0 for c in state["children"]) and state["frontier"]["latency"]
 
 
 # ---------------------------------------------------------------------------------------------- dashboard
@@ -536,10 +538,14 @@ def test_the_sweep_page_draws_the_frontier_as_children_finish(tmp_path):
             page.click(f"text={sweep['id']}")
             expect(page.locator("#sweep-children tbody tr")).to_have_count(4)
             expect(page.locator("#sweep-flops")).to_contain_text("no finished children yet")
+            expect(page.locator("#sweep-latency")).to_contain_text("measured latency (batch 1, CPU)")
             for i, job_id in enumerate(sent):  # children end while the page is open
-                _finish(store, job_id, 0.9 + 0.01 * i, 0.5 if i < 2 else 0.1, 1000 - 100 * i)
+                _finish(store, job_id, 0.9 + 0.01 * i, 0.5 if i < 2 else 0.1, 1000 - 100 * i,
+                        {"dense": 2.0 - 0.1 * i, "condensed": None})
             expect(page.locator("#sweep-flops svg polyline.frontier")).to_have_count(1, timeout=15_000)
             expect(page.locator("#sweep-size svg polyline.frontier")).to_have_count(1)
+            expect(page.locator("#sweep-latency svg polyline.frontier")).to_have_count(1)
+            expect(page.locator("#sweep-latency svg circle.point")).to_have_count(2)
             expect(page.locator("#sweep-flops svg circle.point")).to_have_count(2)
             expect(page.locator("#sweep-aggregate tbody tr")).to_have_count(2)
             expect(page.locator("#sweep-aggregate")).to_contain_text("±")
