@@ -39,8 +39,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from api_process import api_process  # noqa: E402
-from service_helpers import (JOB, PG_ADMIN, REDIS, cleanup_redis_queue,  # noqa: E402
+from helpers.api_process import api_process  # noqa: E402
+from helpers.service import (JOB, PG_ADMIN, REDIS, cleanup_redis_queue,  # noqa: E402
                              temporary_postgres_database)
 
 

@@ -30,8 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-import first_release_models as first  # noqa: E402
-from service_helpers import JOB, postgres_available, temporary_postgres_database  # noqa: E402
+from helpers import first_release_models as first  # noqa: E402
+from helpers.service import JOB, postgres_available, temporary_postgres_database  # noqa: E402
 
 
 def build(url: str, jobs: int, events: int) -> None:
