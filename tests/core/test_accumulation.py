@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_spec
+from helpers.specs import small_spec
 from pydantic import ValidationError
 
 from rigl_core.data.batches import BatchPlan

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from rigl_core.sparse.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t
 from rigl_core.spec import JobSpec, ScheduleSpec
 from helpers.service import JOB
-from store.settings import Settings
 
 
 @pytest.mark.parametrize("t_end,expected", [(1, 1), (9, 1), (34, 3), (345, 34), (999, 99), (1000, 100),
@@ -59,11 +57,8 @@ def test_trainer_resolves_auto_and_the_cli_warns_on_stderr(tmp_path, capsys):
 
 
 @pytest.fixture()
-def api(tmp_path):
-    from api.app import create_app
-
-    with TestClient(create_app(Settings(data_dir=tmp_path), enqueue=lambda job_id: None)) as client:
-        yield client
+def api(make_api):
+    return make_api(reaper=True)
 
 
 def test_the_job_json_carries_the_warning_at_submit_and_after(api):

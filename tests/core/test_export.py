@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_spec
+from helpers.specs import small_spec
 from rigl_core.export.packed import load_packed
 from rigl_core.models.registry import build_model
 from rigl_core.training.run import DENSE_EXPORT, PACKED_EXPORT, REPORT, run_training

@@ -192,20 +192,16 @@ def test_onnx_of_a_declarative_architecture(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- API
 @pytest.fixture()
-def succeeded_job(tmp_path):
+def succeeded_job(make_api, tmp_path):
     """(API client, job id) of a digits MLP job run to success in process (SQLite, no broker)."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
     from helpers.service import JOB
-    from store.settings import Settings
     from worker.runner import run_job
 
-    settings = Settings(data_dir=tmp_path).resolved()
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        job_id = api.post("/v1/jobs", json={**JOB, "training": {**JOB["training"], "epochs": 1}}).json()["id"]
-        assert run_job(job_id, settings) == "succeeded"
-        yield api, job_id
+    api = make_api()
+    settings = api.settings
+    job_id = api.post("/v1/jobs", json={**JOB, "training": {**JOB["training"], "epochs": 1}}).json()["id"]
+    assert run_job(job_id, settings) == "succeeded"
+    yield api, job_id
 
 
 def test_the_checkpoint_route_serves_compressed_and_onnx(succeeded_job, tmp_path):
@@ -243,31 +239,27 @@ def test_the_checkpoint_route_serves_compressed_and_onnx(succeeded_job, tmp_path
     assert bad.json()["error"]["field"] == "format", bad.json()
 
 
-def test_a_model_the_onnx_exporter_cannot_trace_is_skipped_with_a_warning(tmp_path, monkeypatch):
+def test_a_model_the_onnx_exporter_cannot_trace_is_skipped_with_a_warning(make_api, tmp_path, monkeypatch):
     """The job still succeeds with its other exports; the event log says why there is no ONNX file."""
-    from fastapi.testclient import TestClient
-
     import rigl_core.export.onnx
-    from api.app import create_app
     from helpers.service import JOB
-    from store.settings import Settings
     from worker.runner import run_job
 
     def untraceable(*_args, **_kwargs):
         raise RuntimeError("Unsupported: the exporter cannot trace this model")
 
     monkeypatch.setattr(rigl_core.export.onnx, "export_onnx", untraceable)
-    settings = Settings(data_dir=tmp_path).resolved()
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        job_id = api.post("/v1/jobs", json={**JOB, "training": {**JOB["training"], "epochs": 1}}).json()["id"]
-        assert run_job(job_id, settings) == "succeeded"
-        kinds = {c["kind"] for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]}
-        assert kinds == {"dense", "packed", "compressed"}
-        events = api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
-        assert any(e["level"] == "warn" and "onnx export skipped: Unsupported" in e["message"] for e in events
-                   if e["type"] == "message"), events
-        missing = api.get(f"/v1/jobs/{job_id}/checkpoint?format=onnx")
-        assert missing.status_code == 404 and missing.json()["error"]["field"] == "format"
+    api = make_api()
+    settings = api.settings
+    job_id = api.post("/v1/jobs", json={**JOB, "training": {**JOB["training"], "epochs": 1}}).json()["id"]
+    assert run_job(job_id, settings) == "succeeded"
+    kinds = {c["kind"] for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]}
+    assert kinds == {"dense", "packed", "compressed"}
+    events = api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
+    assert any(e["level"] == "warn" and "onnx export skipped: Unsupported" in e["message"] for e in events
+               if e["type"] == "message"), events
+    missing = api.get(f"/v1/jobs/{job_id}/checkpoint?format=onnx")
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "format"
     assert not list((tmp_path).rglob("*.onnx*"))  # no temp file left behind
 
 
@@ -315,27 +307,23 @@ def test_a_job_with_fp16_values_exports_them_and_reports_the_accuracy_they_cost(
     assert trainer.evaluate()["val_accuracy"] == pytest.approx(check["metrics"]["val_accuracy"])
 
 
-def test_export_values_is_checked_and_reaches_the_service_result(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
+def test_export_values_is_checked_and_reaches_the_service_result(make_api, tmp_path):
     from helpers.service import JOB
-    from store.settings import Settings
     from worker.runner import run_job
 
-    settings = Settings(data_dir=tmp_path).resolved()
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        bad = api.post("/v1/jobs", json={**JOB, "export": {"values": "fp8"}})
-        assert bad.status_code == 422 and bad.json()["error"]["field"] == "export.values", bad.json()
-        job = {**JOB, "training": {**JOB["training"], "epochs": 1}, "export": {"values": "bf16"}}
-        job_id = api.post("/v1/jobs", json=job).json()["id"]
-        assert run_job(job_id, settings) == "succeeded"
-        result = api.get(f"/v1/jobs/{job_id}").json()["result"]
-        assert result["export"]["values"] == "bf16" and "val_accuracy" in result["export"]["change"]
-        (tmp_path / "p.safetensors").write_bytes(api.get(f"/v1/jobs/{job_id}/checkpoint?format=packed").content)
-        from safetensors.torch import load_file
+    api = make_api()
+    settings = api.settings
+    bad = api.post("/v1/jobs", json={**JOB, "export": {"values": "fp8"}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "export.values", bad.json()
+    job = {**JOB, "training": {**JOB["training"], "epochs": 1}, "export": {"values": "bf16"}}
+    job_id = api.post("/v1/jobs", json=job).json()["id"]
+    assert run_job(job_id, settings) == "succeeded"
+    result = api.get(f"/v1/jobs/{job_id}").json()["result"]
+    assert result["export"]["values"] == "bf16" and "val_accuracy" in result["export"]["change"]
+    (tmp_path / "p.safetensors").write_bytes(api.get(f"/v1/jobs/{job_id}/checkpoint?format=packed").content)
+    from safetensors.torch import load_file
 
-        assert load_file(str(tmp_path / "p.safetensors"))["fc1.weight.values"].dtype == torch.bfloat16
+    assert load_file(str(tmp_path / "p.safetensors"))["fc1.weight.values"].dtype == torch.bfloat16
 
 
 def test_onnx_of_a_token_model_takes_int64_ids(tmp_path):

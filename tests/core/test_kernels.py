@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_spec
+from helpers.specs import small_spec
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from test_precision import MaskWatch

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import small_spec
+from helpers.specs import small_spec
 from torch import nn
 
 from rigl_core import RigL

@@ -197,30 +197,24 @@ def test_readme_token_jobspecs_train(tmp_path):
         assert math.isfinite(report["final_metrics"]["val_loss"])
 
 
-def test_hf_jobs_and_plans_through_the_api(tmp_path):
+def test_hf_jobs_and_plans_through_the_api(make_api, tmp_path):
     """The service takes model.hf jobs over an uploaded token dataset, and plans them (causal LM too)."""
     import io
 
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from store.settings import Settings
-
-    sent = []
-    with TestClient(create_app(Settings(data_dir=tmp_path), enqueue=sent.append)) as api:
-        buffer = io.BytesIO()
-        with np.load(_tokens(tmp_path, labels=True)) as data:
-            np.savez(buffer, x=data["x"], y=data["y"])
-        dataset = api.post("/v1/datasets?name=tokens&format=npz", content=buffer.getvalue())
-        assert dataset.status_code == 201, dataset.text
-        job = api.post("/v1/jobs", json={"model": {"hf": BERT}, "dataset": {"name": "tensors", "path":
-                                         dataset.json()["id"]}, "training": {"epochs": 1, "batch_size": 32}})
-        assert job.status_code == 201, job.text
-        assert sent == [job.json()["id"]]
-        plan = api.post("/v1/plan", json={"model": {"hf": GPT2}, "input_shape": [L], "task": "causal-lm",
-                                          "sparsity": {"sparsity": 0.8}})
-        assert plan.status_code == 200, plan.text
-        assert plan.json()["totals"]["sparsity"] == pytest.approx(0.8, abs=0.001)
-        bad = api.post("/v1/jobs", json={"model": {"hf": {**BERT, "max_position_embeddings": L // 2}},
-                                         "dataset": {"name": "tensors", "path": dataset.json()["id"]}})
-        assert bad.status_code == 422 and bad.json()["error"]["field"] == "model.input_shape", bad.text
+    api = make_api(reaper=True)
+    buffer = io.BytesIO()
+    with np.load(_tokens(tmp_path, labels=True)) as data:
+        np.savez(buffer, x=data["x"], y=data["y"])
+    dataset = api.post("/v1/datasets?name=tokens&format=npz", content=buffer.getvalue())
+    assert dataset.status_code == 201, dataset.text
+    job = api.post("/v1/jobs", json={"model": {"hf": BERT}, "dataset": {"name": "tensors", "path":
+                                     dataset.json()["id"]}, "training": {"epochs": 1, "batch_size": 32}})
+    assert job.status_code == 201, job.text
+    assert api.sent == [job.json()["id"]]
+    plan = api.post("/v1/plan", json={"model": {"hf": GPT2}, "input_shape": [L], "task": "causal-lm",
+                                      "sparsity": {"sparsity": 0.8}})
+    assert plan.status_code == 200, plan.text
+    assert plan.json()["totals"]["sparsity"] == pytest.approx(0.8, abs=0.001)
+    bad = api.post("/v1/jobs", json={"model": {"hf": {**BERT, "max_position_embeddings": L // 2}},
+                                     "dataset": {"name": "tensors", "path": dataset.json()["id"]}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "model.input_shape", bad.text

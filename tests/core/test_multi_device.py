@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import small_spec
+from helpers.specs import small_spec
 from safetensors.torch import load_file
 from helpers.service import ROOT
 

@@ -171,14 +171,8 @@ def test_a_recipe_job_trains_with_flags_overriding_it(recipe, tmp_path):
 
 
 @pytest.fixture()
-def api(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from store.settings import Settings
-
-    with TestClient(create_app(Settings(data_dir=tmp_path), enqueue=lambda job_id: None)) as client:
-        yield client
+def api(make_api):
+    return make_api(reaper=True)
 
 
 def test_api_job_with_a_recipe_stores_the_filled_spec_with_the_override(api):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import small_spec
+from helpers.specs import small_spec
 from rigl_core.sparse.schedules import UpdateSchedule, gmp_sparsity, resolve_t_end
 from rigl_core.training.trainer import Callback, Trainer
 

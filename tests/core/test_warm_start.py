@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from conftest import small_spec
+from helpers.specs import small_spec
 from rigl_core.export.packed import save_dense
 from rigl_core.training.trainer import Trainer
 from rigl_core.training.warm_start import read_header

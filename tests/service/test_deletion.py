@@ -23,19 +23,14 @@ from store.settings import Settings
 
 
 @pytest.fixture()
-def service(tmp_path):
-    """(API client on auth-enabled SQLite with keys alice and bob, store, settings)."""
-    from api.app import create_app
-    from store.jobs import JobStore
+def service(make_api):
+    """API client on auth-enabled SQLite with keys alice and bob (`client.as_(who)` gives their headers)."""
     from store.keys import create_key
 
-    settings = Settings(data_dir=tmp_path, auth=True).resolved()
-    store = JobStore(settings.database_url)
-    keys = {who: create_key(store, who)[1] for who in ("alice", "bob")}
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as client:
-        client.as_ = lambda who: {"Authorization": f"Bearer {keys[who]}"}
-        client.store, client.settings = store, settings
-        yield client
+    client = make_api(auth=True)
+    keys = {who: create_key(client.store, who)[1] for who in ("alice", "bob")}
+    client.as_ = lambda who: {"Authorization": f"Bearer {keys[who]}"}
+    return client
 
 
 def rows_of(store, job_id: str) -> dict:
@@ -198,10 +193,7 @@ def test_the_sweep_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(se
     assert service.store.get_job(ids["failed"]) is not None and service.store.get_job(running) is not None
 
 
-def test_orphaned_upload_temp_files_are_removed_at_startup(tmp_path):
-    from api.app import create_app
-
-    settings = Settings(data_dir=tmp_path).resolved()
+def test_orphaned_upload_temp_files_are_removed_at_startup(settings, make_api):
     folder = settings.artifact_dir / "datasets"
     folder.mkdir(parents=True)
     old, fresh, kept = folder / ".upload-0a.npz", folder / ".upload-1b.npz", folder / "ds_x.npz"
@@ -210,8 +202,7 @@ def test_orphaned_upload_temp_files_are_removed_at_startup(tmp_path):
     hour_ago = time.time() - 3600
     os.utime(old, (hour_ago, hour_ago))
     os.utime(kept, (hour_ago, hour_ago))
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        assert api.get("/healthz").status_code == 200
+    assert make_api().get("/healthz").status_code == 200
     assert not old.exists()
     assert fresh.exists() and kept.exists()  # an upload in progress, and a stored dataset
 

@@ -6,20 +6,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from fastapi.testclient import TestClient
 
 from helpers.service import JOB
 from store.settings import Settings
 
 
 @pytest.fixture()
-def api(tmp_path):
-    from api.app import create_app
-
-    settings = Settings(data_dir=tmp_path, max_metric_points=500)
-    with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
-        client.store = client.app.state.context.store
-        yield client
+def api(make_api):
+    return make_api(max_metric_points=500)
 
 
 def test_metrics_of_a_long_job_are_thinned_evenly_and_say_so(api):

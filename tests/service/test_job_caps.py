@@ -15,11 +15,9 @@ import uuid
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from helpers.service import (JOB, REDIS, ROOT, cleanup_redis_queue, free_port, postgres_available, redis_available,
                              stop, temporary_postgres_database, wait_ready)
-from store.settings import Settings
 
 
 # ---------------------------------------------------------------------------------------------- atomic cap
@@ -101,27 +99,15 @@ def test_the_cap_holds_under_concurrent_creates_on_sqlite(tmp_path):
     store.create_job(JOB, JOB, 10, owner="bob", max_active=5)  # per owner
 
 
-def test_an_idempotent_replay_is_not_refused_by_the_cap(tmp_path):
-    from api.app import create_app
-
-    settings = Settings(data_dir=tmp_path, max_active_jobs_per_owner=1)
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        first = api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k1"})
-        again = api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k1"})
-        assert first.status_code == again.status_code == 201 and first.json()["id"] == again.json()["id"]
-        assert api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k2"}).status_code == 429
+def test_an_idempotent_replay_is_not_refused_by_the_cap(make_api):
+    api = make_api(max_active_jobs_per_owner=1)
+    first = api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k1"})
+    again = api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 201 and first.json()["id"] == again.json()["id"]
+    assert api.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k2"}).status_code == 429
 
 
 # ---------------------------------------------------------------------------------------------- cost caps
-@pytest.fixture()
-def api(tmp_path):
-    from api.app import create_app
-
-    def client(**settings):
-        return TestClient(create_app(Settings(data_dir=tmp_path, **settings), enqueue=lambda _id: None, reaper=False))
-
-    return client
-
 
 def _job(**training) -> dict:
     return {**JOB, "training": {**JOB["training"], **training}}
@@ -132,24 +118,24 @@ def _error(response, status=422) -> dict:
     return response.json()["error"]
 
 
-def test_total_steps_over_the_cap_or_int32_is_a_422_naming_the_field(api):
-    with api(max_total_steps=1000) as client:
-        # digits: 1438 training samples; 10 epochs of batch 8 = 1800 steps
-        assert _error(client.post("/v1/jobs", json=_job(epochs=10, batch_size=8)))["field"] == "training.epochs"
-        error = _error(client.post("/v1/jobs", json=_job(epochs=10, batch_size=8, max_steps=5000)))
-        assert error["field"] == "training.max_steps" and "1,000" in error["message"]
-        assert client.post("/v1/jobs", json=_job(epochs=10, batch_size=8, max_steps=900)).status_code == 201
-        assert client.post("/v1/jobs", json=_job(epochs=5, batch_size=8)).status_code == 201
-    with api() as client:  # the default cap keeps total_steps far inside the int32 column
-        huge = {"model": {"name": "mlp", "hidden_sizes": [8]},
-                "dataset": {"name": "synthetic", "num_samples": 5_000_000, "input_shape": [4]},
-                "training": {"epochs": 10_000, "batch_size": 1}}  # 4·10^10 steps: over 2^31
-        assert _error(client.post("/v1/jobs", json=huge))["field"] == "training.epochs"
-        huge["training"]["max_steps"] = 2**31 + 5
-        assert _error(client.post("/v1/jobs", json=huge))["field"] == "training.max_steps"
+def test_total_steps_over_the_cap_or_int32_is_a_422_naming_the_field(make_api):
+    client = make_api(max_total_steps=1000)
+    # digits: 1438 training samples; 10 epochs of batch 8 = 1800 steps
+    assert _error(client.post("/v1/jobs", json=_job(epochs=10, batch_size=8)))["field"] == "training.epochs"
+    error = _error(client.post("/v1/jobs", json=_job(epochs=10, batch_size=8, max_steps=5000)))
+    assert error["field"] == "training.max_steps" and "1,000" in error["message"]
+    assert client.post("/v1/jobs", json=_job(epochs=10, batch_size=8, max_steps=900)).status_code == 201
+    assert client.post("/v1/jobs", json=_job(epochs=5, batch_size=8)).status_code == 201
+    client = make_api()  # the default cap keeps total_steps far inside the int32 column
+    huge = {"model": {"name": "mlp", "hidden_sizes": [8]},
+            "dataset": {"name": "synthetic", "num_samples": 5_000_000, "input_shape": [4]},
+            "training": {"epochs": 10_000, "batch_size": 1}}  # 4·10^10 steps: over 2^31
+    assert _error(client.post("/v1/jobs", json=huge))["field"] == "training.epochs"
+    huge["training"]["max_steps"] = 2**31 + 5
+    assert _error(client.post("/v1/jobs", json=huge))["field"] == "training.max_steps"
 
 
-def test_training_flops_over_the_cap_is_a_422(api):
+def test_training_flops_over_the_cap_is_a_422(make_api):
     from rigl_core.data.describe import describe
     from rigl_core.models.registry import build_model
     from rigl_core.sparse.plan import make_plan
@@ -165,18 +151,18 @@ def test_training_flops_over_the_cap_is_a_422(api):
     per_example = 3 * sum(lp.flops_dense for lp in plan.layers) * plan.training_flops_ratio()
     examples = steps * spec.training.batch_size
     estimate = per_example * examples
-    with api(max_training_flops=estimate * 0.995) as client:
-        error = _error(client.post("/v1/jobs", json=JOB))
-        assert error["field"] == "training" and "FLOPs" in error["message"]
-    with api(max_training_flops=estimate * 1.005) as client:
-        assert client.post("/v1/jobs", json=JOB).status_code == 201
+    client = make_api(max_training_flops=estimate * 0.995)
+    error = _error(client.post("/v1/jobs", json=JOB))
+    assert error["field"] == "training" and "FLOPs" in error["message"]
+    client = make_api(max_training_flops=estimate * 1.005)
+    assert client.post("/v1/jobs", json=JOB).status_code == 201
 
 
-def test_synthetic_values_over_the_setting_is_a_422_naming_num_samples(api):
+def test_synthetic_values_over_the_setting_is_a_422_naming_num_samples(make_api):
     job = {"model": {"name": "mlp"}, "dataset": {"name": "synthetic", "num_samples": 2048, "input_shape": [3, 32, 32]},
            "training": {"epochs": 1}}
-    with api(max_synthetic_values=1_000_000) as client:
-        error = _error(client.post("/v1/jobs", json=job))
-        assert error["field"] == "dataset.num_samples" and "1,000,000" in error["message"]
-        job["dataset"]["num_samples"] = 256  # 786,432 values
-        assert client.post("/v1/jobs", json=job).status_code == 201
+    client = make_api(max_synthetic_values=1_000_000)
+    error = _error(client.post("/v1/jobs", json=job))
+    assert error["field"] == "dataset.num_samples" and "1,000,000" in error["message"]
+    job["dataset"]["num_samples"] = 256  # 786,432 values
+    assert client.post("/v1/jobs", json=job).status_code == 201

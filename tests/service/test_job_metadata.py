@@ -16,22 +16,19 @@ needs_pg = pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL
 
 
 @pytest.fixture()
-def sqlite_api(tmp_path):
+def sqlite_api(make_api):
     """For input checks, which are the same whatever the database."""
-    from api.app import create_app
-
-    with TestClient(create_app(Settings(data_dir=tmp_path), enqueue=lambda _id: None, reaper=False)) as client:
-        yield client
+    return make_api()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
-def api(request, tmp_path):
+def api(request, make_api, tmp_path):
+    if request.param == "sqlite":
+        yield make_api()
+        return
     from api.app import create_app
 
-    if request.param == "sqlite":
-        with TestClient(create_app(Settings(data_dir=tmp_path), enqueue=lambda _id: None, reaper=False)) as client:
-            yield client
-        return
+    # Local on PostgreSQL: the app must be closed and its engine disposed before the database is dropped.
     with temporary_postgres_database() as url:
         settings = Settings(data_dir=tmp_path, database_url=url, auth=False, max_active_jobs_per_owner=100)
         with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as client:

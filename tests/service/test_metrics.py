@@ -30,13 +30,8 @@ def value(samples: dict, name: str, **labels) -> float:
 
 
 @pytest.fixture()
-def api(tmp_path):
-    from api.app import create_app
-
-    settings = Settings(data_dir=tmp_path, metrics_cache_seconds=0, cancel_poll_seconds=0.2).resolved()
-    with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
-        client.settings = settings
-        yield client
+def api(make_api):
+    return make_api(metrics_cache_seconds=0, cancel_poll_seconds=0.2)
 
 
 def test_request_histogram_and_job_gauges_move(api):
@@ -69,17 +64,14 @@ def test_request_histogram_and_job_gauges_move(api):
     assert value(cancelled, "rigl_owner_active_jobs", owner=owner) == 0
 
 
-def test_job_counts_are_cached_between_scrapes(tmp_path):
-    from api.app import create_app
-
-    settings = Settings(data_dir=tmp_path, metrics_cache_seconds=3600)
-    with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
-        first = scrape(client.get("/metrics").text)
-        client.post("/v1/jobs", json=JOB)
-        again = scrape(client.get("/metrics").text)
-        assert value(again, "rigl_jobs", status="queued") == value(first, "rigl_jobs", status="queued") == 0
-        assert value(again, "rigl_http_request_duration_seconds_count", method="POST", route="/v1/jobs",
-                     status="2xx") == 1  # request series are live; only the database counts are reused
+def test_job_counts_are_cached_between_scrapes(make_api):
+    client = make_api(metrics_cache_seconds=3600)
+    first = scrape(client.get("/metrics").text)
+    client.post("/v1/jobs", json=JOB)
+    again = scrape(client.get("/metrics").text)
+    assert value(again, "rigl_jobs", status="queued") == value(first, "rigl_jobs", status="queued") == 0
+    assert value(again, "rigl_http_request_duration_seconds_count", method="POST", route="/v1/jobs",
+                 status="2xx") == 1  # request series are live; only the database counts are reused
 
 
 def test_metrics_off_and_metrics_token(tmp_path):

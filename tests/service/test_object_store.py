@@ -439,16 +439,15 @@ def test_an_unreachable_bucket_refuses_an_upload_with_503_and_keeps_no_record(tm
     assert _files(settings.artifact_dir) == []
 
 
-def test_a_spec_stored_with_an_absolute_path_still_runs(tmp_path):
+def test_a_spec_stored_with_an_absolute_path_still_runs(make_api, tmp_path):
     """Specs stored before storage keys held the upload's absolute path under the artifact folder: the
     worker maps it to its key and runs it (local default, unchanged layout)."""
-    from api.app import create_app
     from store.jobs import JobStore
     from worker.runner import run_job
 
-    settings = Settings(data_dir=tmp_path, auth=False).resolved()
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        dataset = api.post("/v1/datasets?name=toy&format=npz", content=_npz()).json()["id"]
+    api = make_api(auth=False)
+    settings = api.settings
+    dataset = api.post("/v1/datasets?name=toy&format=npz", content=_npz()).json()["id"]
     old = str(settings.artifact_dir / "datasets" / f"{dataset}.npz")
     spec = {**TENSORS_JOB, "dataset": {"name": "tensors", "path": old}}
     store = JobStore(settings.database_url)

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from helpers.service import JOB
-from store.settings import Settings
 
 
 @pytest.fixture()
-def secured(tmp_path):
-    from api.app import create_app
-    from store.jobs import JobStore
+def secured(make_api):
     from store.keys import create_key
 
-    settings = Settings(data_dir=tmp_path, auth=True).resolved()
-    store = JobStore(settings.database_url)
-    keys = {owner: create_key(store, owner, admin=owner == "ops")[1] for owner in ("alice", "bob", "ops")}
-    with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
-        client.headers_of = {owner: {"Authorization": f"Bearer {key}"} for owner, key in keys.items()}
-        client.store = store
-        yield client
+    client = make_api(auth=True)
+    keys = {owner: create_key(client.store, owner, admin=owner == "ops")[1] for owner in ("alice", "bob", "ops")}
+    client.headers_of = {owner: {"Authorization": f"Bearer {key}"} for owner, key in keys.items()}
+    return client
 
 
 def test_paging_after_another_owners_job_answers_like_a_missing_id(secured):

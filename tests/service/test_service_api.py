@@ -8,21 +8,13 @@ import re
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from helpers.service import JOB
-from store.settings import Settings
 
 
 @pytest.fixture()
-def api(tmp_path):
-    from api.app import create_app
-
-    sent: list[str] = []
-    settings = Settings(data_dir=tmp_path, max_upload_bytes=200_000, max_body_bytes=50_000)
-    with TestClient(create_app(settings, enqueue=sent.append)) as client:
-        client.sent = sent
-        yield client
+def api(make_api):
+    return make_api(reaper=True, max_upload_bytes=200_000, max_body_bytes=50_000)
 
 
 def error_of(response):
@@ -228,20 +220,15 @@ def test_health_and_openapi(api):
 
 
 @pytest.fixture()
-def secured(tmp_path):
-    from api.app import create_app
-    from store.jobs import JobStore
+def secured(make_api):
     from store.keys import create_key
 
-    settings = Settings(data_dir=tmp_path, auth=True, max_active_jobs_per_owner=3).resolved()
-    store = JobStore(settings.database_url)
-    keys = {name: create_key(store, owner, admin=admin) for name, owner, admin in
+    client = make_api(reaper=True, auth=True, max_active_jobs_per_owner=3)
+    keys = {name: create_key(client.store, owner, admin=admin) for name, owner, admin in
             (("alice", "alice", False), ("bob", "bob", False), ("root", "ops", True))}
-    with TestClient(create_app(settings, enqueue=lambda job_id: None)) as client:
-        client.keys = {name: key for name, (_, key) in keys.items()}
-        client.key_ids = {name: row.id for name, (row, _) in keys.items()}
-        client.store = store
-        yield client
+    client.keys = {name: key for name, (_, key) in keys.items()}
+    client.key_ids = {name: row.id for name, (row, _) in keys.items()}
+    return client
 
 
 def as_(client, who):

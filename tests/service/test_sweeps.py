@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from fastapi.testclient import TestClient
 
 from rigl_core.report.pareto import frontier, mean_sd
 from helpers.service import JOB
@@ -52,24 +51,13 @@ def test_expand_applies_each_axis_to_the_base_in_grid_order():
 
 # ---------------------------------------------------------------------------------------------- API
 @pytest.fixture()
-def service(tmp_path):
-    """(client, store, sent ids, settings) of a real app; `make(**settings)` opens one."""
-    from api.app import create_app
-    from store.jobs import JobStore
-
-    opened = []
-
+def service(make_api):
+    """`service(**settings)` opens an app in process: (client, store, sent ids, settings)."""
     def make(**overrides):
-        settings = Settings(data_dir=tmp_path, **overrides).resolved()
-        sent: list[str] = []
-        client = TestClient(create_app(settings, enqueue=sent.append, reaper=False))
-        client.__enter__()
-        opened.append(client)
-        return client, JobStore(settings.database_url), sent, settings
+        client = make_api(**overrides)
+        return client, client.store, client.sent, client.settings
 
-    yield make
-    for client in opened:
-        client.__exit__(None, None, None)
+    return make
 
 
 def _error(response, status=422) -> dict:
@@ -304,26 +292,22 @@ def test_a_sweep_with_a_running_child_is_deleted_once_it_stops(service):
     assert api.get(f"/v1/jobs/{job.id}").status_code == 404
 
 
-def test_other_owners_get_404(tmp_path):
-    from api.app import create_app
-    from store.jobs import JobStore
+def test_other_owners_get_404(make_api):
     from store.keys import create_key
 
-    settings = Settings(data_dir=tmp_path, auth=True).resolved()
-    store = JobStore(settings.database_url)
-    keys = {owner: {"Authorization": f"Bearer {create_key(store, owner, admin=owner == 'ops')[1]}"}
+    api = make_api(auth=True)
+    keys = {owner: {"Authorization": f"Bearer {create_key(api.store, owner, admin=owner == 'ops')[1]}"}
             for owner in ("alice", "bob", "ops")}
-    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
-        sweep = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [0, 1]}}, headers=keys["alice"]).json()
-        path = f"/v1/sweeps/{sweep['id']}"
-        assert api.get(path, headers=keys["bob"]).status_code == 404
-        assert api.post(f"{path}/cancel", headers=keys["bob"]).status_code == 404
-        assert api.delete(path, headers=keys["bob"]).status_code == 404
-        assert api.get("/v1/sweeps", headers=keys["bob"]).json()["data"] == []
-        assert [s["id"] for s in api.get("/v1/sweeps", headers=keys["alice"]).json()["data"]] == [sweep["id"]]
-        assert api.get(path, headers=keys["ops"]).status_code == 200  # an admin sees every owner's
-        assert api.get(path, headers=keys["alice"]).json()["status"] == "active"
-        assert api.get("/v1/sweeps/sweep_%00", headers=keys["alice"]).status_code == 404
+    sweep = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [0, 1]}}, headers=keys["alice"]).json()
+    path = f"/v1/sweeps/{sweep['id']}"
+    assert api.get(path, headers=keys["bob"]).status_code == 404
+    assert api.post(f"{path}/cancel", headers=keys["bob"]).status_code == 404
+    assert api.delete(path, headers=keys["bob"]).status_code == 404
+    assert api.get("/v1/sweeps", headers=keys["bob"]).json()["data"] == []
+    assert [s["id"] for s in api.get("/v1/sweeps", headers=keys["alice"]).json()["data"]] == [sweep["id"]]
+    assert api.get(path, headers=keys["ops"]).status_code == 200  # an admin sees every owner's
+    assert api.get(path, headers=keys["alice"]).json()["status"] == "active"
+    assert api.get("/v1/sweeps/sweep_%00", headers=keys["alice"]).status_code == 404
 
 
 # ---------------------------------------------------------------------------------------------- client, CLI

@@ -17,7 +17,6 @@ import zlib
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from helpers.service import JOB
@@ -67,16 +66,12 @@ def make_tree(tmp_path, datasets) -> None:
 
 
 @pytest.fixture()
-def served(tmp_path):
+def served(tmp_path, make_api):
     """(API client, resolved settings, JobStore) with a prepared datasets directory."""
-    from api.app import create_app
-    from store.jobs import JobStore
-
-    settings = Settings(data_dir=tmp_path / "data", cancel_poll_seconds=0.2).resolved()
-    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-    make_tree(tmp_path, settings.datasets_dir)
-    with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
-        yield client, settings, JobStore(settings.database_url)
+    client = make_api(data_dir=tmp_path / "data", cancel_poll_seconds=0.2)
+    client.settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    make_tree(tmp_path, client.settings.datasets_dir)
+    return client, client.settings, client.store
 
 
 PROBES = [
@@ -206,15 +201,12 @@ def test_mnist_jobs_use_the_servers_datasets_directory(served):
     assert given.status_code == 422 and given.json()["error"]["field"] == "dataset.data_dir"
 
 
-def test_imagefolder_size_is_capped_at_submit_time(tmp_path):
-    from api.app import create_app
-
+def test_imagefolder_size_is_capped_at_submit_time(tmp_path, make_api):
     def submit(dataset: dict, **limits):
-        settings = Settings(data_dir=tmp_path / "data", **limits).resolved()
+        client = make_api(data_dir=tmp_path / "data", **limits)
         for i, label in enumerate(("cat", "cat", "dog", "dog")):
-            png(settings.datasets_dir / "pets" / label / f"{i}.png", seed=i)
-        with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
-            return client.post("/v1/jobs", json={**FOLDER_JOB, "dataset": {**FOLDER_JOB["dataset"], **dataset}})
+            png(client.settings.datasets_dir / "pets" / label / f"{i}.png", seed=i)
+        return client.post("/v1/jobs", json={**FOLDER_JOB, "dataset": {**FOLDER_JOB["dataset"], **dataset}})
 
     assert submit({}).status_code == 201
     memory = {"loader": "memory"}  # the caps bound the in-memory loader

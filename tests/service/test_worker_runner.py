@@ -14,14 +14,10 @@ from store.settings import Settings
 
 
 @pytest.fixture()
-def service(tmp_path):
+def service(make_api):
     """(API client, resolved settings, list of job ids sent to the stand-in broker)."""
-    from api.app import create_app
-
-    sent: list[str] = []
-    settings = Settings(data_dir=tmp_path, cancel_poll_seconds=0.2, lease_seconds=1.0).resolved()
-    with TestClient(create_app(settings, enqueue=sent.append, reaper=False)) as client:
-        yield client, settings, sent
+    client = make_api(cancel_poll_seconds=0.2, lease_seconds=1.0)
+    return client, client.settings, client.sent
 
 
 def test_the_heartbeat_thread_keeps_the_lease_while_the_training_loop_is_silent(service):
