@@ -79,6 +79,7 @@ class Stack:
     project: str
     profiles: tuple[str, ...] = ()
     scale_zero: tuple[str, ...] = ()  # `--scale NAME=0`
+    image_tag: str | None = None  # tag of the images the stack builds, instead of the file's (one per test run)
     services: dict = field(init=False)
     volumes: list[str] = field(init=False)
 
@@ -92,7 +93,14 @@ class Stack:
                 if unknown:
                     raise ValueError(f"services.{name}: {sorted(unknown)} not translated to podman")
                 self.services[name] = interpolate(service, self.env)
+                if self.image_tag and "build" in service:  # two runs on one podman store never retag each other's
+                    repository = self.services[name]["image"].rsplit(":", 1)[0]
+                    self.services[name]["image"] = f"{repository}:{self.image_tag}"
         self.volumes = list(raw.get("volumes") or {})
+
+    @property
+    def built_images(self) -> list[str]:
+        return sorted({service["image"] for service in self.services.values() if "build" in service})
 
     def container(self, service: str) -> str:
         return f"{self.project}-{service}-1"

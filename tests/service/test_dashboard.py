@@ -23,6 +23,7 @@ from helpers.service import ROOT, embedded_service
 
 CHROMIUM = os.environ.get("RIGL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = os.environ.get("RIGL_REQUIRE_BROWSER") == "1"
+WAIT_MS = 180_000  # how long one step may wait for the page; only a hang reaches it
 ARTIFACTS = Path(os.environ.get("RIGL_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
 
 
@@ -56,7 +57,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -66,8 +67,12 @@ def page(server):
         page = context.new_page()
         page.errors = []
         page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-        page.set_default_timeout(30_000)
+        # Every step waits for its element or text (the plan preview, a redraw, a status) as long as a loaded
+        # machine needs: Playwright's own 5 s default for expect() was a wall-clock limit, not a check.
+        page.set_default_timeout(WAIT_MS)
+        expect.set_options(timeout=WAIT_MS)
         yield page
+        expect.set_options(timeout=5_000)  # Playwright's default, for other modules
         context.close()
         browser.close()
 
@@ -116,7 +121,7 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     page.click("#submit-job")
     page.wait_for_url(re.compile(r".*#/jobs/job_[0-9a-f]+$"))
     job_id = page.url.rsplit("/", 1)[1]
-    expect(page.locator(".toolbar .status")).to_have_text("succeeded", timeout=180_000)
+    expect(page.locator(".toolbar .status")).to_have_text("succeeded")
     assert any(f"/v1/jobs/{job_id}/events/stream" in url for url in streams), "the job page did not use SSE"
 
     # 5. The charts: curves from the stream, per-layer density (target and achieved per masked layer).
@@ -185,9 +190,9 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     page.fill("#f-epochs", "500")
     page.click("#submit-job")
     page.wait_for_url(re.compile(r".*#/jobs/job_[0-9a-f]+$"))
-    expect(page.locator(".toolbar .status")).to_have_text("running", timeout=60_000)
+    expect(page.locator(".toolbar .status")).to_have_text("running")
     page.click("#cancel-job")
-    expect(page.locator(".toolbar .status")).to_have_text("cancelled", timeout=60_000)
+    expect(page.locator(".toolbar .status")).to_have_text("cancelled")
 
     # 9. The key lives in this tab's session only, and the page raised no script errors.
     assert page.evaluate("sessionStorage.getItem('rigl.apiKey')") == key

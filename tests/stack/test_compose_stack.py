@@ -2,7 +2,7 @@
 
 Builds the API and worker images from docker/*.Dockerfile, starts redis, postgres, api and one
 worker-cpu the way docker-compose.yml describes them (`--profile cpu --scale worker-gpu0=0`; the
-podman commands come from the file itself, tests/compose_podman.py says how and what differs from
+podman commands come from the file itself, tests/helpers/compose_podman.py says how and what differs from
 `docker compose`), waits for every healthcheck, creates an API key with the documented command
 (`rigl keys create` in the api container), submits a job with the client, restarts the worker
 container mid-job (SIGTERM: checkpoint, requeue) and sees the job resume and succeed, downloads its
@@ -10,7 +10,7 @@ checkpoint, and tears everything down.
 
 No registry is reachable where this runs, so the images come from local sources: a Debian bookworm
 rootfs made by mmdebstrap (Python 3.11, cached as a podman image between runs) is the BASE_IMAGE of
-both Dockerfiles, the Redis and PostgreSQL images are tests/containers/*.Dockerfile (Debian's
+both Dockerfiles, the Redis and PostgreSQL images are tests/stack/containers/*.Dockerfile (Debian's
 packages, standing in for redis:7-alpine and postgres:16-alpine through REDIS_IMAGE / POSTGRES_IMAGE),
 and pip inside a build uses this machine's pip configuration (its local wheel folders and indexes
 mounted read-only, its CA bundle for the package index). Both images get the worker's torch (PyPI's
@@ -35,14 +35,17 @@ from pathlib import Path
 import pytest
 
 from helpers.compose_podman import Stack, podman
-from helpers.service import JOB, ROOT, free_port, job_history, wait_for
+from helpers.service import JOB, ROOT, free_port, job_history
 
 REQUIRED = os.environ.get("RIGL_REQUIRE_CONTAINERS") == "1"
+DOCKERFILES = Path(__file__).resolve().parent / "containers"  # the Redis and PostgreSQL images
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 BASE_IMAGE = f"localhost/rigl-test-base:bookworm-{hashlib.sha256(' '.join(BASE_PACKAGES).encode()).hexdigest()[:8]}"
-REDIS_IMAGE, POSTGRES_IMAGE = "localhost/rigl-test-redis:latest", "localhost/rigl-test-postgres:latest"
-API_IMAGE, WORKER_IMAGE = "rigl-service-api:latest", "rigl-service-worker:latest"
-LONG_JOB = {**JOB, "training": {"epochs": 300, "batch_size": 64}}  # ~30 s: the restart lands mid-job
+RUN_TAG = f"test-{uuid.uuid4().hex[:8]}"  # this run's images: a second run on the same podman store has its own
+REDIS_IMAGE, POSTGRES_IMAGE = f"localhost/rigl-test-redis:{RUN_TAG}", f"localhost/rigl-test-postgres:{RUN_TAG}"
+# Bounded by steps (~10 s on an idle CI machine): the restart after step 100 lands mid-job, well before step 2000.
+LONG_JOB = {**JOB, "training": {"epochs": 300, "batch_size": 64, "max_steps": 2000}}
+STALL_SECONDS = 300  # the job is stuck when neither its status nor its step changed for this long, whatever the load
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
@@ -114,24 +117,40 @@ def pip_build_setup(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     return mounts, {"TORCH_INDEX_URL": re.search(r"^ARG TORCH_INDEX_URL=(\S+)", worker, re.M).group(1)}
 
 
-def stack_images() -> list[str]:
-    return [image for image in (BASE_IMAGE, REDIS_IMAGE, POSTGRES_IMAGE, API_IMAGE, WORKER_IMAGE)
+def stack_images(stack: Stack) -> list[str]:
+    return [image for image in (BASE_IMAGE, REDIS_IMAGE, POSTGRES_IMAGE, *stack.built_images)
             if podman("image", "exists", image, check=False).returncode == 0]
+
+
+def follow(client, job_id: str, until, what: str) -> dict:
+    """Poll the job until `until(its data)`; fail only if it makes no progress (status, attempt or step)
+    for STALL_SECONDS: a loaded machine is slow, not stuck."""
+    seen, moved = None, time.monotonic()
+    while True:
+        data = client.get(job_id).data
+        if until(data):
+            return data
+        now = (data["status"], data.get("attempt"), (data.get("progress") or {}).get("step"))
+        if now != seen:
+            seen, moved = now, time.monotonic()
+        elif time.monotonic() - moved > STALL_SECONDS:
+            raise AssertionError(f"no progress for {STALL_SECONDS} s waiting for {what}: {data}")
+        time.sleep(0.5)
 
 
 def image_mb(image: str) -> int:
     return int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip()) // 10**6
 
 
-@pytest.mark.timeout(900)  # cold: the base rootfs and every image built from nothing
+@pytest.mark.timeout(1800)  # only a hang reaches it (cold: the base rootfs and every image built from nothing)
 def test_compose_stack_trains_restarts_and_serves_a_job(containers, tmp_path):
-    from rigl_core.client import Client
+    from rigl_core.client import TERMINAL, Client
 
     timings = {"base image": base_image(tmp_path)}
     mounts, torch = pip_build_setup(tmp_path)
     for image, dockerfile in ((REDIS_IMAGE, "redis"), (POSTGRES_IMAGE, "postgres")):
         start = time.monotonic()
-        podman("build", "--format", "docker", "-f", str(ROOT / "tests" / "stack" / "containers" / f"{dockerfile}.Dockerfile"),
+        podman("build", "--format", "docker", "-f", str(DOCKERFILES / f"{dockerfile}.Dockerfile"),
                f"--build-arg=BASE_IMAGE={BASE_IMAGE}", "-t", image, str(ROOT))
         timings[f"{dockerfile} image"] = time.monotonic() - start
 
@@ -143,10 +162,10 @@ def test_compose_stack_trains_restarts_and_serves_a_job(containers, tmp_path):
                 "API_PORT": f"127.0.0.1:{port}", "DATASETS_HOST_DIR": str(tmp_path / "datasets"),
                 "PYTHON_IMAGE": BASE_IMAGE, "REDIS_IMAGE": REDIS_IMAGE, "POSTGRES_IMAGE": POSTGRES_IMAGE,
                 "RIGL_CHECKPOINT_EVERY_STEPS": "100", "RIGL_CHECKPOINT_MIN_SECONDS": "0"})
-    stack = Stack(ROOT / "docker-compose.yml", env, f"rigl-test-{uuid.uuid4().hex[:8]}", profiles=("cpu",),
-                  scale_zero=("worker-gpu0",))
+    stack = Stack(ROOT / "docker-compose.yml", env, f"rigl-{RUN_TAG}", profiles=("cpu",),
+                  scale_zero=("worker-gpu0",), image_tag=RUN_TAG)
     assert set(stack.services) == {"redis", "postgres", "api", "worker-cpu"}
-    for name, took in stack.build({API_IMAGE: torch, WORKER_IMAGE: torch}, mounts).items():
+    for name, took in stack.build({image: torch for image in stack.built_images}, mounts).items():
         timings[f"{name} build"] = took
     try:
         healthy = stack.up()
@@ -156,17 +175,17 @@ def test_compose_stack_trains_restarts_and_serves_a_job(containers, tmp_path):
         with Client(f"http://127.0.0.1:{port}", api_key=key) as client:
             submitted = time.monotonic()
             job = client.submit(LONG_JOB)
-            wait_for(lambda: client.get(job.id).data["progress"]["step"] > 100, 180, interval=0.2,
-                     what=f"training in the worker container\n{stack.logs('worker-cpu')}")
+            follow(client, job.id, lambda data: (data.get("progress") or {}).get("step", 0) > 100
+                   or data["status"] in TERMINAL, "training in the worker container")
             restart = time.monotonic()
             podman("restart", worker, timeout=300)  # SIGTERM within stop_grace_period, then the same container
             timings["worker restart"] = time.monotonic() - restart
-            done = client.wait(job.id, timeout=300, poll=0.5)
+            done = follow(client, job.id, lambda data: data["status"] in TERMINAL, "the job to finish")
             timings["job, submitted to succeeded"] = time.monotonic() - submitted
-            assert done.status == "succeeded", (done.data.get("error"), stack.logs("worker-cpu"))
+            assert done["status"] == "succeeded", (done.get("error"), stack.logs("worker-cpu"))
             statuses, resumed, _ = job_history(client.http, job.id)
             assert statuses == ["queued", "running", "requeued", "running", "succeeded"], statuses
-            assert resumed and resumed[0] > 0 and done.data["attempt"] == 2, (resumed, done.data["attempt"])
+            assert resumed and resumed[0] > 0 and done["attempt"] == 2, (resumed, done["attempt"])
             checkpoint = client.download(job.id, path=tmp_path)
 
         from safetensors.torch import load_file
@@ -181,10 +200,12 @@ def test_compose_stack_trains_restarts_and_serves_a_job(containers, tmp_path):
             print(f"\n--- {name} (last lines of its log)\n{stack.logs(name, tail=200)}")
         raise
     finally:
-        print(f"\ncompose stack: images (MB): {({image: image_mb(image) for image in stack_images()})}")
+        print(f"\ncompose stack: images (MB): {({image: image_mb(image) for image in stack_images(stack)})}")
         down = time.monotonic()
         stack.down()
         timings["down"] = time.monotonic() - down
+        for image in (REDIS_IMAGE, POSTGRES_IMAGE, *stack.built_images):  # this run's tags; the layers stay cached
+            podman("untag", image, image, check=False)
         print("compose stack: seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     leftover = podman("ps", "-aq", "--filter", f"label=rigl.stack={stack.project}").stdout.strip()
     assert not leftover and re.search(stack.project, podman("volume", "ls", "-q").stdout) is None
