@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = [f"tests/service/test_{name}.py" for name in ("reliability", "worker_lease_service", "job_caps", "upload_bombs",
-                                                        "user_paths", "api_responsiveness", "fuzz")]
+SUITES = [f"tests/service/test_{name}.py" for name in (
+    "reliability", "worker_lease_service", "job_caps", "upload_bombs", "user_paths", "api_responsiveness", "fuzz")]
 
 
 def main() -> None:
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", *SUITES],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "", "-s", "-q", "-p", "no:cacheprovider", *SUITES],
                             cwd=ROOT, capture_output=True, text=True)
     lines = re.findall(r"^(?:reliability|fuzz): .*$", result.stdout, flags=re.M)
     probes = re.findall(r"^PROBE (.*) -> (\d+) ([\w.]+): (.*)$", result.stdout, flags=re.M)

@@ -18,6 +18,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run(["rigl", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_plan_json_console_script():
     proc = run_cli("plan", "--model", "resnet50", "--sparsity", "0.9", "--distribution", "erk", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -43,6 +44,7 @@ def test_plan_options(capsys):
     assert "fc1" in table and "sparsity 0.9000" in table
 
 
+@pytest.mark.slow
 def test_train_console_script_writes_outputs(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--model", "mlp", "--dataset", "digits", "--method", "rigl", "--sparsity", "0.9",

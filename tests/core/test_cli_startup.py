@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 HEAVY = ("torch", "torchvision", "numpy", "transformers", "timm", "safetensors")
 
 # A stub service in the child's own thread answers the three GETs, so the commands run to the end.
@@ -72,6 +74,7 @@ def test_client_commands_run_against_a_service_without_torch(tmp_path):
     assert (tmp_path / "m.safetensors").read_bytes() == b"\0" * 8
 
 
+@pytest.mark.slow
 def test_specs_import_without_torch_and_build_with_it(tmp_path):
     """JobSpec and Architecture are plain pydantic models; torch comes in only when a model is built."""
     proc = _run(textwrap.dedent('''
@@ -88,6 +91,7 @@ def test_specs_import_without_torch_and_build_with_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_service_is_said_at_once_with_what_to_do(tmp_path):
     import socket
 

@@ -22,6 +22,7 @@ def spec(**kwargs) -> DatasetSpec:
     return DatasetSpec.model_validate(kwargs)
 
 
+@pytest.mark.slow
 def test_digits_and_mnist1d():
     digits = load_dataset(spec(name="digits"))
     assert digits.input_shape == [1, 8, 8] and digits.num_classes == 10
@@ -194,6 +195,7 @@ def test_crop_flip_keeps_content():
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
 
 
+@pytest.mark.slow
 def test_cifar_job_trains_with_resnet18_cifar(tmp_path):
     from rigl_core.training.trainer import Trainer
 

@@ -192,6 +192,7 @@ def test_hf_trainer_callback_masks_bert_exactly_with_accumulation(tmp_path):
     assert report["totals"]["exploration"] > 1 - report["totals"]["sparsity"]
 
 
+@pytest.mark.slow
 def test_hf_trainer_checkpoint_resume_gives_the_same_masks(tmp_path):
     reference = rigl_hf.RigLCallback(sparsity=0.9, delta_t=4)
     _hf_trainer(_bert(), reference, tmp_path / "straight", 16, save_strategy="no")[0].train()

@@ -40,7 +40,7 @@ def _browser_missing() -> str | None:
 missing = _browser_missing()
 if missing and REQUIRED:
     raise RuntimeError(f"RIGL_REQUIRE_BROWSER=1 but {missing}")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing is not None, reason=missing or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.skipif(missing is not None, reason=missing or "")]
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,7 @@ def served(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_dashboard_shows_and_filters_labels(served):
     """Chromium on `rigl serve`: names and tags in the list, the filters narrow it and stay in the URL, a
     tag chip filters by its tag, the job page shows the labels."""

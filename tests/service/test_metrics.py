@@ -124,6 +124,7 @@ def test_request_ids_access_log_json_and_owner_hashing(tmp_path):
     assert "h:" + hashlib.sha256(b"alice@example.com").hexdigest()[:12] in samples
 
 
+@pytest.mark.slow
 def test_worker_series_move_after_real_runs(api):
     """A run stopped after its first step (a preemption), then its resumption to the end: the worker's
     counters, and its steps/s gauge while the job trains."""

@@ -164,6 +164,7 @@ def test_a_local_store_never_follows_a_link_out_of_its_root(tmp_path):
     assert (outside / "secret").read_text() == "secret" and not (root / "jobs" / "link").is_symlink()
 
 
+@pytest.mark.slow
 def test_s3_prefixes_keep_stores_apart(s3_endpoint, bucket, tmp_path):
     source = tmp_path / "f"
     source.write_bytes(b"one")
@@ -416,6 +417,7 @@ def test_a_worker_with_an_empty_folder_finishes_a_job_another_worker_started(api
     assert not [k for k in _bucket_keys(s3_endpoint, bucket) if "/resume." in k]
 
 
+@pytest.mark.slow
 def test_an_unreachable_bucket_refuses_an_upload_with_503_and_keeps_no_record(tmp_path, s3_endpoint):
     """A bucket that can't be reached (nothing listens on its port): the upload is a 503 naming no
     server detail, its record is undone and nothing is left in the API's folder."""

@@ -81,6 +81,7 @@ def reads(store, call) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.mark.slow
 @needs_pg
 def test_an_owners_job_list_reads_one_page(store):
     read = reads(store, lambda: store.list_jobs(20, owner="rare"))

@@ -406,6 +406,7 @@ def _browser_missing() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
 def test_the_sweep_page_draws_the_frontier_as_children_finish(tmp_path):
     """A real HTTP server (uvicorn in a thread) and headless Chromium: the page polls and the frontier appears."""

@@ -116,6 +116,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_library_path_works_with_only_the_core_dependencies(tmp_path):
     """Hides the extras' packages as if not installed: import, training and the hints still work."""
     script = f"BLOCKED = {BLOCKED!r}\n" + CORE_ONLY

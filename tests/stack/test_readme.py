@@ -74,6 +74,7 @@ def run_shell(script: str, port: int, env: dict, cwd: Path, timeout: int = 300) 
     return result
 
 
+@pytest.mark.slow
 def test_quick_start_curl_submits(served, tmp_path):
     port, env, _ = served
     job = json.loads(run_shell(CURL, port, env, tmp_path).stdout)
@@ -95,6 +96,7 @@ def test_quick_start_job_reaches_93_percent_with_several_mask_updates(tmp_path):
     assert report["train_seconds"] < 30
 
 
+@pytest.mark.slow
 def test_tutorial_end_to_end(served, tmp_path):
     """plan → submit → watch → report → download in bash, then the plain-PyTorch loader and the client."""
     port, env, _ = served
@@ -112,6 +114,7 @@ def test_tutorial_end_to_end(served, tmp_path):
     assert (tmp_path / "model.packed.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_local_train_plan_and_lenet_commands(tmp_path):
     for block in (LOCAL_TRAIN, TRAIN_LENET):
         script = block.replace("--epochs 20", "--epochs 2").replace("--epochs 10", "--epochs 2")
@@ -124,6 +127,7 @@ def test_local_train_plan_and_lenet_commands(tmp_path):
     assert abs(json.loads(plan.stdout)["totals"]["inference_flops_ratio"] - 0.242) < 0.01
 
 
+@pytest.mark.slow
 def test_report_command_draws_the_png(tmp_path):
     script = REPORT.replace("--epochs 10", "--epochs 2").replace("runs/", f"{tmp_path}/")
     assert "rigl report" in script
