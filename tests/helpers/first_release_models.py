@@ -1,5 +1,5 @@
 """The first release's models (store/db.py at commit 74f9590, verbatim below this docstring): what
-create_all made then. tests/test_migrations.py and bench/db_upgrade.py build "a database of the first
+create_all made then. tests/service/test_migrations.py and bench/db_upgrade.py build "a database of the first
 release" with them, and check that migration 0001 makes exactly this schema."""
 
 from __future__ import annotations
