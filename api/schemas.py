@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from rigl_core.sparse.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
-from rigl_core.spec import JobSpec
+from rigl_core.sparse.schedules import update_schedule
+from rigl_core.spec import JobSpec, SparsitySpec
 from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
 
 
@@ -73,12 +73,9 @@ def job_warnings(job: Job) -> list[str]:
     if total < 1 or "delta_t" not in schedule:
         return []
     try:
-        t_end = resolve_t_end(total, schedule.get("t_end", 0.75), schedule.get("t_end_steps"))
-    except ValueError:
+        return update_schedule(SparsitySpec.model_validate(sparsity), total)[1]
+    except ValueError:  # T_end after the end of training: the job fails with that error, not a warning
         return []
-    delta_t = resolve_delta_t(schedule["delta_t"], t_end)
-    warning = few_updates_warning(sparsity.get("method", "rigl"), delta_t, t_end, total)
-    return [warning] if warning else []
 
 
 def job_json(job: Job, admin: bool = False) -> dict:

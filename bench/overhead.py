@@ -21,7 +21,7 @@ getrusage() maximum is used instead). Also reported: the peak above the RSS righ
 torch/torchvision/rigl_core, which is what training itself adds.
 
 Where the time goes: one more instrumented run per sparse method times Sparsifier.mask_gradients,
-optimizer.step and the mask updates (RigL's update_masks, with drop_and_grow inside it).
+optimizer.step and the mask updates (update_masks, with drop_and_grow inside it).
 
     python bench/overhead.py                  # full: 5 repeats, both configs (~10 minutes on 2 cores)
     python bench/overhead.py --quick          # smoke test (~1 minute)
@@ -208,7 +208,8 @@ def instrumented(config: str, method: str, quick: bool) -> dict:
 
     Per-call times are kept so that medians, which a burst of contention barely moves, can be
     reported next to the totals."""
-    import rigl_core.sparse.sparsifier as sp
+    import rigl_core.sparse.drop_grow as sp
+    from rigl_core.sparse.mask_state import MaskState
     from rigl_core.spec import JobSpec
     from rigl_core.training.trainer import Trainer
 
@@ -225,9 +226,9 @@ def instrumented(config: str, method: str, quick: bool) -> dict:
         return wrapper
 
     saved = {
-        (sp.Sparsifier, "mask_gradients"): sp.Sparsifier.mask_gradients,
-        (sp.Sparsifier, "apply_masks"): sp.Sparsifier.apply_masks,
-        (sp.RigLSparsifier, "update_masks"): sp.RigLSparsifier.update_masks,
+        (MaskState, "mask_gradients"): MaskState.mask_gradients,
+        (MaskState, "apply_masks"): MaskState.apply_masks,
+        (sp.DropGrowUpdate, "update_masks"): sp.DropGrowUpdate.update_masks,
         (sp, "drop_and_grow"): sp.drop_and_grow,
     }
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu.py on the device machine (see ../shared/docs/gpu.md): its Python 3.12 has torch and
+# bench/gpu.py on a lent GPU machine (no network there): its Python 3.12 has torch and
 # torchvision but not pydantic, pydantic-settings or SQLAlchemy, and nothing can be downloaded there.
 #
 #   1. here, before each device run (network; records the commit):

@@ -21,7 +21,7 @@ S ∈ {0.9, 0.95}, ERK, each with the same seed:
   (d) rigl scratch, long — no weights, the dense run's + the fine-tune's steps (80 epochs): the same
                      total training compute as dense-then-fine-tune, ignoring that sparse steps are cheaper.
 
-Fine-tunes (a, b, b'): 20 epochs (800 steps), lr 0.01 (README: smaller than from scratch, the weights
+Fine-tunes (a, b, b'): 20 epochs (800 steps), lr 0.01 (docs/guide/warm-start.md: smaller than from scratch, the weights
 are trained), cosine, ΔT = 25, α = 0.3, T_end = 0.75. From scratch (c, d): the dense recipe's lr 0.05,
 ΔT = 50 (as methods.py). Reported: final val accuracy (1,000 test sequences) mean ± sd over seeds.
 

@@ -531,20 +531,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_model(model, input_shape, num_classes, task)
     schedule_warnings = []
     if args.total_steps is not None:  # the run's length fixes T_end, ΔT "auto" and the update count
-        from rigl_core.sparse.schedules import few_updates_warning, resolve_delta_t, resolve_t_end
+        from rigl_core.sparse.schedules import update_schedule, with_delta_t
 
         if args.total_steps < 1:
             raise UsageError("--total-steps: at least 1")
-        t_end = resolve_t_end(args.total_steps, sparsity.schedule.t_end, sparsity.schedule.t_end_steps)
-        delta_t = resolve_delta_t(sparsity.schedule.delta_t, t_end)
-        sparsity = sparsity.model_copy(update={"schedule": sparsity.schedule.model_copy(update={"delta_t": delta_t})})
-        warning = few_updates_warning(sparsity.method, delta_t, t_end, args.total_steps)
-        schedule_warnings = [warning] if warning else []
+        schedule, schedule_warnings = update_schedule(sparsity, args.total_steps)
+        sparsity = with_delta_t(sparsity, schedule.delta_t)
     plan = make_plan(model, input_shape, sparsity)
     result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
     if args.total_steps is not None:
-        result["schedule"] = {"total_steps": args.total_steps, "t_end": t_end, "delta_t": delta_t,
-                              "mask_updates": len(range(0, t_end, delta_t)), "warnings": schedule_warnings}
+        result["schedule"] = {"total_steps": args.total_steps, "t_end": schedule.t_end, "delta_t": schedule.delta_t,
+                              "mask_updates": len(schedule.update_steps()), "warnings": schedule_warnings}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

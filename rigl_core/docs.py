@@ -1,6 +1,9 @@
-"""Generate README's JobSpec reference from the pydantic models, so the docs cannot drift.
+"""Generate the JobSpec field reference (docs/reference/jobspec.md) from the pydantic models, so the
+docs cannot drift.
 
-    python -m rigl_core.docs          # rewrite the section between the markers in README.md
+    python -m rigl_core.docs          # rewrite docs/reference/jobspec.md (run from the repository root)
+
+tests/test_readme.py checks the committed page equals `page()`.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _default(field) -> str:
 
 
 def fields() -> list[tuple[str, str, str, str]]:
-    """(dotted name, type, default, meaning) of every JobSpec field: the README reference and `rigl fields`."""
+    """(dotted name, type, default, meaning) of every JobSpec field: the docs reference and `rigl fields`."""
     rows = []
     for name, field in JobSpec.model_fields.items():  # top-level fields that are not sections (`recipe`)
         if name not in {prefix.split(".")[0] for prefix, _ in SECTIONS}:
@@ -65,21 +68,39 @@ def reference() -> str:
     for name, type_name, default, description in fields():
         description = description.replace("|", "\\|")
         lines.append(f"| `{name}` | {type_name} | {default} | {description} |")
-    lines += ["", "`model.architecture` takes a declarative architecture (see Models). Unknown fields are rejected.",
-              "", END]
+    lines += ["", "`model.architecture` takes a declarative architecture ([Models](../guide/models.md)). Unknown "
+              "fields are rejected.", "", END]
     return "\n".join(lines)
 
 
-def update_readme(path: Path) -> bool:
-    text = path.read_text()
-    start, end = text.index(START), text.index(END) + len(END)
-    new = text[:start] + reference() + text[end:]
-    path.write_text(new)
-    return new != text
+PAGE = Path("docs") / "reference" / "jobspec.md"
+INTRO = """# JobSpec fields
+
+One pydantic model (`rigl_core.spec.JobSpec`) describes a job everywhere: `rigl train --config`,
+`rigl submit`, `POST /v1/jobs` and the worker. This page is generated from that model by
+`python -m rigl_core.docs`; `rigl fields [PREFIX]` prints the same rows in a terminal, and every field
+is reachable on the command line with `--set FIELD=VALUE`.
+"""
+
+
+def page() -> str:
+    """The whole of docs/reference/jobspec.md."""
+    return INTRO + "\n" + reference() + "\n"
+
+
+def update_page(path: Path = PAGE) -> bool:
+    """Write the page; True when it changed."""
+    old = path.read_text() if path.exists() else None
+    new = page()
+    if new != old:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(new)
+    return new != old
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("-"):
-        sys.exit("usage: python -m rigl_core.docs [README.md]  (rewrites the JobSpec reference between its markers)")
-    changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
-    print("README.md updated" if changed else "README.md already current")
+        sys.exit("usage: python -m rigl_core.docs [PAGE]  (writes the JobSpec reference, default "
+                 "docs/reference/jobspec.md)")
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else PAGE
+    print(f"{target} updated" if update_page(target) else f"{target} already current")

@@ -19,7 +19,7 @@ class Micro:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchOrder:
     """Which samples each rank and micro-batch trains on at each step of an epoch."""
 
     num_samples: int

@@ -1,4 +1,4 @@
-"""How samples reach the model: the batch plan every loader shares, and the in-memory feed.
+"""How samples reach the model: the batch order every loader shares, and the in-memory feed.
 
 A step trains on one *global* batch of `batch_size` samples, drawn in the order `epoch_order(seed,
 epoch)` gives. With `world_size` devices and `accumulate_steps` micro-batches, each rank takes its
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rigl_core.data.batches import BatchPlan, _share
+from rigl_core.data.batches import BatchOrder, _share
 from rigl_core.data.dataset import Dataset, DatasetError
 
 PRENORMALIZE_MAX_BYTES = 2 * 1024**3  # keep normalised float copies of in-memory data up to this size
@@ -60,24 +60,25 @@ class MemoryFeed:
     def max_token(self) -> int:
         return int(max(self.data.x_train.max(), self.data.x_val.max()))
 
-    def train_steps(self, plan: BatchPlan, epoch: int, start_batch: int, first_step: int
+    def train_steps(self, batch_order: BatchOrder, epoch: int, start_batch: int, first_step: int
                     ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, float]]]:
         """Per step from `start_batch` to the end of the epoch: this rank's micro-batches as
         (input, labels, weight)."""
-        order = plan.order(epoch, self.home)
+        order = batch_order.order(epoch, self.home)
         data, device, moved = self.data, self.device, self.home != self.device
         augment = data.augment and data.x_train.dim() == 4
-        for batch in range(start_batch, plan.steps_per_epoch):
+        for batch in range(start_batch, batch_order.steps_per_epoch):
             step = first_step + batch - start_batch
             micros = []
-            for number, micro in enumerate(plan.step(order, batch)):
-                key = step if plan.pieces == 1 else (step * plan.world_size + plan.rank) * 4096 + number
+            for number, micro in enumerate(batch_order.step(order, batch)):
+                key = (step if batch_order.pieces == 1
+                       else (step * batch_order.world_size + batch_order.rank) * 4096 + number)
                 if self._train is not None:
                     x = self._train[micro.index]
                     if augment:
-                        x = data.augment_batch(x, seed=plan.seed, step=key)
+                        x = data.augment_batch(x, seed=batch_order.seed, step=key)
                 else:
-                    x = data.prepare(data.x_train[micro.index], train=True, seed=plan.seed, step=key)
+                    x = data.prepare(data.x_train[micro.index], train=True, seed=batch_order.seed, step=key)
                 y = data.y_train[micro.index]
                 if moved:
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -6,7 +6,7 @@ resize to size·8/7 then center crop. They ship uint8 tensors (a quarter of floa
 CUDA; the copy to the device is asynchronous and normalisation (ImageNet mean/std) runs on the device.
 Batches come out N × 3 × H × W, channels_last in memory (PIL's layout, what conv nets on GPUs use).
 
-Determinism: the sample order and the devices/accumulation split come from `BatchPlan`, exactly as for
+Determinism: the sample order and the devices/accumulation split come from `BatchOrder`, exactly as for
 `MemoryFeed`; each sample's augmentation is seeded from (seed, epoch, sample index) inside whichever
 process decodes it. A run resumed mid-epoch therefore sees the batches an uninterrupted one would, and
 the number of workers changes nothing.
@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rigl_core.data.dataset import DatasetError, split
-from rigl_core.data.batches import BatchPlan, _share
+from rigl_core.data.batches import BatchOrder, _share
 from rigl_core.data.files import NO_IMAGE_LIMIT, imagefolder_base, imagefolder_layout, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,25 +126,25 @@ class _TrainBatches:
     before each pass, so persistent workers serve every epoch."""
 
     def __init__(self) -> None:
-        self.plan: BatchPlan | None = None
+        self.batch_order: BatchOrder | None = None
         self.order = torch.empty(0, dtype=torch.int64)
         self.epoch = self.start = 0
 
-    def aim(self, plan: BatchPlan, order: torch.Tensor, epoch: int, start: int) -> None:
-        self.plan, self.order, self.epoch, self.start = plan, order, epoch, start
+    def aim(self, batch_order: BatchOrder, order: torch.Tensor, epoch: int, start: int) -> None:
+        self.batch_order, self.order, self.epoch, self.start = batch_order, order, epoch, start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        plan = self.plan
-        if plan is None:
+        batch_order = self.batch_order
+        if batch_order is None:
             return
-        for batch in range(self.start, plan.steps_per_epoch):
-            for micro in plan.step(self.order, batch):
-                yield [(index, sample_seed(plan.seed, self.epoch, index)) for index in micro.index.tolist()]
+        for batch in range(self.start, batch_order.steps_per_epoch):
+            for micro in batch_order.step(self.order, batch):
+                yield [(index, sample_seed(batch_order.seed, self.epoch, index)) for index in micro.index.tolist()]
 
     def __len__(self) -> int:
-        if self.plan is None:
+        if self.batch_order is None:
             return 0
-        return max(0, self.plan.steps_per_epoch - self.start) * self.plan.accumulate_steps
+        return max(0, self.batch_order.steps_per_epoch - self.start) * self.batch_order.accumulate_steps
 
 
 class StreamFeed:
@@ -200,18 +200,18 @@ class StreamFeed:
         x = x.float().mul_(self._scale).sub_(self._shift)
         return x, y.to(self.device, non_blocking=True)
 
-    def train_steps(self, plan: BatchPlan, epoch: int, start_batch: int, first_step: int
+    def train_steps(self, batch_order: BatchOrder, epoch: int, start_batch: int, first_step: int
                     ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, float]]]:
         """Per step from `start_batch` to the end of the epoch: this rank's micro-batches as
         (input, labels, weight). Augmentation depends on (seed, epoch, sample), not on `first_step`."""
         self._generation += 1
         generation = self._generation
-        order = plan.order(epoch)
-        self._sampler.aim(plan, order, epoch, start_batch)
+        order = batch_order.order(epoch)
+        self._sampler.aim(batch_order, order, epoch, start_batch)
         batches = iter(self._train_loader)  # persistent workers: the same processes, a fresh pass
-        for batch in range(start_batch, plan.steps_per_epoch):
+        for batch in range(start_batch, batch_order.steps_per_epoch):
             micros = []
-            for micro in plan.step(order, batch):
+            for micro in batch_order.step(order, batch):
                 if generation != self._generation:
                     raise RuntimeError("StreamFeed.train_steps: a later call took over the loader")
                 started = time.perf_counter()

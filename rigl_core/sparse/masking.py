@@ -85,18 +85,20 @@ class DropGrow:
     n_drop: int
 
 
-def kept_after_drop(flat_mask: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
-    """The active positions left once the k active weights of smallest |w| are dropped: the k largest
-    of -|w| among active, in fp32; inactive entries can never be dropped (or kept)."""
-    drop_scores = weight.detach().reshape(-1).abs().float().neg_().masked_fill_(~flat_mask, -float("inf"))
+def kept_after_drop(flat_mask: torch.Tensor, drop_score: torch.Tensor, k: int) -> torch.Tensor:
+    """The active positions left once the k active ones of smallest |drop score| (|w| for magnitude
+    pruning) are dropped: the k largest of -|score| among active, in fp32; inactive entries can never be
+    dropped (or kept)."""
+    drop_scores = drop_score.detach().reshape(-1).abs().float().neg_().masked_fill_(~flat_mask, -float("inf"))
     kept = flat_mask.clone()
     kept[topk_indices(drop_scores, k)] = False
     return kept
 
 
-def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int,
+def drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor | None, k: int,
                   n_active: int | None = None) -> DropGrow:
-    """Drop the k active weights of smallest |w|; grow the k non-kept positions of largest grow score.
+    """Drop the k active positions of smallest |drop score| (the weight, for RigL); grow the k non-kept
+    positions of largest grow score, or none when `grow_score` is None (pruning: GMP, SNIP).
 
     Positions dropped in this update may be regrown (they are not in the kept set), as in the paper.
     Scores are compared in fp32 to avoid bf16 ties. `n_active` (the mask's count, if the caller knows
@@ -108,10 +110,11 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Te
     k = min(k, n_active)
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
-    kept = kept_after_drop(flat_mask, weight, k)
-    grow = grow_score.detach().reshape(-1).float()
-    grow = torch.where(kept, -float("inf"), grow)  # a new tensor: the gradient itself is untouched
+    kept = kept_after_drop(flat_mask, drop_score, k)
     grown = torch.zeros_like(flat_mask)
-    grown[topk_indices(grow, k)] = True
+    if grow_score is not None:
+        grow = grow_score.detach().reshape(-1).float()
+        grow = torch.where(kept, -float("inf"), grow)  # a new tensor: the gradient itself is untouched
+        grown[topk_indices(grow, k)] = True
     new_mask = (kept | grown).view(mask.shape)
     return DropGrow(new_mask, kept, grown, k)

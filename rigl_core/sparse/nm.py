@@ -65,17 +65,17 @@ def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     return mask.reshape(-1, m).sum(dim=1)
 
 
-def nm_drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Tensor, k: int, m: int,
+def nm_drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, k: int, m: int,
                      n_active: int | None = None) -> DropGrow:
-    """Drop the k active weights of smallest |w| (over the layer); in each group grow as many as it lost,
-    the group's non-kept positions of largest grow score (a just-dropped one may come back, as in RigL)."""
+    """Drop the k active weights of smallest |drop score| (|w|, over the layer); in each group grow as many as
+    it lost, the group's non-kept positions of largest grow score (a just-dropped one may come back, as in RigL)."""
     flat_mask = mask.reshape(-1)
     if n_active is None:
         n_active = int(flat_mask.sum())
     k = min(k, n_active)
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
-    kept = kept_after_drop(flat_mask, weight, k)
+    kept = kept_after_drop(flat_mask, drop_score, k)
     dropped_per_group = (flat_mask & ~kept).view(-1, m).sum(dim=1, keepdim=True)
     grow = torch.where(kept, -float("inf"), grow_score.detach().reshape(-1).float()).view(-1, m)
     order = grow.argsort(dim=1, descending=True, stable=True)

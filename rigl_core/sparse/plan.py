@@ -12,7 +12,7 @@ from torch import nn
 from rigl_core.sparse.distributions import active_count, layer_sparsities
 from rigl_core.sparse.flops import Positions, count_positions, training_flops_ratio
 from rigl_core.sparse.layers import Layer, select_layers
-from rigl_core.sparse.schedules import PAPER_DELTA_T, gmp_sparsity, resolve_delta_t, resolve_t_end
+from rigl_core.sparse.schedules import PAPER_DELTA_T, gmp_sparsity, update_schedule
 from rigl_core.spec import SparsitySpec
 
 
@@ -72,13 +72,9 @@ class Plan:
     def t_end_fraction(self) -> float:
         """T_end as a share of training: from the resolved T_end in steps when the run length is known
         (so `t_end_steps` counts, and GMP's T_end ≤ total − 1 as the Trainer clamps it), else `t_end`."""
-        schedule = self.spec.schedule
         if not self.total_steps:
-            return schedule.t_end
-        t_end = resolve_t_end(self.total_steps, schedule.t_end, schedule.t_end_steps)
-        if self.method == "gmp" and self.total_steps > 1:
-            t_end = min(t_end, self.total_steps - 1)
-        return t_end / self.total_steps
+            return self.spec.schedule.t_end
+        return update_schedule(self.spec, self.total_steps)[0].t_end / self.total_steps
 
     def training_flops_ratio(self, nnz: dict[str, int] | None = None) -> float:
         dense = sum(lp.flops_dense for lp in self.layers)
@@ -99,7 +95,7 @@ class Plan:
                 curve.append(total)
         delta_t = schedule.delta_t
         if delta_t == "auto":  # from T_end in steps when the run's length is known, else the paper's ΔT
-            delta_t = resolve_delta_t("auto", round(t_end * self.total_steps)) if self.total_steps else PAPER_DELTA_T
+            delta_t = update_schedule(self.spec, self.total_steps)[0].delta_t if self.total_steps else PAPER_DELTA_T
         return training_flops_ratio(self.method, dense, sparse, delta_t, t_end, curve)
 
     def inference_flops(self, nnz: dict[str, int] | None = None) -> int:

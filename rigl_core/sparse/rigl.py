@@ -32,9 +32,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rigl_core.sparse.plan import Plan, make_plan
-from rigl_core.sparse.schedules import UpdateSchedule, resolve_delta_t, resolve_t_end
-from rigl_core.sparse.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
+from rigl_core.sparse.build import build_sparsifier
+from rigl_core.sparse.plan import Plan
+from rigl_core.sparse.updater import Sparsifier
+from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import ScheduleSpec, SparsitySpec
 
 STATE_VERSION = 1
@@ -72,23 +73,10 @@ class RigL:
             input_shape = list(input_shape)
         optimizer = unwrap_optimizer(optimizer)
         spec = sparsity_spec(sparsity, options)
-        t_end = _library_error(lambda: resolve_t_end(total_steps, spec.schedule.t_end, spec.schedule.t_end_steps))
-        if spec.method == "gmp":
-            t_end = min(t_end, total_steps - 1)  # the last pruning step must happen
-            if t_end < 1:
-                raise ValueError("total_steps: GMP needs at least 2 steps")
-        gmp_begin = int(spec.schedule.gmp_begin * total_steps)
-        if spec.method == "gmp" and gmp_begin >= t_end:
-            raise ValueError("gmp_begin: pruning must begin before T_end")
-        delta_t = resolve_delta_t(spec.schedule.delta_t, t_end)
-        spec = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"delta_t": delta_t})})
-        schedule = UpdateSchedule(delta_t, t_end, spec.schedule.alpha, spec.schedule.decay)
-        plan = _library_error(lambda: make_plan(model, input_shape, spec))
-        sparsifier = SPARSIFIERS[spec.method](
-            [lp.layer for lp in plan.masked], [lp.target_sparsity for lp in plan.masked], optimizer, schedule,
-            seed=seed, grad_accumulation_n=spec.schedule.grad_accumulation_n,
-            snfs_momentum=spec.schedule.snfs_momentum, gmp_begin=gmp_begin, pattern=spec.nm,
-        )
+        if spec.method == "gmp" and total_steps < 2:
+            raise ValueError("total_steps: GMP needs at least 2 steps")  # its last pruning step is before the end
+        sparsifier, plan, _ = _library_error(lambda: build_sparsifier(model, optimizer, spec, total_steps,
+                                                                      input_shape=input_shape, seed=seed))
         sparsifier.init_masks()
         self._attach(sparsifier, plan, total_steps, counts_flops=input_shape is not None)
 
@@ -134,12 +122,12 @@ class RigL:
         if step is None:
             step = self.step_count
         self._flush_after_step()
-        plan = self.sparsifier.prepare_step(step, scaler)
+        decision = self.sparsifier.prepare_step(step, scaler)
         self.step_count = step + 1
-        self.last_update = plan.update
-        self._prepared = plan.take_step
-        self._after_step = step if plan.update_after_step else None
-        return plan.take_step
+        self.last_update = decision.update
+        self._prepared = decision.take_step
+        self._after_step = step if decision.update_after_step else None
+        return decision.take_step
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Optimizer step post-hook: SET/SNFS/GMP's update after the step; repairs an unprepared step."""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rigl_core.spec import SparsitySpec
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,25 @@ def few_updates_warning(method: str, delta_t: int, t_end: int, total_steps: int)
     return (f"sparsity.schedule.delta_t: {updates} mask update(s) before T_end (step {t_end} of {total_steps}) "
             f"with delta_t {delta_t}; set delta_t to {suggested} or \"auto\", or train for more steps, "
             f"so {method} can move its masks")
+
+
+def update_schedule(sparsity: "SparsitySpec", total_steps: int) -> tuple[UpdateSchedule, list[str]]:
+    """The mask-update schedule of a run of `total_steps` steps (T_end in steps, GMP's T_end clamped so its
+    last pruning step happens, ΔT with "auto" resolved) and the warnings it earns. The one place this is
+    worked out: training (`build_sparsifier`), the plan's FLOPs, `rigl plan` and the API's job warnings all
+    call it; torch-free, so the API and the client CLI can. ValueError names the field at fault."""
+    schedule = sparsity.schedule
+    t_end = resolve_t_end(total_steps, schedule.t_end, schedule.t_end_steps)
+    if sparsity.method == "gmp":
+        t_end = min(t_end, total_steps - 1)  # the last pruning step must happen
+    delta_t = resolve_delta_t(schedule.delta_t, t_end)  # "auto" scales ΔT to the run's length
+    warning = few_updates_warning(sparsity.method, delta_t, t_end, total_steps)
+    return UpdateSchedule(delta_t, t_end, schedule.alpha, schedule.decay), [warning] if warning else []
+
+
+def with_delta_t(sparsity: "SparsitySpec", delta_t: int) -> "SparsitySpec":
+    """`sparsity` with ΔT in steps (its "auto" resolved by `update_schedule`), as the plan counts FLOPs."""
+    return sparsity.model_copy(update={"schedule": sparsity.schedule.model_copy(update={"delta_t": delta_t})})
 
 
 def gmp_sparsity(step: int, final_sparsity: float, begin: int, end: int) -> float:

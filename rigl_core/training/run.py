@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rigl_core.export.packed import extra_exports, save_dense, save_packed
-from rigl_core.sparse.sparsifier import MaskUpdate
+from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, Trainer
 

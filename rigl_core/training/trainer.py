@@ -22,17 +22,18 @@ import torch
 from torch import nn
 
 from rigl_core.training import distributed
-from rigl_core.data.batches import BatchPlan
+from rigl_core.data.batches import BatchOrder
 from rigl_core.data.feed import open_feed
 from rigl_core.training.distributed import Group, rank_device, resolve_devices
 from rigl_core.export.packed import stored_values
 from rigl_core.training.kernels import configure_kernels, contiguous_state, resolve_channels_last, to_channels_last
 from rigl_core.models.registry import build_model, check_model, resolve_task
 from rigl_core.training.optim import build_optimizer, lr_at
-from rigl_core.sparse.plan import Plan, make_plan
+from rigl_core.sparse.build import build_sparsifier
+from rigl_core.sparse.plan import Plan
 from rigl_core.sparse.rigl import RigL
-from rigl_core.sparse.schedules import UpdateSchedule, few_updates_warning, resolve_delta_t, resolve_t_end
-from rigl_core.sparse.sparsifier import SPARSIFIERS, MaskUpdate, Sparsifier
+from rigl_core.sparse.updater import Sparsifier
+from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import JobSpec, TrainingSpec
 from rigl_core.training.tasks import Task
 from rigl_core.training.warm_start import warm_start
@@ -140,35 +141,17 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         check_model(self.model, self.input_shape, self.num_classes, self.task.name)
         self.accumulate_steps = resolve_accumulation(t, self.world_size)
-        self.batch_plan = BatchPlan(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
+        self.batch_order = BatchOrder(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
                                     self.accumulate_steps)
-        self.steps_per_epoch = self.batch_plan.steps_per_epoch
+        self.steps_per_epoch = self.batch_order.steps_per_epoch
         self.total_steps = min(t.max_steps or 2**62, t.epochs * self.steps_per_epoch)
-        sched = spec.sparsity.schedule
-        t_end = resolve_t_end(self.total_steps, sched.t_end, sched.t_end_steps)
-        if spec.sparsity.method == "gmp":
-            t_end = min(t_end, self.total_steps - 1)  # the last pruning step must happen
-        delta_t = resolve_delta_t(sched.delta_t, t_end)  # "auto" scales ΔT to the run's length
-        self.schedule = UpdateSchedule(delta_t, t_end, sched.alpha, sched.decay)
-        warning = few_updates_warning(spec.sparsity.method, delta_t, t_end, self.total_steps)
-        self.schedule_warnings: list[str] = [warning] if warning else []
-        sparsity = spec.sparsity.model_copy(update={"schedule": sched.model_copy(update={"delta_t": delta_t})})
-        self.plan: Plan = make_plan(self.model, self.input_shape, sparsity)
         self.optimizer = build_optimizer(self.model, t)
-        gmp_begin = int(sched.gmp_begin * self.total_steps)
-        if spec.sparsity.method == "gmp" and gmp_begin >= t_end:
-            raise ValueError("sparsity.schedule.gmp_begin: pruning must begin before T_end")
-        self.sparsifier: Sparsifier = SPARSIFIERS[spec.sparsity.method](
-            [lp.layer for lp in self.plan.masked],
-            [lp.target_sparsity for lp in self.plan.masked],
-            self.optimizer,
-            self.schedule,
-            seed=t.seed,
-            grad_accumulation_n=sched.grad_accumulation_n,
-            snfs_momentum=sched.snfs_momentum,
-            gmp_begin=gmp_begin,
-            pattern=spec.sparsity.nm,
-        )
+        built = build_sparsifier(self.model, self.optimizer, spec.sparsity, self.total_steps,
+                                 input_shape=self.input_shape, seed=t.seed)
+        self.sparsifier: Sparsifier = built.sparsifier
+        self.plan: Plan = built.plan
+        self.schedule_warnings: list[str] = built.warnings  # too few mask updates for the method to work
+        self.schedule = self.sparsifier.schedule
         self.sparsifier.clip_grad_norm = t.clip_grad_norm
         warm_start(spec, self.model, self.sparsifier)  # model.weights loaded; sparsity.init magnitude's masks
         self.sparsifier.init_masks()  # seeded: the same masks on every rank
@@ -277,7 +260,7 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.total_steps:
-                steps = feed.train_steps(self.batch_plan, self.epoch, self.batch_in_epoch, self.step)
+                steps = feed.train_steps(self.batch_order, self.epoch, self.batch_in_epoch, self.step)
                 stop = False
                 while self.step < self.total_steps:
                     tick = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from helpers.specs import small_spec
 from pydantic import ValidationError
 
-from rigl_core.data.batches import BatchPlan
+from rigl_core.data.batches import BatchOrder
 from rigl_core.spec import JobSpec, TrainingSpec, format_validation_error
 from rigl_core.training.trainer import Callback, Trainer, resolve_accumulation
 
@@ -78,18 +78,18 @@ def test_auto_accumulation(batch, world, most, expected):
     assert batch % (world * steps) == 0 and batch // (world * steps) <= most
 
 
-def test_batch_plan_splits_the_global_batch_exactly():
+def test_batch_order_splits_the_global_batch_exactly():
     order = torch.randperm(102, generator=torch.Generator().manual_seed(0))
-    plans = [BatchPlan(102, 32, seed=0, world_size=2, rank=r, accumulate_steps=3) for r in (0, 1)]
-    assert plans[0].steps_per_epoch == 4  # 3 full batches; the last 6 samples still feed all 6 micro-batches
-    for batch in range(plans[0].steps_per_epoch):
-        micros = [m for plan in plans for m in plan.step(order, batch)]
+    ranks = [BatchOrder(102, 32, seed=0, world_size=2, rank=r, accumulate_steps=3) for r in (0, 1)]
+    assert ranks[0].steps_per_epoch == 4  # 3 full batches; the last 6 samples still feed all 6 micro-batches
+    for batch in range(ranks[0].steps_per_epoch):
+        micros = [m for batch_order in ranks for m in batch_order.step(order, batch)]
         together = torch.cat([m.index for m in micros])
         assert torch.equal(together, order[batch * 32 : (batch + 1) * 32])
         assert sum(m.weight for m in micros) == pytest.approx(1.0)
         assert all(len(m.index) > 0 for m in micros)
     # too few samples left over for every micro-batch: that partial batch is dropped
-    assert BatchPlan(101, 32, seed=0, world_size=2, accumulate_steps=4).steps_per_epoch == 3
+    assert BatchOrder(101, 32, seed=0, world_size=2, accumulate_steps=4).steps_per_epoch == 3
 
 
 @pytest.mark.parametrize(("training", "field"), [

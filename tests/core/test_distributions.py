@@ -1,4 +1,4 @@
-"""Per-layer sparsity distributions against the paper's ResNet-50 numbers (rigl_spec.md §1)."""
+"""Per-layer sparsity distributions against the paper's ResNet-50 numbers (docs/algorithm.md, "Sparsity distributions" and "FLOPs")."""
 
 from __future__ import annotations
 

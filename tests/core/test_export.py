@@ -52,7 +52,7 @@ def test_packed_roundtrip_is_identical(trained):
 
 
 def read_packed_with_numpy(path):
-    """The README's reader, verbatim: safetensors header + numpy, no torch, no safetensors package."""
+    """docs/guide/exports.md's reader, verbatim: safetensors header + numpy, no torch, no safetensors package."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))

@@ -170,7 +170,7 @@ def test_onnx_matches_pytorch(tmp_path, name, shape):
 
 
 def test_onnx_of_a_declarative_architecture(tmp_path):
-    """The README's residual example, sparsified."""
+    """docs/guide/models.md's residual architecture example, sparsified."""
     pytest.importorskip("onnxruntime")
     from rigl_core.models.architecture import Architecture
     from rigl_core.export.onnx import check_onnx, export_onnx

@@ -210,20 +210,18 @@ def test_hf_trainer_checkpoint_resume_gives_the_same_masks(tmp_path):
     _check_exact(resumed.rigl, trainer.optimizer)
 
 
-# ------------------------------------------------------------------------------------- README
+# ----------------------------------------------------------------- docs/guide/integrations.md
 def _readme_block(marker: str) -> str:
-    from pathlib import Path
-    import re
+    from doc_pages import block
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    return next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if marker in b)
+    return block("python", "guide/integrations.md", marker)
 
 
 @pytest.mark.parametrize("marker", ["rigl_core.integrations.lightning", "rigl_core.integrations.huggingface"])
 def test_readme_callback_snippets_run(marker, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "readme"}
-    exec(compile(_readme_block(marker), f"README {marker}", "exec"), namespace)
+    exec(compile(_readme_block(marker), f"docs/guide/integrations.md {marker}", "exec"), namespace)
     callback = namespace["callback"]
     assert callback.update_steps and callback.rigl.leak_check()["ok"]
     assert abs(callback.rigl.report()["totals"]["sparsity"] - 0.9) < 0.01

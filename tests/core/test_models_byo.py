@@ -91,7 +91,7 @@ def test_gpt2_causal_lm_trains_reports_perplexity(tmp_path):
 
 def test_token_ids_reach_the_model_unchanged(tmp_path):
     trainer = Trainer(_job(tmp_path, {"hf": GPT2}, "causal-lm"))
-    steps = trainer.feed.train_steps(trainer.batch_plan, 0, 0, 0)
+    steps = trainer.feed.train_steps(trainer.batch_order, 0, 0, 0)
     x, _y, _w = next(steps)[0]
     assert x.dtype == torch.int64
     raw = trainer.feed.data.x_train
@@ -179,14 +179,14 @@ def test_spec_import_stays_light():
 
 
 def test_readme_token_jobspecs_train(tmp_path):
-    """The README's BERT and GPT-2 JobSpecs validate and train (a few steps) on token data."""
+    """docs/guide/models.md's BERT and GPT-2 JobSpecs validate and train (a few steps) on token data."""
     import re
     from pathlib import Path
 
     import yaml
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    examples = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "hf:" in b]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "models.md").read_text()
+    examples = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S) if "hf:" in b]
     assert [e["model"]["hf"]["model_type"] for e in examples] == ["bert", "gpt2"]
     for example in examples:
         task = example["training"]["task"]

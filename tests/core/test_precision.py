@@ -9,10 +9,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import test_rigl_invariants as invariants
 import torch
 from conftest import small_spec
 from pydantic import ValidationError
+from sparse_helpers import (OPTIMIZERS, backward, batch, check_invariants_every_update, check_state_zero,
+                            setup_sparsifier)
 from torch import nn
 
 from rigl_core.spec import JobSpec, format_validation_error
@@ -78,30 +79,29 @@ def test_bf16_autocast_trains_and_masks_stay_exact():
 
 
 def _bf16_backward(model, opt, data, target, step):
-    x, y = invariants._batch(data, target, step)
+    x, y = batch(data, target, step)
     opt.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
 
 
-@pytest.mark.parametrize("optimizer", sorted(invariants.OPTIMIZERS))
-def test_rigl_invariants_hold_under_bf16_autocast(optimizer, monkeypatch):
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_rigl_invariants_hold_under_bf16_autocast(optimizer):
     """The full per-update invariant test (drop smallest |w|, grow largest |g|, nnz constant,
     inactive weights and optimizer state exactly 0) with the forward pass under bf16 autocast."""
-    monkeypatch.setattr(invariants, "_backward", _bf16_backward)
-    invariants.test_rigl_invariants_every_update(optimizer)
+    check_invariants_every_update(optimizer, backward=_bf16_backward)
 
 
 # ----------------------------------------------------------------------------- fp16 + GradScaler
 def _fp16_loop(method, overflow_steps, steps=12):
-    """A user loop as README shows it: fp16 autocast, GradScaler, `sparsifier.step(step, scaler=...)`.
+    """A user loop as docs/guide/library.md shows it: fp16 autocast, GradScaler, `sparsifier.step(step, scaler=...)`.
     Batches at `overflow_steps` are scaled past fp16's range, so their gradients are inf/NaN."""
-    model, opt, sp, data, target = invariants._setup(method=method, delta_t=4, t_end=40)
+    model, opt, sp, data, target = setup_sparsifier(method=method, delta_t=4, t_end=40)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     events = []
     for step in range(steps):
-        x, y = invariants._batch(data, target, step)
+        x, y = batch(data, target, step)
         if step in overflow_steps:
             x = x * 1e6  # > 65504: inf in fp16
         opt.zero_grad()
@@ -115,7 +115,7 @@ def _fp16_loop(method, overflow_steps, steps=12):
                        "masks_before": masks_before, "masks_after": {k: v.clone() for k, v in sp.masks.items()},
                        "scale_before": scale_before, "scale_after": scaler.get_scale()})
         assert _all_finite(model), f"step {step}: non-finite weights"
-        invariants._check_state_zero(opt, sp)
+        check_state_zero(opt, sp)
     return model, opt, sp, events
 
 
@@ -145,9 +145,9 @@ def test_fp16_overflow_batch_is_skipped_and_the_mask_update_postponed(method):
 
 def test_fp16_grow_scores_are_unscaled_gradients():
     """RigL grows by the true |gradient|: the scaled one divided by the scale (scaler.unscale_)."""
-    model, _, sp, data, target = invariants._setup(method="rigl", delta_t=4, t_end=40)
+    model, _, sp, data, target = setup_sparsifier(method="rigl", delta_t=4, t_end=40)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    x, y = invariants._batch(data, target, 0)
+    x, y = batch(data, target, 0)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = nn.functional.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
@@ -219,18 +219,18 @@ def test_fp16_resume_is_exact(tmp_path):
 def test_no_scaler_update_refuses_non_finite_scores():
     """Without a scaler, nothing is checked on ordinary steps, but a mask update on NaN/inf gradients
     warns and is postponed (no drop or grow on non-finite scores), then happens on the next finite step."""
-    model, opt, sp, data, target = invariants._setup(method="rigl", delta_t=4, t_end=40)
+    model, opt, sp, data, target = setup_sparsifier(method="rigl", delta_t=4, t_end=40)
     for step in range(4):
-        invariants._backward(model, opt, data, target, step)
+        backward(model, opt, data, target, step)
         sp.step(step)
-    invariants._backward(model, opt, data, target, 4)
+    backward(model, opt, data, target, 4)
     sp.layers[0].weight.grad[0, 0] = float("nan")
     before, masks = _params(model), {k: v.clone() for k, v in sp.masks.items()}
     with pytest.warns(RuntimeWarning, match="non-finite gradients"):
         assert sp.step(4) is None
     assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
     assert all(torch.equal(masks[k], sp.masks[k]) for k in masks)
-    invariants._backward(model, opt, data, target, 5)
+    backward(model, opt, data, target, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sp.step(5) is not None  # the postponed update
@@ -240,11 +240,11 @@ def test_no_scaler_update_refuses_non_finite_scores():
 
 
 def test_no_scaler_non_finite_weights_raise_at_the_update():
-    model, opt, sp, data, target = invariants._setup(method="rigl", delta_t=4, t_end=40)
-    invariants._backward(model, opt, data, target, 1)
+    model, opt, sp, data, target = setup_sparsifier(method="rigl", delta_t=4, t_end=40)
+    backward(model, opt, data, target, 1)
     sp.step(1)
     with torch.no_grad():
         sp.layers[1].weight.fill_(float("inf"))
-    invariants._backward(model, opt, data, target, 4)
+    backward(model, opt, data, target, 4)
     with pytest.raises(FloatingPointError, match="non-finite weights"):
         sp.step(4)

@@ -1,4 +1,4 @@
-"""Paper recipes fill a JobSpec with the paper's numbers (rigl_spec.md §1-§2) and the user's fields win."""
+"""Paper recipes fill a JobSpec with the paper's numbers (docs/algorithm.md, "Paper recipes") and the user's fields win."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_imagenet_recipe_has_the_papers_numbers():
     assert (d.name, d.path, d.image_size, d.loader, d.augment) == (
         "imagefolder", "/data/imagenet", 224, "stream", "random-resized-crop")
     assert (s.method, s.sparsity, s.distribution, s.erk_power_scale, s.dense_first_layer) == (
-        "rigl", 0.9, "erk", 1.0, False)  # ERK masks the first conv of ResNet-50 (README's first_layer_sparsity=-1)
+        "rigl", 0.9, "erk", 1.0, False)  # ERK masks the first conv of ResNet-50 (google-research/rigl README's first_layer_sparsity=-1)
     assert (s.schedule.delta_t, s.schedule.alpha, s.schedule.decay) == (100, 0.3, "cosine")
     assert s.schedule.t_end == pytest.approx(25_000 / 32_000) and s.schedule.t_end_steps is None
     assert (t.optimizer, t.momentum, t.batch_size, t.accumulate_steps, t.max_device_batch) == (
@@ -132,7 +132,7 @@ def test_imagenet_recipe_plan_matches_the_papers_erk_flops():
     plan = make_plan(model, [3, 224, 224], spec.sparsity).to_dict()
     assert plan["layers"][0]["name"] == "conv1" and plan["layers"][0]["masked"]
     assert plan["totals"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    assert plan["totals"]["inference_flops_ratio"] == pytest.approx(0.242, abs=0.01)  # rigl_spec.md §1: 0.24×
+    assert plan["totals"]["inference_flops_ratio"] == pytest.approx(0.242, abs=0.01)  # docs/algorithm.md "FLOPs": the paper's 0.24×
 
 
 def test_rigl_recipes_lists_names_descriptions_and_fields(capsys):

@@ -21,7 +21,7 @@ from PIL import Image
 from rigl_core.data.dataset import DatasetError
 
 from rigl_core.data.registry import load_dataset
-from rigl_core.data.batches import BatchPlan
+from rigl_core.data.batches import BatchOrder
 from rigl_core.data.streaming import StreamFeed, default_workers
 from rigl_core.spec import DatasetSpec
 
@@ -49,10 +49,10 @@ def feed(root, **options) -> StreamFeed:
     return StreamFeed(DatasetSpec(name="imagefolder", path=str(root), **options), CPU)
 
 
-def epoch(source: StreamFeed, plan: BatchPlan, number: int = 0, start: int = 0) -> list:
+def epoch(source: StreamFeed, batch_order: BatchOrder, number: int = 0, start: int = 0) -> list:
     """Every step's micro-batches as (x, y, weight), from batch `start` to the end of the epoch."""
     return [[(x.clone(), y.clone(), w) for x, y, w in step]
-            for step in source.train_steps(plan, number, start, start)]
+            for step in source.train_steps(batch_order, number, start, start)]
 
 
 def same(a: list, b: list) -> bool:
@@ -72,7 +72,7 @@ def test_workers_stream_both_layouts_at_any_size(pets, tmp_path):
         with feed(root, image_size=image_size, workers=2) as source:
             assert (source.num_train, source.num_val) == counts and source.num_classes == 3
             assert source.input_shape == [3, image_size, image_size] and source.max_label() == 2
-            steps = epoch(source, BatchPlan(source.num_train, 8, seed=1))
+            steps = epoch(source, BatchOrder(source.num_train, 8, seed=1))
             assert [len(step[0][1]) for step in steps] == [8, 8, 2]  # the last partial batch too
             x, y, weight = steps[0][0]
             assert x.shape == (8, 3, image_size, image_size) and x.dtype == torch.float32 and weight == 1.0
@@ -84,33 +84,33 @@ def test_workers_stream_both_layouts_at_any_size(pets, tmp_path):
 
 
 def test_batches_are_a_function_of_seed_epoch_and_sample(pets):
-    plan = BatchPlan(18, 4, seed=3)
+    batch_order = BatchOrder(18, 4, seed=3)
     with feed(pets, workers=2) as two, feed(pets, workers=0) as none:
-        first = epoch(two, plan)
-        assert same(first, epoch(two, plan))  # a second pass over the persistent workers
-        assert same(first[2:], epoch(two, plan, start=2))  # resumed mid-epoch: the uninterrupted tail
-        abandoned = two.train_steps(plan, 0, 0, 0)
+        first = epoch(two, batch_order)
+        assert same(first, epoch(two, batch_order))  # a second pass over the persistent workers
+        assert same(first[2:], epoch(two, batch_order, start=2))  # resumed mid-epoch: the uninterrupted tail
+        abandoned = two.train_steps(batch_order, 0, 0, 0)
         next(abandoned)  # a pass left half-way (a stop, a max_steps) leaves the workers usable
-        assert same(first, epoch(two, plan))
+        assert same(first, epoch(two, batch_order))
         with pytest.raises(RuntimeError, match="a later call took over"):
             next(abandoned)
-        assert same(first, epoch(none, plan))  # decoded in the training process: the same tensors
-        later = epoch(two, plan, number=1)
+        assert same(first, epoch(none, batch_order))  # decoded in the training process: the same tensors
+        later = epoch(two, batch_order, number=1)
         assert not same(first, later)  # a new order and new crops every epoch
-        assert same(later[3:], epoch(none, plan, number=1, start=3))
+        assert same(later[3:], epoch(none, batch_order, number=1, start=3))
     with feed(pets, workers=0, augment="none") as plain, feed(pets, workers=0, augment="crop-flip") as cropped:
-        a, b = epoch(plain, plan), epoch(cropped, plan)
+        a, b = epoch(plain, batch_order), epoch(cropped, batch_order)
         assert a[0][0][0].shape == b[0][0][0].shape == (4, 3, 24, 24) and not same(a, b)
-        assert same(b, epoch(cropped, plan))
+        assert same(b, epoch(cropped, batch_order))
 
 
 def test_augmentation_changes_with_the_epoch_not_the_step(pets):
     """A sample's crop depends on (seed, epoch, sample); augment none trains on the evaluation view."""
-    plan = BatchPlan(18, 18, seed=0)
+    batch_order = BatchOrder(18, 18, seed=0)
 
     def by_sample(source: StreamFeed, number: int, first_step: int = 0) -> dict[int, torch.Tensor]:
-        x = next(source.train_steps(plan, number, 0, first_step))[0][0]
-        return {int(i): x[k] for k, i in enumerate(plan.order(number))}
+        x = next(source.train_steps(batch_order, number, 0, first_step))[0][0]
+        return {int(i): x[k] for k, i in enumerate(batch_order.order(number))}
 
     with feed(pets, augment="none") as plain, feed(pets) as crops:
         views = by_sample(plain, 0)
@@ -136,8 +136,8 @@ def test_eval_transform_is_deterministic(pets):
 
 def test_ranks_and_micro_batches_split_the_global_batch(pets):
     with feed(pets) as source:
-        whole = epoch(source, BatchPlan(18, 7, seed=5))  # 7, 7 and a partial 4
-        ranks = [epoch(source, BatchPlan(18, 7, seed=5, world_size=2, rank=r, accumulate_steps=2)) for r in (0, 1)]
+        whole = epoch(source, BatchOrder(18, 7, seed=5))  # 7, 7 and a partial 4
+        ranks = [epoch(source, BatchOrder(18, 7, seed=5, world_size=2, rank=r, accumulate_steps=2)) for r in (0, 1)]
     assert [len(r) for r in ranks] == [len(whole)] * 2 == [3, 3]
     for step, full in enumerate(whole):
         micros = ranks[0][step] + ranks[1][step]
@@ -161,7 +161,7 @@ def test_no_image_cap_beyond_max_samples(pets):
         load_dataset(spec)
     with feed(pets, max_samples=5) as source:
         assert source.num_train + source.num_val == 24
-        assert sum(len(y) for step in epoch(source, BatchPlan(18, 6, seed=0)) for _, y, _ in step) == 18
+        assert sum(len(y) for step in epoch(source, BatchOrder(18, 6, seed=0)) for _, y, _ in step) == 18
 
 
 def test_workers_share_the_cpus():
@@ -182,22 +182,22 @@ def test_a_bad_image_names_the_field_and_the_file(tmp_path, workers):
     root = make_folder(tmp_path / "imagenet", per_class=4, split=True)
     (root / "train" / "dog" / "9.png").write_bytes(b"not a png")
     png_header_only(root / "val" / "eel" / "9.png", 30000, 30000)
-    plan = BatchPlan(10, 10, seed=0)
+    batch_order = BatchOrder(10, 10, seed=0)
     with feed(root, workers=workers) as source:
         with pytest.raises(DatasetError, match=r"^dataset.path: cannot read image train/dog/9.png") as info:
-            epoch(source, plan)
+            epoch(source, batch_order)
         assert str(tmp_path) not in str(info.value)
         with pytest.raises(DatasetError, match=r"^dataset.path: image val/eel/9.png .*pixel limit"):
             list(source.val_batches())
     png_header_only(root / "train" / "dog" / "9.png", 5000, 5000)  # over our limit, under PIL's own
     with feed(root, workers=workers) as source:
         with pytest.raises(DatasetError, match="^dataset.path: image train/dog/9.png has 5000×5000 pixels"):
-            epoch(source, plan)
+            epoch(source, batch_order)
 
 
 def test_closing_stops_the_workers(pets):
     source = feed(pets, workers=2)
-    epoch(source, BatchPlan(18, 9, seed=0))
+    epoch(source, BatchOrder(18, 9, seed=0))
     workers = [w for w in source._train_loader._iterator._workers]
     assert len(workers) == 2 and all(w.is_alive() for w in workers)
     source.close()

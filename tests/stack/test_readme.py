@@ -1,4 +1,7 @@
-"""README stays true: every command block runs here, in order, against a real `rigl serve`."""
+"""README and the docs stay true: their command blocks run here, against a real `rigl serve`.
+
+README holds the set-up commands and the five-minute tour; the other blocks live on the docs pages
+(tests/doc_pages.py reads both)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from doc_pages import DOCS, README, ROOT, block, blocks
 from helpers.service import free_port, wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
-
-
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
 def commands(block: str) -> list[str]:
@@ -30,12 +27,18 @@ def commands(block: str) -> list[str]:
 
 
 BASH = blocks("bash")
-PYTHON = blocks("python")
-SERVE, TEST, CURL, LOCAL_TRAIN, TUTORIAL, PLAN, TRAIN_LENET = BASH[:7]
-REPORT = next(block for block in BASH if "rigl report runs/" in block)
-OWN_LOOP = next(block for block in PYTHON if "from rigl_core import RigL" in block)
-OWN_LOOP_FP16 = next(block for block in PYTHON if "rigl.step(scaler=scaler)" in block)
-ACCELERATE = next(block for block in PYTHON if "accelerator.prepare" in block)
+SERVE, TEST, CURL, LOCAL_TRAIN, TUTORIAL = BASH[:5]  # README, in this order
+LOADER = block("python", "README.md", 'load_file("model.safetensors")')
+THREE_LINES = block("python", "README.md", "from rigl_core import RigL")
+PLAN = block("bash", "guide/cli.md", "rigl plan --model resnet50")
+TRAIN_LENET = block("bash", "guide/cli.md", "--model lenet5")
+REPORT = block("bash", "guide/cli.md", "rigl report runs/")
+CLIENT = block("python", "guide/service.md", "from rigl_core.client import Client")
+READER = block("python", "guide/exports.md", "def read_packed")
+LIBRARY_EXAMPLE = block("python", "guide/library.md", "Trainer(spec).fit()")
+OWN_LOOP = block("python", "guide/library.md", "from rigl_core import RigL")
+OWN_LOOP_FP16 = block("python", "guide/library.md", "rigl.step(scaler=scaler)")
+ACCELERATE = block("python", "guide/integrations.md", "accelerator.prepare")
 
 
 def test_two_setup_commands_and_ci():
@@ -103,11 +106,11 @@ def test_tutorial_end_to_end(served, tmp_path):
     result = run_shell(TUTORIAL, port, env, tmp_path)
     assert "fc1" in result.stdout and '"final": true' in result.stdout  # plan table, final report
     assert (tmp_path / "model.safetensors").exists()
-    loader = subprocess.run([sys.executable, "-c", PYTHON[0]], cwd=tmp_path, capture_output=True, text=True,
+    loader = subprocess.run([sys.executable, "-c", LOADER], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert loader.returncode == 0, loader.stderr
     assert "sparsity 0.900" in loader.stdout and "torch.Size([1, 10])" in loader.stdout
-    client = subprocess.run([sys.executable, "-c", PYTHON[1] + "\nprint(types[0], types[-1])"], cwd=tmp_path,
+    client = subprocess.run([sys.executable, "-c", CLIENT + "\nprint(types[0], types[-1])"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
     assert client.returncode == 0, client.stderr
     assert client.stdout.split()[-2:] == ["status", "status"]
@@ -139,7 +142,7 @@ def test_report_command_draws_the_png(tmp_path):
 
 
 def test_readme_numpy_reader_and_library_example(tmp_path):
-    reader, example = PYTHON[2], PYTHON[3]
+    reader, example = READER, LIBRARY_EXAMPLE
     scope: dict = {}
     exec(example, scope)  # trains 2 epochs
     assert scope["report"]["totals"]["sparsity"] > 0.89
@@ -158,8 +161,26 @@ def test_readme_numpy_reader_and_library_example(tmp_path):
     assert torch.is_tensor(dense["fc1.weight"])
 
 
-def test_readme_own_training_loop(tmp_path, monkeypatch):
-    """The three-line RigL loop trains to the target sparsity leak-free, resumes from its checkpoint,
+def test_readme_three_line_loop_runs():
+    """README's three-line snippet, run as written on a small model with the names it leaves to the reader."""
+    from torch import nn
+
+    from rigl_core import RigL
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+    scope = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+             "loader": loader, "loss_fn": nn.functional.cross_entropy, "epochs": 3, "RigL": RigL}
+    exec(THREE_LINES, scope)
+    report = scope["rigl"].report()
+    assert report["leak_check"]["ok"] and abs(report["totals"]["sparsity"] - 0.9) < 0.01
+    assert scope["rigl"].step_count == 3 * len(loader)
+
+
+def test_library_own_training_loop(tmp_path, monkeypatch):
+    """docs/guide/library.md: the three-line RigL loop trains to the target sparsity leak-free, resumes from its checkpoint,
     and goes on under fp16 with a GradScaler."""
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
@@ -172,8 +193,8 @@ def test_readme_own_training_loop(tmp_path, monkeypatch):
     assert rigl.report()["leak_check"]["ok"] and all(torch.isfinite(p).all() for p in scope["model"].parameters())
 
 
-def test_readme_accelerate_loop_runs_with_accumulation():
-    """README's Accelerate loop, run as written on CPU with 2 accumulation micro-batches: masks exact."""
+def test_docs_accelerate_loop_runs_with_accumulation():
+    """docs/guide/integrations.md's Accelerate loop, run as written on CPU with 2 accumulation micro-batches: masks exact."""
     from accelerate import Accelerator
     from torch import nn
 
@@ -192,18 +213,32 @@ def test_readme_accelerate_loop_runs_with_accumulation():
     assert scope["rigl"].step_count == len(loader) // 2  # one rigl.step() per optimizer step
 
 
-def test_readme_architecture_example_is_valid(tmp_path):
+def test_docs_architecture_example_is_valid(tmp_path):
     from rigl_core.cli import main
 
-    (example,) = blocks("json")
+    (example,) = blocks("json", DOCS["guide/models.md"])
     path = tmp_path / "arch.json"
     path.write_text(example)
     assert main(["plan", "--architecture", str(path), "--sparsity", "0.9", "--json"]) == 0
 
 
 def test_jobspec_reference_is_generated_and_current():
-    from rigl_core.docs import END, START, reference
+    from rigl_core.docs import PAGE, page
 
-    section = README[README.index(START): README.index(END) + len(END)]
-    assert section == reference(), "run `python -m rigl_core.docs` to refresh README"
+    assert DOCS[PAGE.relative_to("docs").as_posix()] == page(), "run `python -m rigl_core.docs` to refresh it"
+    section = DOCS["reference/jobspec.md"]
     assert "`sparsity.schedule.delta_t`" in section and "`training.device`" in section
+    assert "docs/reference/jobspec.md" in README  # README links to it
+
+
+def test_readme_is_short_and_cites_the_docs():
+    """README: the product, the set-up commands, the tour and links; the reference lives in docs/."""
+    assert len(README.splitlines()) <= 350
+    assert README.count("library_overhead.py") <= 1
+    for name in re.findall(r"[\w/.-]+\.md\b", README):  # cites only files of this repository
+        assert (ROOT / name).exists(), name
+    assert "http://127.0.0.1:8000" in README and "Ctrl-C" in README and "dashboard" in README
+    for target in re.findall(r"\]\((docs/[^)#]+)", README):
+        assert (ROOT / target).exists(), target
+    linked = {target.removeprefix("docs/") for target in re.findall(r"\]\((docs/[^)#]+\.md)", README)}
+    assert set(DOCS) <= linked, set(DOCS) - linked  # every docs page is reachable from README
