@@ -212,7 +212,7 @@ def test_hf_trainer_checkpoint_resume_gives_the_same_masks(tmp_path):
 
 # ----------------------------------------------------------------- docs/guide/integrations.md
 def _readme_block(marker: str) -> str:
-    from doc_pages import block
+    from helpers.doc_pages import block
 
     return block("python", "guide/integrations.md", marker)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import small_spec
 from pydantic import ValidationError
-from sparse_helpers import (OPTIMIZERS, backward, batch, check_invariants_every_update, check_state_zero,
+from helpers.sparse import (OPTIMIZERS, backward, batch, check_invariants_every_update, check_state_zero,
                             setup_sparsifier)
 from torch import nn
 

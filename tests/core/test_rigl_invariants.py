@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_helpers import OPTIMIZERS, backward, check_invariants_every_update, check_state_zero, setup_sparsifier
+from helpers.sparse import OPTIMIZERS, backward, check_invariants_every_update, check_state_zero, setup_sparsifier
 
 from rigl_core.sparse.sparsifier import SPARSIFIERS
 

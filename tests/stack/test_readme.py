@@ -1,7 +1,7 @@
 """README and the docs stay true: their command blocks run here, against a real `rigl serve`.
 
 README holds the set-up commands and the five-minute tour; the other blocks live on the docs pages
-(tests/doc_pages.py reads both)."""
+(tests/helpers/doc_pages.py reads both)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from doc_pages import DOCS, README, ROOT, block, blocks
+from helpers.doc_pages import DOCS, README, ROOT, block, blocks
 from helpers.service import free_port, wait_for
 
 
