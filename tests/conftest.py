@@ -10,8 +10,6 @@ from contextlib import ExitStack
 import pytest
 import torch
 
-from helpers.specs import small_spec  # noqa: F401  (still importable as `from conftest import small_spec`)
-
 
 @pytest.fixture(autouse=True)
 def _few_threads():

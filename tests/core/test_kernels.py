@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.specs import small_spec
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from test_precision import MaskWatch
+
+from helpers.sparse import MaskWatch
+from helpers.specs import small_spec
 
 from rigl_core.export.packed import load_packed, save_dense, save_packed
 from rigl_core.training.kernels import configure_kernels, resolve_channels_last, to_channels_last

@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import small_spec
 from pydantic import ValidationError
-from helpers.sparse import (OPTIMIZERS, backward, batch, check_invariants_every_update, check_state_zero,
-                            setup_sparsifier)
 from torch import nn
 
+from helpers.sparse import (OPTIMIZERS, MaskWatch, backward, batch, check_invariants_every_update, check_state_zero,
+                            setup_sparsifier)
+from helpers.specs import small_spec
 from rigl_core.spec import JobSpec, format_validation_error
 from rigl_core.training.trainer import Callback, Trainer, resolve_precision
 
@@ -48,23 +48,6 @@ def test_precision_validation_names_the_field(value):
 
 
 # ----------------------------------------------------------------------------- bf16 autocast
-class MaskWatch(Callback):
-    """After every mask update: inactive weights exactly 0 and nnz at its target."""
-
-    def __init__(self):
-        self.updates = 0
-        self.losses = []
-
-    def on_step(self, trainer, metrics):
-        self.losses.append(metrics["loss"])
-
-    def on_mask_update(self, trainer, update):
-        self.updates += 1
-        assert trainer.leak_check()["ok"], trainer.leak_check()
-        for name, target in trainer.sparsifier.target_active.items():
-            assert int(trainer.sparsifier.masks[name].sum()) == target
-
-
 def test_bf16_autocast_trains_and_masks_stay_exact():
     spec = small_spec(training__precision="bf16", training__epochs=6, model__hidden_sizes=[300, 100])
     watch = MaskWatch()

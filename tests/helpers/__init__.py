@@ -1,1 +1,1 @@
-"""Helpers the tests share: real services (helpers.service), an API process, podman compose, old schemas."""
+"""Code the tests share (tests/README.md lists it): specs, sparsifier checks, docs pages, real services."""

@@ -1,5 +1,6 @@
-"""What the sparsifier tests share: a small MLP with a sparsifier on it, its minibatches, and the per-update
-RigL invariant check (test_rigl_invariants runs it in fp32, test_precision under bf16 autocast)."""
+"""What the sparsifier tests share: a small MLP with a sparsifier on it, its minibatches, the per-update
+RigL invariant check (test_rigl_invariants runs it in fp32, test_precision under bf16 autocast), and
+MaskWatch, the same check on a Trainer (test_precision, test_kernels)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rigl_core.sparse.distributions import layer_sparsities
 from rigl_core.sparse.layers import select_layers
 from rigl_core.sparse.schedules import UpdateSchedule
 from rigl_core.sparse.sparsifier import SPARSIFIERS
+from rigl_core.training.trainer import Callback
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -108,3 +110,20 @@ def check_invariants_every_update(optimizer: str, backward=backward) -> None:
             assert torch.equal(w_new[kept], w_old[kept])  # and no SGD step moved the kept ones
         check_state_zero(opt, sp)
     assert updates == list(range(0, 40, 4))  # t mod ΔT == 0 and t < T_end; none after T_end
+
+
+class MaskWatch(Callback):
+    """After every mask update: inactive weights exactly 0 and nnz at its target."""
+
+    def __init__(self):
+        self.updates = 0
+        self.losses = []
+
+    def on_step(self, trainer, metrics):
+        self.losses.append(metrics["loss"])
+
+    def on_mask_update(self, trainer, update):
+        self.updates += 1
+        assert trainer.leak_check()["ok"], trainer.leak_check()
+        for name, target in trainer.sparsifier.target_active.items():
+            assert int(trainer.sparsifier.masks[name].sum()) == target
