@@ -23,22 +23,22 @@ from store.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
     settings = (settings or get_settings()).resolved()
-    store = JobStore(settings.database_url)
+    store = JobStore(settings.database_url, settings)
     context = Context(settings=settings, store=store, artifacts=Artifacts.from_settings(settings),
                       enqueue=enqueue or celery_enqueue(settings))
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         context.artifacts.remove_orphan_uploads(settings.orphan_upload_seconds)  # left by a crash mid-upload
-        sweeper = janitor = None
+        lost_job_reaper = janitor = None
         if reaper:
             if settings.reaper:  # one process acts at a time (store/leader.py); workers run it too
-                sweeper = start_reaper(store, context.enqueue, settings.database_url, settings.lease_seconds,
+                lost_job_reaper = start_reaper(store, context.enqueue, settings.database_url, settings.lease_seconds,
                                        settings.reaper_interval_seconds, settings.max_active_jobs_per_owner)
             janitor = Janitor(store, context.artifacts, settings.cleanup_interval_seconds, settings.retention_days)
             janitor.start()
         yield
-        if sweeper is not None:
-            sweeper.stop()
+        if lost_job_reaper is not None:
+            lost_job_reaper.stop()
         if janitor is not None:
             janitor.stop()
 

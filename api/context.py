@@ -41,12 +41,12 @@ def get_context(request: Request) -> Context:
 
 
 def celery_enqueue(settings: Settings) -> Callable[[str], None]:
-    """Send `rigl.train(job_id)` by name: the API never imports the task code."""
-    from worker.app import make_celery
+    """Send the training task by name (service_common/celery_app.py): the API never imports the task code."""
+    from service_common.celery_app import enqueue_train, make_celery
 
     app = make_celery(settings)
 
     def enqueue(job_id: str) -> None:
-        app.send_task("rigl.train", args=[job_id], queue=settings.queue)
+        enqueue_train(app, job_id, settings.queue)
 
     return enqueue

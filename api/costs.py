@@ -11,16 +11,15 @@ from __future__ import annotations
 import math
 
 from rigl_core.spec import JobSpec
+from rigl_core.data.epochs import planned_world_size, total_steps
 from store.settings import Settings
 
 from api.errors import ApiError
 
 
 def planned_steps(spec: JobSpec, num_train: int) -> int:
-    """epochs × steps per epoch, or `max_steps` when that is shorter."""
-    training = spec.training
-    steps = training.epochs * math.ceil(num_train / training.batch_size)
-    return min(steps, training.max_steps) if training.max_steps else steps
+    """The job's total steps as the Trainer will count them (rigl_core.training.length)."""
+    return total_steps(spec.training, num_train, planned_world_size(spec.training))
 
 
 def check_costs(spec: JobSpec, settings: Settings, num_train: int | None,

@@ -8,7 +8,7 @@ the recent ones in memory; its streams wait on it. N streams of one job cost one
 A stream that starts behind the feed's buffer (`after=0`, an old Last-Event-ID, a slow reader)
 catches up from the database on its own, page by page, then follows the feed.
 
-The per-job cursor is safe because one job's events commit in id order (store.jobs.lock_job_events).
+The per-job cursor is safe because one job's events commit in id order (store.job_state.lock_job_events).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections import defaultdict
 
 from fastapi.concurrency import run_in_threadpool
 
-from store.jobs import TERMINAL, JobStore
+from store.job_state import TERMINAL
+from store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 PAGE = 500
@@ -72,7 +73,7 @@ class EventHub:
         while not feed.ended:
             try:
                 if head is None:
-                    head = feed.floor = await run_in_threadpool(self.store.last_event_id, feed.job_id)
+                    head = feed.floor = await run_in_threadpool(self.store.events.last_event_id, feed.job_id)
                     feed.notify()
                     continue
                 events, ended = await run_in_threadpool(self._read, feed.job_id, head)
@@ -99,13 +100,13 @@ class EventHub:
     def _read(self, job_id: str, after: int) -> tuple[list, bool]:
         """New events after `after`; when there are none, whether the job has ended. The status is read
         before the second look at the events: a job's final status event commits with its status."""
-        events = self.store.list_events(job_id, after, PAGE)
+        events = self.store.events.list_events(job_id, after, PAGE)
         if events:
             return events, False
         job = self.store.get_job_view(job_id)
         if job is not None and job.status not in TERMINAL:
             return [], False
-        events = self.store.list_events(job_id, after, PAGE)
+        events = self.store.events.list_events(job_id, after, PAGE)
         return events, len(events) < PAGE  # a full page: read on before calling it ended
 
 

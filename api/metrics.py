@@ -38,7 +38,8 @@ from sqlalchemy import func, select
 from api.errors import ApiError
 from api.request_log import route_template
 from store.db import Job
-from store.jobs import ACTIVE, CLAIMABLE, TERMINAL, JobStore
+from store.job_state import ACTIVE, CLAIMABLE, TERMINAL
+from store.jobs import JobStore
 from store.settings import Settings
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -146,7 +147,7 @@ def build_registry(settings: Settings, store: JobStore) -> tuple[CollectorRegist
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     if settings.worker_metrics_dir is not None:
-        from worker.metrics import FolderCollector
+        from service_common.metrics_folder import FolderCollector
 
         folder = settings.worker_metrics_dir.expanduser()
         folder.mkdir(parents=True, exist_ok=True)

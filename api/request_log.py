@@ -1,91 +1,26 @@
-"""Request ids, the access log and the log format (readable text or JSON lines).
+"""Request ids and the access log.
 
 Every request gets an id: the caller's `X-Request-ID` when it is a short token, a fresh one
 otherwise; it is echoed in the response and carried by every log line written while the request
-runs (a context variable), so one grep finds a request's lines in the API's logs. Job ids travel
-the same way in the worker (worker/metrics.py sets `job_id_var`).
+runs (`request_id_var`, service_common/log_context.py, which also holds the line format), so one
+grep finds a request's lines in the API's logs.
 
 One access-log line per request (logger `rigl.access`): method, route template, status, duration,
-request id and the API key's id, never the key itself. Lines are JSON (`RIGL_LOG_FORMAT=json`, for
-log shippers) or one readable line each (the default, for `rigl serve` in a terminal).
+request id and the API key's id, never the key itself.
 """
 
 from __future__ import annotations
 
-import contextvars
-import datetime as dt
-import json
 import logging
 import re
-import sys
 import time
 import uuid
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("rigl_request_id", default=None)
-job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("rigl_job_id", default=None)
+from service_common.log_context import request_id_var
+
 access_log = logging.getLogger("rigl.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # anything else (spaces, quotes, newlines) is replaced
-
-
-def _timestamp(created: float) -> str:
-    return dt.datetime.fromtimestamp(created, dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-class ContextFilter(logging.Filter):
-    """Stamps request_id and job_id (from the context variables) on every record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None:
-            record.request_id = request_id_var.get()
-        if getattr(record, "job_id", None) is None:
-            record.job_id = job_id_var.get()
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time (UTC, explicit offset), level, logger, message, request_id, job_id,
-    the access fields for access lines, and the traceback when there is one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": _timestamp(record.created), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage(), "request_id": getattr(record, "request_id", None),
-                "job_id": getattr(record, "job_id", None)}
-        line.update(getattr(record, "access", None) or {})
-        if record.exc_info:
-            line["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    """`2026-11-26T12:00:00.123+00:00 INFO rigl.access GET /v1/jobs/{job_id} 200 3.1 ms [req=… key=…]`"""
-
-    def format(self, record: logging.LogRecord) -> str:
-        tags = " ".join(f"{name}={value}" for name, value in (("req", getattr(record, "request_id", None)),
-                                                                ("job", getattr(record, "job_id", None)))
-                        if value)
-        text = f"{_timestamp(record.created)} {record.levelname:<5} {record.name} {record.getMessage()}"
-        text += f" [{tags}]" if tags else ""
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-def configure_logging(fmt: str = "text", level: str | int = "INFO", stream=None) -> logging.Handler:
-    """One handler on the root logger (replacing one this function installed before)."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "rigl_handler", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.rigl_handler = True
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(ContextFilter())
-    root.addHandler(handler)
-    root.setLevel(level)
-    if logging.getLogger("alembic").level == logging.NOTSET:  # a line per migration plugin at every start
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-    return handler
 
 
 def route_template(scope) -> str:

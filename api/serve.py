@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         hosts = "*" if settings.auth else ",".join(default_allowed_hosts(args.host))
         settings = settings.model_copy(update={"allowed_hosts": hosts})
-    from api.request_log import configure_logging
+    from service_common.log_context import configure_logging
 
     configure_logging(settings.log_format)  # one readable line per record (RIGL_LOG_FORMAT=json: JSON lines)
     if not args.no_worker and settings.worker_metrics_dir is None:  # /metrics shows the worker's series too

@@ -13,6 +13,7 @@ from __future__ import annotations
 from rigl_core.data.dataset import DatasetError
 from rigl_core.data.describe import describe
 from rigl_core.data.feed import uses_stream
+from rigl_core.data.holdout import training_size
 from store.scrub import scrub_paths
 from store.settings import Settings
 from store.user_paths import DATASETS_KEY, datasets_key, folder_limit, imagefolder_layout
@@ -75,7 +76,7 @@ def _counts(spec, layout) -> tuple[int, int]:
     """(classes, training samples) of a listed folder."""
     if layout.val is not None:
         return len(layout.classes), len(layout.train)
-    num_train = len(layout.train) - max(1, int(round(len(layout.train) * spec.val_fraction)))
+    num_train = training_size(len(layout.train), spec.val_fraction)
     if num_train < 1:
         raise ApiError(422, "invalid_job", "leaves no training samples", "dataset.val_fraction")
     return len(layout.classes), num_train

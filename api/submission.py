@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 
+from rigl_core.data.holdout import training_size
 from rigl_core.models.registry import build_model, check_model, resolve_task
 from rigl_core.sparse.plan import make_plan
 from rigl_core.sparse.schedules import resolve_t_end
@@ -29,7 +30,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     tree = spec.model_dump(mode="json")
     model, dataset = tree["model"], tree["dataset"]
     if UPLOADED_ARCHITECTURE.match(model["name"]):
-        record = store.get_architecture(model["name"], owner)
+        record = store.uploads.get_architecture(model["name"], owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded architecture {model['name']!r}", "model.name")
         model["architecture"], model["name"] = record.spec, "custom"
@@ -41,13 +42,13 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                                            "place them in the datasets directory", "dataset.download")
     num_train, num_classes, input_shape = None, None, None
     if dataset["name"] == "tensors":
-        record = store.get_dataset(dataset["path"], owner)
+        record = store.uploads.get_dataset(dataset["path"], owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded dataset {dataset['path']!r}", "dataset.path")
         dataset["path"] = artifacts.dataset_key(record.id, record.format)  # a storage key, not a path
         input_shape, num_classes = list(record.input_shape), record.num_classes
-        num_train = record.num_samples if record.num_val else record.num_samples - max(
-            1, int(round(record.num_samples * spec.dataset.val_fraction)))
+        num_train = record.num_samples if record.num_val else training_size(record.num_samples,
+                                                                            spec.dataset.val_fraction)
     else:  # the datasets directory is their implicit data_dir; an imagefolder path is resolved and confined
         input_shape, num_classes, num_train = resolve_server_dataset(spec.dataset, dataset, settings)
     resolved = JobSpec.model_validate(tree)
@@ -95,7 +96,7 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
         if not UPLOADED_WEIGHTS.fullmatch(weights_id):
             raise ApiError(422, "invalid_job", "give the id (w_…) of weights uploaded with POST /v1/weights",
                            "model.weights")
-        record = store.get_weights(weights_id, owner)
+        record = store.uploads.get_weights(weights_id, owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded weights {weights_id!r}", "model.weights")
         model["weights"] = artifacts.weights_key(record.id)
@@ -106,7 +107,7 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
     job = store.get_job(job_id, owner)
     if job is None:
         raise ApiError(422, "invalid_job", f"no job {job_id!r}", "model.init_from_job")
-    export = store.latest_checkpoint(job.id, "dense") if job.status == "succeeded" else None
+    export = store.checkpoints.latest_checkpoint(job.id, "dense") if job.status == "succeeded" else None
     if export is None:
         raise ApiError(422, "invalid_job", f"job {job_id!r} is {job.status}; only a succeeded job's dense "
                                            "export can be started from", "model.init_from_job")

@@ -46,7 +46,7 @@ ASGI = {"metrics off": (False, False), "metrics on": (True, False), "metrics on 
 def logged_app():
     """The app with `rigl serve`'s logging (access log on), its lines going to BENCH_LOG_FILE."""
     from api.app import create_app
-    from api.request_log import configure_logging
+    from service_common.log_context import configure_logging
     from store.settings import get_settings
 
     configure_logging(get_settings().log_format, stream=open(os.environ["BENCH_LOG_FILE"], "a", buffering=1))
@@ -74,7 +74,7 @@ def asgi_cost(path: str, count: int, metrics: bool, log_to: Path | None, data_di
     import logging
 
     from api.app import create_app
-    from api.request_log import configure_logging
+    from service_common.log_context import configure_logging
     from store.settings import Settings
 
     handler = configure_logging("json", stream=open(log_to, "a")) if log_to else None

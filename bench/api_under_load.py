@@ -112,8 +112,8 @@ def simulated_worker(store, job_id: str, token: str, stop: threading.Event, peri
     step = 0
     while not stop.wait(period):
         step += 1
-        store.add_events(job_id, [{"type": "metrics", "message": f"step {step}", "data": {"step": step, "loss": 1.0}}])
-        store.heartbeat(job_id, token, step)
+        store.events.add_events(job_id, [{"type": "metrics", "message": f"step {step}", "data": {"step": step, "loss": 1.0}}])
+        store.leases.heartbeat(job_id, token, step)
 
 
 def measure(args) -> dict:
@@ -130,7 +130,7 @@ def measure(args) -> dict:
                              RIGL_REAPER_INTERVAL_SECONDS="3600") as url:
                 store = JobStore(database_url)
                 job_id = httpx.post(f"{url}/v1/jobs", json=JOB, timeout=60).json()["id"]
-                job, token = store.claim(job_id, max_attempts=3, worker="bench:1")
+                job, token = store.claims.claim(job_id, max_attempts=3, worker="bench:1")
                 job_id = job.id
                 stop = threading.Event()
                 writer = threading.Thread(target=simulated_worker, args=(store, job_id, token, stop), daemon=True)

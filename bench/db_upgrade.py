@@ -67,7 +67,7 @@ def build(url: str, jobs: int, events: int) -> None:
 
 
 def measure(url: str, jobs: int, events: int, checks: int = 5) -> dict:
-    from store.db import make_engine
+    from store.engine import make_engine
     from store.migrations import HEAD, schema_diff, upgrade
 
     started = time.perf_counter()

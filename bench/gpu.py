@@ -85,7 +85,9 @@ class Config:
 
     @property
     def num_train(self) -> int:
-        return self.num_samples - round(0.2 * self.num_samples)
+        from rigl_core.data.holdout import training_size
+
+        return training_size(self.num_samples, 0.2)
 
 
 GPU_CONFIGS = [

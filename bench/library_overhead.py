@@ -47,6 +47,7 @@ def run(name: str, x, y, epochs: int) -> dict:
     from torch import nn
 
     from rigl_core import RigL
+    from rigl_core.data.epochs import steps_per_epoch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
@@ -57,7 +58,7 @@ def run(name: str, x, y, epochs: int) -> dict:
                                  {"params": biases, "weight_decay": 0.0}], lr=LR, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
     n = len(x)
-    total = epochs * -(-n // BATCH)
+    total = epochs * steps_per_epoch(n, BATCH)
     rigl = None if name == "minimal" else RigL(model, optimizer, sparsity=0.9, total_steps=total, method=name,
                                                delta_t=100)
     steps = 0

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rigl_core.data.dataset import batches_per_epoch, epoch_order
+from rigl_core.data.dataset import epoch_order
+from rigl_core.data.epochs import steps_per_epoch as epoch_steps
 
 from rigl_core.data.registry import load_dataset# noqa: E402
 from rigl_core.models.registry import build_model  # noqa: E402
@@ -71,7 +72,7 @@ def run_rigl_torch(seed: int, epochs: int, patch_first_layer: bool = True) -> di
     data = load_dataset(spec.dataset)
     model = build_model("mlp", 10, data.input_shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    steps_per_epoch = batches_per_epoch(len(data.x_train), BATCH)
+    steps_per_epoch = epoch_steps(len(data.x_train), BATCH)
     total = epochs * steps_per_epoch
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = RigLScheduler(model, optimizer, dense_allocation=1 - SPARSITY, T_end=int(T_END_FRACTION * total),

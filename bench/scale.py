@@ -3,7 +3,7 @@
 The parts are the real ones: the API (`uvicorn --workers K`, the processes share one port the way
 replicas share a load balancer's address), PostgreSQL and Redis on this machine, the real reaper
 (store/reaper.py, with its leader lock) and simulated workers that go through the worker's own code:
-they pop Celery's message from the Redis queue, `JobStore.claim` the fairest job, run the real
+they pop Celery's message from the Redis queue, `JobStore.claims.claim` the fairest job, run the real
 `StoreCallback` (worker/runner.py: batched events, the Heartbeat thread renewing the lease and
 reading the cancel flag, periodic resume checkpoints through `save_resume_checkpoint`), and end with
 `publish` + `add_checkpoint` + `finish` (or `requeue` on stop, as SIGTERM does). Only the training
@@ -154,7 +154,7 @@ def sim_main(config_path: str) -> None:
         if rng.random() < cfg["kill_share"] and time.time() < cfg.get("kill_until", float("inf")):
             die_at = time.monotonic() + rng.uniform(2, cfg["kill_window"]) * 1.0
         try:
-            resume = store.latest_checkpoint(job.id, "resume")
+            resume = store.checkpoints.latest_checkpoint(job.id, "resume")
             if resume is not None:
                 trainer.step = callback.step = resume.step
                 callback.note(f"resumed from step {trainer.step}", data={"resumed_from_step": trainer.step})
@@ -195,23 +195,23 @@ def sim_main(config_path: str) -> None:
             if stopped:
                 save_resume_checkpoint(trainer, store, artifacts, job.id, token, job.attempt)
                 if callback.shutdown and not callback.cancel:
-                    if store.requeue(job.id, token, f"worker process stopped (SIGTERM) at step {trainer.step}; "
+                    if store.leases.requeue(job.id, token, f"worker process stopped (SIGTERM) at step {trainer.step}; "
                                                     "will resume"):
                         dispatch(store, enqueue, job.id)
                         with lock:
                             stats["requeued_on_stop"] += 1
                     return
-                store.finish(job.id, token, "cancelled", f"cancelled at step {trainer.step}")
+                store.leases.finish(job.id, token, "cancelled", f"cancelled at step {trainer.step}")
                 outcome = "cancelled"
             else:
                 job_dir = artifacts.job_dir(job.id)
                 for kind, name in (("dense", "model_dense.pt"), ("packed", "model_packed.pt")):
                     path = publish(store, job.id, token, job.attempt, job_dir / name,
                                    lambda p: p.write_bytes(b"sim export"), 0.0, artifacts)
-                    store.add_checkpoint(job.id, kind, trainer.step, name, "0" * 64, path.stat().st_size,
+                    store.checkpoints.add_checkpoint(job.id, kind, trainer.step, name, "0" * 64, path.stat().st_size,
                                          metrics=trainer.eval_history[-1] if trainer.eval_history else None,
                                          token=token)
-                store.finish(job.id, token, "succeeded", "succeeded", result={"steps": trainer.step})
+                store.leases.finish(job.id, token, "succeeded", "succeeded", result={"steps": trainer.step})
                 outcome = "succeeded"
             release_held(store, enqueue, settings.max_active_jobs_per_owner)
             with lock:
@@ -230,7 +230,7 @@ def sim_main(config_path: str) -> None:
                 if item is None:
                     continue
                 start = time.perf_counter()
-                job, token = store.claim(message_job_id(item[1]), settings.max_attempts, settings.lease_seconds,
+                job, token = store.claims.claim(message_job_id(item[1]), settings.max_attempts, settings.lease_seconds,
                                          worker=name)
                 with lock:
                     stats["claim_ms"].append((time.perf_counter() - start) * 1000)
@@ -245,10 +245,10 @@ def sim_main(config_path: str) -> None:
                 time.sleep(1)
 
     class TimedReaper(Reaper):
-        def sweep(self):
+        def run_once(self):
             start = time.perf_counter()
             held = self.lock is None or self.lock.held()
-            result = super().sweep()
+            result = super().run_once()
             if held:
                 with lock:
                     stats["reaper_ms"].append((time.perf_counter() - start) * 1000)

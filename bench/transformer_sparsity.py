@@ -130,6 +130,7 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(1)
     from rigl_core import RigL
     from rigl_core.data.dataset import epoch_order
+    from rigl_core.data.epochs import steps_per_epoch as epoch_steps
     from rigl_core.data.registry import load_dataset
     from rigl_core.spec import DatasetSpec
 
@@ -140,7 +141,7 @@ def run_one(job: dict) -> dict:
     xv, yv = data.prepare(data.x_val, train=False), data.y_val
     model = build_vit(**SETTINGS["model"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    steps_per_epoch = math.ceil(len(xt) / t["batch_size"])
+    steps_per_epoch = epoch_steps(len(xt), t["batch_size"])
     total = steps_per_epoch * t["epochs"]
     warmup = t["warmup_epochs"] * steps_per_epoch
     rigl = None

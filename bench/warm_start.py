@@ -74,7 +74,8 @@ def train_dense(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from rigl_core.training.run import DENSE_EXPORT, run_training
+    from rigl_core.export.pipeline import DENSE_EXPORT
+    from rigl_core.training.run import run_training
     from rigl_core.spec import JobSpec
 
     spec = JobSpec.model_validate({

@@ -30,6 +30,7 @@ COPY rigl_core ./rigl_core
 COPY api ./api
 COPY worker ./worker
 COPY store ./store
+COPY service_common ./service_common
 RUN pip install --no-deps --force-reinstall . && rm -rf build
 
 RUN useradd --create-home --uid 10001 rigl && mkdir -p /data /datasets && chown rigl /data

@@ -233,6 +233,12 @@ class ScheduleSpec(_Strict):
     )
     snfs_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SNFS: EMA coefficient of dense gradients.")
     gmp_begin: float = Field(0.2, ge=0.0, lt=1.0, description="GMP: pruning starts at this fraction of training.")
+    update_iterations_count: bool = Field(
+        True, description="RigL/SNIP, whose mask update replaces the optimizer step: whether that iteration "
+        "counts as one of the run's steps. true (default): a run of N steps makes N iterations, the update "
+        "ones without an optimizer step. false (the paper's recipes; the official code, where the update "
+        "leaves global_step alone): N optimizer steps, plus one extra batch per mask update. The paper does "
+        "not say; other methods always count every iteration.")
 
     @field_validator("delta_t", mode="before")
     @classmethod

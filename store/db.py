@@ -1,24 +1,17 @@
 """Tables: jobs, job_tags, events (monotonic ids), checkpoints, architectures, datasets, weights, sweeps.
 
 The schema is made and changed by the migrations in store/migrations (never create_all): every model
-change comes with a revision there, and tests/test_migrations.py fails when the two differ."""
+change comes with a revision there, and tests/test_migrations.py fails when the two differ. Opening a
+database (and bringing its schema to head) is store/engine.py's job, so the migrations can import these
+models without a loop."""
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import os
-import time
 import uuid
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, create_engine,
-                        event, false, text)
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-
-
-log = logging.getLogger(__name__)
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, false, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> dt.datetime:
@@ -236,65 +229,10 @@ class OwnerLock(Base):
 
 class PendingDeletion(Base):
     """`DELETE /v1/jobs/{id}` of a job that is still running: it is cancelled, and its rows and files
-    are removed by the API's cleanup sweep once it has stopped. Also written before any purge, so an
-    interrupted purge is finished by the next sweep."""
+    are removed by the API's cleanup pass once it has stopped. Also written before any purge, so an
+    interrupted purge is finished by the next pass."""
 
     __tablename__ = "pending_deletions"
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-def make_engine(url: str) -> Engine:
-    """SQLite gets WAL and a busy timeout so the API and the worker process can share it."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(connection, _record):
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    else:
-        # connect_timeout: a worker whose database is unreachable fails fast and retries (worker/retry.py)
-        # instead of hanging in connect()
-        connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-        pool_size, max_overflow = pool_sizes()
-        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
-                               connect_args=connect_args)
-    from store.migrations import ensure_schema
-
-    for attempt in range(5):  # a database that is still starting (compose) gets a few seconds
-        try:
-            ensure_schema(engine, auto_upgrade=auto_upgrade())
-            break
-        except OperationalError:
-            if attempt == 4:
-                raise
-            log.warning("database not reachable yet; retrying its schema check")
-            time.sleep(0.5 * (attempt + 1))
-    return engine
-
-
-def auto_upgrade() -> bool:
-    """RIGL_DB_AUTO_UPGRADE=0: never migrate on start (refuse to start behind; `rigl db upgrade` does it)."""
-    return os.environ.get("RIGL_DB_AUTO_UPGRADE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def pool_sizes() -> tuple[int, int]:
-    """RIGL_DB_POOL_SIZE / RIGL_DB_MAX_OVERFLOW (default 10 / 20): connections one process keeps / may add.
-    Every API process and worker has its own pool, so their sum must stay under the server's
-    max_connections (or go through PgBouncer): README "Sizing"."""
-    sizes = []
-    for name, default, least in (("RIGL_DB_POOL_SIZE", 10, 1), ("RIGL_DB_MAX_OVERFLOW", 20, 0)):
-        raw = os.environ.get(name, str(default)).strip()
-        if not raw.isdigit() or int(raw) < least:
-            raise ValueError(f"{name} must be a whole number ≥ {least}, not {raw!r}")
-        sizes.append(int(raw))
-    return sizes[0], sizes[1]
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)

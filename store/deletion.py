@@ -3,9 +3,9 @@
 Storage must not grow without bound. A job is deleted with everything that refers to it: its
 artifact directory and every row with its `job_id` (events, checkpoints, idempotency records, …).
 A job that is still running is cancelled first and marked pending deletion; the API's cleanup
-sweep (`sweep`) purges it once its worker has stopped it, so a user deletes in one call.
+pass (`clean_up`) purges it once its worker has stopped it, so a user deletes in one call.
 Files go before rows, and the pending-deletion mark before both, so a purge that is interrupted
-is finished by the next sweep rather than leaving files nobody can reach.
+is finished by the next cleanup pass rather than leaving files nobody can reach.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from store.artifacts import ID_PATTERN, Artifacts
 from store.db import (ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, WeightsRecord,
                       utcnow)
-from store.jobs import ACTIVE, CLAIMABLE, TERMINAL, JobStore
+from store.job_state import ACTIVE, CLAIMABLE, TERMINAL
+from store.jobs import JobStore
 
 log = logging.getLogger("rigl.deletion")
 
@@ -37,7 +38,7 @@ class InUse(Exception):
 # ---------------------------------------------------------------------------------------------- jobs
 def delete_job(store: JobStore, artifacts: Artifacts, job_id: str, owner: str | None = None) -> str | None:
     """`DELETE /v1/jobs/{id}`. Returns None (no such job for this owner), "deleted" (gone now), or
-    "pending" (it was running: cancellation was requested and the sweep deletes it once it stopped)."""
+    "pending" (it was running: cancellation was requested and the cleanup pass deletes it once it stopped)."""
     if not ID_PATTERN.match(job_id):  # never issued by us (and a NUL byte is an error in PostgreSQL)
         return None
     for _ in range(10):  # compare-and-set on the status: a worker may finish the job meanwhile
@@ -82,8 +83,8 @@ def purge_job(store: JobStore, artifacts: Artifacts, job_id: str) -> bool:
                 if "job_id" in table.c and table.name != Job.__tablename__:
                     s.execute(delete(table).where(table.c.job_id == job_id))
             s.execute(delete(Job).where(Job.id == job_id))
-    except IntegrityError:  # a row referring to it was written meanwhile: the next sweep finishes it
-        log.warning("job %s: deletion deferred to the next cleanup sweep", job_id)
+    except IntegrityError:  # a row referring to it was written meanwhile: the next cleanup pass finishes it
+        log.warning("job %s: deletion deferred to the next cleanup pass", job_id)
         return False
     return True
 
@@ -99,7 +100,7 @@ def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner
     """False: no such dataset for this owner. InUse: an active job reads it. A finished job no longer
     needs the file. Under the owner's lock, so a job being submitted against it either is seen here or
     finds the dataset gone (JobStore.create_job)."""
-    row = store.get_dataset(dataset_id, owner) if ID_PATTERN.match(dataset_id) else None
+    row = store.uploads.get_dataset(dataset_id, owner) if ID_PATTERN.match(dataset_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
@@ -115,7 +116,7 @@ def delete_dataset(store: JobStore, artifacts: Artifacts, dataset_id: str, owner
 def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner: str | None = None) -> bool:
     """As delete_dataset, for uploaded weights: InUse while an active job starts from them (a running
     job reloads them when it resumes)."""
-    row = store.get_weights(weights_id, owner) if ID_PATTERN.match(weights_id) else None
+    row = store.uploads.get_weights(weights_id, owner) if ID_PATTERN.match(weights_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
@@ -130,7 +131,7 @@ def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner
 def delete_architecture(store: JobStore, architecture_id: str, owner: str | None = None) -> bool:
     """False: no such architecture for this owner. InUse: an active job was submitted with it (every job
     keeps its own resolved copy, so finished ones are unaffected)."""
-    row = store.get_architecture(architecture_id, owner) if ID_PATTERN.match(architecture_id) else None
+    row = store.uploads.get_architecture(architecture_id, owner) if ID_PATTERN.match(architecture_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
@@ -145,10 +146,10 @@ def _refuse_if_used(session, uses) -> None:
             raise InUse(job_id)
 
 
-# ---------------------------------------------------------------------------------------------- sweep
+# ---------------------------------------------------------------------------------------------- cleanup
 def discard_resume_checkpoint(store: JobStore, artifacts: Artifacts, job_id: str) -> bool:
     """A finished job (succeeded, failed or cancelled) can never resume: drop its resume checkpoint,
-    file then row. Safe to call from the worker right after `JobStore.finish`."""
+    file then row. Safe to call from the worker right after `Leases.finish`."""
     with store.sessions() as s:
         status = s.scalar(select(Job.status).where(Job.id == job_id))
         names = list(s.scalars(select(Checkpoint.filename).where(Checkpoint.job_id == job_id,
@@ -166,7 +167,7 @@ def discard_resume_checkpoint(store: JobStore, artifacts: Artifacts, job_id: str
     return True
 
 
-def sweep(store: JobStore, artifacts: Artifacts, retention_days: float | None = None, batch: int = 100) -> dict:
+def clean_up(store: JobStore, artifacts: Artifacts, retention_days: float | None = None, batch: int = 100) -> dict:
     """One pass of the API's cleanup: finish pending deletions, drop the resume checkpoints of finished
     jobs, delete finished jobs past `retention_days`. Returns what it did, by kind."""
     done = {"deleted": [], "resume_discarded": [], "expired": []}

@@ -3,7 +3,7 @@
 The job row is written first and is the truth. If the message can't be sent (Redis restarting, a
 network blip), the job stays queued, marked `broker_unavailable` where users can see it, and the
 API's reaper sends it once the broker answers. A message is a slot, not a ticket: the worker that
-receives it starts the fairest claimable job (JobStore.claim), so every job sends exactly one and
+receives it starts the fairest claimable job (Claims.claim), so every job sends exactly one and
 messages and claimable jobs balance. A duplicate message is harmless: claiming is a compare-and-set,
 so a delivery that finds nothing to claim exits.
 """
@@ -36,7 +36,7 @@ def redispatch(store: JobStore, enqueue: Callable[[str], None]) -> list[str]:
     for job_id in store.undispatched_jobs():
         try:
             enqueue(job_id)
-        except Exception:  # noqa: BLE001 - still down: the next sweep tries again
+        except Exception:  # noqa: BLE001 - still down: the reaper's next pass tries again
             break
         store.mark_dispatched(job_id)
         sent.append(job_id)

@@ -4,7 +4,7 @@ A killed worker never acks its message, and Redis would only redeliver it after 
 timeout (days), so the database lease is what brings such a job back within a minute. Staleness is
 judged by the database's clock, the one heartbeats are stamped with, so a worker whose clock is off
 is neither reaped while alive nor kept alive when dead. A run found this way counts as a failed
-attempt (a clean SIGTERM requeue does not), and the attempt cap in `JobStore.claim` ends a job that
+attempt (a clean SIGTERM requeue does not), and the attempt cap in `Claims.claim` ends a job that
 keeps killing its worker. It also sends the messages that could not be sent while the broker was
 down (store/dispatch.py), and releases sweep children held by the per-owner cap (store/sweeps.py)
 once their owner's jobs have ended.
@@ -17,9 +17,9 @@ over within one interval when that one dies.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
 
+from store.background import BackgroundLoop
 from store.dispatch import dispatch, redispatch
 from store.jobs import JobStore
 from store.leader import LeaderLock
@@ -27,37 +27,31 @@ from store.leader import LeaderLock
 log = logging.getLogger("rigl.reaper")
 
 
-class Reaper(threading.Thread):
+class Reaper(BackgroundLoop):
+    idle = list  # a failed pass requeued nothing
+
     def __init__(self, store: JobStore, enqueue: Callable[[str], None], lease_seconds: float, interval: float,
                  lock: LeaderLock | None = None, max_active: int | None = None):
-        super().__init__(name="rigl-reaper", daemon=True)
+        super().__init__("rigl-reaper", interval, log)
         self.store, self.enqueue = store, enqueue
-        self.lease_seconds, self.interval = lease_seconds, interval
-        self.lock = lock  # None: act on every sweep (a test, or a single process that is the only one)
+        self.lease_seconds = lease_seconds
+        self.lock = lock  # None: act on every pass (a test, or a single process that is the only one)
         self.max_active = max_active  # the per-owner active-job cap held sweep children wait for; None: settings'
-        self.stopping = threading.Event()
 
-    def run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            self.sweep()
-
-    def sweep(self) -> list[str]:
-        """Requeue and re-send jobs whose worker died; re-send jobs whose message never reached the broker.
-        Does nothing (returns []) while another process holds the reaper's lock."""
+    def work(self) -> list[str]:
+        """One pass (`run_once`): requeue and re-send jobs whose worker died; re-send jobs whose message never
+        reached the broker; release held sweep children. Does nothing (returns []) while another process holds
+        the reaper's lock. Returns the requeued ids."""
         if self.lock is not None and not self.lock.held():
             return []
-        try:
-            requeued = self.store.requeue_stale(self.lease_seconds)
-            for job_id in requeued:
-                log.warning("job %s lost its worker; requeued", job_id)
-                dispatch(self.store, self.enqueue, job_id)
-            for job_id in redispatch(self.store, self.enqueue):
-                log.info("job %s sent to the broker, which is reachable again", job_id)
-            self.release_sweep_children()
-            return requeued
-        except Exception:  # noqa: BLE001 - a database hiccup must not kill the thread
-            log.exception("reaper sweep failed")
-            return []
+        requeued = self.store.leases.requeue_stale(self.lease_seconds)
+        for job_id in requeued:
+            log.warning("job %s lost its worker; requeued", job_id)
+            dispatch(self.store, self.enqueue, job_id)
+        for job_id in redispatch(self.store, self.enqueue):
+            log.info("job %s sent to the broker, which is reachable again", job_id)
+        self.release_sweep_children()
+        return requeued
 
     def release_sweep_children(self) -> list[str]:
         from store.settings import get_settings
@@ -67,10 +61,10 @@ class Reaper(threading.Thread):
         return release_held(self.store, self.enqueue, cap)
 
     def stop(self) -> None:
-        self.stopping.set()
+        super().stop()
         if self.lock is not None:
             if self.is_alive():
-                self.join(timeout=5)  # not mid-sweep when the lock goes to the next holder
+                self.join(timeout=5)  # not mid-pass when the lock goes to the next holder
             self.lock.release()
 
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(5, ge=1, le=20, description="Tries per S3 request (boto3's standard retries, "
                                  "with backoff) before an operation fails.")
     datasets_dir: Path | None = Field(None, description="Read-only directory for mnist/cifar/imagefolder data.")
+    db_pool_size: int = Field(10, ge=1, description="PostgreSQL connections this process keeps open (every API "
+                              "process and worker has its own pool: README \"Sizing\").")
+    db_max_overflow: int = Field(20, ge=0, description="PostgreSQL connections this process may open beyond "
+                                 "db_pool_size.")
+    db_auto_upgrade: bool = Field(True, description="Upgrade the database schema on start; off: refuse to start "
+                                  "while it is behind (`rigl db upgrade` does it).")
     queue: str = Field("rigl-train", description="Celery queue the training tasks go to.")
     auth: bool | None = Field(None, description="Require API keys; default on except in the embedded mode.")
     max_active_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have.")
@@ -62,8 +68,8 @@ class Settings(BaseSettings):
     max_synthetic_values: int = Field(200_000_000, ge=1, le=200_000_000, description="synthetic datasets: most "
                                       "samples × values per sample (at most rigl_core's own ceiling).")
     retention_days: float | None = Field(None, gt=0, description="Finished jobs older than this are deleted "
-                                         "with their artifacts by the API's cleanup sweep; None: kept.")
-    cleanup_interval_seconds: float = Field(60, gt=0, description="How often the API's cleanup sweep runs "
+                                         "with their artifacts by the API's cleanup pass; None: kept.")
+    cleanup_interval_seconds: float = Field(60, gt=0, description="How often the API's cleanup pass runs "
                                             "(pending deletions, resume checkpoints of finished jobs, retention).")
     orphan_upload_seconds: float = Field(600, ge=0, description="`.upload-*` temp files older than this are "
                                          "removed at API startup (an upload in progress is younger).")
@@ -159,3 +165,13 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings().resolved()
+
+
+def database_settings() -> Settings:
+    """The settings as the environment gives them, unresolved (no directories made): what opening a database
+    needs when the caller has no Settings at hand. A bad value is a ValueError naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(f"RIGL_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        raise ValueError(problems) from None

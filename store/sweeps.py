@@ -3,7 +3,7 @@
 A sweep queues, it never fails on the per-owner active-job cap: its children that fit under the cap
 become jobs at once; the rest wait in the sweep row (`held`, already validated and resolved) and become
 jobs as the owner's jobs end. Whoever learns that a job ended releases them: the worker that finished it
-(worker/tasks.py) and the reaper's sweep (store/reaper.py, every API replica and worker), so a lost
+(worker/tasks.py) and the reaper's pass (store/reaper.py, every API replica and worker), so a lost
 release is made good within one reaper interval. A release is one transaction under the owner's lock
 row (as create_job's cap check), so concurrent releases and submissions never overshoot the cap, and a
 child leaves `held` in the transaction that creates its job: never twice, never lost.
@@ -20,7 +20,9 @@ from sqlalchemy import delete, select, update
 from store.artifacts import ID_PATTERN, issued_id
 from store.db import Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, Sweep, WeightsRecord, utcnow
 from store.dispatch import dispatch
-from store.jobs import TERMINAL, IdempotencyConflict, JobStore
+from store.idempotency import check_unused, remember
+from store.job_state import TERMINAL
+from store.jobs import JobStore, count_active_in
 
 log = logging.getLogger("rigl.sweeps")
 
@@ -59,15 +61,13 @@ def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid
     sweep); a twin that committed first raises IdempotencyConflict."""
     with store.sessions.begin() as s:
         store.lock_owners(s, [owner])
-        if idempotency is not None and s.get(IdempotencyRecord, (owner, idempotency[0])) is not None:
-            raise IdempotencyConflict()
+        check_unused(s, owner, idempotency)
         sweep = Sweep(owner=owner, name=name, status="active", base=base, grid=grid, children=len(children),
                       held=[], held_count=0)
         s.add(sweep)
         s.flush()
-        if idempotency is not None:
-            s.add(IdempotencyRecord(owner=owner, key=idempotency[0], body_sha256=idempotency[1], job_id=sweep.id))
-        free = max(0, max_active - store._count_active(s, owner))
+        remember(s, owner, idempotency, sweep.id)
+        free = max(0, max_active - count_active_in(s, owner))
         created = [_add_child(store, s, sweep, entry).id for entry in children[:free]]
         sweep.held, sweep.held_count = children[free:], len(children) - min(free, len(children))
     return sweep, created
@@ -115,7 +115,7 @@ def release_held(store: JobStore, enqueue: Callable[[str], None], max_active: in
             sweep = s.scalars(select(Sweep).where(Sweep.id == sweep_id).with_for_update()).first()
             if sweep is None or sweep.status != "active" or not sweep.held:
                 continue
-            free = max(0, max_active - store._count_active(s, sweep_owner))
+            free = max(0, max_active - count_active_in(s, sweep_owner))
             if free == 0:
                 full.add(sweep_owner)
                 continue
@@ -189,7 +189,7 @@ def cancel_sweep(store: JobStore, sweep_id: str, owner: str | None = None) -> Sw
 
 def delete_sweep(store: JobStore, artifacts, sweep_id: str, owner: str | None = None) -> dict | None:
     """Cancel the sweep, delete each child through the job deletion path (store/deletion.py: a running
-    child is deleted by the cleanup sweep once its worker stopped it), then the sweep row.
+    child is deleted by the cleanup pass once its worker stopped it), then the sweep row.
     Returns {deleted: [job ids], pending: [job ids]}, or None when there is no such sweep."""
     from store.deletion import delete_job
 

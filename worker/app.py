@@ -1,47 +1,33 @@
-"""The Celery app: JSON only, acks_late, prefetch 1, one training process per GPU.
+"""The worker's Celery app: built on demand from the settings, never at import.
 
-The broker is whatever `RIGL_BROKER_URL` says: Redis in compose, kombu's filesystem transport in
-the embedded `rigl serve`. Jobs live in the database; Celery only carries job ids.
+`rigl worker` (worker/cli.py) builds its own with `worker_app`; `celery -A worker.app …` (the compose
+and Dockerfile health checks) finds the module attribute `app`, made on first access.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from celery import Celery
 
+from service_common.celery_app import make_celery
 from store.settings import Settings, get_settings
 
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("rigl", broker=settings.broker_url, include=["worker.tasks"])
-    transport_options: dict = {"visibility_timeout": settings.visibility_timeout}
-    if settings.broker_url.startswith("filesystem://"):
-        folder = str(settings.broker_folder)
-        transport_options = {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False,
-                             "control_folder": str(settings.broker_folder / "control")}
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=1,
-        worker_max_tasks_per_child=1,  # a fresh process per job releases GPU memory
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_hijack_root_logger=False,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        task_default_queue=settings.queue,
-        task_time_limit=settings.job_time_limit_seconds,
-        # the run itself checkpoints and ends `time_limit` at limit - grace (worker/runner.py); the soft
-        # limit is the fallback, half the grace later, and the hard limit the last resort
-        task_soft_time_limit=max(1, settings.job_time_limit_seconds - settings.time_limit_grace_seconds // 2),
-        visibility_timeout=settings.visibility_timeout,
-    )
-    return app
+TASK_MODULES = ("worker.tasks",)  # what a worker imports when it starts: the training task
 
 
-app = make_celery()
+def worker_app(settings: Settings) -> Celery:
+    """A Celery app on `settings`' broker that runs the training task."""
+    return make_celery(settings, include=TASK_MODULES)
+
+
+@lru_cache(maxsize=1)
+def _environment_app() -> Celery:
+    return worker_app(get_settings())
+
+
+def __getattr__(name: str):
+    """`worker.app.app`, for the Celery CLI's `-A worker.app`: the app of the environment's settings."""
+    if name == "app":
+        return _environment_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,14 +19,14 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.app import app
+    from service_common.log_context import configure_logging
     from store.settings import get_settings
+    from worker.app import worker_app
     from worker.devices import check_visible_gpus, owned_devices, worker_queues
 
     settings = get_settings()
     check_visible_gpus(settings)  # before any job: an 'all' job uses exactly the GPUs this worker owns
     queues = worker_queues(settings.queue, owned_devices(settings))  # slot classes 1 … devices
-    from api.request_log import configure_logging
     from worker.metrics import setup as setup_metrics
 
     configure_logging(settings.log_format, args.loglevel.upper())  # text or JSON lines, with job_id
@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
             "--queues", ",".join(queues), "--hostname", args.name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
-    app.worker_main(argv)
+    worker_app(settings).worker_main(argv)
     return 0

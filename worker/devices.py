@@ -4,10 +4,10 @@ A job with `training.devices: N` runs only on a worker owning ≥ N devices; `"a
 on all of its devices (the trainer counts the visible GPUs). One 8-GPU node is then either eight
 workers owning one GPU each or one worker owning eight (docker-compose.yml shows both).
 
-Slots (Celery messages) have the device class of their job (JobStore.claim): a slot for N devices
+Slots (Celery messages) have the device class of their job (Claims.claim): a slot for N devices
 starts only a job needing N. The API sends every slot to the plain queue, knowing no worker sizes; a
 worker owning fewer than N sends it on to `<queue>.devices-<N>`, which only workers owning ≥ N listen
-on (JobStore.forward_class). So a 1-GPU worker never sits on an 8-GPU job's slot, and a backlog of
+on (Claims.forward_class). So a 1-GPU worker never sits on an 8-GPU job's slot, and a backlog of
 1-GPU jobs never holds up an 8-GPU one.
 """
 

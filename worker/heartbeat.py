@@ -4,7 +4,7 @@ Before it existed the lease was renewed between training steps only, so a slow s
 loading a dataset, first CUDA context) or a long evaluation could outlast the lease: the reaper
 requeued a healthy job and the worker threw its work away. The thread writes progress and reads
 the cancel / preempt flags; the training loop only looks at what it last saw. Its writes stamp
-the lease with the database's clock (JobStore.heartbeat), so a worker whose clock is off is judged
+the lease with the database's clock (Leases.heartbeat), so a worker whose clock is off is judged
 fairly; while the database is unreachable it keeps trying every interval.
 """
 
@@ -47,7 +47,7 @@ class Heartbeat(threading.Thread):
     def beat_now(self) -> None:
         with self.lock:
             step, metrics = self.progress()
-            state = self.store.heartbeat(self.job_id, self.token, step, metrics)
+            state = self.store.leases.heartbeat(self.job_id, self.token, step, metrics)
             self.cancel = self.cancel or state["cancel"]
             self.preempt = self.preempt or state["preempt"]
             self.lost_lease = not state["lease"]

@@ -26,9 +26,7 @@ or a worker without a port or folder) the same series live in the default regist
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import fcntl
 import functools
 import logging
 import os
@@ -38,7 +36,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from api.request_log import job_id_var
+from service_common.log_context import job_id_var
+from service_common.metrics_folder import FolderCollector, fold
 
 log = logging.getLogger("rigl.worker")
 RUN_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 3 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
@@ -86,49 +85,6 @@ def _process_exited(pid=None, **_kwargs) -> None:
         fold(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), pid)
     except Exception:  # noqa: BLE001 - its files stay and are still counted
         log.exception("could not fold the metrics of process %d", pid)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path):
-    with open(folder / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def fold(folder: Path, pid: int) -> None:
-    """Add process `pid`'s counter and histogram values into `<kind>_totals.db` and remove its files."""
-    from prometheus_client.mmap_dict import MmapedDict
-
-    with folder_lock(folder):
-        for kind in ("counter", "histogram"):
-            own = folder / f"{kind}_{pid}.db"
-            if not own.exists():
-                continue
-            totals = MmapedDict(str(folder / f"{kind}_totals.db"))
-            try:
-                for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(own)):
-                    current, timestamp = totals.read_value(key)
-                    totals.write_value(key, current + value, timestamp)
-            finally:
-                totals.close()
-            own.unlink()
-
-
-class FolderCollector:
-    """prometheus_client's MultiProcessCollector, reading under `folder_lock` (never mid-fold)."""
-
-    def __init__(self, registry, path: str):
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        self.path, self.inner = Path(path), MultiProcessCollector(None, path=path)
-        registry.register(self)
-
-    def collect(self):
-        with folder_lock(self.path):
-            return list(self.inner.collect())
 
 
 def series() -> SimpleNamespace:

@@ -14,6 +14,7 @@ _running: list = []
 
 @worker_ready.connect
 def start_worker_reaper(sender=None, **_kwargs) -> None:
+    from service_common.celery_app import enqueue_train
     from store.jobs import JobStore
     from store.reaper import start_reaper
     from store.settings import get_settings
@@ -24,9 +25,9 @@ def start_worker_reaper(sender=None, **_kwargs) -> None:
     app = sender.app
 
     def enqueue(job_id: str) -> None:
-        app.send_task("rigl.train", args=[job_id], queue=settings.queue)
+        enqueue_train(app, job_id, settings.queue)
 
-    _running.append(start_reaper(JobStore(settings.database_url), enqueue, settings.database_url,
+    _running.append(start_reaper(JobStore(settings.database_url, settings), enqueue, settings.database_url,
                                  settings.lease_seconds, settings.reaper_interval_seconds))
 
 

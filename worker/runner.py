@@ -2,7 +2,7 @@
 
 Celery-free, so it can be tested and reused; the Celery task is a thin wrapper around `run_slot`.
 
-Every write carries the run's lease token and is refused once the lease is lost (JobStore._fence),
+Every write carries the run's lease token and is refused once the lease is lost (store/leases.py `fence`),
 and every file the run publishes is written under a name of its own (attempt and step in the resume
 checkpoint's name, `.a<attempt>.tmp` temp names for the exports), so a worker that lost its lease can
 never overwrite its successor's files or rows. A database that is briefly unreachable is waited out
@@ -22,13 +22,13 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from rigl_core.export.packed import extra_exports, save_dense, save_packed
-from rigl_core.training.run import DENSE_EXPORT, PACKED_EXPORT, REPORT
+from rigl_core.export.pipeline import OutputFile, TrainedRun, write_outputs
 from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
-from store.jobs import JobStore, LeaseLost
+from store.jobs import JobStore
+from store.leases import LeaseLost
 from store.object_store import is_store_outage
 from store.scrub import scrub_paths
 from store.settings import Settings
@@ -100,7 +100,7 @@ class StoreCallback(Callback):
         if not self.pending or (not force and now < self.flush_retry_at):
             return
         try:
-            self.store.add_events(self.job_id, self.pending, token=self.token)
+            self.store.events.add_events(self.job_id, self.pending, token=self.token)
         except LeaseLost:
             self.pending, self.write_refused = [], True
             return
@@ -129,7 +129,7 @@ class StoreCallback(Callback):
         self.pending = []
         for event in kept:
             try:
-                self.store.add_events(self.job_id, [event], token=self.token)
+                self.store.events.add_events(self.job_id, [event], token=self.token)
             except LeaseLost:
                 self.write_refused = True
                 return
@@ -220,7 +220,7 @@ def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifac
     try:
         artifacts.upload(path)
         row = retry_transient(
-            lambda: store.add_checkpoint(job_id, "resume", trainer.step, name, sha256_file(path), path.stat().st_size,
+            lambda: store.checkpoints.add_checkpoint(job_id, "resume", trainer.step, name, sha256_file(path), path.stat().st_size,
                                          metrics=trainer.eval_history[-1] if trainer.eval_history else None,
                                          token=token),
             budget, f"job {job_id}: checkpoint row")
@@ -234,7 +234,7 @@ def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifac
 
 
 def _forget(artifacts: Artifacts, key: str) -> None:
-    """Remove an artifact nobody refers to; a store that can't be reached leaves it to the API's sweep."""
+    """Remove an artifact nobody refers to; a store that can't be reached leaves it to the API's cleanup pass."""
     try:
         artifacts.remove(key)
     except Exception as error:  # noqa: BLE001 - logged; never hides the error being handled
@@ -258,7 +258,7 @@ def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path,
         if is_no_space(error):
             raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
         raise
-    if not retry_transient(lambda: store.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
+    if not retry_transient(lambda: store.leases.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
         tmp.unlink(missing_ok=True)
         if artifacts is not None:
             _forget(artifacts, artifacts.key_of(tmp))
@@ -288,15 +288,6 @@ def materialise(resolved_spec: dict, artifacts: Artifacts) -> dict:
     return tree
 
 
-def _write_json(data: dict) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        with open(path, "w") as f:
-            f.write(json.dumps(data, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-    return write
-
-
 def summary(report: dict) -> dict:
     totals = report["totals"]
     return {
@@ -324,7 +315,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
 def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = None,
              stop_requested: threading.Event | None = None,
              forward: Callable[[int], None] | None = None) -> tuple[str, str | None]:
-    """One message = one slot: claim the fairest claimable job (JobStore.claim) and run it.
+    """One message = one slot: claim the fairest claimable job (Claims.claim) and run it.
     Returns (outcome, id of the job run, or None when nothing was claimed).
 
     A slot has its job's device class (worker/devices.py); one too big for this worker goes to
@@ -334,43 +325,87 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
     The run checkpoints and ends `time_limit` `time_limit_grace_seconds` before `job_time_limit_seconds`.
     """
     started = time.monotonic()
-    store = store or JobStore(settings.database_url)
+    store = store or JobStore(settings.database_url, settings)
     artifacts = Artifacts.from_settings(settings)
-    budget = settings.db_retry_seconds
-    devices = owned_devices(settings)
+    claimed = claim_slot(message_job_id, settings, store, forward)
+    if isinstance(claimed, str):
+        return claimed, None
+    job, token = claimed
+    return JobRun(job, token, settings, store, artifacts, stop_requested, started).run()
+
+
+def claim_slot(message_job_id: str, settings: Settings, store: JobStore,
+               forward: Callable[[int], None] | None) -> tuple[Job, str] | str:
+    """(job, lease token) of the job this slot starts, or what became of the slot: "forwarded" to the
+    queue of a bigger device class, or "skipped" (nothing to claim)."""
+    budget, devices = settings.db_retry_seconds, owned_devices(settings)
     job, token = retry_transient(
-        lambda: store.claim(message_job_id, settings.max_attempts, settings.lease_seconds,
-                            worker=f"{socket.gethostname()}:{os.getpid()}", devices=devices),
+        lambda: store.claims.claim(message_job_id, settings.max_attempts, settings.lease_seconds,
+                                   worker=f"{socket.gethostname()}:{os.getpid()}", devices=devices),
         budget, f"job {message_job_id}: claim")
-    if job is None:
-        onward = retry_transient(lambda: store.forward_class(message_job_id, devices), budget,
-                                 f"job {message_job_id}: forward")
-        if onward is not None and forward is not None:
-            log.info("message for job %s: a slot for %d devices, this worker has %d; sent on", message_job_id,
-                     onward, devices)
-            forward(onward)
-            return "forwarded", None
-        log.info("message for job %s: nothing run (%s)", message_job_id, token)
-        return "skipped", None
-    job_id = job.id
-    limit = settings.job_time_limit_seconds
-    deadline = started + max(limit / 2, limit - settings.time_limit_grace_seconds)
-    callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
-    callback.heartbeat.start()
+    if job is not None:
+        return job, token
+    onward = retry_transient(lambda: store.claims.forward_class(message_job_id, devices), budget,
+                             f"job {message_job_id}: forward")
+    if onward is not None and forward is not None:
+        log.info("message for job %s: a slot for %d devices, this worker has %d; sent on", message_job_id,
+                 onward, devices)
+        forward(onward)
+        return "forwarded"
+    log.info("message for job %s: nothing run (%s)", message_job_id, token)
+    return "skipped"
 
-    def finish(status: str, message: str, **kwargs) -> None:
+
+class JobRun:
+    """One claimed job, trained under its lease: `run` trains it, then ends it one of three ways: stopped
+    early (`stopped`: requeued, out of time or cancelled), finished (`publish`: its outputs, then
+    succeeded), or failed (`failed`). Returns the outcome and the job's id."""
+
+    def __init__(self, job: Job, token: str, settings: Settings, store: JobStore, artifacts: Artifacts,
+                 stop_requested: threading.Event | None, started: float):
+        self.job, self.job_id, self.token = job, job.id, token
+        self.settings, self.store, self.artifacts = settings, store, artifacts
+        self.budget = settings.db_retry_seconds
+        limit = settings.job_time_limit_seconds
+        deadline = started + max(limit / 2, limit - settings.time_limit_grace_seconds)
+        self.callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
+
+    def run(self) -> tuple[str, str]:
+        self.callback.heartbeat.start()
         try:
-            retry_transient(lambda: store.finish(job_id, token, status, message, **kwargs), budget,
-                            f"job {job_id}: finish")
-        except Exception:  # noqa: BLE001 - the reaper requeues it once the lease lapses
-            log.error("job %s: could not record %s: %s", job_id, status, traceback.format_exc())
+            trainer, report = self.train()
+            if self.callback.lost_lease:
+                log.warning("job %s: lease lost, stopping without writing", self.job_id)
+                return "skipped", self.job_id
+            if trainer.stopped_early:
+                return self.stopped(trainer), self.job_id
+            self.publish(trainer, report)
+            self.finish("succeeded", "succeeded", result=summary(report))
+            return "succeeded", self.job_id
+        except LeaseLost:
+            log.warning("job %s: lease lost; its writes were refused, stopping", self.job_id)
+            return "skipped", self.job_id
+        except SoftTimeLimitExceeded:
+            log.error("job %s: Celery's soft time limit interrupted it", self.job_id)
+            self.finish("failed", f"the job reached its time limit ({self.settings.job_time_limit_seconds} s per "
+                                  "run) before it could checkpoint", error_code="time_limit")
+            return "failed", self.job_id
+        except Exception as exc:  # noqa: BLE001 - any failure ends the job with a readable error
+            return self.failed(exc), self.job_id
+        finally:
+            self.callback.heartbeat.stop()
+            try:
+                self.artifacts.release_job(self.job_id)  # a bucket holds the job's files; this node's copies go
+            except OSError:
+                log.warning("job %s: could not clear its local artifact folder", self.job_id)
 
-    try:
-        resolved = on_this_node(materialise(job.resolved_spec, artifacts), settings)  # keys -> this node's files
-        check_job_paths(resolved, settings)  # confined to this worker's datasets/uploads dirs
-        spec = JobSpec.model_validate(resolved)
-        trainer = Trainer(spec, callbacks=[callback])
-        resume = retry_transient(lambda: store.latest_checkpoint(job_id, "resume"), budget,
+    def train(self) -> tuple[Trainer, dict]:
+        """Train from the job's resume checkpoint if it has one; every event written when it returns."""
+        job_id, callback, artifacts = self.job_id, self.callback, self.artifacts
+        resolved = on_this_node(materialise(self.job.resolved_spec, artifacts), self.settings)  # keys -> files
+        check_job_paths(resolved, self.settings)  # confined to this worker's datasets/uploads dirs
+        trainer = Trainer(JobSpec.model_validate(resolved), callbacks=[callback])
+        resume = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(job_id, "resume"), self.budget,
                                  f"job {job_id}: resume checkpoint")
         if resume is not None:
             trainer.load_checkpoint(artifacts.fetch(artifacts.job_key(job_id, resume.filename), resume.size))
@@ -379,87 +414,89 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
             callback.flush(force=True)
         report = trainer.fit()
         callback.sync(trainer.step)
-        if callback.lost_lease:
-            log.warning("job %s: lease lost, stopping without writing", job_id)
-            return "skipped", job_id
-        if trainer.stopped_early:
-            saved = "a checkpoint was saved"
-            try:
-                save_resume_checkpoint(trainer, store, artifacts, job_id, token, job.attempt, budget)
-            except NoSpaceError:  # stop anyway; a later run resumes from the previous checkpoint
-                saved = "no checkpoint could be saved (no space left on the artifact volume)"
-                callback.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
-                              level="warn", data={"step": trainer.step, "code": "no_space"})
-                callback.sync(trainer.step)
-            except Exception as error:  # noqa: BLE001 - a bucket that can't be reached: as a full disk
-                if not is_store_outage(error):
-                    raise
-                saved = "no checkpoint could be saved (the artifact store was unavailable)"
-                callback.note(f"checkpoint at step {trainer.step} skipped: the artifact store was unavailable",
-                              level="warn", data={"step": trainer.step, "code": "storage_unavailable"})
-                callback.sync(trainer.step)
-            if callback.shutdown and not callback.cancel:
-                why = "worker process stopped (SIGTERM)" if callback.stop_requested.is_set() else \
-                    "worker shutting down"
-                requeued = retry_transient(
-                    lambda: store.requeue(job_id, token, f"{why} at step {trainer.step}; will resume"), budget,
-                    f"job {job_id}: requeue")
-                return ("requeued" if requeued else "skipped"), job_id
-            if callback.timed_out and not callback.cancel:
-                limit = settings.job_time_limit_seconds
-                finish("failed", f"the job reached its time limit ({limit} s per run) at step {trainer.step}; "
-                                 f"{saved}", error_code="time_limit")
-                return "failed", job_id
-            finish("cancelled", f"cancelled at step {trainer.step}")
-            return "cancelled", job_id
-        job_dir = artifacts.job_dir(job_id)
-        report["spec"] = job.spec
-        values = trainer.spec.export.values
-        publish(store, job_id, token, job.attempt, job_dir / REPORT, _write_json(report), budget, artifacts)
-        for kind, name, save, optional in (
-                ("dense", DENSE_EXPORT, lambda p: save_dense(trainer.model, p), False),
-                ("packed", PACKED_EXPORT, lambda p: save_packed(trainer.model, trainer.sparsifier.masks, p,
-                                                                values), False),
-                *extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape, values)):
-            try:
-                path = publish(store, job_id, token, job.attempt, job_dir / name, save, budget, artifacts)
-            except Exception as error:  # an optional export (ONNX) that fails is skipped, never the job
-                if not optional or isinstance(error, (LeaseLost, NoSpaceError)) or is_store_outage(error):
-                    raise
-                callback.note(f"{kind} export skipped: {scrub_paths(str(error).splitlines()[0], settings)}"
-                              if str(error) else f"{kind} export skipped: {type(error).__name__}",
-                              level="warn", data={"code": "export_skipped", "export": kind})
-                callback.sync(trainer.step)
+        return trainer, report
+
+    def stopped(self, trainer: Trainer) -> str:
+        """Stopped before the end: checkpoint, then requeue (shutdown), fail `time_limit`, or cancel."""
+        saved = self.save_final_checkpoint(trainer)
+        callback, settings = self.callback, self.settings
+        if callback.shutdown and not callback.cancel:
+            why = "worker process stopped (SIGTERM)" if callback.stop_requested.is_set() else "worker shutting down"
+            requeued = retry_transient(
+                lambda: self.store.leases.requeue(self.job_id, self.token, f"{why} at step {trainer.step}; will resume"),
+                self.budget, f"job {self.job_id}: requeue")
+            return "requeued" if requeued else "skipped"
+        if callback.timed_out and not callback.cancel:
+            limit = settings.job_time_limit_seconds
+            self.finish("failed", f"the job reached its time limit ({limit} s per run) at step {trainer.step}; "
+                                  f"{saved}", error_code="time_limit")
+            return "failed"
+        self.finish("cancelled", f"cancelled at step {trainer.step}")
+        return "cancelled"
+
+    def save_final_checkpoint(self, trainer: Trainer) -> str:
+        """A checkpoint to resume from; one that can't be written (full disk, bucket down) is noted, and a
+        later run resumes from the previous one. Returns what happened, for the job's message."""
+        callback = self.callback
+        try:
+            save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id, self.token, self.job.attempt,
+                                   self.budget)
+            return "a checkpoint was saved"
+        except NoSpaceError:
+            why, code = "no space left on the artifact volume", "no_space"
+        except Exception as error:  # noqa: BLE001 - a bucket that can't be reached: as a full disk
+            if not is_store_outage(error):
+                raise
+            why, code = "the artifact store was unavailable", "storage_unavailable"
+        callback.note(f"checkpoint at step {trainer.step} skipped: {why}", level="warn",
+                      data={"step": trainer.step, "code": code})
+        callback.sync(trainer.step)
+        return f"no checkpoint could be saved ({why})"
+
+    def publish(self, trainer: Trainer, report: dict) -> None:
+        """The report and every export (rigl_core/export/pipeline.py), each placed under the lease and
+        uploaded (`publish`), each export with its checkpoint row."""
+        job_id, token, store = self.job_id, self.token, self.store
+        report["spec"] = self.job.spec
+
+        def put(final: Path, write: Callable[[Path], object]) -> Path:
+            return publish(store, job_id, token, self.job.attempt, final, write, self.budget, self.artifacts)
+
+        for output, path in write_outputs(TrainedRun.of(trainer, report), self.artifacts.job_dir(job_id), put,
+                                          self.skipped):
+            if not output.is_export:
                 continue
             sha, size = sha256_file(path), path.stat().st_size
-            retry_transient(lambda: store.add_checkpoint(job_id, kind, trainer.step, name, sha, size,
-                                                         metrics=report["final_metrics"], token=token),
-                            budget, f"job {job_id}: {kind} checkpoint row")
-        finish("succeeded", "succeeded", result=summary(report))
-        return "succeeded", job_id
-    except LeaseLost:
-        log.warning("job %s: lease lost; its writes were refused, stopping", job_id)
-        return "skipped", job_id
-    except SoftTimeLimitExceeded:
-        log.error("job %s: Celery's soft time limit interrupted it", job_id)
-        finish("failed", f"the job reached its time limit ({settings.job_time_limit_seconds} s per run) before "
-                         "it could checkpoint", error_code="time_limit")
-        return "failed", job_id
-    except Exception as exc:  # noqa: BLE001 - any failure ends the job with a readable error
-        log.error("job %s failed: %s", job_id, traceback.format_exc())
+            retry_transient(lambda: store.checkpoints.add_checkpoint(job_id, output.kind, trainer.step,
+                                                                     output.filename, sha, size,
+                                                                     metrics=report["final_metrics"], token=token),
+                            self.budget, f"job {job_id}: {output.kind} checkpoint row")
+
+    def skipped(self, output: OutputFile, error: Exception) -> None:
+        """An optional export (ONNX) that failed is noted on the job, never its end; a lost lease, a full disk
+        or an unreachable bucket still are."""
+        if isinstance(error, (LeaseLost, NoSpaceError)) or is_store_outage(error):
+            raise error
+        first = scrub_paths(str(error).splitlines()[0], self.settings) if str(error) else type(error).__name__
+        self.callback.note(f"{output.kind} export skipped: {first}", level="warn",
+                           data={"code": "export_skipped", "export": output.kind})
+        self.callback.sync(self.callback.step)
+
+    def failed(self, exc: Exception) -> str:
+        log.error("job %s failed: %s", self.job_id, traceback.format_exc())
         if is_no_space(exc):
-            finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
-            return "failed", job_id
-        if is_store_outage(exc):  # its message names the bucket's endpoint: not shown
-            finish("failed", "the artifact store was unavailable", error_code="storage_unavailable")
-            return "failed", job_id
-        code = "invalid_job" if isinstance(exc, ValueError) else "training_error"
-        message = scrub_paths(str(exc).splitlines()[0], settings) if str(exc) else type(exc).__name__
-        finish("failed", message, error_code=code)
-        return "failed", job_id
-    finally:
-        callback.heartbeat.stop()
+            self.finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
+        elif is_store_outage(exc):  # its message names the bucket's endpoint: not shown
+            self.finish("failed", "the artifact store was unavailable", error_code="storage_unavailable")
+        else:
+            code = "invalid_job" if isinstance(exc, ValueError) else "training_error"
+            message = scrub_paths(str(exc).splitlines()[0], self.settings) if str(exc) else type(exc).__name__
+            self.finish("failed", message, error_code=code)
+        return "failed"
+
+    def finish(self, status: str, message: str, **kwargs) -> None:
         try:
-            artifacts.release_job(job_id)  # a bucket holds the job's files; this node's copies go
-        except OSError:
-            log.warning("job %s: could not clear its local artifact folder", job_id)
+            retry_transient(lambda: self.store.leases.finish(self.job_id, self.token, status, message, **kwargs),
+                            self.budget, f"job {self.job_id}: finish")
+        except Exception:  # noqa: BLE001 - the reaper requeues it once the lease lapses
+            log.error("job %s: could not record %s: %s", self.job_id, status, traceback.format_exc())

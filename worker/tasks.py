@@ -1,4 +1,7 @@
-"""The one task: train a job by id. The body delegates to worker.runner."""
+"""The one task: train a job by id. The body delegates to worker.runner.
+
+A shared task: it belongs to whichever app the worker built (worker/app.py), so importing this module
+builds no app; it sends its follow-up messages through the app that runs it (`self.app`)."""
 
 from __future__ import annotations
 
@@ -6,10 +9,11 @@ import signal
 import threading
 
 import rigl_core.training.trainer  # noqa: F401 - preload torch in the parent so each fresh child starts fast
+from celery import shared_task
 from celery.signals import worker_shutting_down
 
+from service_common.celery_app import TRAIN_TASK, enqueue_train
 from worker import reaping  # noqa: F401 - the worker's reaper thread (signals)
-from worker.app import app
 
 # Set in the worker's main process when its warm shutdown begins. A pool process forked after that
 # (the job that was running requeued itself and its process exited) inherits it and hands its
@@ -17,8 +21,8 @@ from worker.app import app
 shutting_down = threading.Event()
 
 
-@app.task(name="rigl.train", acks_late=True, reject_on_worker_lost=True)
-def train(job_id: str) -> str:
+@shared_task(bind=True, name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+def train(self, job_id: str) -> str:
     """SIGTERM to this pool process (Celery cancels running tasks when it loses the broker; an
     operator's `kill`) asks the job to checkpoint and requeue at the next step. Billiard's default
     handler raised SystemExit wherever the process was, even inside a database call, and a job
@@ -39,38 +43,38 @@ def train(job_id: str) -> str:
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
     try:
         settings = get_settings()
-        store = JobStore(settings.database_url)
+        store = JobStore(settings.database_url, settings)
 
         def forward(devices: int) -> None:  # to the workers owning ≥ devices; unsent: the reaper re-sends it
             queue = slot_queue(settings.queue, devices)
-            retry_transient(lambda: dispatch(store, lambda job: train.apply_async(args=[job], queue=queue), job_id),
+            retry_transient(lambda: dispatch(store, lambda job: enqueue_train(self.app, job, queue), job_id),
                             settings.db_retry_seconds, f"job {job_id}: slot for {devices} devices")
 
-        try:  # the message is a slot: the job run is the fairest claimable one (JobStore.claim)
+        try:  # the message is a slot: the job run is the fairest claimable one (Claims.claim)
             outcome, ran = run_slot(job_id, settings, store, stop_requested=stop_requested, forward=forward)
         except Exception as error:
             if is_transient(error):  # the database stayed down longer than db_retry_seconds: try later
                 raise Reject(f"database unavailable: {type(error).__name__}", requeue=True) from error
             raise
         if outcome == "requeued":  # checkpointed; send it to the next worker (or leave it to the reaper)
-            retry_transient(lambda: dispatch(store, lambda job: train.apply_async(args=[job], queue=settings.queue),
-                                             ran), settings.db_retry_seconds, f"job {ran}: requeue message")
+            retry_transient(lambda: dispatch(store, lambda job: enqueue_train(self.app, job, settings.queue), ran),
+                            settings.db_retry_seconds, f"job {ran}: requeue message")
         elif outcome in ("succeeded", "failed", "cancelled"):  # a slot under its owner's cap came free
-            release_sweep_children(store, settings)
+            release_sweep_children(store, settings, self.app)
         return outcome
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def release_sweep_children(store, settings) -> None:
+def release_sweep_children(store, settings, app) -> None:
     """Held sweep children of the finished job's owner (and any other) start now rather than at the next
-    reaper sweep (store/sweeps.py); a failure here only delays them to that sweep."""
+    reaper pass (store/sweeps.py); a failure here only delays them to that pass."""
     import logging
 
     from store.sweeps import release_held
 
     try:
-        release_held(store, lambda job: train.apply_async(args=[job], queue=settings.queue),
+        release_held(store, lambda job: enqueue_train(app, job, settings.queue),
                      settings.max_active_jobs_per_owner)
     except Exception:  # noqa: BLE001 - the reaper releases them later
         logging.getLogger("rigl.worker").exception("could not release held sweep children")
@@ -107,6 +111,6 @@ def _preempt_running_jobs(sig=None, how=None, exitcode=None, **_kwargs) -> None:
     if holders:
         try:
             store = JobStore(get_settings().database_url)
-            retry_transient(lambda: store.request_preempt(holders=holders), 30, "preempt on shutdown")
+            retry_transient(lambda: store.leases.request_preempt(holders=holders), 30, "preempt on shutdown")
         except Exception:  # noqa: BLE001 - the database is down: the job runs on; a later SIGTERM stops it
             logging.getLogger("rigl.worker").exception("could not ask the running job to checkpoint")

@@ -14,13 +14,15 @@ from starlette.background import BackgroundTask
 
 from api.context import Context, get_context
 from api.errors import ApiError
+from api.idempotency import replayed
 from api.event_hub import EventHub, StreamSlots
 from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, event_json, job_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec, SparsitySpec
 from store.deletion import delete_job as delete_stored_job
 from store.dispatch import dispatch
-from store.jobs import IdempotencyConflict, TooManyActiveJobs, UploadGone
+from store.idempotency import IdempotencyConflict
+from store.jobs import TooManyActiveJobs, UploadGone
 from store.object_store import is_store_outage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -80,14 +82,8 @@ def _too_many_jobs(cap: int) -> ApiError:
 
 
 def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
-    record = ctx.store.idempotent_job(ctx.principal, key)
-    if record is None:
-        return None
-    if record.body_sha256 != digest:
-        raise ApiError(422, "idempotency_mismatch", "this Idempotency-Key was used with a different body",
-                       "Idempotency-Key")
-    response.headers["Idempotent-Replayed"] = "true"
-    return job_json(ctx.store.get_job(record.job_id))
+    job = replayed(ctx, key, digest, response, ctx.store.get_job)
+    return job_json(job) if job is not None else None
 
 
 @router.get("")
@@ -146,7 +142,7 @@ def delete_job(job_id: str, response: Response, ctx: Context = Depends(get_conte
 def list_events(job_id: str, after: int = Query(0, ge=0, le=MAX_EVENT_ID), limit: int = Query(100, ge=1, le=1000),
                 ctx: Context = Depends(get_context)) -> dict:
     _job_or_404(ctx, job_id)
-    events = ctx.store.list_events(job_id, after, limit + 1)
+    events = ctx.store.events.list_events(job_id, after, limit + 1)
     return {"object": "list", "data": [event_json(e) for e in events[:limit]], "has_more": len(events) > limit}
 
 
@@ -185,7 +181,7 @@ async def stream_events(job_id: str, request: Request, after: int = Query(0, ge=
             while True:
                 changed = feed.changed  # taken before looking, so a change after the look still wakes us
                 if feed.floor is not None and cursor < feed.floor:  # behind the feed's buffer: read the database
-                    events = await run_in_threadpool(ctx.store.list_events, job_id, cursor, 500)
+                    events = await run_in_threadpool(ctx.store.events.list_events, job_id, cursor, 500)
                     if not events:
                         cursor = feed.floor
                 else:
@@ -238,7 +234,7 @@ def metrics(job_id: str, max_points: int | None = Query(None, ge=10, le=100_000)
     counts, and `thinned` says whether any was thinned."""
     job = _job_or_404(ctx, job_id)
     cap = min(max_points or ctx.settings.max_metric_points, ctx.settings.max_metric_points)
-    found = ctx.store.series_events(job_id, ("metrics", "eval", "mask_update"), cap)
+    found = ctx.store.events.series_events(job_id, ("metrics", "eval", "mask_update"), cap)
     series, points = {}, {}
     for kind, name in (("metrics", "train"), ("eval", "eval"), ("mask_update", "mask_updates")):
         events, total = found[kind]
@@ -279,7 +275,7 @@ def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 @router.get("/{job_id}/checkpoints")
 def list_checkpoints(job_id: str, ctx: Context = Depends(get_context)) -> dict:
     _job_or_404(ctx, job_id)
-    return {"object": "list", "data": [checkpoint_json(c) for c in ctx.store.list_checkpoints(job_id)],
+    return {"object": "list", "data": [checkpoint_json(c) for c in ctx.store.checkpoints.list_checkpoints(job_id)],
             "has_more": False}
 
 
@@ -291,7 +287,7 @@ def download_checkpoint(job_id: str, format: str = Query("dense", pattern="^(den
     With a bucket it is streamed from the store, or, with `s3_presigned_downloads`, answered 307 to a
     presigned URL of the object (the bytes then never pass through the API)."""
     _job_or_404(ctx, job_id)
-    row = ctx.store.latest_checkpoint(job_id, format)
+    row = ctx.store.checkpoints.latest_checkpoint(job_id, format)
     if row is None:
         raise ApiError(404, "not_found", f"job {job_id!r} has no {format} checkpoint yet", "format")
     artifacts, filename = ctx.artifacts, f"{job_id}-{row.filename}"

@@ -42,7 +42,7 @@ class PlanRequest(BaseModel):
 @router.get("/architectures")
 def list_architectures(ctx: Context = Depends(get_context)) -> dict:
     return {"object": "list", "builtin": list(BUILTIN_MODELS), "torchvision": "any torchvision classification "
-            "model name, e.g. resnet18", "data": [architecture_json(a) for a in ctx.store.list_architectures(ctx.owner)]}
+            "model name, e.g. resnet18", "data": [architecture_json(a) for a in ctx.store.uploads.list_architectures(ctx.owner)]}
 
 
 @router.post("/architectures", status_code=201)
@@ -54,14 +54,14 @@ def upload_architecture(body: ArchitectureUpload, ctx: Context = Depends(get_con
     if len(out_shape) != 1:
         raise ApiError(422, "invalid_architecture", f"must end in a flat vector of logits, got {list(out_shape)}",
                        "architecture.layers")
-    row = ctx.store.add_architecture(body.name, body.architecture.model_dump(mode="json", exclude_none=True),
+    row = ctx.store.uploads.add_architecture(body.name, body.architecture.model_dump(mode="json", exclude_none=True),
                                      params, owner=ctx.principal)
     return architecture_json(row)
 
 
 @router.get("/architectures/{arch_id}")
 def get_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> dict:
-    row = ctx.store.get_architecture(arch_id, ctx.owner)
+    row = ctx.store.uploads.get_architecture(arch_id, ctx.owner)
     if row is None:
         raise ApiError(404, "not_found", f"no architecture {arch_id!r}", "arch_id")
     return architecture_json(row)
@@ -83,7 +83,7 @@ def delete_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> di
 @router.get("/datasets")
 def list_datasets(ctx: Context = Depends(get_context)) -> dict:
     return {"object": "list", "builtin": [d for d in DATASETS if d != "tensors"],
-            "data": [dataset_json(d) for d in ctx.store.list_datasets(ctx.owner)]}
+            "data": [dataset_json(d) for d in ctx.store.uploads.list_datasets(ctx.owner)]}
 
 
 @router.delete("/datasets/{dataset_id}")
@@ -108,7 +108,7 @@ async def upload_dataset(request: Request, name: str = Query(..., min_length=1, 
                                "invalid_dataset") as upload:
         meta = await run_in_threadpool(_inspect_upload, upload.path, ctx.settings)
         # a database call: in the threadpool, never on the event loop (this route is async for the stream)
-        row = await run_in_threadpool(ctx.store.add_dataset, name=name, format=format, size=upload.size,
+        row = await run_in_threadpool(ctx.store.uploads.add_dataset, name=name, format=format, size=upload.size,
                                       sha256=upload.sha256, owner=ctx.principal, **meta)
         await place_upload(ctx, upload.path, ctx.artifacts.dataset_key(row.id, format), keep_local=False,
                            undo=lambda: deletion.delete_dataset(ctx.store, ctx.artifacts, row.id))
@@ -134,7 +134,7 @@ def _dataset_shape(dataset: DatasetSpec | None, ctx: Context) -> tuple[list[int]
     if dataset is None:
         return None, None
     if dataset.name == "tensors":
-        row = ctx.store.get_dataset(dataset.path or "", ctx.owner)
+        row = ctx.store.uploads.get_dataset(dataset.path or "", ctx.owner)
         if row is None:
             raise ApiError(422, "invalid_request", f"no uploaded dataset {dataset.path!r}", "dataset.path")
         return list(row.input_shape), row.num_classes
@@ -153,7 +153,7 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
     model = body.model
     architecture = model.architecture
     if UPLOADED_ARCHITECTURE.match(model.name):
-        row = ctx.store.get_architecture(model.name, ctx.owner)
+        row = ctx.store.uploads.get_architecture(model.name, ctx.owner)
         if row is None:
             raise ApiError(422, "invalid_request", f"no uploaded architecture {model.name!r}", "model.name")
         architecture = Architecture.model_validate(row.spec)

@@ -16,11 +16,12 @@ from pydantic import ValidationError
 
 from api.context import Context, get_context
 from api.errors import FIELD_PREFIX, ApiError, _loc_to_field
+from api.idempotency import replayed
 from api.schemas import LABELS, SweepSubmission, sweep_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
 from store import sweeps as stored
-from store.jobs import IdempotencyConflict
+from store.idempotency import IdempotencyConflict
 from store.dispatch import dispatch
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -99,15 +100,8 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
 
 
 def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
-    record = ctx.store.idempotent_job(ctx.principal, key)
-    if record is None:
-        return None
-    sweep = stored.get_sweep(ctx.store, record.job_id, ctx.owner) if record.body_sha256 == digest else None
-    if sweep is None:  # another body, or the key named a job
-        raise ApiError(422, "idempotency_mismatch", "this Idempotency-Key was used with a different body",
-                       "Idempotency-Key")
-    response.headers["Idempotent-Replayed"] = "true"
-    return _view(ctx, sweep)
+    sweep = replayed(ctx, key, digest, response, lambda sweep_id: stored.get_sweep(ctx.store, sweep_id, ctx.owner))
+    return _view(ctx, sweep) if sweep is not None else None
 
 
 @router.get("")

@@ -25,12 +25,12 @@ router = APIRouter(prefix="/v1", tags=["resources"])
 
 @router.get("/weights")
 def list_weights(ctx: Context = Depends(get_context)) -> dict:
-    return {"object": "list", "data": [weights_json(w) for w in ctx.store.list_weights(ctx.owner)]}
+    return {"object": "list", "data": [weights_json(w) for w in ctx.store.uploads.list_weights(ctx.owner)]}
 
 
 @router.get("/weights/{weights_id}")
 def get_weights(weights_id: str, ctx: Context = Depends(get_context)) -> dict:
-    row = ctx.store.get_weights(weights_id, ctx.owner)
+    row = ctx.store.uploads.get_weights(weights_id, ctx.owner)
     if row is None:
         raise ApiError(404, "not_found", f"no weights {weights_id!r}", "weights_id")
     return weights_json(row)
@@ -56,7 +56,7 @@ async def upload_weights(request: Request, name: str = Query(..., min_length=1, 
     async with streamed_upload(request, ctx.artifacts.root / "weights", ".safetensors",
                                ctx.settings.max_weights_bytes, "invalid_weights") as upload:
         shapes = await run_in_threadpool(_inspect, upload.path)
-        row = await run_in_threadpool(ctx.store.add_weights, name=name, size=upload.size, sha256=upload.sha256,
+        row = await run_in_threadpool(ctx.store.uploads.add_weights, name=name, size=upload.size, sha256=upload.sha256,
                                       owner=ctx.principal, tensors=len(shapes),
                                       params=sum(math.prod(s) for s in shapes.values()))
         await place_upload(ctx, upload.path, ctx.artifacts.weights_key(row.id),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rigl_core.data.dataset import DatasetError, epoch_order
+from rigl_core.data.epochs import steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,7 @@ class BatchOrder:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Full batches, plus the last partial one when every micro-batch of every rank gets a sample."""
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest >= self.pieces else 0)
+        return steps_per_epoch(self.num_samples, self.batch_size, self.pieces)
 
     def order(self, epoch: int, device: torch.device | None = None) -> torch.Tensor:
         order = epoch_order(self.num_samples, self.seed, epoch)

@@ -7,12 +7,12 @@ run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from rigl_core.data.augment import crop_flip
+from rigl_core.data.holdout import validation_size
 
 
 class DatasetError(ValueError):
@@ -77,7 +77,7 @@ def channel_stats(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Te
 def split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
     """A fixed split: the same seed always gives the same validation set."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(len(x) * val_fraction)))
+    n_val = validation_size(len(x), val_fraction)
     if n_val >= len(x):
         raise DatasetError("dataset.val_fraction: leaves no training samples")
     val, train = order[:n_val], order[n_val:]
@@ -87,7 +87,3 @@ def split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
-
-
-def batches_per_epoch(num_samples: int, batch_size: int) -> int:
-    return math.ceil(num_samples / batch_size)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rigl_core.data.holdout import training_size
+
 
 @dataclass
 class DatasetShape:
@@ -12,19 +14,15 @@ class DatasetShape:
     num_train: int | None
 
 
-def _train_count(total: int, val_fraction: float) -> int:
-    return total - max(1, int(round(total * val_fraction)))
-
-
 def describe(spec) -> DatasetShape | None:
     """Shape, classes and training-set size of a built-in or file dataset; None for uploaded tensors."""
     name = spec.name
     if name == "digits":
-        return DatasetShape([1, 8, 8], 10, _train_count(1797, spec.val_fraction))
+        return DatasetShape([1, 8, 8], 10, training_size(1797, spec.val_fraction))
     if name == "mnist1d":
         return DatasetShape([1, 40], 10, 4000)
     if name == "synthetic":
-        return DatasetShape(list(spec.input_shape), spec.num_classes, _train_count(spec.num_samples, spec.val_fraction))
+        return DatasetShape(list(spec.input_shape), spec.num_classes, training_size(spec.num_samples, spec.val_fraction))
     if name in ("mnist", "fashion-mnist"):
         return DatasetShape([1, 28, 28], 10, 60000)
     if name in ("cifar10", "cifar100"):

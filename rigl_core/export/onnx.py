@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 OPSET = 17  # supported by every onnx >= 1.12 and onnxruntime >= 1.11; capped by the installed onnx below
-ONNX_EXPORT = "model.onnx"
 
 
 def opset() -> int:

@@ -144,19 +144,6 @@ def load_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-COMPRESSED_EXPORT = "model.compressed.safetensors"
-ONNX_EXPORT = "model.onnx"
-
-
-def extra_exports(model: nn.Module, masks: dict[str, torch.Tensor], input_shape, values: str = "fp32") -> list[tuple]:
-    """(kind, file name, writer(path), optional) for the exports beyond dense and packed. An optional
-    one that fails (a model the ONNX exporter cannot trace, e.g. token models) is skipped with a warning."""
-    from rigl_core.export.onnx import export_onnx
-
-    return [("compressed", COMPRESSED_EXPORT, lambda p: save_compressed_model(model, masks, p, values), False),
-            ("onnx", ONNX_EXPORT, lambda p: export_onnx(model, input_shape, p), True)]
-
-
 @contextlib.contextmanager
 def stored_values(model: nn.Module, masks: dict[str, torch.Tensor], values: str):
     """Inside, the masked weights hold what a reader of a `values` export gets back (rounded to fp16/bf16

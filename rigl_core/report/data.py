@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-REPORT = "report.json"  # the names rigl_core.training.run writes; not imported so that reading needs no torch
+REPORT = "report.json"  # the name rigl_core/export/pipeline.py writes; not imported so that reading needs no torch
 METRICS = "metrics.jsonl"
 
 

@@ -111,18 +111,21 @@ class RigL:
         """Boolean mask per masked layer name (True: active), shaped like the layer's weight."""
         return self.sparsifier.masks
 
-    def step(self, step: int | None = None, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def step(self, step: int | None = None, scaler: torch.amp.GradScaler | None = None,
+             may_update: bool = True) -> bool:
         """Call after backward, before the optimizer step; step the optimizer only if it returns True.
 
         Masks the gradients (they are then unscaled and masked, ready to clip), makes a due mask
         update, and returns False when the optimizer must not step: RigL/SNIP update steps
         (the update replaces the step), a scaler overflow, or a due update with non-finite scores
         (postponed to the next finite step). `step` defaults to an internal counter (0, 1, ...).
+        `may_update=False`: no mask update now, though one is due (the optimizer step that follows an
+        update iteration at the same step, when update iterations do not count as steps).
         """
         if step is None:
             step = self.step_count
         self._flush_after_step()
-        decision = self.sparsifier.prepare_step(step, scaler)
+        decision = self.sparsifier.prepare_step(step, scaler, may_update)
         self.step_count = step + 1
         self.last_update = decision.update
         self._prepared = decision.take_step

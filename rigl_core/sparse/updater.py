@@ -72,7 +72,8 @@ class Sparsifier(DropGrowUpdate):
                 self.optimizer.step()
         return self.finish_step(step) if decision.update_after_step else decision.update
 
-    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> StepDecision:
+    def prepare_step(self, step: int, scaler: torch.amp.GradScaler | None = None,
+                     may_update: bool = True) -> StepDecision:
         """Everything before the optimizer step, without calling it: observe the dense gradients,
         make a due RigL/SNIP update (those skip the optimizer step), else mask and clip the
         gradients. `take_step` says whether the caller may step the optimizer now.
@@ -92,22 +93,27 @@ class Sparsifier(DropGrowUpdate):
           FloatingPointError: training has already diverged.
         - Dense training has no masks to protect: `scaler.step` skips inf/NaN steps itself. To clip,
           it unscales first (the scaler does not unscale twice) so the true gradients are clipped.
+
+        `may_update=False` (the step after an update iteration that did not count as a step): the
+        update due at `step` is already made; this is its optimizer step, whose gradient scores nothing.
         """
         if not self.sparse:
             if scaler is not None and scaler.is_enabled() and self.clip_grad_norm is not None:
                 scaler.unscale_(self.optimizer)
             self._clip()
             return StepDecision(True)
+        scheduled = may_update and self.is_update_step(step)
         if scaler is not None and scaler.is_enabled() and _unscale_found_inf(scaler, self.optimizer):
             self.skipped_steps += 1
-            if self.is_update_step(step):
+            if scheduled:
                 self.pending_update = True
             return self._skip_step()
-        due = self.pending_update or self.is_update_step(step)
+        due = self.pending_update or scheduled
         if due and not self._scores_finite(step):
             self.pending_update = True
             return self._skip_step()
-        self.observe_gradients(step)
+        if may_update:
+            self.observe_gradients(step)
         if self.replaces_step_on_update and due:
             self.pending_update = False
             update = self.update_masks(step)

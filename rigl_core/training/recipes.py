@@ -74,20 +74,41 @@ def _names_another(section: str, defaults: dict, user: dict) -> bool:
     return any(key in user and user[key] != defaults.get(key) for key in IDENTITY.get(section, ()))
 
 
-# ImageNet: 1,281,167 training images; the paper's 32,000 steps at batch 4096 are ≈100 epochs.
+# The official code's lengths are optimizer steps (docs/guide/recipes.md): the recipes train exactly these
+# many, with `max_steps` ending a run given enough epochs for it. T_end and the LR drops are fractions
+# of the run, so a shortened run keeps their proportions; at full length they land on the official steps.
+# ImageNet (imagenet_train_eval.py): 1,281,167 training images at batch 4096; 32,000 steps ≈ 102.3 epochs.
+IMAGENET_IMAGES, IMAGENET_BATCH = 1_281_167, 4096
 IMAGENET_STEPS, IMAGENET_T_END = 32_000, 25_000
-# CIFAR-10: 250 epochs at batch 128 = 97,656 steps; LR ×0.2 at 30k/60k/90k steps; T_end 75k.
-CIFAR_STEPS, CIFAR_T_END, CIFAR_LR_STEPS = 97_656, 75_000, (30_000, 60_000, 90_000)
+IMAGENET_EPOCHS = 103  # enough epochs of 313 steps for max_steps to end the run
+# LR_SCHEDULE [(1.0, 0), (0.1, 30), (0.01, 70), (0.001, 90)]: no warm-up, then ×0.1 from the first step whose
+# epoch (global_step / (1,281,167 / 4096), float32) reaches 30, 70, 90: steps 9,384, 21,895, 28,151.
+IMAGENET_LR_STEPS = (9_384, 21_895, 28_151)
+# CIFAR-10 (cifar_resnet/resnet_train_eval.py): max_steps 97,656 (250 epochs of 50,000 at batch 128, rounded
+# down); piecewise_constant LR 0.1 ×0.2 after steps 30k/60k/90k, i.e. from steps 30,001/60,001/90,001; T_end 75k.
+CIFAR_STEPS, CIFAR_T_END = 97_656, 75_000
+CIFAR_EPOCHS = 250  # 250 epochs of 391 steps hold the 97,656
+CIFAR_LR_STEPS = (30_001, 60_001, 90_001)
+
+
+def lr_drops(first_steps: tuple[int, ...], total_steps: int) -> list[float]:
+    """`training.milestones` whose LR drops first apply at these steps of a `total_steps` run (lr_at
+    drops at the first step with step / total ≥ milestone; halfway between two steps is exact in floats)."""
+    return [(step - 0.5) / total_steps for step in first_steps]
+
 
 RIGL_SCHEDULE = {  # paper §4: ΔT=100, α=0.3, cosine drop fraction, the same for every setting
     "delta_t": 100, "alpha": 0.3, "decay": "cosine",
+    # the official code's RigL update replaces the optimizer step without advancing global_step
+    "update_iterations_count": False,
 }
 
 register(Recipe(
     name="rigl-imagenet-resnet50",
-    description="ResNet-50 on ImageNet (paper §4.1): RigL ERK 90%, batch 4096 (micro-batches of ≤256), "
-                "Nesterov, LR 1.6 with 5-epoch warm-up and ×0.1 at epochs 30/70/90 of 100, label smoothing "
-                "0.1, zero-init residual BN. Set dataset.path to an ImageNet folder (train/<class>, val/<class>).",
+    description="ResNet-50 on ImageNet (paper §4.1, the official code's numbers): RigL ERK 90%, 32,000 steps "
+                "at batch 4096 (micro-batches of ≤256), Nesterov, LR 1.6 (no warm-up, as the code) ×0.1 at "
+                "epochs 30/70/90, T_end 25,000, label smoothing 0.1, zero-init residual BN. Set dataset.path to "
+                "an ImageNet folder (train/<class>, val/<class>).",
     defaults={
         # torchvision resnet50 (stride on the 3×3 conv), last BN γ of each bottleneck at 0 [R:resnet_model.py].
         "model": {"name": "resnet50", "zero_init_residual": True},
@@ -97,14 +118,16 @@ register(Recipe(
             "method": "rigl", "sparsity": 0.9, "distribution": "erk", "erk_power_scale": 1.0,
             # ERK masks the first conv too (README's --first_layer_sparsity=-1) [R:README].
             "dense_first_layer": False,
-            # T_end = 25k of 32k steps ("roughly 3/4"), kept as that fraction of whatever length runs.
+            # T_end = 25k of 32k steps (maskupdate_end_step), kept as that fraction of whatever length runs.
             "schedule": {**RIGL_SCHEDULE, "t_end": IMAGENET_T_END / IMAGENET_STEPS},
         },
         "training": {
-            "epochs": 100, "batch_size": 4096, "accumulate_steps": "auto", "max_device_batch": 256,
+            "epochs": IMAGENET_EPOCHS, "max_steps": IMAGENET_STEPS,
+            "batch_size": IMAGENET_BATCH, "accumulate_steps": "auto", "max_device_batch": 256,
             "optimizer": "nesterov", "momentum": 0.9,
             "lr": 0.1 * 4096 / 256,  # 1.6: the linear-scaling rule from 0.1 at batch 256
-            "lr_schedule": "step", "warmup_epochs": 5, "milestones": [0.3, 0.7, 0.9], "gamma": 0.1,
+            "lr_schedule": "step", "warmup_epochs": 0, "gamma": 0.1,
+            "milestones": lr_drops(IMAGENET_LR_STEPS, IMAGENET_STEPS),
             # L2 1e-4 on conv/FC kernels only (TF l2_regularizer ≡ torch weight_decay), none on BN/bias.
             "weight_decay": 1e-4, "weight_decay_kernels_only": True,
             "label_smoothing": 0.1, "precision": "auto",
@@ -114,8 +137,9 @@ register(Recipe(
 
 register(Recipe(
     name="rigl-cifar10-wrn22-2",
-    description="WRN-22-2 on CIFAR-10 (paper §4.3): RigL ERK 90% with the first conv dense, batch 128, "
-                "Nesterov, LR 0.1 ×0.2 at steps 30k/60k/90k of 97,656 (250 epochs), weight decay 5e-4.",
+    description="WRN-22-2 on CIFAR-10 (paper §4.3, the official code's numbers): RigL ERK 90% with the first "
+                "conv dense, 97,656 steps at batch 128, Nesterov, LR 0.1 ×0.2 after steps 30k/60k/90k, "
+                "T_end 75,000, weight decay 5e-4.",
     defaults={
         "model": {"name": "wrn-22-2"},
         "dataset": {"name": "cifar10"},  # augment auto: random crop + flip
@@ -126,8 +150,9 @@ register(Recipe(
             "schedule": {**RIGL_SCHEDULE, "t_end": CIFAR_T_END / CIFAR_STEPS},
         },
         "training": {
-            "epochs": 250, "batch_size": 128, "optimizer": "nesterov", "momentum": 0.9, "lr": 0.1,
-            "lr_schedule": "step", "warmup_epochs": 0, "milestones": [s / CIFAR_STEPS for s in CIFAR_LR_STEPS],
+            "epochs": CIFAR_EPOCHS, "max_steps": CIFAR_STEPS,
+            "batch_size": 128, "optimizer": "nesterov", "momentum": 0.9, "lr": 0.1,
+            "lr_schedule": "step", "warmup_epochs": 0, "milestones": lr_drops(CIFAR_LR_STEPS, CIFAR_STEPS),
             "gamma": 0.2, "weight_decay": 5e-4, "weight_decay_kernels_only": True,
             "label_smoothing": 0.0, "precision": "auto",
         },

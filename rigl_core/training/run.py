@@ -1,26 +1,23 @@
-"""Run one job into an output directory: report.json, metrics.jsonl, model.safetensors, packed, compressed
-and ONNX exports.
+"""Run one job into an output directory: metrics.jsonl, spec.json, then the report and every export
+(rigl_core/export/pipeline.py: the same writer the service's worker uses for its outputs).
 
-Used by `rigl train`; the service worker calls the same function with its own callbacks.
+Used by `rigl train`. The service's worker runs the same Trainer with its own callbacks, and its own
+claim, resume and lease handling around it (worker/runner.py), so it does not call `run_training`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from rigl_core.export.packed import extra_exports, save_dense, save_packed
+from rigl_core.export.pipeline import TrainedRun, write_outputs
 from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, Trainer
 
-REPORT = "report.json"
 METRICS = "metrics.jsonl"
-DENSE_EXPORT = "model.safetensors"
-PACKED_EXPORT = "model.packed.safetensors"
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -59,12 +56,6 @@ class PeriodicCheckpoint(Callback):
         return False
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run_training(
     spec: JobSpec,
     out_dir: str | os.PathLike,
@@ -91,17 +82,5 @@ def run_training(
     if trainer.stopped_early:
         trainer.save_checkpoint(out / CHECKPOINT)
     report["spec"] = spec.model_dump(mode="json")
-    write_json(out / REPORT, report)
-    save_dense(trainer.model, out / DENSE_EXPORT)
-    values = spec.export.values
-    save_packed(trainer.model, trainer.sparsifier.masks, out / PACKED_EXPORT, values)
-    for kind, name, write, optional in extra_exports(trainer.model, trainer.sparsifier.masks, trainer.input_shape,
-                                                     values):
-        try:
-            write(out / name)
-        except Exception as error:  # noqa: BLE001 - an optional export never fails the run
-            if not optional:
-                raise
-            warnings.warn(f"{kind} export skipped: {str(error).splitlines()[0] if str(error) else error!r}",
-                          stacklevel=2)
+    list(write_outputs(TrainedRun.of(trainer, report), out))  # the report, then every export
     return report

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from helpers.specs import small_spec
 from rigl_core.export.packed import load_packed
 from rigl_core.models.registry import build_model
-from rigl_core.training.run import DENSE_EXPORT, PACKED_EXPORT, REPORT, run_training
+from rigl_core.export.pipeline import DENSE_EXPORT, PACKED_EXPORT, REPORT
+from rigl_core.training.run import run_training
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ from torch import nn
 from rigl_core.cli import main
 from rigl_core.models.registry import build_model
 from rigl_core.sparse.plan import make_plan
+from rigl_core.data.epochs import steps_per_epoch, total_steps
+from rigl_core.sparse.schedules import resolve_t_end
+from rigl_core.training.optim import lr_at
 from rigl_core.training.recipes import RECIPES, recipe_names
 from rigl_core.spec import JobSpec, format_validation_error
 
@@ -32,7 +35,7 @@ def test_imagenet_recipe_has_the_papers_numbers():
     assert (t.optimizer, t.momentum, t.batch_size, t.accumulate_steps, t.max_device_batch) == (
         "nesterov", 0.9, 4096, "auto", 256)
     assert t.lr == pytest.approx(0.1 * 4096 / 256) == pytest.approx(1.6)
-    assert (t.lr_schedule, t.warmup_epochs, t.milestones, t.gamma, t.epochs) == ("step", 5, [0.3, 0.7, 0.9], 0.1, 100)
+    assert (t.lr_schedule, t.warmup_epochs, t.gamma, t.epochs, t.max_steps) == ("step", 0, 0.1, 103, 32_000)
     assert (t.weight_decay, t.weight_decay_kernels_only, t.label_smoothing, t.precision) == (1e-4, True, 0.1, "auto")
 
 
@@ -43,10 +46,33 @@ def test_cifar_recipe_has_the_papers_numbers():
     assert (s.method, s.sparsity, s.distribution, s.dense_first_layer) == ("rigl", 0.9, "erk", True)
     assert (s.schedule.delta_t, s.schedule.alpha, s.schedule.decay) == (100, 0.3, "cosine")
     assert s.schedule.t_end == pytest.approx(75_000 / 97_656)
-    assert (t.optimizer, t.momentum, t.lr, t.batch_size, t.epochs) == ("nesterov", 0.9, 0.1, 128, 250)
+    assert (t.optimizer, t.momentum, t.lr, t.batch_size, t.epochs, t.max_steps) == ("nesterov", 0.9, 0.1, 128, 250,
+                                                                                      97_656)
     assert t.lr_schedule == "step" and t.gamma == 0.2 and t.warmup_epochs == 0
-    assert t.milestones == pytest.approx([30_000 / 97_656, 60_000 / 97_656, 90_000 / 97_656])
     assert (t.weight_decay, t.label_smoothing) == (5e-4, 0.0)
+
+
+# The official code's numbers (google-research/rigl): imagenet_resnet/imagenet_train_eval.py and
+# cifar_resnet/resnet_train_eval.py. LR drops: the first step run at the lower LR.
+OFFICIAL = [
+    (IMAGENET, 1_281_167, 32_000, 25_000, (9_384, 21_895, 28_151), 1.6, 0.1),
+    (CIFAR, 50_000, 97_656, 75_000, (30_001, 60_001, 90_001), 0.1, 0.2),
+]
+
+
+@pytest.mark.parametrize(("raw", "images", "steps", "t_end", "drops", "lr", "gamma"), OFFICIAL)
+def test_recipes_resolve_to_the_official_steps_t_end_lr_drops_and_no_warmup(raw, images, steps, t_end, drops, lr,
+                                                                             gamma):
+    spec = JobSpec.model_validate(raw)
+    t, schedule = spec.training, spec.sparsity.schedule
+    total = total_steps(t, images, 1)
+    assert total == steps == total_steps(t, images, 8)  # on 1 GPU or 8
+    assert resolve_t_end(total, schedule.t_end, schedule.t_end_steps) == t_end
+    rates = [lr_at(step, total, steps_per_epoch(images, t.batch_size), t) for step in range(total)]
+    assert rates[0] == pytest.approx(lr)  # no warm-up: the full LR from the first step
+    changes = [step for step in range(1, total) if rates[step] != rates[step - 1]]
+    assert changes == list(drops)
+    assert [rates[step] for step in changes] == pytest.approx([lr * gamma ** k for k in (1, 2, 3)])
 
 
 def test_user_fields_win_at_every_depth():
@@ -153,11 +179,12 @@ def test_cli_unknown_recipe_exits_2_naming_it(capsys, tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_a_recipe_job_trains_with_flags_overriding_it(recipe, tmp_path):
-    """The recipe's optimizer, LR schedule, warm-up and smoothing run; flags shrink it to seconds."""
+    """The recipe's optimizer, LR schedule and smoothing run; flags shrink it to seconds (and give the
+    ImageNet LR of 1.6, which the official code starts at step 0, a 1-epoch warm-up on this small MLP)."""
     out = tmp_path / "run"
     assert main(["train", "--recipe", recipe, "--model", "mlp", "--hidden-sizes", "32", "--dataset", "digits",
                  "--epochs", "3", "--batch-size", "64", "--delta-t", "5", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--set", "training.warmup_epochs=1", "--out", str(out)]) == 0
     ran = json.loads((out / "spec.json").read_text())
     defaults = RECIPES[recipe].defaults
     assert ran["recipe"] == recipe and ran["model"]["name"] == "mlp" and ran["dataset"]["name"] == "digits"
@@ -202,3 +229,37 @@ def test_the_trainer_builds_the_recipes_model_with_zero_residual_bn():
     trainer = Trainer(spec)
     blocks = [m for m in trainer.model.modules() if type(m).__name__ == "Bottleneck"]
     assert blocks and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+
+
+@pytest.mark.parametrize(("count", "batches", "optimizer_steps"), [(True, 46, 39), (False, 53, 46)])
+def test_update_iterations_count_sets_how_many_optimizer_steps_a_run_makes(count, batches, optimizer_steps):
+    # 46 steps, T_end 34, ΔT 5: RigL updates at steps 0, 5, ..., 30 (7), each in place of an optimizer step.
+    # Counted (the default), they are 7 of the 46 steps; not counted (the official code), 7 extra batches.
+    from conftest import small_spec
+    from rigl_core.training.trainer import Callback, Trainer
+
+    class Updates(Callback):
+        steps = []
+
+        def on_mask_update(self, trainer, update):
+            self.steps.append(update.step)
+
+    watch = Updates()
+    spec = small_spec(training__device="cpu", sparsity__schedule__update_iterations_count=count)
+    trainer = Trainer(spec, callbacks=[watch])
+    taken, seen = [], []
+    trainer.optimizer.register_step_post_hook(lambda *args: taken.append(trainer.step))
+    step = trainer._train_step
+    trainer._train_step = lambda micros: seen.append(trainer.step) or step(micros)
+    report = trainer.fit()
+    assert report["steps"] == report["total_steps"] == 46 and watch.steps == [0, 5, 10, 15, 20, 25, 30]
+    assert (len(seen), len(taken)) == (batches, optimizer_steps)
+    if not count:  # the update's step comes again and then steps the optimizer: every step steps once
+        assert taken == list(range(46)) and seen.count(5) == 2
+
+
+def test_recipes_follow_the_official_code_in_not_counting_update_iterations():
+    assert not JobSpec.model_validate(IMAGENET).sparsity.schedule.update_iterations_count
+    assert not JobSpec.model_validate(CIFAR).sparsity.schedule.update_iterations_count
+    assert JobSpec.model_validate({"model": {"name": "mlp"}, "dataset": {"name": "digits"}}
+                                  ).sparsity.schedule.update_iterations_count

@@ -50,15 +50,15 @@ def rows_of(store, job_id: str) -> dict:
 def finished_job(store, artifacts, status: str = "succeeded") -> str:
     """A job as a worker leaves it: claimed, a resume checkpoint on the way, exports, then finished."""
     created = store.create_job(JOB, JOB, 10, owner="alice")
-    job, token = store.claim(created.id, max_attempts=3)
+    job, token = store.claims.claim(created.id, max_attempts=3)
     assert job.id == created.id  # the only claimable job
     folder = artifacts.job_dir(job.id)
     (folder / "resume.a1.s2.pt").write_bytes(b"x")  # an earlier one, not recorded any more
     for name, kind in (("resume.a1.s5.pt", "resume"), ("dense.safetensors", "dense")):
         (folder / name).write_bytes(b"x" * 100)
-        store.add_checkpoint(job.id, kind, 5, name, "0" * 64, 100)
-    store.add_events(job.id, [{"type": "metrics", "data": {"loss": 1.0}}])
-    assert store.finish(job.id, token, status, status)
+        store.checkpoints.add_checkpoint(job.id, kind, 5, name, "0" * 64, 100)
+    store.events.add_events(job.id, [{"type": "metrics", "data": {"loss": 1.0}}])
+    assert store.leases.finish(job.id, token, status, status)
     return job.id
 
 
@@ -82,32 +82,32 @@ def test_delete_a_job_removes_its_rows_and_artifacts_and_frees_its_idempotency_k
 
 
 def test_delete_a_running_job_is_202_and_cancels_it_first(service):
-    from store.deletion import sweep
+    from store.deletion import clean_up
     from store.artifacts import Artifacts
 
     artifacts = Artifacts(service.settings.artifact_dir)
     job_id = service.post("/v1/jobs", json=JOB, headers=service.as_("alice")).json()["id"]
-    _, token = service.store.claim(job_id, max_attempts=3)
+    _, token = service.store.claims.claim(job_id, max_attempts=3)
     response = service.delete(f"/v1/jobs/{job_id}", headers=service.as_("alice"))
     assert response.status_code == 202 and response.json()["deleted"] is False
     job = service.get(f"/v1/jobs/{job_id}", headers=service.as_("alice")).json()
     assert job["status"] == "cancelling" and job["cancel_requested"]
-    assert sweep(service.store, artifacts)["deleted"] == []  # still running: nothing removed under the worker
-    assert service.store.finish(job_id, token, "cancelled", "cancelled at step 3")  # what the worker does
-    assert sweep(service.store, artifacts)["deleted"] == [job_id]
+    assert clean_up(service.store, artifacts)["deleted"] == []  # still running: nothing removed under the worker
+    assert service.store.leases.finish(job_id, token, "cancelled", "cancelled at step 3")  # what the worker does
+    assert clean_up(service.store, artifacts)["deleted"] == [job_id]
     assert set(rows_of(service.store, job_id).values()) == {0}
 
 
 def test_a_deleted_job_whose_worker_was_lost_is_still_deleted(service):
     from store.artifacts import Artifacts
-    from store.deletion import sweep
+    from store.deletion import clean_up
 
     artifacts = Artifacts(service.settings.artifact_dir)
     job_id = service.post("/v1/jobs", json=JOB, headers=service.as_("alice")).json()["id"]
-    _, token = service.store.claim(job_id, max_attempts=3)
+    _, token = service.store.claims.claim(job_id, max_attempts=3)
     assert service.delete(f"/v1/jobs/{job_id}", headers=service.as_("alice")).status_code == 202
-    assert service.store.requeue(job_id, token, "worker lost")  # as the reaper does for a dead worker
-    assert sweep(service.store, artifacts)["deleted"] == [job_id]
+    assert service.store.leases.requeue(job_id, token, "worker lost")  # as the reaper does for a dead worker
+    assert clean_up(service.store, artifacts)["deleted"] == [job_id]
     assert service.get(f"/v1/jobs/{job_id}", headers=service.as_("alice")).status_code == 404
 
 
@@ -162,33 +162,33 @@ def test_a_dataset_deleted_while_a_job_is_being_submitted_refuses_that_job(servi
         service.store.create_job(JOB, JOB, 1, owner="alice", dataset_id=dataset)
 
 
-def test_the_sweep_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(service):
+def test_the_cleanup_drops_resume_checkpoints_of_finished_jobs_and_expired_jobs(service):
     from store.artifacts import Artifacts
     from store.db import Job
-    from store.deletion import sweep
+    from store.deletion import clean_up
 
     artifacts = Artifacts(service.settings.artifact_dir)
     ids = {status: finished_job(service.store, artifacts, status) for status in ("succeeded", "failed", "cancelled")}
     running = service.store.create_job(JOB, JOB, 10, owner="alice").id
-    service.store.claim(running, max_attempts=3)
+    service.store.claims.claim(running, max_attempts=3)
     (artifacts.job_dir(running) / "resume.pt").write_bytes(b"x")
-    service.store.add_checkpoint(running, "resume", 5, "resume.pt", "0" * 64, 1)
+    service.store.checkpoints.add_checkpoint(running, "resume", 5, "resume.pt", "0" * 64, 1)
 
-    done = sweep(service.store, artifacts, retention_days=30)
+    done = clean_up(service.store, artifacts, retention_days=30)
     assert sorted(done["resume_discarded"]) == sorted(ids.values()) and done["expired"] == []
     for job_id in ids.values():
-        kinds = [c.kind for c in service.store.list_checkpoints(job_id)]
+        kinds = [c.kind for c in service.store.checkpoints.list_checkpoints(job_id)]
         assert kinds == ["dense"] and not list((artifacts.root / "jobs" / job_id).glob("resume*"))
         assert (artifacts.root / "jobs" / job_id / "dense.safetensors").is_file()
-    assert [c.kind for c in service.store.list_checkpoints(running)] == ["resume"]  # it may still resume
+    assert [c.kind for c in service.store.checkpoints.list_checkpoints(running)] == ["resume"]  # it may still resume
     assert (artifacts.root / "jobs" / running / "resume.pt").is_file()
 
     old = ids["succeeded"]
     with service.store.sessions.begin() as s:
         s.execute(update(Job).where(Job.id == old).values(
             finished_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=31)))
-    assert sweep(service.store, artifacts)["expired"] == []  # no retention set: kept
-    assert sweep(service.store, artifacts, retention_days=30)["expired"] == [old]
+    assert clean_up(service.store, artifacts)["expired"] == []  # no retention set: kept
+    assert clean_up(service.store, artifacts, retention_days=30)["expired"] == [old]
     assert set(rows_of(service.store, old).values()) == {0} and not (artifacts.root / "jobs" / old).exists()
     assert service.store.get_job(ids["failed"]) is not None and service.store.get_job(running) is not None
 

@@ -17,7 +17,8 @@ import pytest
 
 from helpers.service import (JOB, REDIS, cleanup_redis_queue, postgres_available, redis_available, start_worker,
                              stop, temporary_postgres_database, wait_for)
-from store.jobs import WAITING_FOR_DEVICES, JobStore, required_devices
+from store.job_state import WAITING_FOR_DEVICES
+from store.jobs import JobStore, required_devices
 from store.settings import Settings
 
 NEEDS_POSTGRES = pytest.mark.skipif(not postgres_available() and not os.environ.get("CI"),
@@ -53,24 +54,24 @@ def test_a_one_device_worker_skips_a_two_device_job_and_a_two_device_worker_take
     from api.schemas import job_json
 
     two, one, every = submit(store, 2), submit(store, 1), submit(store, "all")
-    nothing, why = store.claim(two, max_attempts=3, devices=1)  # its slot, seen by a 1-device worker
+    nothing, why = store.claims.claim(two, max_attempts=3, devices=1)  # its slot, seen by a 1-device worker
     assert nothing is None and "a slot for 2 devices; this worker has 1" in why
     assert store.get_job(two).status == "queued"
     # ... which sends it on to the 2-device queue; the job says what it waits for (once)
-    assert store.forward_class(two, devices=1) == 2 and store.forward_class(two, devices=1) == 2
+    assert store.claims.forward_class(two, devices=1) == 2 and store.claims.forward_class(two, devices=1) == 2
     waiting = job_json(store.get_job(two))
     assert waiting["devices"] == 2 and waiting["error"]["code"] == WAITING_FOR_DEVICES
     assert "waiting for a worker with 2 devices" in waiting["error"]["message"]
-    assert [e.message for e in store.list_events(two) if e.type == "message"] == [waiting["error"]["message"]]
+    assert [e.message for e in store.events.list_events(two) if e.type == "message"] == [waiting["error"]["message"]]
     # the 1-device and the 'all' job start on the 1-device worker
-    assert store.claim(one, max_attempts=3, devices=1)[0].id == one
-    assert store.claim(every, max_attempts=3, devices=1)[0].id == every
+    assert store.claims.claim(one, max_attempts=3, devices=1)[0].id == one
+    assert store.claims.claim(every, max_attempts=3, devices=1)[0].id == every
     assert job_json(store.get_job(every))["devices"] == "all"
-    taken, _ = store.claim(two, max_attempts=3, devices=2)
+    taken, _ = store.claims.claim(two, max_attempts=3, devices=2)
     assert taken.id == two and taken.status == "running" and taken.error_code is None
-    assert store.forward_class(two, devices=1) is None  # nothing of its class waits: the slot is spent
+    assert store.claims.forward_class(two, devices=1) is None  # nothing of its class waits: the slot is spent
     big = submit(store, 8)
-    assert store.forward_class(big, devices=2) == 8 and store.get_job(big).error_code == WAITING_FOR_DEVICES
+    assert store.claims.forward_class(big, devices=2) == 8 and store.get_job(big).error_code == WAITING_FOR_DEVICES
     cancelled = store.request_cancel(big)
     assert cancelled.status == "cancelled" and cancelled.error_code is None and cancelled.error_message is None
 
@@ -80,12 +81,12 @@ def test_each_class_keeps_its_slots(store):
     1-device job, not the older 2-device one, and a 1-device job's slot never goes to a 2-device job, so a
     backlog of small jobs can't hold up a big one (nor the reverse)."""
     two, one, later_one = submit(store, 2), submit(store, 1), submit(store, 1)
-    assert store.claim(later_one, max_attempts=3, devices=2)[0].id == one  # fairest of class 1: the oldest
-    assert store.claim(later_one, max_attempts=3, devices=2)[0].id == later_one
-    assert store.claim(one, max_attempts=3, devices=2)[0] is None  # class 1 is empty; the 2-device job waits
-    assert store.forward_class(one, devices=2) is None
+    assert store.claims.claim(later_one, max_attempts=3, devices=2)[0].id == one  # fairest of class 1: the oldest
+    assert store.claims.claim(later_one, max_attempts=3, devices=2)[0].id == later_one
+    assert store.claims.claim(one, max_attempts=3, devices=2)[0] is None  # class 1 is empty; the 2-device job waits
+    assert store.claims.forward_class(one, devices=2) is None
     assert store.get_job(two).status == "queued" and store.get_job(two).error_code is None  # no note: runnable
-    assert store.claim(two, max_attempts=3, devices=2)[0].id == two
+    assert store.claims.claim(two, max_attempts=3, devices=2)[0].id == two
 
 
 def test_fairness_across_owners_still_holds_within_a_class(store):
@@ -93,9 +94,9 @@ def test_fairness_across_owners_still_holds_within_a_class(store):
     alice_big = submit(store, 2, owner="alice")
     alice_small = submit(store, 1, owner="alice")
     bob_small = submit(store, 1, owner="bob")
-    assert store.claim(alice_big, max_attempts=3, devices=2)[0].id == alice_big
-    assert store.claim(alice_small, max_attempts=3, devices=2)[0].id == bob_small
-    assert store.claim(bob_small, max_attempts=3, devices=2)[0].id == alice_small
+    assert store.claims.claim(alice_big, max_attempts=3, devices=2)[0].id == alice_big
+    assert store.claims.claim(alice_small, max_attempts=3, devices=2)[0].id == bob_small
+    assert store.claims.claim(bob_small, max_attempts=3, devices=2)[0].id == alice_small
 
 
 def test_the_run_forwards_a_slot_it_cannot_use(tmp_path, store):

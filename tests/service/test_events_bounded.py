@@ -18,9 +18,9 @@ def api(make_api):
 
 def test_metrics_of_a_long_job_are_thinned_evenly_and_say_so(api):
     job_id = api.post("/v1/jobs", json=JOB).json()["id"]
-    api.store.add_events(job_id, [{"type": "metrics", "data": {"step": step, "loss": 1.0 / step}}
+    api.store.events.add_events(job_id, [{"type": "metrics", "data": {"step": step, "loss": 1.0 / step}}
                                   for step in range(1, 5001)])
-    api.store.add_events(job_id, [{"type": "eval", "data": {"epoch": e, "val_accuracy": 0.5}} for e in range(3)])
+    api.store.events.add_events(job_id, [{"type": "eval", "data": {"epoch": e, "val_accuracy": 0.5}} for e in range(3)])
     body = api.get(f"/v1/jobs/{job_id}/metrics").json()
     steps = [point["step"] for point in body["train"]]
     assert len(steps) <= 500 and steps[0] == 1 and steps[-1] == 5000

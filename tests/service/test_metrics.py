@@ -91,7 +91,7 @@ def test_metrics_off_and_metrics_token(tmp_path):
 
 def test_request_ids_access_log_json_and_owner_hashing(tmp_path):
     from api.app import create_app
-    from api.request_log import configure_logging
+    from service_common.log_context import configure_logging
     from store.jobs import JobStore
     from store.keys import create_key
 
@@ -252,7 +252,7 @@ def test_job_processes_fold_their_counters_and_scrapes_count_them_once(tmp_path)
     file when it exits; a process killed before folding still counts; its live gauge goes with it."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from worker.metrics import FolderCollector
+    from service_common.metrics_folder import FolderCollector
 
     folder = tmp_path / "metrics"
     folder.mkdir()

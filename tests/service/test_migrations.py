@@ -267,7 +267,8 @@ def test_rigl_serve_upgrades_an_embedded_database_or_refuses_when_told(tmp_path)
 
 def test_sizes_and_parameter_counts_past_two_gib_fit_after_the_upgrade(database_url):
     """0004: a 7B model's weights (14 GB, 7·10^9 values) used to overflow PostgreSQL's INTEGER."""
-    from store.db import WeightsRecord, make_engine, make_sessionmaker
+    from store.db import WeightsRecord
+    from store.engine import make_engine, make_sessionmaker
 
     engine = make_engine(database_url)
     upgrade(engine)

@@ -319,7 +319,7 @@ def test_presigned_downloads_redirect_to_the_bucket(tmp_path, s3_endpoint, bucke
     settings = s3_settings(tmp_path, "api", s3_endpoint, bucket, auth=False, s3_presigned_downloads=True)
     store = JobStore(settings.database_url)
     job = store.create_job(TENSORS_JOB, TENSORS_JOB, 10)
-    claimed, token = store.claim(job.id, max_attempts=3)
+    claimed, token = store.claims.claim(job.id, max_attempts=3)
     payload = os.urandom(100_000)
     artifacts = Artifacts.from_settings(settings)
     path = artifacts.job_file(job.id, "model.safetensors")
@@ -328,7 +328,7 @@ def test_presigned_downloads_redirect_to_the_bucket(tmp_path, s3_endpoint, bucke
     artifacts.upload(path)
     path.unlink()
     digest = hashlib.sha256(payload).hexdigest()
-    store.add_checkpoint(job.id, "dense", 10, "model.safetensors", digest, len(payload), token=token)
+    store.checkpoints.add_checkpoint(job.id, "dense", 10, "model.safetensors", digest, len(payload), token=token)
     with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
         response = api.get(f"/v1/jobs/{job.id}/checkpoint", follow_redirects=False)
         assert response.status_code == 307 and response.headers["x-content-sha256"] == digest
@@ -392,7 +392,7 @@ def test_a_worker_with_an_empty_folder_finishes_a_job_another_worker_started(api
 
     assert _worker_process(tmp_path, "worker-a", s3_endpoint, bucket, job_id, stop_at=30) == "requeued"
     stopped = store.get_job(job_id)
-    resume = store.latest_checkpoint(job_id, "resume")
+    resume = store.checkpoints.latest_checkpoint(job_id, "resume")
     assert stopped.status == "requeued" and resume is not None and resume.step == 30 < stopped.total_steps
     assert f"artifacts/jobs/{job_id}/{resume.filename}" in _bucket_keys(s3_endpoint, bucket)
     assert not (tmp_path / "worker-a" / "artifacts" / "jobs" / job_id).exists()  # released after the run
@@ -409,11 +409,11 @@ def test_a_worker_with_an_empty_folder_finishes_a_job_another_worker_started(api
 
     download = api.get(f"/v1/jobs/{job_id}/checkpoint?format=packed")
     assert download.status_code == 200
-    assert hashlib.sha256(download.content).hexdigest() == store.latest_checkpoint(job_id, "packed").sha256
+    assert hashlib.sha256(download.content).hexdigest() == store.checkpoints.latest_checkpoint(job_id, "packed").sha256
     assert _files(api.settings.artifact_dir) == []  # streamed from the bucket, nothing cached by the API
-    from store.deletion import sweep
+    from store.deletion import clean_up
 
-    assert sweep(store, api.app.state.context.artifacts)["resume_discarded"] == [job_id]
+    assert clean_up(store, api.app.state.context.artifacts)["resume_discarded"] == [job_id]
     assert not [k for k in _bucket_keys(s3_endpoint, bucket) if "/resume." in k]
 
 
@@ -493,7 +493,7 @@ def test_real_celery_workers_on_two_folders_hand_a_job_over_through_the_bucket(t
             workers[0].send_signal(signal.SIGTERM)  # warm shutdown: checkpoint at the next step, requeue
             workers[0].wait(60)
             stopped = store.get_job(job_id)
-            resume = store.latest_checkpoint(job_id, "resume")
+            resume = store.checkpoints.latest_checkpoint(job_id, "resume")
             assert stopped.status == "requeued" and resume is not None, (stopped.status, resume)
             assert not (tmp_path / "worker-b").exists()
             workers.append(start_worker({**common, "RIGL_DATA_DIR": str(tmp_path / "worker-b")}, tmp_path / "b.log"))
@@ -501,7 +501,7 @@ def test_real_celery_workers_on_two_folders_hand_a_job_over_through_the_bucket(t
                 store.get_job(job_id)), 180, interval=0.3, what="worker B finishing the job")
             assert done.status == "succeeded", done.error_message
             assert done.step == done.total_steps and store.get_job(job_id).preemptions == 1
-            events = store.list_events(job_id, 0, 10_000)
+            events = store.events.list_events(job_id, 0, 10_000)
             resumed = [e.data["resumed_from_step"] for e in events if "resumed_from_step" in (e.data or {})]
             assert resumed == [resume.step]  # B started from A's checkpoint, fetched from the bucket
             assert f"artifacts/jobs/{job_id}/model.packed.safetensors" in _bucket_keys(s3_endpoint, bucket)

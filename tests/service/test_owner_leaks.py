@@ -34,7 +34,7 @@ def test_paging_after_another_owners_job_answers_like_a_missing_id(secured):
 def test_only_admins_see_which_worker_holds_a_job(secured):
     alice = secured.headers_of["alice"]
     job_id = secured.post("/v1/jobs", json=JOB, headers=alice).json()["id"]
-    job, _ = secured.store.claim(job_id, max_attempts=3, worker="gpu-host-7:4242")
+    job, _ = secured.store.claims.claim(job_id, max_attempts=3, worker="gpu-host-7:4242")
     assert job.worker == "gpu-host-7:4242"
     assert secured.get(f"/v1/jobs/{job_id}", headers=alice).json()["worker"] is None
     assert [j["worker"] for j in secured.get("/v1/jobs", headers=alice).json()["data"]] == [None]

@@ -98,19 +98,23 @@ def test_a_status_filter_reads_one_page(store):
 def test_an_event_cursor_reads_one_page(store):
     """The job's own 5,000 events at most (index, then sorted), never the table's 205,000: the primary key walk
     from the cursor read every event written after the job's first one."""
-    read = reads(store, lambda: (store.list_events("job_" + "0" * 20, 5, 100), store.last_event_id("job_" + "0" * 20)))
+    read = reads(store, lambda: (store.events.list_events("job_" + "0" * 20, 5, 100), store.events.last_event_id("job_" + "0" * 20)))
     assert max(n for n, _ in read) <= 2 * 5000 + 100, read
 
 
 @needs_pg
 def test_the_fair_claim_reads_no_owners_whole_history(store):
     queued = store.list_jobs(1, status="queued")[0][0].id
-    read = reads(store, lambda: store.claim(queued, max_attempts=3, lease_seconds=60, worker="test"))
+    read = reads(store, lambda: store.claims.claim(queued, max_attempts=3, lease_seconds=60, worker="test"))
     assert read and max(n for n, _ in read) <= 1000, read
 
 
 def test_pool_sizes_come_from_the_environment_and_name_a_bad_one(monkeypatch):
-    from store.db import pool_sizes
+    from store.settings import database_settings
+
+    def pool_sizes():
+        settings = database_settings()
+        return settings.db_pool_size, settings.db_max_overflow
 
     monkeypatch.delenv("RIGL_DB_POOL_SIZE", raising=False)
     monkeypatch.delenv("RIGL_DB_MAX_OVERFLOW", raising=False)

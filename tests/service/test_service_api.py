@@ -127,7 +127,7 @@ def test_cancel_a_queued_job_never_starts_it(api, tmp_path):
     response = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 202 and response.json()["status"] == "cancelled"
     store = JobStore(f"sqlite:///{tmp_path / 'rigl.db'}")
-    claimed, why = store.claim(job["id"], max_attempts=3)
+    claimed, why = store.claims.claim(job["id"], max_attempts=3)
     assert claimed is None and "cancelled" in why
 
 
@@ -190,7 +190,7 @@ def test_plan_follows_the_dataset_shape(api):
 def test_claim_event_counts_attempts_from_one(api):
     job = api.post("/v1/jobs", json=JOB).json()
     store = api.app.state.context.store
-    claimed, _token = store.claim(job["id"], max_attempts=3, lease_seconds=60, worker="test")
+    claimed, _token = store.claims.claim(job["id"], max_attempts=3, lease_seconds=60, worker="test")
     assert claimed.attempt == 1
     running = [e for e in api.get(f"/v1/jobs/{job['id']}/events").json()["data"] if e["type"] == "status"][-1]
     assert running["message"] == "running (attempt 1)" and running["data"]["attempt"] == 1

@@ -165,5 +165,5 @@ def test_cancel_running_job(service):
     assert final["status"] == "cancelled"
     assert final["progress"]["step"] < final["progress"]["total_steps"]
     events = service.get(f"/v1/jobs/{job['id']}/events?limit=1000").json()["data"]
-    # a final checkpoint was written (the API's cleanup sweep then drops a finished job's resume checkpoint)
+    # a final checkpoint was written (the API's cleanup pass then drops a finished job's resume checkpoint)
     assert any(e["type"] == "checkpoint" and e["data"]["kind"] == "resume" for e in events)

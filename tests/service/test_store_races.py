@@ -20,7 +20,7 @@ from store.jobs import JobStore
 
 def _running_job(store: JobStore) -> tuple[str, str]:
     job = store.create_job(JOB, JOB, 46)
-    claimed, token = store.claim(job.id, max_attempts=3, worker="host:1")
+    claimed, token = store.claims.claim(job.id, max_attempts=3, worker="host:1")
     assert claimed is not None
     return job.id, token
 
@@ -36,7 +36,7 @@ def test_a_cancel_racing_a_finish_never_overwrites_succeeded_on_sqlite(tmp_path)
         first_write = statement.lstrip().upper().startswith(("UPDATE", "INSERT", "DELETE"))
         if getattr(cancelling, "on", False) and not fired and first_write:  # before its write transaction opens
             fired.append(True)  # the worker finishes now, from its own thread and connection
-            worker = threading.Thread(target=store.finish, args=(job_id, token, "succeeded", "done"))
+            worker = threading.Thread(target=store.leases.finish, args=(job_id, token, "succeeded", "done"))
             worker.start()
             worker.join(timeout=30)
 
@@ -50,7 +50,7 @@ def test_a_cancel_racing_a_finish_never_overwrites_succeeded_on_sqlite(tmp_path)
     assert fired, "the cancel never wrote to the job"
     job = store.get_job(job_id)
     assert job.status == "succeeded", job.status
-    statuses = [e.data["status"] for e in store.list_events(job_id, 0, 100) if e.type == "status"]
+    statuses = [e.data["status"] for e in store.events.list_events(job_id, 0, 100) if e.type == "status"]
     assert statuses == ["queued", "running", "succeeded"], statuses
 
 
@@ -61,7 +61,7 @@ def test_cancel_still_cancels_queued_and_running_jobs(tmp_path):
     running, _ = _running_job(store)
     assert store.request_cancel(running).status == "cancelling"
     assert store.request_cancel(running).status == "cancelling"  # twice: one event, not two
-    statuses = [e.data["status"] for e in store.list_events(running, 0, 100) if e.type == "status"]
+    statuses = [e.data["status"] for e in store.events.list_events(running, 0, 100) if e.type == "status"]
     assert statuses == ["queued", "running", "cancelling"]
     assert store.request_cancel(queued.id, owner="someone-else") is None
 
@@ -80,10 +80,10 @@ def test_one_jobs_event_ids_commit_in_id_order_on_postgresql():
             connection.exec_driver_sql("CREATE TRIGGER slow AFTER INSERT ON events FOR EACH ROW "
                                        "WHEN (NEW.message = 'slow') EXECUTE FUNCTION slow_insert()")
         writers = [
-            threading.Thread(target=store.add_events, args=(job_id, [{"type": "message", "message": "slow"}])),
-            threading.Thread(target=store.add_events, args=(job_id, [{"type": "message", "message": "fast"}])),
-            threading.Thread(target=store.add_checkpoint, args=(job_id, "resume", 5, "resume.pt", "0" * 64, 1)),
-            threading.Thread(target=store.finish, args=(job_id, token, "succeeded", "done")),
+            threading.Thread(target=store.events.add_events, args=(job_id, [{"type": "message", "message": "slow"}])),
+            threading.Thread(target=store.events.add_events, args=(job_id, [{"type": "message", "message": "fast"}])),
+            threading.Thread(target=store.checkpoints.add_checkpoint, args=(job_id, "resume", 5, "resume.pt", "0" * 64, 1)),
+            threading.Thread(target=store.leases.finish, args=(job_id, token, "succeeded", "done")),
         ]
         snapshots = []
         writers[0].start()
@@ -92,12 +92,12 @@ def test_one_jobs_event_ids_commit_in_id_order_on_postgresql():
             writer.start()
         deadline = time.monotonic() + 10
         while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
-            snapshots.append([e.id for e in store.list_events(job_id, 0, 1000)])
+            snapshots.append([e.id for e in store.events.list_events(job_id, 0, 1000)])
             time.sleep(0.05)
         for writer in writers:
             writer.join(timeout=30)
-        final = [e.id for e in store.list_events(job_id, 0, 1000)]
-        messages = [e.message for e in store.list_events(job_id, 0, 1000)]
+        final = [e.id for e in store.events.list_events(job_id, 0, 1000)]
+        messages = [e.message for e in store.events.list_events(job_id, 0, 1000)]
         assert {"slow", "fast", "resume checkpoint at step 5", "done"} <= set(messages), messages
         assert final == sorted(final)
         skipped = [s for s in snapshots if s != final[:len(s)]]

@@ -161,10 +161,10 @@ def _idempotent_sweeps(api, store, sent, _settings):
 def _finish(store, job_id: str, accuracy: float | None, flops: float = 0.5, size: int = 1000) -> None:
     """Ends a job as a worker would: result summary, packed export row, status."""
     if accuracy is None:
-        assert store.finish(job_id, None, "failed", "boom", error_code="training_error")
+        assert store.leases.finish(job_id, None, "failed", "boom", error_code="training_error")
         return
-    store.add_checkpoint(job_id, "packed", 10, "model.packed.safetensors", "0" * 64, size)
-    assert store.finish(job_id, None, "succeeded", "succeeded",
+    store.checkpoints.add_checkpoint(job_id, "packed", 10, "model.packed.safetensors", "0" * 64, size)
+    assert store.leases.finish(job_id, None, "succeeded", "succeeded",
                         result={"inference_flops_ratio": flops, "final_metrics": {"val_accuracy": accuracy}})
 
 
@@ -179,14 +179,14 @@ def test_the_owner_cap_holds_children_and_they_are_released_as_jobs_end(service)
     assert sweep["progress"]["by_status"] == {"queued": 2, "held": 4} and len(sent) == 2
     assert api.post("/v1/jobs", json=JOB).status_code == 429  # the owner's cap is full, as before
     reaper = Reaper(store, sent.append, lease_seconds=120, interval=15, max_active=2)
-    assert reaper.sweep() == [] and len(sent) == 2  # nothing ended: nothing released
+    assert reaper.run_once() == [] and len(sent) == 2  # nothing ended: nothing released
     finished = 0
     while finished < 6:
         active = [c for c in api.get(f"/v1/sweeps/{sweep['id']}").json()["children"] if c["status"] == "queued"]
         assert len(active) == min(2, 6 - finished) and store.count_active("local") <= 2
         _finish(store, active[0]["id"], 0.9)
         finished += 1
-        reaper.sweep()
+        reaper.run_once()
     state = api.get(f"/v1/sweeps/{sweep['id']}").json()
     assert state["status"] == "finished" and state["progress"]["by_status"] == {"succeeded": 6}
     assert len(sent) == 6 and sorted(sent) == sorted(c["id"] for c in state["children"])
@@ -277,18 +277,18 @@ def test_cancel_stops_held_and_queued_children_and_delete_removes_everything(ser
 
 
 def test_a_sweep_with_a_running_child_is_deleted_once_it_stops(service):
-    from store.deletion import sweep as cleanup
+    from store.deletion import clean_up
 
     api, store, sent, settings = service()
     sweep = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [0, 1]}}).json()
-    job, token = store.claim(sent[0], max_attempts=3)
+    job, token = store.claims.claim(sent[0], max_attempts=3)
     response = api.delete(f"/v1/sweeps/{sweep['id']}")
     assert response.status_code == 202 and response.json()["jobs_pending_deletion"] == [job.id]
     assert api.get(f"/v1/jobs/{job.id}").json()["status"] == "cancelling"
-    assert store.finish(job.id, token, "cancelled", "cancelled")
+    assert store.leases.finish(job.id, token, "cancelled", "cancelled")
     from store.artifacts import Artifacts
 
-    cleanup(store, Artifacts.from_settings(settings))
+    clean_up(store, Artifacts.from_settings(settings))
     assert api.get(f"/v1/jobs/{job.id}").status_code == 404
 
 

@@ -37,26 +37,26 @@ def submit(store, owner: str = "local", spec: dict | None = None) -> str:
 
 
 def statuses(store, job_id: str) -> list[str]:
-    return [e.data["status"] for e in store.list_events(job_id, limit=1000) if e.type == "status"]
+    return [e.data["status"] for e in store.events.list_events(job_id, limit=1000) if e.type == "status"]
 
 
 def test_preemptions_do_not_spend_attempts_but_lost_workers_do(store):
     job_id = submit(store)
     for run in range(1, 5):  # four runs, three clean requeues: max_attempts=3 is not reached
-        job, token = store.claim(job_id, max_attempts=3, lease_seconds=60)
+        job, token = store.claims.claim(job_id, max_attempts=3, lease_seconds=60)
         assert job is not None and job.attempt == run, token
         if run < 4:
-            assert store.requeue(job_id, token, "worker process stopped (SIGTERM); will resume")
+            assert store.leases.requeue(job_id, token, "worker process stopped (SIGTERM); will resume")
     assert store.get_job(job_id).preemptions == 3
-    assert store.finish(job_id, token, "succeeded")
+    assert store.leases.finish(job_id, token, "succeeded")
 
     poison = submit(store)
     for run in range(1, 4):  # the control: runs that die without a requeue (found stale) do count
-        job, token = store.claim(poison, max_attempts=3, lease_seconds=0.05)
+        job, token = store.claims.claim(poison, max_attempts=3, lease_seconds=0.05)
         assert job is not None and job.attempt == run
         time.sleep(0.1)
-        assert store.requeue_stale(0.05) == [poison]
-    job, why = store.claim(poison, max_attempts=3, lease_seconds=0.05)
+        assert store.leases.requeue_stale(0.05) == [poison]
+    job, why = store.claims.claim(poison, max_attempts=3, lease_seconds=0.05)
     assert job is None
     final = store.get_job(poison)
     assert final.status == "failed" and final.error_code == "too_many_attempts" and final.attempt == 3
@@ -69,31 +69,31 @@ def test_heartbeats_and_staleness_use_the_database_clock(store, monkeypatch):
     import store.jobs as jobs
 
     job_id = submit(store)
-    _, token = store.claim(job_id, max_attempts=3, lease_seconds=2)
+    _, token = store.claims.claim(job_id, max_attempts=3, lease_seconds=2)
     for skew in (-300, 300):
         shifted = lambda skew=skew: dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=skew)  # noqa: E731
         with monkeypatch.context() as patch:  # the worker's clock, as the worker's code would read it
             patch.setattr(db, "utcnow", shifted)
             patch.setattr(jobs, "utcnow", shifted)
-            assert store.heartbeat(job_id, token, step=3)["lease"]
-        assert store.requeue_stale(2) == [], skew  # the API's reaper, with a correct clock
+            assert store.leases.heartbeat(job_id, token, step=3)["lease"]
+        assert store.leases.requeue_stale(2) == [], skew  # the API's reaper, with a correct clock
     time.sleep(2.3)
-    assert store.requeue_stale(2) == [job_id]  # a worker 300 s ahead can't keep a dead job forever
+    assert store.leases.requeue_stale(2) == [job_id]  # a worker 300 s ahead can't keep a dead job forever
 
 
 def test_a_worker_that_lost_its_lease_cannot_write(store, tmp_path):
     from rigl_core.spec import JobSpec
     from rigl_core.training.trainer import Trainer
     from store.artifacts import Artifacts
-    from store.jobs import LeaseLost
+    from store.leases import LeaseLost
     from worker.runner import save_resume_checkpoint
 
     artifacts = Artifacts(tmp_path / "artifacts")
     job_id = submit(store)
-    first, old = store.claim(job_id, max_attempts=3, lease_seconds=0.05)
+    first, old = store.claims.claim(job_id, max_attempts=3, lease_seconds=0.05)
     time.sleep(0.1)
-    assert store.requeue_stale(0.05) == [job_id]  # its heartbeat lapsed: the reaper gave the job away
-    second, new = store.claim(job_id, max_attempts=3, lease_seconds=60)
+    assert store.leases.requeue_stale(0.05) == [job_id]  # its heartbeat lapsed: the reaper gave the job away
+    second, new = store.claims.claim(job_id, max_attempts=3, lease_seconds=60)
     assert (first.attempt, second.attempt) == (1, 2)
 
     trainer = Trainer(JobSpec.model_validate(small(2)))
@@ -103,51 +103,51 @@ def test_a_worker_that_lost_its_lease_cannot_write(store, tmp_path):
     with pytest.raises(LeaseLost):  # the stale holder's checkpoint: written to its own file, never published
         save_resume_checkpoint(trainer, store, artifacts, job_id, old, first.attempt)
     with pytest.raises(LeaseLost):
-        store.add_events(job_id, [{"type": "message", "message": "from the past"}], token=old)
+        store.events.add_events(job_id, [{"type": "message", "message": "from the past"}], token=old)
     with pytest.raises(LeaseLost):
-        store.add_checkpoint(job_id, "dense", 9, "model.safetensors", "0" * 64, 1, token=old)
-    assert store.finish(job_id, old, "succeeded") is False
-    assert store.requeue(job_id, old, "stale") is False
-    assert store.heartbeat(job_id, old, step=9)["lease"] is False
+        store.checkpoints.add_checkpoint(job_id, "dense", 9, "model.safetensors", "0" * 64, 1, token=old)
+    assert store.leases.finish(job_id, old, "succeeded") is False
+    assert store.leases.requeue(job_id, old, "stale") is False
+    assert store.leases.heartbeat(job_id, old, step=9)["lease"] is False
 
-    rows = store.list_checkpoints(job_id)
+    rows = store.checkpoints.list_checkpoints(job_id)
     assert [(r.kind, r.step, r.filename) for r in rows] == [("resume", 7, current)]
     assert current != "resume.pt" and ".a2." in current  # attempt-specific: holders never share a file
     files = sorted(p.name for p in artifacts.job_dir(job_id).iterdir())
     assert files == [current]  # the stale holder's file and temp file are gone
-    assert "from the past" not in [e.message for e in store.list_events(job_id, limit=1000)]
+    assert "from the past" not in [e.message for e in store.events.list_events(job_id, limit=1000)]
     job = store.get_job(job_id)
     assert job.status == "running" and job.step == 0 and job.lease_token == new
-    store.add_events(job_id, [{"type": "message", "message": "current holder"}], token=new)
-    assert store.finish(job_id, new, "succeeded")
+    store.events.add_events(job_id, [{"type": "message", "message": "current holder"}], token=new)
+    assert store.leases.finish(job_id, new, "succeeded")
 
 
 def test_the_next_job_to_start_is_chosen_fairly_across_owners(store):
     a_jobs = [submit(store, owner="alice") for _ in range(5)]
     b_job = submit(store, owner="bob")
-    first, _ = store.claim(a_jobs[0], max_attempts=3)
+    first, _ = store.claims.claim(a_jobs[0], max_attempts=3)
     assert first.id == a_jobs[0]
     # alice has a job running, bob none: alice's second message starts bob's job
-    second, _ = store.claim(a_jobs[1], max_attempts=3)
+    second, _ = store.claims.claim(a_jobs[1], max_attempts=3)
     assert second.id == b_job
     # one each running: the owner served longest ago, then the oldest job
-    third, _ = store.claim(b_job, max_attempts=3)
+    third, _ = store.claims.claim(b_job, max_attempts=3)
     assert third.id == a_jobs[1]
     store.request_cancel(a_jobs[2])  # cancelled jobs are skipped
-    fourth, _ = store.claim(a_jobs[3], max_attempts=3)
+    fourth, _ = store.claims.claim(a_jobs[3], max_attempts=3)
     assert fourth.id == a_jobs[3]
-    fifth, _ = store.claim(a_jobs[4], max_attempts=3)
-    sixth, why = store.claim(a_jobs[2], max_attempts=3)
+    fifth, _ = store.claims.claim(a_jobs[4], max_attempts=3)
+    sixth, why = store.claims.claim(a_jobs[2], max_attempts=3)
     assert fifth.id == a_jobs[4] and sixth is None and "cancelled" in why
 
 
 def test_one_owner_alone_after_another_finished_alternates_owners(store):
     """With one worker nothing else runs at each pick: the owner served longest ago goes first."""
     a_jobs = [submit(store, owner="alice") for _ in range(3)]
-    first, token = store.claim(a_jobs[0], max_attempts=3)
-    store.finish(first.id, token, "succeeded")
+    first, token = store.claims.claim(a_jobs[0], max_attempts=3)
+    store.leases.finish(first.id, token, "succeeded")
     b_job = submit(store, owner="bob")
-    second, _ = store.claim(a_jobs[1], max_attempts=3)
+    second, _ = store.claims.claim(a_jobs[1], max_attempts=3)
     assert second.id == b_job
 
 
@@ -167,7 +167,7 @@ def test_the_time_limit_checkpoints_first_then_ends_the_job_time_limit(settings,
     assert time.monotonic() - began < 30
     job = store.get_job(job_id)
     assert job.error_code == "time_limit" and "time limit" in job.error_message and "/" not in job.error_message
-    resume = store.latest_checkpoint(job_id, "resume")
+    resume = store.checkpoints.latest_checkpoint(job_id, "resume")
     assert resume is not None and resume.step == job.step > 0  # saved at the step it stopped, not before
     assert (settings.artifact_dir / "jobs" / job_id / resume.filename).is_file()
 
@@ -193,7 +193,7 @@ def test_a_failing_event_write_does_not_fail_the_job(settings, store, monkeypatc
 
     from worker.runner import run_job
 
-    real = store.add_events
+    real = store.events.add_events
     calls = {"n": 0}
 
     def flaky(job_id, events, token=None):
@@ -204,11 +204,11 @@ def test_a_failing_event_write_does_not_fail_the_job(settings, store, monkeypatc
             raise DataError("INSERT", {}, ValueError("refused"))
         return real(job_id, events, token)
 
-    monkeypatch.setattr(store, "add_events", flaky)
+    monkeypatch.setattr(store.events, "add_events", flaky)
     job_id = submit(store, spec=small(3))
     assert run_job(job_id, settings, store) == "succeeded"
     assert store.get_job(job_id).status == "succeeded"
-    assert [e for e in store.list_events(job_id, limit=1000) if e.type == "eval"]  # kept, one by one
+    assert [e for e in store.events.list_events(job_id, limit=1000) if e.type == "eval"]  # kept, one by one
 
 
 @pytest.fixture()
@@ -242,12 +242,12 @@ def test_a_full_artifact_volume_fails_the_job_no_space_and_leaves_no_temp_files(
     job = store.get_job(job_id)
     assert job.error_code == "no_space", (job.error_code, job.error_message)
     assert job.error_message == "no space left on the artifact volume while writing the checkpoint"
-    warnings = [e for e in store.list_events(job_id, limit=1000) if e.level == "warn" and e.type == "message"]
+    warnings = [e for e in store.events.list_events(job_id, limit=1000) if e.level == "warn" and e.type == "message"]
     assert warnings and "no space" in warnings[0].message  # periodic checkpoints skipped, training went on
     assert job.step == 69  # all 3 epochs trained; the final export is what could not be written
     leftovers = [p.name for p in (small_volume / "jobs" / job_id).iterdir()]
     assert not [name for name in leftovers if name.endswith(".tmp")], leftovers
-    assert store.list_checkpoints(job_id) == []
+    assert store.checkpoints.list_checkpoints(job_id) == []
 
 
 def test_a_stop_request_during_a_database_outage_still_requeues(settings, store, monkeypatch):
@@ -258,7 +258,7 @@ def test_a_stop_request_during_a_database_outage_still_requeues(settings, store,
 
     job_id = submit(store)
     down = threading.Event()
-    real_add, real_requeue = store.add_checkpoint, store.requeue
+    real_add, real_requeue = store.checkpoints.add_checkpoint, store.leases.requeue
 
     def unavailable(real):
         def call(*args, **kwargs):
@@ -267,8 +267,8 @@ def test_a_stop_request_during_a_database_outage_still_requeues(settings, store,
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(store, "add_checkpoint", unavailable(real_add))
-    monkeypatch.setattr(store, "requeue", unavailable(real_requeue))
+    monkeypatch.setattr(store.checkpoints, "add_checkpoint", unavailable(real_add))
+    monkeypatch.setattr(store.leases, "requeue", unavailable(real_requeue))
     stop = threading.Event()
     stop.set()
     down.set()
@@ -276,4 +276,4 @@ def test_a_stop_request_during_a_database_outage_still_requeues(settings, store,
     assert run_job(job_id, settings, store, stop_requested=stop) == "requeued"
     job = store.get_job(job_id)
     assert job.status == "requeued" and job.preemptions == 1
-    assert store.latest_checkpoint(job_id, "resume").step == 1
+    assert store.checkpoints.latest_checkpoint(job_id, "resume").step == 1

@@ -27,18 +27,18 @@ def test_the_heartbeat_thread_keeps_the_lease_while_the_training_loop_is_silent(
     api, settings, _ = service
     job_id = api.post("/v1/jobs", json=JOB).json()["id"]
     store = JobStore(settings.database_url)
-    _, token = store.claim(job_id, max_attempts=3, lease_seconds=settings.lease_seconds)
+    _, token = store.claims.claim(job_id, max_attempts=3, lease_seconds=settings.lease_seconds)
     heartbeat = Heartbeat(store, job_id, token, interval=0.2, progress=lambda: (None, None))
     heartbeat.start()
     try:
         time.sleep(2.5 * settings.lease_seconds)  # no training step at all, as in a slow start
-        assert store.requeue_stale(settings.lease_seconds) == []
+        assert store.leases.requeue_stale(settings.lease_seconds) == []
         assert not heartbeat.lost_lease
     finally:
         heartbeat.stop()
     assert not heartbeat.is_alive()
     time.sleep(1.5 * settings.lease_seconds)  # the control: without the thread the lease lapses
-    assert store.requeue_stale(settings.lease_seconds) == [job_id]
+    assert store.leases.requeue_stale(settings.lease_seconds) == [job_id]
     heartbeat.beat_now()
     assert heartbeat.lost_lease  # and a late beat learns it is no longer the holder
 
@@ -84,12 +84,12 @@ def test_a_job_whose_message_could_not_be_sent_waits_visibly_and_the_reaper_send
             assert "broker" in job["error"]["message"]
         store = api.app.state.context.store
         reaper = Reaper(store, enqueue, lease_seconds=60, interval=1)
-        reaper.sweep()
+        reaper.run_once()
         assert broker["sent"] == []  # still down: still waiting, still marked
         assert api.get(f"/v1/jobs/{ids[0]}").json()["error"]["code"] == "broker_unavailable"
         broker["up"] = True
-        reaper.sweep()
+        reaper.run_once()
         assert broker["sent"] == ids  # oldest first, once each
-        reaper.sweep()
+        reaper.run_once()
         assert broker["sent"] == ids
         assert all(api.get(f"/v1/jobs/{i}").json()["error"] is None for i in ids)

@@ -1,0 +1,64 @@
+"""Uploads: the architectures, datasets and weights users store, each visible to its owner only."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from store.artifacts import issued_id
+from store.db import ArchitectureRecord, DatasetRecord, WeightsRecord
+from store.job_state import StorePart
+
+
+class Uploads(StorePart):
+    def add_architecture(self, name: str, spec: dict, params: int, owner: str = "local") -> ArchitectureRecord:
+        with self.sessions.begin() as s:
+            row = ArchitectureRecord(name=name, spec=spec, params=params, owner=owner)
+            s.add(row)
+        return row
+
+    def get_architecture(self, arch_id: str, owner: str | None = None) -> ArchitectureRecord | None:
+        return self._get_owned(ArchitectureRecord, arch_id, owner)
+
+    def list_architectures(self, owner: str | None = None) -> list[ArchitectureRecord]:
+        return self._list_owned(ArchitectureRecord, owner)
+
+    def add_dataset(self, **fields) -> DatasetRecord:
+        with self.sessions.begin() as s:
+            row = DatasetRecord(**fields)
+            s.add(row)
+        return row
+
+    def get_dataset(self, dataset_id: str, owner: str | None = None) -> DatasetRecord | None:
+        return self._get_owned(DatasetRecord, dataset_id, owner)
+
+    def list_datasets(self, owner: str | None = None) -> list[DatasetRecord]:
+        return self._list_owned(DatasetRecord, owner)
+
+    def add_weights(self, **fields) -> WeightsRecord:
+        with self.sessions.begin() as s:
+            row = WeightsRecord(**fields)
+            s.add(row)
+        return row
+
+    def get_weights(self, weights_id: str, owner: str | None = None) -> WeightsRecord | None:
+        return self._get_owned(WeightsRecord, weights_id, owner)
+
+    def list_weights(self, owner: str | None = None) -> list[WeightsRecord]:
+        return self._list_owned(WeightsRecord, owner)
+
+    def _get_owned(self, record, record_id: str, owner: str | None):
+        """One upload by id; with `owner`, someone else's is as good as missing."""
+        if not issued_id(record_id):
+            return None
+        with self.sessions() as s:
+            query = select(record).where(record.id == record_id)
+            if owner is not None:
+                query = query.where(record.owner == owner)
+            return s.scalars(query).first()
+
+    def _list_owned(self, record, owner: str | None) -> list:
+        with self.sessions() as s:
+            query = select(record).order_by(record.created_at.desc())
+            if owner is not None:
+                query = query.where(record.owner == owner)
+            return list(s.scalars(query))
