@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import small_spec
+from helpers.specs import small_spec
 
 from rigl_core.training.trainer import Callback, Trainer
 
