@@ -235,7 +235,7 @@ def test_the_trainer_builds_the_recipes_model_with_zero_residual_bn():
 def test_update_iterations_count_sets_how_many_optimizer_steps_a_run_makes(count, batches, optimizer_steps):
     # 46 steps, T_end 34, ΔT 5: RigL updates at steps 0, 5, ..., 30 (7), each in place of an optimizer step.
     # Counted (the default), they are 7 of the 46 steps; not counted (the official code), 7 extra batches.
-    from conftest import small_spec
+    from helpers.specs import small_spec
     from rigl_core.training.trainer import Callback, Trainer
 
     class Updates(Callback):
