@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Podman and mmdebstrap from Debian for tests/test_compose_stack.py, which builds the images and runs
+# Podman and mmdebstrap from Debian for tests/stack/test_compose_stack.py, which builds the images and runs
 # the compose stack (no Docker engine here). runc: crun refuses this machine's hybrid cgroups; uidmap
 # and fuse-overlayfs are podman's storage helpers. Settings: .ci/containers.conf (CONTAINERS_CONF).
 set -uo pipefail

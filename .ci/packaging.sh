@@ -4,10 +4,10 @@
 #   2. wheel: a fresh Python 3.11 venv installs the wheel alone (the six core dependencies) and
 #      smoke-tests it: no service packages, `rigl --help`, a one-epoch synthetic `rigl train`,
 #      and `rigl serve` / digits answering with the extra to install (exit 2);
-#   3. py312: a Python 3.12 venv with `pip install -e ".[test]"` runs `pytest -m "not slow"`.
+#   3. py312: a Python 3.12 venv with `pip install -e ".[test]"` runs the fast tests (pyproject's default `-m`).
 # Any failure fails CI. Measured on the 2-core CI machine (bench/results/packaging.md): build 7-28 s; wheel
 # leg ~1.5 min (60 s install, torch 2.14.1 from the local wheel files; 30 s smoke); py312 leg
-# ~3 min install with a warm pip cache (6.6 min cold: torch cp312 is downloaded) + ~5 min of tests.
+# ~3 min install with a warm pip cache (6.6 min cold: torch cp312 is downloaded) + ~4 min of tests.
 # PACKAGING_LEGS=build,wheel,py312 picks legs (all by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,13 +86,13 @@ if [[ $legs == *,wheel,* ]]; then
 fi
 
 if [[ $legs == *,py312,* ]]; then
-  step "Python 3.12: pip install -e \".[test]\" and pytest -m \"not slow\""
+  step "Python 3.12: pip install -e \".[test]\" and the fast tests"
   t0=$(date +%s)
   "$py312" -m venv "$work/venv312"
   "$work/venv312/bin/pip" install -q -e ".[test]" 2>&1 | quiet
   took "py312 install" "$t0"
   t0=$(date +%s)
   "$work/venv312/bin/python" --version
-  "$work/venv312/bin/python" -m pytest -m "not slow" -p no:cacheprovider -q
+  "$work/venv312/bin/python" -m pytest -p no:cacheprovider -q  # pyproject's addopts: the fast tests only
   took "py312 tests" "$t0"
 fi

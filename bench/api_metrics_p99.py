@@ -32,7 +32,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from service_helpers import JOB, free_port, wait_ready  # noqa: E402
+from helpers.service import JOB, free_port, wait_ready  # noqa: E402
 
 CONFIGS = (("metrics off", {"RIGL_METRICS": "0"}, "api.app:create_app"),
            ("metrics on", {"RIGL_METRICS": "1"}, "api.app:create_app"),

@@ -14,7 +14,7 @@ it, then measures:
 
 Results go to bench/results/api_under_load.{json,md}; `--baseline FILE.json` (an earlier run's JSON,
 e.g. of the code before issue 11) adds its figures as a comparison column. Needs PostgreSQL and Redis
-on 127.0.0.1 (tests/service_helpers.py).
+on 127.0.0.1 (tests/helpers/service.py).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from api_process import api_process  # noqa: E402
-from service_helpers import (JOB, PG_ADMIN, REDIS, cleanup_redis_queue,  # noqa: E402
+from helpers.api_process import api_process  # noqa: E402
+from helpers.service import (JOB, PG_ADMIN, REDIS, cleanup_redis_queue,  # noqa: E402
                              temporary_postgres_database)
 
 

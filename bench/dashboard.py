@@ -30,7 +30,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from service_helpers import free_port, wait_for  # noqa: E402
+from helpers.service import free_port, wait_for  # noqa: E402
 
 WATCH_JOB = {"model": {"name": "mlp"}, "dataset": {"name": "digits"},
              "sparsity": {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "schedule": {"delta_t": 50}},

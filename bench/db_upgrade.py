@@ -4,7 +4,7 @@ Why: every start upgrades a database that is behind (issue 15 item 2); this says
 first start of a new release takes on a large embedded (SQLite) or PostgreSQL database, and what the
 start-up check costs once the schema is at head.
 
-The database is made by the first release's own models (tests/first_release_models.py, its create_all),
+The database is made by the first release's own models (tests/helpers/first_release_models.py, its create_all),
 its jobs with a realistic resolved spec; events are generated in SQL. Then, timed: store.migrations.upgrade
 (stamp 0001, 0002's missing columns and tables, 0003's columns, method backfill from each job's spec,
 indexes, job_tags), then the check every later start makes (make_engine on a database at head).
@@ -30,8 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-import first_release_models as first  # noqa: E402
-from service_helpers import JOB, postgres_available, temporary_postgres_database  # noqa: E402
+from helpers import first_release_models as first  # noqa: E402
+from helpers.service import JOB, postgres_available, temporary_postgres_database  # noqa: E402
 
 
 def build(url: str, jobs: int, events: int) -> None:

@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["tests/test_reliability.py", "tests/test_worker_lease_service.py", "tests/test_job_caps.py",
-          "tests/test_upload_bombs.py", "tests/test_user_paths.py", "tests/test_api_responsiveness.py",
-          "tests/test_fuzz.py"]
+SUITES = [f"tests/service/test_{name}.py" for name in (
+    "reliability", "worker_lease_service", "job_caps", "upload_bombs", "user_paths", "api_responsiveness", "fuzz")]
 
 
 def main() -> None:
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", *SUITES],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "", "-s", "-q", "-p", "no:cacheprovider", *SUITES],
                             cwd=ROOT, capture_output=True, text=True)
     lines = re.findall(r"^(?:reliability|fuzz): .*$", result.stdout, flags=re.M)
     probes = re.findall(r"^PROBE (.*) -> (\d+) ([\w.]+): (.*)$", result.stdout, flags=re.M)
@@ -42,7 +41,7 @@ def main() -> None:
         "",
         f"Machine: {os.cpu_count()} cores ({platform.machine()}), {time.strftime('%Y-%m-%d')}; real PostgreSQL 15, "
         "Redis 7 (a private redis-server with appendonly for the restart test) and Celery worker processes; "
-        f"suites: {', '.join(s.removeprefix('tests/') for s in SUITES)}; wall time "
+        f"suites: {', '.join(s.removeprefix('tests/service/') for s in SUITES)}; wall time "
         f"{(time.time() - started) / 60:.1f} min; pytest: {summary[-1] if summary else result.returncode}.",
         "",
         "| scenario | figures |",

@@ -522,7 +522,7 @@ def run_point(n: int, scale: float, args, env: dict, url: str, keys: dict, admin
               tmp: Path, broker) -> dict:
     import psycopg
 
-    from service_helpers import JOB
+    from helpers.service import JOB
 
     point_env = {**env, "RIGL_CANCEL_POLL_SECONDS": str(1.0 * scale),
                  "RIGL_LEASE_SECONDS": str(args.lease * scale),
@@ -809,7 +809,7 @@ def main() -> None:
     import psycopg
     import redis
 
-    from service_helpers import (PG_ADMIN, REDIS, cleanup_redis_queue, free_port, stop_group,
+    from helpers.service import (PG_ADMIN, REDIS, cleanup_redis_queue, free_port, stop_group,
                                  temporary_postgres_database, wait_ready)
     from store.jobs import JobStore
     from store.keys import create_key

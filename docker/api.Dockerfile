@@ -1,7 +1,7 @@
 # API image: Python with the CPU build of the pinned torch (the API builds models on the meta device to
 # validate jobs; it never trains). Build arguments, defaults being what compose builds:
 #   BASE_IMAGE       any image with python3 (3.11+) and its venv module; Debian's python3 + python3-venv
-#                    work too (tests/test_compose_stack.py builds from a locally bootstrapped bookworm)
+#                    work too (tests/stack/test_compose_stack.py builds from a locally bootstrapped bookworm)
 #   TORCH_INDEX_URL  where torch comes from: PyTorch's CPU wheels, so no CUDA libraries in this image
 #   TORCH            the torch and torchvision requirements
 # The steps up to `USER rigl` are the worker image's, word for word (the arguments are declared before

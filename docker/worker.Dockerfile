@@ -2,7 +2,7 @@
 # wheels carry the CUDA runtime (CUDA 13) as pip packages, and the host's driver comes in through the
 # NVIDIA Container Toolkit (README "Self-hosting"). Build arguments, defaults being what compose builds:
 #   BASE_IMAGE       any image with python3 (3.11+) and its venv module; Debian's python3 + python3-venv
-#                    work too (tests/test_compose_stack.py builds from a locally bootstrapped bookworm)
+#                    work too (tests/stack/test_compose_stack.py builds from a locally bootstrapped bookworm)
 #   TORCH_INDEX_URL  where torch comes from (PyPI: the CUDA build; https://download.pytorch.org/whl/cpu
 #                    for a CPU-only worker, a much smaller image)
 #   TORCH            the torch and torchvision requirements

@@ -1,11 +1,14 @@
-"""Shared fixtures: small models and specs that train in a second on CPU."""
+"""Fixtures every group shares: one thread for torch, a fresh settings/data folder, the API in process.
+
+Tests that need real processes (rigl serve, Celery workers, PostgreSQL, Redis) use tests/helpers/service.py.
+"""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
-
-from rigl_core.spec import JobSpec
 
 
 @pytest.fixture(autouse=True)
@@ -14,18 +17,47 @@ def _few_threads():
     yield
 
 
-def small_spec(**overrides) -> JobSpec:
-    """An MLP on digits: ~0.2 s per epoch."""
-    tree = {
-        "model": {"name": "mlp", "hidden_sizes": [64, 32]},
-        "dataset": {"name": "digits"},
-        "sparsity": {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "schedule": {"delta_t": 5}},
-        "training": {"epochs": 2, "batch_size": 64, "lr": 0.1, "log_every_steps": 5},
-    }
-    for dotted, value in overrides.items():
-        node = tree
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return JobSpec.model_validate(tree)
+@pytest.fixture()
+def make_settings(tmp_path):
+    """make_settings(**overrides): resolved service Settings whose data folder is this test's tmp_path."""
+    from store.settings import Settings
+
+    def make(**overrides):
+        return Settings(**{"data_dir": tmp_path, **overrides}).resolved()
+
+    return make
+
+
+@pytest.fixture()
+def settings(make_settings):
+    """The default service Settings on this test's tmp_path (SQLite store, filesystem broker, keys off)."""
+    return make_settings()
+
+
+@pytest.fixture()
+def make_api(make_settings):
+    """make_api(**settings) opens the API in process (FastAPI's TestClient) on a SQLite store in tmp_path.
+
+    No worker runs: submitted job ids land in `client.sent`. The client also carries `.settings` (resolved)
+    and `.store` (the app's JobStore). reaper=True starts the reaper and janitor threads as `rigl serve`
+    does; the default leaves them off so nothing changes a job behind the test's back. Closed after the test.
+    """
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with ExitStack() as opened:
+        def make(*, reaper: bool = False, **overrides):
+            settings = make_settings(**overrides)
+            sent: list[str] = []
+            client = opened.enter_context(TestClient(create_app(settings, enqueue=sent.append, reaper=reaper)))
+            client.settings, client.store, client.sent = settings, client.app.state.context.store, sent
+            return client
+
+        yield make
+
+
+@pytest.fixture()
+def api(make_api):
+    """The API in process with default settings (see make_api)."""
+    return make_api()

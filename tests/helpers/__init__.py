@@ -1,0 +1,1 @@
+"""Code the tests share (tests/README.md lists it): specs, sparsifier checks, docs pages, real services."""
