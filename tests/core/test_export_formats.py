@@ -353,7 +353,7 @@ def test_a_srigl_job_serves_a_condensed_export_equal_to_the_dense_one(tmp_path):
 
     from api.app import create_app
     from rigl_core.export.condensed_layers import CondensedLinear, load_condensed
-    from service_helpers import JOB
+    from helpers.service import JOB
     from store.settings import Settings
     from worker.runner import run_job
 

@@ -128,7 +128,7 @@ def test_the_docs_plain_pytorch_loader_runs_and_matches(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "exports.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "exports.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "class CondensedLinear" in b)
     assert "rigl_core" not in block
     model, rigl = trained("mlp", [1, 8, 8], ablation_threshold=1.0)
