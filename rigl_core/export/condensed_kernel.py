@@ -137,3 +137,25 @@ def condensed_matmul(x: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
                                            None if bias is None else bias.data_ptr(), y.data_ptr(),
                                            batch, x.shape[1], rows, k)
     return y
+
+
+class BoundRows:
+    """One layer's compiled product with its weight, index and bias pointers bound once, so a call costs
+    one ctypes call (the per-call Python around the kernel is most of a small layer's time at batch 1).
+    Call it only with a contiguous float32 CPU input of fewer than BAG_FROM rows and no autograd."""
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
+        lib = library()
+        self.ready = lib is not None and indices.dtype in FUNCTIONS and values.dtype == torch.float32 \
+            and values.device.type == "cpu" and values.is_contiguous() and indices.is_contiguous()
+        if not self.ready:
+            return
+        self.keep = (indices, values, bias)  # the pointers below stay valid while these live
+        self.fn = getattr(lib, FUNCTIONS[indices.dtype])
+        self.pointers = (indices.data_ptr(), values.data_ptr(), None if bias is None else bias.data_ptr())
+        self.rows, self.k = values.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.rows)
+        self.fn(x.data_ptr(), *self.pointers, y.data_ptr(), x.shape[0], x.shape[1], self.rows, self.k)
+        return y

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_core.export.condensed import densify, layer_values, read_condensed_layers
-from rigl_core.export.condensed_kernel import bag_of, condensed_matmul
+from rigl_core.export.condensed_kernel import BAG_FROM, BoundRows, bag_of, condensed_matmul
 
 INDEX_DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 
@@ -51,6 +51,13 @@ class CondensedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
+        if x.shape[0] < BAG_FROM and self._fast_path(x):  # batch 1..3 on CPU: one bound kernel call
+            y = self._bound(x)
+            if not self.all_active:
+                y = torch.cat([y, y.new_zeros(y.shape[0], 1)], dim=1)[:, self.where]
+                if self.bias is not None:
+                    y = y + self.bias
+            return y.reshape(*lead, self.out_features)
         if self.all_active:
             y = condensed_matmul(x, self.indices, self.values, (self.bag_indices, self.bag_offsets), self.bias)
         else:
@@ -59,6 +66,17 @@ class CondensedLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def _fast_path(self, x: torch.Tensor) -> bool:
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()) \
+                or torch.jit.is_tracing() or torch.compiler.is_compiling() \
+                or (torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad)):
+            return False
+        bound = self.__dict__.get("_bound")
+        if bound is None or bound.ready and bound.keep[1] is not self.values:  # first call, or the module moved
+            bias = self.bias if self.all_active else None
+            bound = self.__dict__["_bound"] = BoundRows(self.indices, self.values, bias)
+        return bound.ready
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, active={len(self.values)}"
