@@ -77,6 +77,7 @@ def layer_rows(args) -> list[dict]:
             model = nn.Sequential(linear)
             save_condensed(model, {"0": mask}, folder / "c.safetensors")
             condensed = load_condensed(copy.deepcopy(model), folder / "c.safetensors")[0].eval()
+            torch._dynamo.reset()  # each layer its own compiled graph (one code object, many shapes)
             compiled = torch.compile(lambda x, c=condensed: reference_matmul(x, c.indices, c.values) + c.bias)
             sessions = {"ort_condensed": ort_session(export_onnx(condensed, [fan_in], folder / "c.onnx"), 1),
                         "ort_dense": ort_session(export_onnx(dense, [fan_in], folder / "d.onnx"), 1)}

@@ -49,15 +49,12 @@ class CondensedLinear(nn.Module):
         return self.values.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] < BAG_FROM and self.all_active:  # batch 1..3: one bound kernel call
+            bound = self._bound_for(x)
+            if bound is not None:
+                return bound(x)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if x.shape[0] < BAG_FROM and self._fast_path(x):  # batch 1..3 on CPU: one bound kernel call
-            y = self._bound(x)
-            if not self.all_active:
-                y = torch.cat([y, y.new_zeros(y.shape[0], 1)], dim=1)[:, self.where]
-                if self.bias is not None:
-                    y = y + self.bias
-            return y.reshape(*lead, self.out_features)
         if self.all_active:
             y = condensed_matmul(x, self.indices, self.values, (self.bag_indices, self.bag_offsets), self.bias)
         else:
@@ -67,16 +64,16 @@ class CondensedLinear(nn.Module):
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()) \
-                or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-                or (torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad)):
-            return False
+    def _bound_for(self, x: torch.Tensor) -> BoundRows | None:
+        """The compiled kernel bound to this layer, when it may run `x` (CPU float32, no autograd, not traced)."""
+        if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or torch.jit.is_tracing() \
+                or (torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad)) \
+                or torch.compiler.is_compiling():
+            return None
         bound = self.__dict__.get("_bound")
         if bound is None or bound.ready and bound.keep[1] is not self.values:  # first call, or the module moved
-            bias = self.bias if self.all_active else None
-            bound = self.__dict__["_bound"] = BoundRows(self.indices, self.values, bias)
-        return bound.ready
+            bound = self.__dict__["_bound"] = BoundRows(self.indices, self.values, self.bias)
+        return bound if bound.ready else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, active={len(self.values)}"
