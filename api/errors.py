@@ -34,6 +34,16 @@ def _loc_to_field(loc) -> str:
     return ".".join(parts) or "body"
 
 
+def named_field(field: str, message: str) -> tuple[str, str]:
+    """(field, message) of a validation error at `field`: a whole-spec rule (e.g. sparsity.init vs
+    model.weights, at "body"), or a section's cross-field rule (sparsity.pattern inside `sparsity`), names
+    its own field at the start of its message."""
+    named = FIELD_PREFIX.match(message) if field == "body" or message.startswith(field + ".") else None
+    if named and "." in named.group(1):
+        return named.group(1), named.group(2)
+    return field, message
+
+
 def _body(code: str, message: str, field: str | None) -> dict:
     error = {"code": code, "message": message}
     if field:
@@ -56,12 +66,9 @@ def install(app: FastAPI) -> None:
             {"field": _loc_to_field(e["loc"]), "message": str(e["msg"]).removeprefix("Value error, ")}
             for e in exc.errors()
         ]
-        field = _loc_to_field(first["loc"])
-        # a whole-spec rule (e.g. sparsity.init vs model.weights), or a section's cross-field rule
-        # (sparsity.pattern inside `sparsity`), names its field
-        named = FIELD_PREFIX.match(message) if field == "body" or message.startswith(field + ".") else None
-        if named and "." in named.group(1):
-            field, message = named.group(1), named.group(2)
+        field, named = named_field(_loc_to_field(first["loc"]), message)
+        if named != message:
+            message = named
             details[0] = {"field": field, "message": message}
         body = _body("invalid_request", message, field)
         body["error"]["details"] = details

@@ -146,11 +146,13 @@ class SweepGrid(BaseModel):
                                          description="sparsity.sparsity values")
     method: list[str] | None = Field(None, min_length=1, max_length=MAX_SWEEP_AXIS,
                                      description="sparsity.method values")
+    structure: list[str] | None = Field(None, min_length=1, max_length=MAX_SWEEP_AXIS,
+                                        description="sparsity.structure values (unstructured, fan-in)")
     distribution: list[str] | None = Field(None, min_length=1, max_length=MAX_SWEEP_AXIS,
                                            description="sparsity.distribution values")
     seed: list[int] | None = Field(None, min_length=1, max_length=MAX_SWEEP_SEEDS, description="training.seed values")
 
-    @field_validator("sparsity", "method", "distribution", "seed")
+    @field_validator("sparsity", "method", "structure", "distribution", "seed")
     @classmethod
     def _distinct(cls, value: list | None) -> list | None:
         if value is not None and len(set(value)) != len(value):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from rigl_core.export.formats import EXPORT_FORMATS
 from rigl_core.optional import MissingExtra, require
 from rigl_core.training.recipes import recipe_names
 from rigl_core.spec import METHODS, JobSpec, SparsitySpec, format_validation_error
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print the per-layer sparsity plan without training")
     model = plan.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
+    model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small or a torchvision model name")
     model.add_argument("--architecture", type=Path, help="declarative JSON architecture file")
     model.add_argument("--hf", help="a Hugging Face config (model.hf) as JSON, or a .json file holding it")
     plan.add_argument("--task", default="auto", choices=["auto", "classification", "sequence-classification",
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_flag(train, "any JobSpec field, e.g. --set sparsity.schedule.delta_t=25 --set dataset.download=true")
     train.add_argument("--recipe", help="paper setting that fills every field not given (the file and flags win): "
                                         + ", ".join(recipe_names()) + "; `rigl recipes` shows them")
-    train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar or a torchvision model name")
+    train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small or a torchvision model name")
     train.add_argument("--architecture", type=Path, help="declarative JSON architecture file (instead of --model)")
     train.add_argument("--dataset", help="digits, mnist1d, synthetic, mnist, fashion-mnist, cifar10, cifar100, "
                                          "imagefolder or tensors")
@@ -149,7 +150,8 @@ def _add_client_commands(sub) -> None:
     watch.set_defaults(handler=cmd_watch)
     download = sub.add_parser("download", help="download a job's sparse checkpoint")
     download.add_argument("job_id")
-    download.add_argument("--format", choices=("dense", "packed", "compressed", "onnx"), default="dense")
+    download.add_argument("--format", choices=EXPORT_FORMATS, default="dense",
+                          help="condensed: jobs trained with sparsity.structure fan-in (method srigl)")
     download.add_argument("--out", type=Path, help="file or directory (default: the server's file name, reduced to a safe base name, here)")
     download.set_defaults(handler=cmd_download)
     sweep = sub.add_parser("sweep", help="submit a sweep file ({base, grid, name}) to the service")

@@ -22,7 +22,9 @@ MAX_SYNTHETIC_VALUES = 200_000_000  # synthetic datasets: samples × values per 
 UPLOADED_ARCHITECTURE = re.compile(r"^arch_[0-9a-f]{20}$")
 UPLOADED_WEIGHTS = re.compile(r"^w_[0-9a-f]{20}$")
 JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
-METHODS = ("dense", "static", "set", "snfs", "rigl", "gmp", "snip")
+METHODS = ("dense", "static", "set", "snfs", "rigl", "srigl", "gmp", "snip")
+FAN_IN_METHODS = ("static", "set", "rigl", "srigl")  # sparsity.structure "fan-in" applies to these
+SRIGL_ABLATION_THRESHOLD = 0.3  # γ_sal of the SRigL paper: a neuron needs 30% of its fan-in salient
 DISTRIBUTIONS = ("uniform", "er", "erk")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 
@@ -37,7 +39,7 @@ class ModelSpec(_Strict):
 
     name: str = Field(
         "custom",
-        description="mlp, lenet5, wrn-22-2, resnet18-cifar, a torchvision classification model name, "
+        description="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small, a torchvision classification model name, "
         "'timm/<name>' (any timm model, randomly initialised), 'hf' with `hf`, or 'custom' with `architecture`.",
     )
     hf: dict[str, Any] | None = Field(
@@ -254,7 +256,9 @@ class ScheduleSpec(_Strict):
 class SparsitySpec(_Strict):
     """What is sparse and how it is trained."""
 
-    method: Literal["dense", "static", "set", "snfs", "rigl", "gmp", "snip"] = Field("rigl")
+    method: Literal["dense", "static", "set", "snfs", "rigl", "srigl", "gmp", "snip"] = Field(
+        "rigl", description="dense, static, set, snfs, rigl, gmp, snip, or srigl: Structured RigL (Lasby et al., ICLR "
+        "2024), which is rigl with structure fan-in and neuron ablation (ablation_threshold 0.3 unless set).")
     init: Literal["random", "magnitude"] = Field(
         "random", description="First masks. random: the paper's (any method). magnitude: with model.weights or "
         "model.init_from_job, keep each layer's largest |w| at its planned density (one-shot magnitude pruning), "
@@ -290,7 +294,52 @@ class SparsitySpec(_Strict):
         "defaults to 1 - N/M and must equal it; distribution is ignored; layers whose input dim (in·kh·kw) is "
         "not divisible by M, and GPT-2 Conv1D/embedding kernels, stay dense. Methods static, set, snfs, rigl; "
         "drop/grow stays within each group.")
+    structure: Literal["unstructured", "fan-in"] = Field(
+        "unstructured", description="unstructured, or fan-in: every active output neuron of a masked layer keeps "
+        "exactly k inputs (k = the layer's density × its fan-in, rounded to a whole number; the plan says where "
+        "rounding moves a density), so the model exports condensed and runs faster. Methods static, set, rigl, "
+        "srigl (srigl sets it).")
+    ablation_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="fan-in only: neuron ablation. At each mask update a neuron with fewer "
+        "salient weights than this fraction of its layer's first fan-in (kept by magnitude, or among the grow "
+        "candidates) is removed and its budget shared by the others; the last masked layer is never ablated. "
+        "None: no ablation (srigl: 0.3, the paper's).")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @property
+    def fan_in(self) -> bool:
+        """Constant fan-in masks (structure fan-in, or method srigl)."""
+        return self.structure == "fan-in"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _srigl_defaults(cls, data):
+        """method srigl is rigl with structure fan-in and the paper's ablation threshold, unless given."""
+        if isinstance(data, dict) and data.get("method") == "srigl":
+            data = {**data, "structure": data.get("structure", "fan-in")}
+            if "ablation_threshold" not in data:
+                data["ablation_threshold"] = SRIGL_ABLATION_THRESHOLD
+        return data
+
+    @model_validator(mode="after")
+    def _fan_in_fits(self) -> "SparsitySpec":
+        if self.method == "srigl" and not self.fan_in:
+            raise ValueError("sparsity.structure: srigl is RigL with constant fan-in; use method rigl for unstructured")
+        if not self.fan_in:
+            if self.ablation_threshold is not None:
+                raise ValueError("sparsity.ablation_threshold: neuron ablation needs sparsity.structure fan-in")
+            return self
+        if self.method not in FAN_IN_METHODS:
+            raise ValueError(f"sparsity.structure: fan-in applies to methods {', '.join(FAN_IN_METHODS)}, "
+                             f"not {self.method}")
+        if self.nm is not None:
+            raise ValueError(f"sparsity.structure: fan-in and sparsity.pattern {self.pattern} are two structures; "
+                             "choose one")
+        if self.init != "random":
+            raise ValueError("sparsity.structure: fan-in needs sparsity.init random (magnitude init is unstructured)")
+        if self.ablation_threshold is not None and self.method == "static":
+            raise ValueError("sparsity.ablation_threshold: static masks never change, so nothing is ablated")
+        return self
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -464,6 +513,10 @@ class ExportSpec(_Strict):
         "fp32", description="Precision of the nonzero values in the packed and compressed exports. fp16/bf16 "
         "halve their value bytes; the run then also evaluates the model with the rounded values and reports "
         "the change (report `export`, job result `export`).")
+    latency: bool = Field(
+        True, description="Measure the trained model's batch-1 inference latency on this machine's CPU (one thread, "
+        "about a second per variant: dense, and condensed for a fan-in run) into the report's "
+        "`inference_latency_ms`, for the sweep page's latency Pareto view.")
 
 
 class JobSpec(_Strict):
@@ -498,7 +551,7 @@ class JobSpec(_Strict):
             if self.model.weights is None and self.model.init_from_job is None:
                 raise ValueError("sparsity.init: magnitude prunes trained weights; give model.weights or "
                                  "model.init_from_job (or use init random)")
-            if self.sparsity.method not in ("static", "set", "snfs", "rigl"):
+            if self.sparsity.method not in ("static", "set", "snfs", "rigl", "srigl"):
                 raise ValueError(f"sparsity.init: magnitude needs a method that starts sparse (static, set, snfs, "
                                  f"rigl); {self.sparsity.method} "
                                  + ("never prunes" if self.sparsity.method == "dense" else

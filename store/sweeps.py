@@ -27,8 +27,9 @@ from store.jobs import JobStore, count_active_in
 log = logging.getLogger("rigl.sweeps")
 
 # grid axis -> (section, field) of the JobSpec it sets; the order is the grid's expansion order
-AXES = {"method": ("sparsity", "method"), "distribution": ("sparsity", "distribution"),
-        "sparsity": ("sparsity", "sparsity"), "seed": ("training", "seed")}
+AXES = {"method": ("sparsity", "method"), "structure": ("sparsity", "structure"),
+        "distribution": ("sparsity", "distribution"), "sparsity": ("sparsity", "sparsity"), "seed": ("training", "seed")}
+DEFAULT_STRUCTURE = "unstructured"  # a child resolved (or held) before `structure` was an axis has none
 
 
 def expand(base: dict, grid: dict) -> list[tuple[dict, dict]]:
@@ -207,30 +208,48 @@ def delete_sweep(store: JobStore, artifacts, sweep_id: str, owner: str | None = 
 
 
 # ---------------------------------------------------------------------------------------------- aggregate
+# aggregate frontier -> the group's cost it minimises
+COSTS = {"flops": "inference_flops_ratio", "size": "packed_bytes", "latency": "latency_ms"}
+
+
+def latency_ms(result: dict) -> float | None:
+    """A finished job's measured batch-1 CPU latency (its report's `inference_latency_ms`, kept in the job
+    result): the condensed model's when it was measured (a fan-in run deploys that one), else the dense one's."""
+    measured = result.get("inference_latency_ms") or {}
+    return measured.get("condensed") if measured.get("condensed") is not None else measured.get("dense")
+
+
+def group_key(params: dict) -> tuple[str, str, str, float]:
+    """A child's group: (method, structure, distribution, sparsity); seeds are averaged over."""
+    return (params["method"], params.get("structure") or DEFAULT_STRUCTURE, params["distribution"],
+            params["sparsity"])
+
+
 def aggregate(children: list[dict]) -> dict:
-    """The sweep's table: children grouped by (method, distribution, sparsity), over seeds the mean ± sample
-    sd of the final val_accuracy, the inference FLOPs ratio and the packed export's bytes (means over the
-    succeeded children), and the Pareto frontiers of the groups' mean accuracy against each cost.
-    `children`: dicts with params, status, val_accuracy, inference_flops_ratio, packed_bytes."""
+    """The sweep's table: children grouped by (method, structure, distribution, sparsity), over seeds the
+    mean ± sample sd of the final val_accuracy, and the means over the succeeded children of each cost
+    (`COSTS`: inference FLOPs ratio, packed export bytes, measured batch-1 CPU latency), with the Pareto
+    frontiers of the groups' mean accuracy against each cost. A group's key is method/distribution/sparsity,
+    with /structure appended when it is not unstructured.
+    `children`: dicts with params, status, val_accuracy, inference_flops_ratio, packed_bytes, latency_ms."""
     from rigl_core.report.pareto import frontier, mean_sd
 
     groups: dict[tuple, list[dict]] = {}
     for child in children:
-        p = child["params"]
-        groups.setdefault((p["method"], p["distribution"], p["sparsity"]), []).append(child)
+        groups.setdefault(group_key(child["params"]), []).append(child)
     rows = []
-    for (method, distribution, sparsity), members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (method, structure, distribution, sparsity), members in sorted(groups.items(),
+                                                                       key=lambda kv: tuple(map(str, kv[0]))):
         done = [c for c in members if c["status"] == "succeeded"]
         accuracy, sd = mean_sd([c["val_accuracy"] for c in done if c.get("val_accuracy") is not None])
-        flops, _ = mean_sd([c["inference_flops_ratio"] for c in done if c.get("inference_flops_ratio") is not None])
-        size, _ = mean_sd([c["packed_bytes"] for c in done if c.get("packed_bytes") is not None])
-        rows.append({"key": f"{method}/{distribution}/{sparsity}", "method": method, "distribution": distribution,
+        costs = {cost: mean_sd([c[cost] for c in done if c.get(cost) is not None])[0] for cost in COSTS.values()}
+        key = f"{method}/{distribution}/{sparsity}" + ("" if structure == DEFAULT_STRUCTURE else f"/{structure}")
+        rows.append({"key": key, "method": method, "structure": structure, "distribution": distribution,
                      "sparsity": sparsity, "children": len(members), "succeeded": len(done),
                      "seeds": sorted(c["params"]["seed"] for c in done),
-                     "val_accuracy": {"mean": accuracy, "sd": sd},
-                     "inference_flops_ratio": flops, "packed_bytes": size})
+                     "val_accuracy": {"mean": accuracy, "sd": sd}, **costs})
     fronts = {}
-    for name, cost in (("flops", "inference_flops_ratio"), ("size", "packed_bytes")):
+    for name, cost in COSTS.items():
         picked = frontier([(row["val_accuracy"]["mean"], row[cost]) for row in rows])
         fronts[name] = [rows[i]["key"] for i in picked]
         for i, row in enumerate(rows):

@@ -299,8 +299,10 @@ def summary(report: dict) -> dict:
         "train_seconds": report["train_seconds"],
         "steps": report["steps"],
         "leak_check_ok": report["leak_check"]["ok"],
-        # how it ran: processes, micro-batches, autocast dtype, share of time spent waiting for data
-        **{key: report[key] for key in ("devices", "accumulate_steps", "precision", "data_wait_share", "export")
+        # how it ran: processes, micro-batches, autocast dtype, share of time spent waiting for data, and the
+        # measured batch-1 CPU latency (the sweep page's latency frontier)
+        **{key: report[key] for key in ("devices", "accumulate_steps", "precision", "data_wait_share", "export",
+                                        "inference_latency_ms")
            if key in report},
     }
 

@@ -18,6 +18,7 @@ from api.idempotency import replayed
 from api.event_hub import EventHub, StreamSlots
 from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, event_json, job_json
 from api.submission import resolve
+from rigl_core.export.formats import EXPORT_FORMATS
 from rigl_core.spec import JobSpec, SparsitySpec
 from store.deletion import delete_job as delete_stored_job
 from store.dispatch import dispatch
@@ -280,10 +281,12 @@ def list_checkpoints(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 
 
 @router.get("/{job_id}/checkpoint")
-def download_checkpoint(job_id: str, format: str = Query("dense", pattern="^(dense|packed|compressed|onnx)$"),
+def download_checkpoint(job_id: str, format: str = Query("dense", pattern=f"^({'|'.join(EXPORT_FORMATS)})$"),
                         ctx: Context = Depends(get_context)):
     """The final export: `dense` (state_dict with exact zeros), `packed` (values + bit masks), `compressed`
-    (entropy-coded masks + values, rigl_core/export/compressed.py) or `onnx` (the dense-with-zeros model).
+    (entropy-coded masks + values, rigl_core/export/compressed.py), `condensed` (constant fan-in layers as
+    values + input indices, rigl_core/export/condensed.py; jobs with sparsity.structure fan-in) or `onnx`
+    (the dense-with-zeros model).
     With a bucket it is streamed from the store, or, with `s3_presigned_downloads`, answered 307 to a
     presigned URL of the object (the bytes then never pass through the API)."""
     _job_or_404(ctx, job_id)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import ValidationError
 
 from api.context import Context, get_context
-from api.errors import FIELD_PREFIX, ApiError, _loc_to_field
+from api.errors import ApiError, _loc_to_field, named_field
 from api.idempotency import replayed
 from api.schemas import LABELS, SweepSubmission, sweep_json
 from api.submission import resolve
@@ -26,6 +26,11 @@ from store.dispatch import dispatch
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 AXIS_OF_FIELD = {f"{section}.{field}": axis for axis, (section, field) in stored.AXES.items()}
+
+
+def _axes_named() -> str:
+    *first, last = stored.AXES
+    return f"{', '.join(first)} or {last}"
 
 
 def _sweep_or_404(ctx: Context, sweep_id: str):
@@ -46,7 +51,7 @@ def _child_error(field: str | None, message: str, params: dict) -> ApiError:
 @router.post("", status_code=201)
 def create_sweep(submission: SweepSubmission, response: Response, ctx: Context = Depends(get_context),
                  idempotency_key: str | None = Header(None, min_length=1, max_length=200)) -> dict:
-    """Expand the grid (method × distribution × sparsity × seed over the base spec), validate every child
+    """Expand the grid (method × structure × distribution × sparsity × seed over the base spec), validate every child
     as `POST /v1/jobs` would, then store the sweep and queue the children the owner's cap allows; the rest
     wait in the sweep (a sweep queues, it does not fail on the cap).
 
@@ -60,7 +65,7 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
             return replay
     grid = submission.grid.model_dump(exclude_none=True)
     if not grid:
-        raise ApiError(422, "invalid_sweep", "give at least one axis: sparsity, method, distribution or seed", "grid")
+        raise ApiError(422, "invalid_sweep", "give at least one axis: " + _axes_named(), "grid")
     size = math.prod(len(values) for values in grid.values())
     if size > ctx.settings.max_sweep_children:
         raise ApiError(422, "invalid_sweep", f"the grid makes {size} jobs; at most {ctx.settings.max_sweep_children}",
@@ -75,11 +80,8 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
         except ValidationError as exc:
             first = exc.errors()[0]
             message = str(first["msg"]).removeprefix("Value error, ")
-            field = _loc_to_field(first["loc"]) if first["loc"] else None
-            named = FIELD_PREFIX.match(message) if field is None else None
-            if named:
-                field, message = named.group(1), named.group(2)
-            raise _child_error(field, message, params) from None
+            field, message = named_field(_loc_to_field(first["loc"]), message)
+            raise _child_error(None if field == "body" else field, message, params) from None
         try:
             resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
         except ApiError as exc:
@@ -118,8 +120,9 @@ def list_sweeps(limit: int = Query(20, ge=1, le=100), ctx: Context = Depends(get
 @router.get("/{sweep_id}")
 def get_sweep(sweep_id: str, ctx: Context = Depends(get_context)) -> dict:
     """The sweep, its children (jobs, and held entries not started yet), progress, and the aggregate:
-    per (method, distribution, sparsity) the mean ± sd of val_accuracy over seeds, the inference FLOPs
-    ratio and the packed export's bytes, with the Pareto frontiers against each cost."""
+    per (method, structure, distribution, sparsity) the mean ± sd of val_accuracy over seeds, the inference
+    FLOPs ratio, the packed export's bytes and the measured batch-1 CPU latency, with the Pareto frontiers
+    against each cost."""
     return _view(ctx, _sweep_or_404(ctx, sweep_id))
 
 
@@ -157,10 +160,11 @@ def _view(ctx: Context, sweep) -> dict:
             "progress": (job.step / job.total_steps) if job.total_steps else 0.0,
             "val_accuracy": (result.get("final_metrics") or {}).get("val_accuracy"),
             "inference_flops_ratio": result.get("inference_flops_ratio"),
-            "packed_bytes": sizes.get(job.id),
+            "packed_bytes": sizes.get(job.id), "latency_ms": stored.latency_ms(result),
             "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None})
     held_status = "cancelled" if sweep.status == "cancelled" else "held"
     for entry in sweep.held or []:
         children.append({"id": None, "status": held_status, "params": entry["params"], "progress": 0.0,
-                         "val_accuracy": None, "inference_flops_ratio": None, "packed_bytes": None, "error": None})
+                         "val_accuracy": None, "inference_flops_ratio": None, "packed_bytes": None,
+                         "latency_ms": None, "error": None})
     return sweep_json(sweep, children, stored.aggregate(children))

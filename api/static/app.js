@@ -5,6 +5,8 @@
 const KEY_STORAGE = "rigl.apiKey";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const DEFAULTS = { method: "rigl", sparsity: 0.9, distribution: "erk" };
+// sparsity.method's values (rigl_core/spec.py METHODS), for the form and the jobs filter
+const METHODS = ["rigl", "srigl", "set", "snfs", "static", "snip", "gmp", "dense"];
 let teardown = () => {};  // stops the current view's timers and streams
 
 // ------------------------------------------------------------------ small DOM helpers
@@ -100,7 +102,7 @@ async function streamEvents(jobId, onEvent, state) {
   }
 }
 
-const EXPORT_KINDS = ["dense", "packed", "compressed", "onnx"];  // the checkpoint route's formats, in this order
+const EXPORT_KINDS = ["dense", "packed", "compressed", "condensed", "onnx"];  // the checkpoint route's formats, in this order
 
 async function download(jobId, format, filename) {
   const resp = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/checkpoint?format=${format}`,
@@ -172,7 +174,7 @@ function progressBar(job) {
 
 // ------------------------------------------------------------------ jobs list
 const FILTERS = { status: ["queued", "running", "requeued", "cancelling", "succeeded", "failed", "cancelled"],
-  method: ["rigl", "set", "snfs", "static", "snip", "gmp", "dense"] };
+  method: METHODS };
 
 function jobsView(view, query) {
   const selected = new Set();
@@ -264,8 +266,10 @@ function jobView(view, jobId) {
   const checkpoints = h("div", { id: "checkpoints" });
   const log = h("ol", { class: "log", id: "event-log" });
   const spec = h("pre", { class: "spec", id: "job-spec" });
+  const layerHead = h("thead"), layerBody = h("tbody");
   view.replaceChildren(header, summary,
     h("section", { class: "grid" }, ...ids.map(id => charts[id])),
+    h("h2", {}, "Layers"), h("table", { class: "jobs layers", id: "layer-table" }, layerHead, layerBody),
     h("section", { class: "two" },
       h("div", {}, h("h2", {}, "Checkpoints"), checkpoints, h("h2", {}, "Submitted spec"), spec),
       h("div", {}, h("h2", {}, "Events"), log)));
@@ -325,7 +329,9 @@ function jobView(view, jobId) {
       ], { xLabel: "step", yLabel: "accuracy", yMin: 0, yMax: 1 });
     }
     if (drawn.updates !== data.updates.length || drawn.layers !== data.layers || drawn.final !== data.final) {
-      renderDensity();
+      const layers = currentLayers();
+      renderDensity(layers);
+      renderLayerTable(layers);
       Charts.line(charts["chart-drop"], "Drop fraction and mask churn per update", [
         { name: "drop fraction", points: data.updates.map(u => [u.step, u.drop_fraction]) },
         { name: "churn", points: data.updates.map(u => [u.step, u.churn]) },
@@ -351,19 +357,38 @@ function jobView(view, jobId) {
       layers: data.layers, final: data.final, totals: data.totals });
   }
 
-  function renderDensity() {
-    const rows = (data.layers || []).filter(r => r.masked);
+  /** The report's layer rows with nnz, density, active neurons and fan-in as of now: the report's when
+   *  it is final, else the latest mask update's where it has the layer (the planned values before any). */
+  function currentLayers() {
     const latest = data.updates.length ? data.updates[data.updates.length - 1].layers : null;
-    const achieved = rows.map(r => {
-      if (data.final) return r.density;
-      const u = latest && latest[r.name];
-      return u && u.numel ? u.n_active / u.numel : r.density;
+    return (data.layers || []).map(r => {
+      const u = !data.final && latest && latest[r.name];
+      if (!u || !u.numel) return r;
+      return { ...r, nnz: u.n_active, density: u.n_active / u.numel,
+        active_neurons: u.active_neurons ?? r.active_neurons, fan_in: u.fan_in ?? r.fan_in };
     });
+  }
+
+  function renderDensity(layers) {
+    const rows = layers.filter(r => r.masked);
     Charts.bars(charts["chart-density"], `Per-layer density: target vs ${data.final ? "achieved" : "current"}`,
       rows.map(r => r.name), [
         { name: "target", values: rows.map(r => r.target_density), color: "#94a3b8" },
-        { name: data.final ? "achieved" : "current", values: achieved, color: "#2563eb" },
+        { name: data.final ? "achieved" : "current", values: rows.map(r => r.density), color: "#2563eb" },
       ], { yMax: 1, yLabel: "density", empty: "no masked layers" });
+  }
+
+  function renderLayerTable(layers) {
+    const fanIn = layers.some(r => Number.isFinite(r.fan_in));  // a constant fan-in run
+    layerHead.replaceChildren(h("tr", {}, ["Layer", "Shape", "Target density", data.final ? "Achieved density" : "Current density",
+      "Nonzeros", ...(fanIn ? ["Active neurons", "Fan-in"] : [])].map(t => h("th", {}, t))));
+    layerBody.replaceChildren(...layers.map(r => h("tr", { "data-layer": r.name },
+      h("td", {}, r.name), h("td", {}, (r.shape || []).join("×")),
+      h("td", {}, pct(r.target_density) + (r.masked ? "" : ` (${r.reason})`)), h("td", {}, pct(r.density)),
+      h("td", {}, Number.isFinite(r.nnz) ? r.nnz.toLocaleString() : "—"),
+      fanIn ? h("td", {}, Number.isFinite(r.active_neurons) ? `${r.active_neurons} of ${r.neurons}` : "—") : null,
+      fanIn ? h("td", {}, Number.isFinite(r.fan_in) ? String(r.fan_in) : "—") : null)));
+    if (!layers.length) layerBody.replaceChildren(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "no layer report for this job")));
   }
 
   async function refreshJob() {
@@ -429,7 +454,7 @@ function submitView(view) {
     field("Tags", text("tags", { placeholder: "e.g. sweep, gpu" }), "comma-separated; a-z 0-9 _ . : -"),
     field("Model", select("model", ["mlp", "lenet5", "wrn-22-2", "resnet18-cifar"], "mlp"), "built-in or uploaded architecture"),
     field("Dataset", select("dataset", ["digits", "mnist1d", "synthetic"], "digits")),
-    field("Method", select("method", ["rigl", "set", "snfs", "static", "snip", "gmp", "dense"], "rigl")),
+    field("Method", select("method", METHODS, DEFAULTS.method), "srigl: RigL with constant fan-in and neuron ablation"),
     field("Sparsity", number("sparsity", "0.9", { min: 0, max: 0.999, step: 0.01 }), "share of masked weights that are zero"),
     field("Distribution", select("distribution", ["erk", "er", "uniform"], "erk")),
     field("ΔT (steps between updates)", number("delta_t", "100", { min: 1, step: 1 })),
@@ -442,15 +467,14 @@ function submitView(view) {
   const submit = h("button", { type: "button", id: "submit-job", class: "primary" }, "Submit job");
   const error = h("p", { id: "submit-error", class: "error", hidden: true });
   const planBox = h("div", { class: "chart-box", id: "plan-chart" });
-  const planTable = h("tbody");
+  const planHead = h("thead"), planTable = h("tbody");
   const planTotals = h("p", { id: "plan-totals", class: "muted" }, "Plan preview loads as you edit.");
   view.replaceChildren(h("h1", {}, "New job"),
     h("section", { class: "two" },
       h("div", {}, form, h("h2", {}, "JobSpec"), h("p", { class: "muted" }, "Built from the form; edit it for any other field (see /docs)."),
         json, error, submit),
       h("div", {}, h("h2", {}, "Plan preview"), planTotals, planBox,
-        h("table", { class: "plan", id: "plan-table" }, h("thead", {}, h("tr", {},
-          ["Layer", "Params", "Target density", "FLOPs"].map(t => h("th", {}, t)))), planTable))));
+        h("table", { class: "plan", id: "plan-table" }, planHead, planTable))));
 
   const uploads = { models: {}, datasets: {} };
   function fromForm() {
@@ -494,8 +518,13 @@ function submitView(view) {
       const rows = plan.layers;
       Charts.bars(planBox, "Planned density per layer", rows.map(r => r.name),
         [{ name: "target density", values: rows.map(r => r.target_density), color: "#2563eb" }], { yMax: 1, yLabel: "density" });
+      const fanIn = rows.some(r => Number.isFinite(r.fan_in));  // structure fan-in: inputs per active neuron
+      planHead.replaceChildren(h("tr", {}, ["Layer", "Params", "Target density", "FLOPs", ...(fanIn ? ["Fan-in"] : [])]
+        .map(t => h("th", {}, t))));
       planTable.replaceChildren(...rows.map(r => h("tr", {}, h("td", {}, r.name), h("td", {}, Charts.fmt(r.params)),
-        h("td", {}, pct(r.target_density) + (r.masked ? "" : ` (${r.reason})`)), h("td", {}, Charts.fmt(r.flops_sparse)))));
+        h("td", {}, pct(r.target_density) + (r.masked ? "" : ` (${r.reason})`)), h("td", {}, Charts.fmt(r.flops_sparse)),
+        fanIn ? h("td", { title: Number.isFinite(r.fan_in) ? `${r.active_neurons} of ${r.neurons} neurons` : null },
+          Number.isFinite(r.fan_in) ? String(r.fan_in) : "—") : null)));
     } catch (err) {
       if (seq !== planSeq) return;
       planTotals.textContent = "Plan: " + err.message;
@@ -618,27 +647,31 @@ function sweepView(view, sweepId) {
   const head = h("div");
   const flops = h("div", { class: "chart-box", id: "sweep-flops" });
   const size = h("div", { class: "chart-box", id: "sweep-size" });
+  const latency = h("div", { class: "chart-box", id: "sweep-latency" });
   const groups = h("tbody"), children = h("tbody");
   const cancel = h("button", { type: "button", id: "sweep-cancel" }, "Cancel sweep");
   view.replaceChildren(h("h1", {}, "Sweep ", h("code", {}, sweepId)), head, h("p", {}, cancel),
-    h("div", { class: "grid" }, flops, size),
+    h("div", { class: "grid" }, flops, size, latency),
     h("h2", {}, "Aggregate (mean ± sd over seeds)"),
     h("table", { class: "jobs", id: "sweep-aggregate" }, h("thead", {}, h("tr", {},
-      ["Method", "Distribution", "Sparsity", "Succeeded", "Val accuracy", "Inference FLOPs", "Packed bytes", "Frontier"]
+      ["Method", "Structure", "Distribution", "Sparsity", "Succeeded", "Val accuracy", "Inference FLOPs", "Packed bytes",
+        "Latency (ms)", "Frontier"]
         .map(t => h("th", {}, t)))), groups),
     h("h2", {}, "Children"),
     h("table", { class: "jobs", id: "sweep-children" }, h("thead", {}, h("tr", {},
-      ["Job", "Status", "Method", "Distribution", "Sparsity", "Seed", "Progress", "Val accuracy"].map(t => h("th", {}, t)))), children));
+      ["Job", "Status", "Method", "Structure", "Distribution", "Sparsity", "Seed", "Progress", "Val accuracy", "Latency (ms)"]
+        .map(t => h("th", {}, t)))), children));
   let sweep = null;
-  function chart(box, cost, front, label, xFmt) {
+  const structureOf = params => params.structure || "unstructured";  // children from before structure was an axis
+  function chart(box, cost, front, label, xLabel) {
     const done = sweep.aggregate.filter(g => Number.isFinite(g.val_accuracy.mean) && Number.isFinite(g[cost]));
     const points = done.map(g => ({ x: g[cost], y: g.val_accuracy.mean, group: g.method,
-      label: `${g.distribution} ${g.sparsity}` }));
+      label: `${g.distribution} ${g.sparsity}` + (structureOf(g) === "unstructured" ? "" : ` ${g.structure}`) }));
     const keyed = Object.fromEntries(done.map(g => [g.key, g]));
     const frontier = (sweep.frontier[front] || []).filter(k => keyed[k]).map(k => ({ x: keyed[k][cost], y: keyed[k].val_accuracy.mean }));
     const xs = points.map(p => p.x), ys = points.map(p => p.y);
-    Charts.scatter(box, `Validation accuracy vs ${label}`, points, { xLabel: label, yLabel: "validation accuracy (mean)",
-      xFmt, frontier, yMin: Math.max(0, Math.min(...ys) - 0.02), yMax: Math.min(1, Math.max(...ys) + 0.02),
+    Charts.scatter(box, `Validation accuracy vs ${label}`, points, { xLabel: xLabel || label, yLabel: "validation accuracy (mean)",
+      frontier, yMin: Math.max(0, Math.min(...ys) - 0.02), yMax: Math.min(1, Math.max(...ys) + 0.02),
       xMin: Math.min(...xs) * 0.9, xMax: Math.max(...xs) * 1.05, empty: "no finished children yet" });
   }
   function render() {
@@ -648,16 +681,20 @@ function sweepView(view, sweepId) {
     cancel.hidden = sweep.status !== "active";
     chart(flops, "inference_flops_ratio", "flops", "inference FLOPs (× dense)");
     chart(size, "packed_bytes", "size", "packed export (bytes)");
-    groups.replaceChildren(...sweep.aggregate.map(g => h("tr", {}, h("td", {}, g.method), h("td", {}, g.distribution),
+    chart(latency, "latency_ms", "latency", "measured latency (batch 1, CPU)", "latency (ms), condensed model for fan-in runs");
+    groups.replaceChildren(...sweep.aggregate.map(g => h("tr", {}, h("td", {}, g.method), h("td", {}, structureOf(g)),
+      h("td", {}, g.distribution),
       h("td", {}, pct(g.sparsity)), h("td", {}, `${g.succeeded}/${g.children}`),
       h("td", {}, Number.isFinite(g.val_accuracy.mean) ? num(g.val_accuracy.mean) + (Number.isFinite(g.val_accuracy.sd) ? " ± " + num(g.val_accuracy.sd) : "") : "—"),
       h("td", {}, Number.isFinite(g.inference_flops_ratio) ? num(g.inference_flops_ratio, 3) + "×" : "—"),
       h("td", {}, Number.isFinite(g.packed_bytes) ? Math.round(g.packed_bytes).toLocaleString() : "—"),
+      h("td", {}, num(g.latency_ms, 3)),
       h("td", {}, Object.entries(g.on_frontier || {}).filter(([, on]) => on).map(([k]) => k).join(", ") || "—"))));
     children.replaceChildren(...sweep.children.map(c => h("tr", {},
       h("td", {}, c.id ? h("a", { href: `#/jobs/${c.id}` }, c.id) : "—"), h("td", {}, statusBadge(c.status)),
-      h("td", {}, c.params.method), h("td", {}, c.params.distribution), h("td", {}, pct(c.params.sparsity)),
-      h("td", {}, String(c.params.seed)), h("td", {}, pct(c.progress)), h("td", {}, pct(c.val_accuracy)))));
+      h("td", {}, c.params.method), h("td", {}, structureOf(c.params)), h("td", {}, c.params.distribution),
+      h("td", {}, pct(c.params.sparsity)), h("td", {}, String(c.params.seed)), h("td", {}, pct(c.progress)),
+      h("td", {}, pct(c.val_accuracy)), h("td", {}, num(c.latency_ms, 3)))));
   }
   async function load() {
     try {

@@ -2,7 +2,8 @@
 
 The semi-structured kernels (CUTLASS / cuSPARSELt) run only on CUDA GPUs of compute capability 8.0 or
 later, in fp16/bf16, on weights with at most 2 nonzeros in every 4 consecutive along the input dim, which
-is what `sparsity.pattern: "2:4"` trains. Elsewhere (CPU, fp32, an older GPU, a torch without it) the model
+is what `sparsity.pattern: "2:4"` trains (for convs: 2 in every 4 input channels at each kernel position, the
+layout `conv_weight_channels_last` lays out for a sparse conv kernel). Elsewhere (CPU, fp32, an older GPU, a torch without it) the model
 is returned unchanged and the report says why, so callers can fall back to the dense or packed exports
 (rigl_core/export/packed.py), which work on any mask.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from rigl_core.sparse.nm import groups_of
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -30,10 +33,19 @@ def semi_structured_unavailable(device: torch.device | str | None = None) -> str
 
 
 def is_2_4(weight: torch.Tensor) -> bool:
-    """At most 2 nonzeros in every 4 consecutive entries of each row (the input dim)."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
+    """A Linear weight with at most 2 nonzeros in every 4 consecutive entries of each row (the input dim);
+    a conv weight [out, C, kh, kw] with at most 2 in every 4 consecutive input channels at each kernel
+    position (the channels-last layout of sparse conv kernels; rigl_core/sparse/nm.py)."""
+    if weight.dim() < 2 or weight.shape[1] % 4 or (weight.dim() == 2 and weight.shape[1] % 4):
         return False
-    return bool(((weight != 0).reshape(-1, 4).sum(dim=1) <= 2).all())
+    kind = "conv" if weight.dim() > 2 else "linear"
+    return bool((groups_of(weight != 0, 4, kind).sum(dim=1) <= 2).all())
+
+
+def conv_weight_channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight [out, C, kh, kw] as the [out, kh·kw·C] matrix whose rows hold the 2:4 groups in order
+    (what an implicit-GEMM sparse conv kernel compresses); each row's 4 consecutive entries are one group."""
+    return weight.movedim(1, -1).reshape(weight.shape[0], -1)
 
 
 def to_semi_structured(model: nn.Module) -> tuple[nn.Module, dict]:

@@ -18,11 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPORT = "report.json"
-DENSE_EXPORT = "model.safetensors"
-PACKED_EXPORT = "model.packed.safetensors"
-COMPRESSED_EXPORT = "model.compressed.safetensors"
-ONNX_EXPORT = "model.onnx"
+from rigl_core.export.formats import (COMPRESSED_EXPORT, CONDENSED_EXPORT, DENSE_EXPORT, EXPORTS, ONNX_EXPORT,
+                                      PACKED_EXPORT, REPORT)
 
 
 @dataclass(frozen=True)
@@ -34,10 +31,14 @@ class TrainedRun:
     input_shape: tuple | None
     values: str
     report: dict
+    fan_in: bool = False  # constant fan-in masks (sparsity.structure fan-in): the condensed export applies
+    measure_latency: bool = False  # put measured batch-1 CPU latencies into the report first (export.latency)
 
     @classmethod
     def of(cls, trainer, report: dict) -> "TrainedRun":
-        return cls(trainer.model, trainer.sparsifier.masks, trainer.input_shape, trainer.spec.export.values, report)
+        spec = trainer.spec
+        return cls(trainer.model, trainer.sparsifier.masks, trainer.input_shape, spec.export.values, report,
+                   fan_in=spec.sparsity.fan_in and spec.sparsity.method != "dense", measure_latency=spec.export.latency)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class OutputFile:
     filename: str
     write: Callable[[TrainedRun, Path], object]
     optional: bool = False  # a failure is skipped with a note (the ONNX exporter can't trace every model)
+    applies: Callable[[TrainedRun], bool] = lambda run: True  # noqa: E731 - e.g. condensed: fan-in runs only
 
     @property
     def is_export(self) -> bool:
@@ -77,6 +79,12 @@ def _write_compressed(run: TrainedRun, path: Path) -> None:
     save_compressed_model(run.model, run.masks, path, run.values)
 
 
+def _write_condensed(run: TrainedRun, path: Path) -> None:
+    from rigl_core.export.condensed import save_condensed
+
+    save_condensed(run.model, run.masks, path, run.values)
+
+
 def _write_onnx(run: TrainedRun, path: Path) -> None:
     from rigl_core.export.onnx import export_onnx
 
@@ -88,8 +96,10 @@ OUTPUTS: tuple[OutputFile, ...] = (
     OutputFile("dense", DENSE_EXPORT, _write_dense),
     OutputFile("packed", PACKED_EXPORT, _write_packed),
     OutputFile("compressed", COMPRESSED_EXPORT, _write_compressed),
+    OutputFile("condensed", CONDENSED_EXPORT, _write_condensed, applies=lambda run: run.fan_in),
     OutputFile("onnx", ONNX_EXPORT, _write_onnx, optional=True),
 )
+assert {o.kind: o.filename for o in OUTPUTS if o.is_export} == EXPORTS, "formats.py and OUTPUTS disagree"
 
 
 def put_in_place(final: Path, write: Callable[[Path], object]) -> Path:
@@ -116,7 +126,11 @@ def write_outputs(run: TrainedRun, out_dir: str | os.PathLike,
     `put(final path, writer)` places a file; an optional output whose write fails goes to `skipped`
     (which may raise to stop), any other failure propagates."""
     out = Path(out_dir)
+    if run.measure_latency and run.input_shape is not None:
+        run.report["inference_latency_ms"] = latency_of(run)
     for output in OUTPUTS:
+        if not output.applies(run):
+            continue
         try:
             path = put(out / output.filename, lambda p, output=output: output.write(run, p))
         except Exception as error:  # noqa: BLE001 - an optional output never fails the run by itself
@@ -125,3 +139,26 @@ def write_outputs(run: TrainedRun, out_dir: str | os.PathLike,
             skipped(output, error)
             continue
         yield output, path
+
+
+def latency_of(run: TrainedRun) -> dict[str, float] | None:
+    """Batch-1 CPU latency of the dense model and, for a fan-in run, of the condensed one (ms), or None when
+    the model cannot be timed on a CPU this way (a note goes to the warnings)."""
+    import copy
+    import tempfile
+
+    from rigl_core.report.latency import measure_latency
+
+    try:
+        variants = {"dense": run.model}
+        if run.fan_in:
+            from rigl_core.export.condensed import save_condensed
+            from rigl_core.export.condensed_layers import load_condensed
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_condensed(run.model, run.masks, Path(tmp) / "condensed.safetensors")
+                variants["condensed"] = load_condensed(copy.deepcopy(run.model).to("cpu").float(), path)
+        return measure_latency(variants, run.input_shape)
+    except Exception as error:  # noqa: BLE001 - a measurement never fails the run
+        warnings.warn(f"latency not measured: {str(error).splitlines()[0] if str(error) else repr(error)}", stacklevel=2)
+        return None

@@ -1,5 +1,6 @@
-"""Model registry: built-in `mlp` and `lenet5`, every torchvision classification model by name, timm
-models (`timm/<name>`) and Hugging Face configs (`hf`; rigl_core.models.hub)."""
+"""Model registry: built-in `mlp`, `lenet5`, `wrn-22-2`, `resnet18-cifar` and the all-Linear ViTs `vit-tiny` /
+`vit-small` (rigl_core.models.vit), every torchvision classification model by name, timm models (`timm/<name>`)
+and Hugging Face configs (`hf`; rigl_core.models.hub)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-BUILTIN_MODELS = ("mlp", "lenet5", "wrn-22-2", "resnet18-cifar")
+from rigl_core.models.vit import SIZES as VIT_SIZES
+from rigl_core.models.vit import ViT
+
+BUILTIN_MODELS = ("mlp", "lenet5", "wrn-22-2", "resnet18-cifar", "vit-tiny", "vit-small")
 CUSTOM = "custom"  # a declarative JSON architecture (rigl_core.models.architecture)
 HF = "hf"  # a Hugging Face transformers config (model.hf; rigl_core.models.hub)
 
@@ -39,7 +43,7 @@ def default_input_shape(name: str) -> list[int]:
         return [128]
     if name in ("mlp", "lenet5"):
         return [1, 28, 28]
-    if name in ("wrn-22-2", "resnet18-cifar"):
+    if name in ("wrn-22-2", "resnet18-cifar", "vit-tiny", "vit-small"):
         return [3, 32, 32]
     return [3, 224, 224]
 
@@ -273,6 +277,10 @@ def build_model(
             return _resnet18_cifar(num_classes, input_shape[0], bool(zero_init_residual))
         if name == "mlp":
             return MLP(math.prod(input_shape), num_classes, hidden_sizes)
+        if name in VIT_SIZES:
+            if len(input_shape) != 3:
+                raise ValueError(f"model.name: {name} needs a C,H,W input, the data has shape {list(input_shape)}")
+            return ViT(name, input_shape, num_classes)
         if name == "lenet5":
             if len(input_shape) != 3:
                 raise ValueError(f"model.name: lenet5 needs a C,H,W input, the data has shape {list(input_shape)}")

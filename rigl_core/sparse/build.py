@@ -37,6 +37,7 @@ def build_sparsifier(model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     sparsifier = SPARSIFIERS[sparsity.method](
         [lp.layer for lp in plan.masked], [lp.target_sparsity for lp in plan.masked], optimizer, schedule,
         seed=seed, grad_accumulation_n=settings.grad_accumulation_n, snfs_momentum=settings.snfs_momentum,
-        gmp_begin=gmp_begin, pattern=sparsity.nm,
+        gmp_begin=gmp_begin, pattern=sparsity.nm, ablation_threshold=sparsity.ablation_threshold,
+        fan_in={lp.layer.name: lp.fan_in for lp in plan.masked} if sparsity.fan_in else None,
     )
     return BuiltSparsifier(sparsifier, plan, warnings)

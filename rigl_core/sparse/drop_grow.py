@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from rigl_core.sparse.fan_in import fan_in_drop_and_grow, neurons_and_fan_in
 from rigl_core.sparse.layers import Layer
 from rigl_core.sparse.mask_state import MaskState
 from rigl_core.sparse.masking import drop_and_grow
@@ -19,8 +20,9 @@ class DropGrowUpdate(MaskState):
     (`drop_fraction`, `drop_count`) and by which scores (`drop_score`, `grow_score`)."""
 
     def __init__(self, layers: list[Layer], sparsities: list[float], optimizer: torch.optim.Optimizer | None,
-                 schedule: UpdateSchedule, seed: int = 0, pattern: tuple[int, int] | None = None):
-        super().__init__(layers, sparsities, optimizer, seed, pattern)
+                 schedule: UpdateSchedule, seed: int = 0, pattern: tuple[int, int] | None = None,
+                 fan_in: dict[str, int] | None = None, ablation_threshold: float | None = None):
+        super().__init__(layers, sparsities, optimizer, seed, pattern, fan_in, ablation_threshold)
         self.schedule = schedule
         self.record_details = False  # tests: keep kept/grown sets of the last update
         self.last_details: dict[str, object] = {}
@@ -62,7 +64,10 @@ class DropGrowUpdate(MaskState):
                 k = self.drop_count(layer, n_active, fraction, step)
                 drop, grow = self.drop_score(index, layer), self.grow_score(index, layer)
                 if self.pattern is not None:  # drop/grow within each group of M (rigl_core/sparse/nm.py)
-                    result = nm_drop_and_grow(old, drop, grow, k, self.pattern[1], n_active=n_active)
+                    result = nm_drop_and_grow(old, drop, grow, k, self.pattern[1], n_active=n_active,
+                                              kind=layer.kind)
+                elif self.fan_in is not None:  # every neuron back to exactly k (rigl_core/sparse/fan_in.py)
+                    result = self._fan_in_update(index, layer, old, drop, grow, k)
                 else:
                     result = drop_and_grow(old, drop, grow, k, n_active=n_active)
                 counts.append(torch.stack([result.new_mask.sum(), (result.grown & ~old.reshape(-1)).sum(),
@@ -71,7 +76,11 @@ class DropGrowUpdate(MaskState):
                     details[layer.name] = {"old": old.clone(), "kept": result.kept, "grown": result.grown}
                 self._store_mask(layer, result.new_mask)
                 update.layers[layer.name] = LayerUpdate(0, result.n_drop, 0, 0, numel=layer.numel)
-                grown.append(result.n_drop if grow is not None else 0)  # every growth refills what was dropped
+                if self.fan_in is not None:
+                    row = update.layers[layer.name]
+                    row.active_neurons, row.fan_in = self.active_neurons[layer.name], self.fan_in[layer.name]
+                grown.append(int(result.grown.sum()) if self.fan_in is not None and grow is not None
+                             else result.n_drop if grow is not None else 0)  # growth refills what was dropped
         read = torch.stack(counts).tolist() if counts else []
         for layer, n_grown, (n_new, grown_new, ever_count) in zip(self.layers, grown, read):
             row = update.layers[layer.name]
@@ -83,6 +92,19 @@ class DropGrowUpdate(MaskState):
         if self.record_details:
             self.last_details = details
         return update
+
+    def _fan_in_update(self, index: int, layer: Layer, old: torch.Tensor, drop: torch.Tensor,
+                       grow: torch.Tensor | None, k: int):
+        """Drop layer-wide, grow each neuron back to its fan-in; ablate neurons with too few salient weights
+        (never in the last masked layer: the model's outputs)."""
+        threshold = None
+        if self.ablation_threshold is not None and grow is not None and index < len(self.layers) - 1:
+            threshold = max(1, int(self.ablation_threshold * self.first_fan_in[layer.name]))
+        budget = self.first_fan_in[layer.name] * neurons_and_fan_in(layer.shape, layer.kind)[0]
+        result, k_new, alive = fan_in_drop_and_grow(old, drop, grow, k, layer.kind, self.fan_in[layer.name],
+                                                    threshold, budget)
+        self.fan_in[layer.name], self.active_neurons[layer.name] = k_new, alive
+        return result
 
     def _ever_active_count(self, layer: Layer, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Positions active at any time so far (a tensor, read back with the update's other counts). A method

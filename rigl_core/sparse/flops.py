@@ -148,7 +148,7 @@ def training_flops_ratio(
         cost = 3 * f_s
     elif method == "snfs":
         cost = 2 * f_s + f_d
-    elif method == "rigl":
+    elif method in ("rigl", "srigl"):
         during = (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
         cost = t_end_fraction * during + (1 - t_end_fraction) * 3 * f_s
     elif method == "gmp":

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from rigl_core.sparse.distributions import active_count
+from rigl_core.sparse.fan_in import neurons_and_fan_in, random_fan_in_mask, row_counts
 from rigl_core.sparse.layers import Layer
 from rigl_core.sparse.masking import like_weight, mask_optimizer_state, random_mask
 from rigl_core.sparse.nm import group_counts, nm_random_mask, nm_unfit_reason
@@ -18,11 +19,12 @@ class MaskState:
 
     method = "static"
     starts_dense = False  # SNIP and GMP: every weight is active until the first update prunes
-    takes_pattern = True  # sparsity.pattern N:M applies (GMP and SNIP prune unstructured)
+    takes_pattern = True  # sparsity.pattern N:M and structure fan-in apply (GMP and SNIP prune unstructured)
     score_state_key: str | None = None  # the checkpoint key of `score_state` (RigL's "grad_sums", SNFS's "grad_ema")
 
     def __init__(self, layers: list[Layer], sparsities: list[float], optimizer: torch.optim.Optimizer | None,
-                 seed: int = 0, pattern: tuple[int, int] | None = None):
+                 seed: int = 0, pattern: tuple[int, int] | None = None, fan_in: dict[str, int] | None = None,
+                 ablation_threshold: float | None = None):
         self.layers = [layer for layer in layers if layer.masked]
         self.sparsity = {layer.name: s for layer, s in zip(self.layers, sparsities)}
         self.target_active = {
@@ -37,6 +39,18 @@ class MaskState:
                 if unfit is not None:  # make_plan leaves such layers dense; a caller passed one anyway
                     raise ValueError(f"sparsity.pattern: layer {layer.name!r} cannot be masked {n}:{m} ({unfit})")
                 self.target_active[layer.name] = layer.numel // m * n
+        # Structure fan-in (rigl_core/sparse/fan_in.py): inputs per active neuron, per layer; the first fan-in
+        # (the ablation threshold's reference) and the active neurons, which ablation changes.
+        self.fan_in = dict(fan_in) if fan_in is not None and self.takes_pattern else None
+        self.ablation_threshold = ablation_threshold if self.fan_in is not None else None
+        self.first_fan_in: dict[str, int] = {}
+        self.active_neurons: dict[str, int] = {}
+        if self.fan_in is not None:
+            for layer in self.layers:
+                neurons, _ = neurons_and_fan_in(layer.shape, layer.kind)
+                self.first_fan_in[layer.name] = self.fan_in[layer.name]
+                self.active_neurons[layer.name] = neurons
+                self.target_active[layer.name] = self.fan_in[layer.name] * neurons
         self.optimizer = optimizer
         self.seed = seed
         self.masks: dict[str, torch.Tensor] = {}
@@ -69,7 +83,8 @@ class MaskState:
                 if tuple(mask.shape) != layer.shape or int(mask.sum()) != self.target_active[layer.name]:
                     raise ValueError(f"initial mask of {layer.name!r}: needs shape {list(layer.shape)} with "
                                      f"{self.target_active[layer.name]} active entries")
-                if self.pattern is not None and bool((group_counts(mask, self.pattern[1]) != self.pattern[0]).any()):
+                if self.pattern is not None and bool((group_counts(mask, self.pattern[1], layer.kind)
+                                                      != self.pattern[0]).any()):
                     raise ValueError(f"initial mask of {layer.name!r}: needs exactly {self.pattern[0]} active in "
                                      f"every group of {self.pattern[1]} (sparsity.pattern)")
                 self._store_mask(layer, mask)
@@ -83,7 +98,9 @@ class MaskState:
         generator = torch.Generator().manual_seed(self.seed)
         for layer in self.layers:
             if self.pattern is not None:
-                mask = nm_random_mask(layer.shape, *self.pattern, generator)
+                mask = nm_random_mask(layer.shape, *self.pattern, generator, layer.kind)
+            elif self.fan_in is not None:
+                mask = random_fan_in_mask(layer.shape, layer.kind, self.fan_in[layer.name], generator)
             else:
                 mask = random_mask(layer.shape, self.target_active[layer.name], generator)
             self._store_mask(layer, mask.to(layer.weight.device))
@@ -131,6 +148,22 @@ class MaskState:
             buffer = self.masks[name].to(torch.uint8).contiguous()
             dist.broadcast(buffer, src=0)
             self._store_mask(self._layer[name], buffer.bool())
+        self._count_neurons()  # rank 0's masks: its neuron counts too
+
+    def _count_neurons(self) -> None:
+        """Fan-in and active neurons read from the masks themselves (after a resume, or rank 0's broadcast)."""
+        if self.fan_in is None:
+            return
+        for layer in self.layers:
+            counts = row_counts(self.masks[layer.name], layer.kind)
+            self.active_neurons[layer.name] = int((counts > 0).sum())
+            self.fan_in[layer.name] = int(counts.max())
+
+    def neuron_counts(self) -> dict[str, tuple[int, int]]:
+        """Structure fan-in: per layer (active neurons, inputs per active neuron); empty otherwise."""
+        if self.fan_in is None:
+            return {}
+        return {name: (self.active_neurons[name], self.fan_in[name]) for name in self.fan_in}
 
     def ever_active_counts(self) -> dict[str, int]:
         """Per layer, how many positions have been active at some step (the mask's own count until
@@ -164,6 +197,7 @@ class MaskState:
             saved = state.get("extra", {}).get(self.score_state_key, {})
             self.score_state = {layer.name: saved[layer.name].to(layer.weight.device)
                                 for layer in self.layers if layer.name in saved}
+        self._count_neurons()
         with torch.no_grad():  # re-apply after loading: guards against mask drift
             for layer in self.layers:
                 layer.weight.mul_(self.masks[layer.name])

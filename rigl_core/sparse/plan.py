@@ -19,6 +19,8 @@ from rigl_core.spec import SparsitySpec
 LARGE_WEIGHT = 1_000_000
 LARGE_SHARE = 0.05
 USER_CHOSEN_DENSE = ("excluded", "not in include", "density 1 (override)")
+STRUCTURE_REASONS = ("N:M:", "fan-in:")  # reasons of layers a structure leaves dense (rigl_core/sparse/nm.py, fan_in.py)
+ROUNDING_NOTE = 0.01  # a fan-in that moves a layer's density by more than this is named in the plan's warnings
 
 
 @dataclass
@@ -26,11 +28,16 @@ class LayerPlan:
     layer: Layer
     target_sparsity: float  # 0 for unmasked layers
     positions: int  # output positions per sample (FLOPs = 2·nnz·positions)
+    fan_in: int | None = None  # sparsity.structure fan-in: inputs kept per neuron (rigl_core/sparse/fan_in.py)
+    neurons: int | None = None  # its output neurons
+    asked_density: float | None = None  # the distribution's density before rounding to a whole fan-in
 
     @property
     def target_active(self) -> int:
         if not self.layer.masked:
             return self.layer.numel
+        if self.fan_in is not None:
+            return self.fan_in * self.neurons
         return max(1, active_count(self.layer.numel, self.target_sparsity))
 
     @property
@@ -62,8 +69,18 @@ class Plan:
         large = [(lp.layer.name, lp.layer.numel, lp.layer.reason) for lp in self.layers
                  if not lp.layer.masked and lp.layer.reason not in USER_CHOSEN_DENSE]
         large += [(name, n, "no maskable layer type") for name, (n, ndim) in self.other_params.items() if ndim >= 2]
-        return [f"{name} ({n:,} weights, {n / total:.1%} of the model) stays dense: {why}"
-                for name, n, why in large if n > LARGE_WEIGHT or n > LARGE_SHARE * total]
+        out = [f"{name} ({n:,} weights, {n / total:.1%} of the model) stays dense: {why}"
+               for name, n, why in large if n > LARGE_WEIGHT or n > LARGE_SHARE * total]
+        # A structure (N:M, fan-in) that cannot apply to a layer leaves it dense: always said, never silent.
+        out += [f"{lp.layer.name} ({lp.layer.numel:,} weights) stays dense: {lp.layer.reason}" for lp in self.layers
+                if not lp.layer.masked and lp.layer.reason.startswith(STRUCTURE_REASONS)
+                and not (lp.layer.numel > LARGE_WEIGHT or lp.layer.numel > LARGE_SHARE * total)]
+        for lp in self.masked:  # fan-in: where rounding to whole inputs per neuron moved a density by > 1 point
+            if lp.fan_in is not None and abs(lp.target_active / lp.layer.numel - lp.asked_density) > ROUNDING_NOTE:
+                out.append(f"{lp.layer.name}: fan-in rounds its density {lp.asked_density:.4f} to "
+                           f"{lp.target_active / lp.layer.numel:.4f} ({lp.fan_in} of "
+                           f"{lp.layer.numel // lp.neurons} inputs per neuron)")
+        return out
 
     @property
     def masked(self) -> list[LayerPlan]:
@@ -111,8 +128,9 @@ class Plan:
             return f"{self.spec.distribution.upper()} density capped at 1"
         return lp.layer.reason
 
-    def to_dict(self, nnz: dict[str, int] | None = None) -> dict:
-        """Per-layer rows and totals; `nnz` (measured) replaces the planned counts in a report."""
+    def to_dict(self, nnz: dict[str, int] | None = None, neurons: dict[str, tuple[int, int]] | None = None) -> dict:
+        """Per-layer rows and totals; `nnz` (measured) replaces the planned counts in a report, and `neurons`
+        (measured: layer -> (active neurons, fan-in)) the planned ones of a fan-in structure."""
         dense_method = self.method == "dense"
         rows = []
         for lp in self.layers:
@@ -133,6 +151,9 @@ class Plan:
                     "flops_sparse": lp.flops_for(count),
                 }
             )
+            if lp.fan_in is not None and masked:
+                active, fan_in = (neurons or {}).get(lp.layer.name, (lp.neurons, lp.fan_in))
+                rows[-1].update(neurons=lp.neurons, active_neurons=active, fan_in=fan_in)
         masked_rows = [r for r in rows if r["masked"]]
         masked_params = sum(r["params"] for r in masked_rows)
         all_params = sum(r["params"] for r in rows)
@@ -186,6 +207,13 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
             reason = nm_unfit_reason(layer.kind, layer.shape, nm[1]) if layer.masked else None
             if reason is not None:
                 layer.masked, layer.reason = False, reason
+    if spec.fan_in and spec.method != "dense":  # fan-in: kernels without output neurons stay dense, saying why
+        from rigl_core.sparse.fan_in import fan_in_unfit_reason
+
+        for layer in layers:
+            reason = fan_in_unfit_reason(layer.kind) if layer.masked else None
+            if reason is not None:
+                layer.masked, layer.reason = False, reason
     masked = [layer for layer in layers if layer.masked]
     if spec.method != "dense" and not masked:
         raise ValueError(
@@ -206,7 +234,21 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
     positions = counted.by_layer
     plans = [LayerPlan(layer, by_name.get(layer.name, 0.0),
                        sum(positions.get(name, 0) for name in (layer.name, *layer.tied))) for layer in layers]
+    if spec.fan_in and spec.method != "dense":
+        for lp in plans:
+            if lp.layer.masked:
+                _round_to_fan_in(lp)
     covered = {id(layer.weight) for layer in layers}
     other = {name: (p.numel(), p.dim()) for name, p in model.named_parameters() if id(p) not in covered}
     return Plan(method=spec.method, spec=spec, layers=plans, other_params=other,
                 attention_flops=counted.attention_flops, total_steps=total_steps)
+
+
+def _round_to_fan_in(lp: LayerPlan) -> None:
+    """Whole inputs per neuron: the layer's density becomes k / fan-in (rigl_core/sparse/fan_in.py)."""
+    from rigl_core.sparse.fan_in import neurons_and_fan_in, whole_fan_in
+
+    lp.asked_density = 1.0 - lp.target_sparsity
+    lp.neurons, fan_in = neurons_and_fan_in(lp.layer.shape, lp.layer.kind)
+    lp.fan_in = whole_fan_in(lp.layer.shape, lp.layer.kind, lp.asked_density)
+    lp.target_sparsity = 1.0 - lp.fan_in / fan_in

@@ -198,7 +198,7 @@ class RigL:
     def report(self) -> dict:
         """The plan with measured per-layer nnz, sparsity and exploration (share of positions ever
         active), the totals, and the leak check."""
-        report = self._plan.to_dict(self.nnz())
+        report = self._plan.to_dict(self.nnz(), self.sparsifier.neuron_counts())
         ever = self.sparsifier.ever_active_counts()
         for row in report["layers"]:  # unmasked layers are dense throughout: all of them explored
             row["exploration"] = ever[row["name"]] / row["params"] if row["name"] in ever else 1.0

@@ -52,7 +52,7 @@ def resolve_t_end(total_steps: int, t_end_fraction: float, t_end_steps: int | No
 PAPER_DELTA_T = 100  # the paper's ΔT (§4.1)
 AUTO_MIN_UPDATES = 10  # delta_t "auto": at least this many mask updates before T_end
 FEW_UPDATES = 5  # fewer mask updates than this earn a warning
-UPDATING_METHODS = ("set", "snfs", "rigl")
+UPDATING_METHODS = ("set", "snfs", "rigl", "srigl")
 
 
 def resolve_delta_t(delta_t: int | str, t_end: int) -> int:

@@ -90,6 +90,13 @@ class RigLSparsifier(Sparsifier):
         return super()._score_inputs() + list(self.grad_sums.values())
 
 
+class SRigLSparsifier(RigLSparsifier):
+    """Structured RigL: RigL's drop and grow with a constant fan-in per neuron and neuron ablation
+    (rigl_core/sparse/fan_in.py); the spec sets sparsity.structure and ablation_threshold."""
+
+    method = "srigl"
+
+
 class SNFSSparsifier(Sparsifier):
     """SNFS (sparse momentum, no redistribution): grow by |EMA of dense gradients| updated every step.
 
@@ -173,5 +180,6 @@ class GMPSparsifier(Sparsifier):
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {
     cls.method: cls
-    for cls in (DenseSparsifier, StaticSparsifier, SETSparsifier, RigLSparsifier, SNFSSparsifier, SNIPSparsifier, GMPSparsifier)
+    for cls in (DenseSparsifier, StaticSparsifier, SETSparsifier, RigLSparsifier, SRigLSparsifier, SNFSSparsifier,
+                SNIPSparsifier, GMPSparsifier)
 }

@@ -36,9 +36,10 @@ class Sparsifier(DropGrowUpdate):
 
     def __init__(self, layers: list[Layer], sparsities: list[float], optimizer: torch.optim.Optimizer | None,
                  schedule: UpdateSchedule, seed: int = 0, grad_accumulation_n: int = 1, snfs_momentum: float = 0.9,
-                 gmp_begin: int = 0, pattern: tuple[int, int] | None = None):
+                 gmp_begin: int = 0, pattern: tuple[int, int] | None = None, fan_in: dict[str, int] | None = None,
+                 ablation_threshold: float | None = None):
         super().__init__(layers if self.sparse else [], sparsities if self.sparse else [], optimizer, schedule,
-                         seed, pattern)
+                         seed, pattern, fan_in, ablation_threshold)
         self.grad_accumulation_n = grad_accumulation_n
         self.snfs_momentum = snfs_momentum
         self.gmp_begin = gmp_begin

@@ -15,6 +15,8 @@ class LayerUpdate:
     regrown: int  # positions dropped and regrown in the same update
     ever_active: int = 0  # positions active at any time so far (in-time over-parameterisation)
     numel: int = 0
+    active_neurons: int | None = None  # structure fan-in: neurons left after ablation
+    fan_in: int | None = None  # structure fan-in: inputs per active neuron
 
 
 @dataclass

@@ -340,3 +340,46 @@ def test_onnx_of_a_token_model_takes_int64_ids(tmp_path):
     ids = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         assert np.allclose(run_onnx(path, ids.numpy()), model(ids).numpy(), atol=1e-4)
+
+
+def test_a_srigl_job_serves_a_condensed_export_equal_to_the_dense_one(tmp_path):
+    """A service job with method srigl: the worker writes the condensed export, the API serves it with
+    format=condensed, it loads into the plain model with the dense export's outputs; the report holds the
+    active neurons, the fan-in and measured latencies. An unstructured job has none (404 naming format)."""
+    import copy
+
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load
+
+    from api.app import create_app
+    from rigl_core.export.condensed_layers import CondensedLinear, load_condensed
+    from helpers.service import JOB
+    from store.settings import Settings
+    from worker.runner import run_job
+
+    settings = Settings(data_dir=tmp_path).resolved()
+    with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
+        spec = {**JOB, "sparsity": {**JOB.get("sparsity", {}), "method": "srigl"},
+                "training": {**JOB["training"], "epochs": 1}}
+        job_id = api.post("/v1/jobs", json=spec).json()["id"]
+        assert run_job(job_id, settings) == "succeeded"
+        kinds = {c["kind"] for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]}
+        assert "condensed" in kinds
+        dense = load(api.get(f"/v1/jobs/{job_id}/checkpoint?format=dense").content)
+        response = api.get(f"/v1/jobs/{job_id}/checkpoint?format=condensed")
+        assert response.status_code == 200
+        (tmp_path / "c.safetensors").write_bytes(response.content)
+        model = build_model("mlp", 10, [1, 8, 8], hidden_sizes=JOB["model"].get("hidden_sizes"))
+        model.load_state_dict(dense)
+        condensed = load_condensed(copy.deepcopy(model), tmp_path / "c.safetensors").eval()
+        assert any(isinstance(m, CondensedLinear) for m in condensed.modules())
+        x = torch.randn(3, 1, 8, 8)
+        with torch.inference_mode():
+            torch.testing.assert_close(condensed(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+        layers = api.get(f"/v1/jobs/{job_id}/sparsity").json()["layers"]
+        assert all(r["fan_in"] >= 1 and 1 <= r["active_neurons"] <= r["neurons"] for r in layers if r["masked"])
+
+        plain = api.post("/v1/jobs", json={**JOB, "training": {**JOB["training"], "epochs": 1}}).json()["id"]
+        assert run_job(plain, settings) == "succeeded"
+        missing = api.get(f"/v1/jobs/{plain}/checkpoint?format=condensed")
+        assert missing.status_code == 404 and missing.json()["error"]["field"] == "format"

@@ -207,3 +207,49 @@ def test_sparsifier_refuses_a_layer_whose_rows_do_not_split_into_groups():
     layers = [layer for layer in select_layers(model, "erk") if layer.masked]
     with pytest.raises(ValueError, match="^sparsity.pattern: layer '0' cannot be masked 2:4"):
         SPARSIFIERS["rigl"](layers, [0.5], None, UpdateSchedule(delta_t=2, t_end=10, alpha=0.3), pattern=(2, 4))
+
+
+def test_conv_groups_run_along_input_channels_at_each_kernel_position():
+    """The layout of GPU 2:4 conv kernels: 4 consecutive input channels at one (kh, kw), never a run of the
+    flattened C·kh·kw (which mixes kernel positions)."""
+    from rigl_core.export.nm import conv_weight_channels_last, is_2_4
+    from rigl_core.sparse.nm import from_groups, groups_of, nm_random_mask
+
+    generator = torch.Generator().manual_seed(0)
+    mask = nm_random_mask((6, 8, 3, 3), 2, 4, generator, "conv")
+    per_position = mask.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4).sum(-1)  # [out, kh, kw, channel group]
+    assert bool((per_position == 2).all())
+    assert torch.equal(from_groups(groups_of(mask, 4, "conv"), (6, 8, 3, 3), "conv"), mask)
+    assert is_2_4(mask.float()) and bool((conv_weight_channels_last(mask).reshape(-1, 4).sum(1) == 2).all())
+    flattened_ok = bool((mask.reshape(-1, 4).sum(1) == 2).all())
+    assert not flattened_ok  # the old layout's groups are not what this trains
+
+
+def test_conv_2_4_training_keeps_channel_groups_and_names_unfit_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rigl = RigL(model, opt, 0.5, total_steps=30, pattern="2:4", delta_t=3, input_shape=[3, 6, 6])
+    plan = rigl.plan()
+    assert any(w.startswith("0 (216 weights") and "stays dense: N:M: 3 input channels not divisible by M=4" in w
+               for w in plan["warnings"]), plan["warnings"]
+    x, y = torch.randn(30, 16, 3, 6, 6), torch.randint(0, 10, (30, 16))
+    before = rigl.masks["2"].clone()
+    for step in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[step]), y[step]).backward()
+        if rigl.step():
+            opt.step()
+        assert bool((group_counts(rigl.masks["2"], 4, "conv") == 2).all())
+    assert not torch.equal(before, rigl.masks["2"])
+    from rigl_core.export.nm import is_2_4
+
+    assert is_2_4(model[2].weight.detach()) and is_2_4(model[5].weight.detach())
+
+
+def test_every_layer_a_pattern_leaves_dense_is_named_in_the_plan_warnings():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(256, 64), *[nn.Linear(64, 64) for _ in range(30)])
+    plan = make_plan(model, [3, 10, 10], SparsitySpec(pattern="2:4", distribution="erk")).to_dict()  # conv: 0.08%
+    assert plan["layers"][0]["masked"] is False
+    assert any(w.startswith("0 (108 weights)") and "N:M" in w for w in plan["warnings"]), plan["warnings"]

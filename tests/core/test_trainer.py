@@ -128,7 +128,7 @@ class StopAt(Callback):
         return trainer.step >= self.step
 
 
-@pytest.mark.parametrize("method,optimizer", [("rigl", "sgd"), ("snfs", "adam"), ("gmp", "nesterov")])
+@pytest.mark.parametrize("method,optimizer", [("rigl", "sgd"), ("snfs", "adam"), ("gmp", "nesterov"), ("srigl", "adamw")])
 def test_resume_is_bitwise_identical(tmp_path, method, optimizer):
     # grad accumulation and an odd stop step put the interruption inside an accumulation window
     spec = small_spec(sparsity__method=method, training__optimizer=optimizer, training__epochs=3,

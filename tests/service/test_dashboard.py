@@ -77,6 +77,14 @@ def page(server):
         browser.close()
 
 
+def _get(base: str, key: str, path: str) -> dict:
+    import httpx
+
+    response = httpx.get(base + path, headers={"Authorization": f"Bearer {key}"})
+    response.raise_for_status()
+    return response.json()
+
+
 def test_dashboard_end_to_end(server, page, tmp_path):
     from playwright.sync_api import expect
 
@@ -97,6 +105,7 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     page.click("text=New job")
     expect(page.locator("#plan-totals")).to_contain_text("sparsity 90.0% of masked weights")
     expect(page.locator("#plan-table tbody tr")).to_have_count(3)  # fc1, fc2, fc3
+    assert "Fan-in" not in page.inner_text("#plan-table thead")  # unstructured: no fan-in column
     page.fill("#f-sparsity", "0.8")
     expect(page.locator("#plan-totals")).to_contain_text("sparsity 80.0% of masked weights")
     expect(page.locator("#plan-chart rect.bar")).to_have_count(3)
@@ -127,6 +136,10 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     # 5. The charts: curves from the stream, per-layer density (target and achieved per masked layer).
     expect(page.locator("#chart-density .chart-title")).to_have_text("Per-layer density: target vs achieved")
     expect(page.locator("#chart-density rect.bar")).to_have_count(6)
+    # the per-layer table: every layer with its shape, densities and nonzeros (no fan-in for rigl)
+    expect(page.locator("#layer-table thead")).to_contain_text("Achieved density")
+    expect(page.locator("#layer-table tbody tr")).to_have_count(3)
+    assert "Fan-in" not in page.inner_text("#layer-table thead")
     # (charts redraw at most once a second: expect() waits for the redraw that follows the last events)
     expect(page.locator("#chart-loss polyline.series")).to_have_count(2)
     expect(page.locator("#chart-accuracy circle")).to_have_count(4)  # one evaluation per epoch
@@ -185,7 +198,32 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     expect(page.locator("#compare-chart circle.point")).to_have_count(1)
     expect(page.locator("#compare-table")).to_contain_text(job_id)
 
-    # 8. Cancel from the page: a long job stops.
+    # 8. srigl (constant fan-in): the plan has a fan-in column; the job page's layer table shows each layer's
+    # active neurons and fan-in, and the condensed export downloads.
+    page.click("text=New job")
+    page.select_option("#f-method", "srigl")
+    expect(page.locator("#plan-table thead")).to_contain_text("Fan-in")
+    for field, value in (("sparsity", "0.8"), ("delta_t", "10"), ("epochs", "2"), ("batch_size", "64"),
+                         ("lr", "0.05")):
+        page.fill(f"#f-{field}", value)
+    assert '"method": "srigl"' in page.input_value("#spec-json")
+    page.click("#submit-job")
+    page.wait_for_url(re.compile(r".*#/jobs/job_[0-9a-f]+$"))
+    srigl_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator(".toolbar .status")).to_have_text("succeeded", timeout=180_000)
+    expect(page.locator("#layer-table thead")).to_contain_text("Active neurons")
+    expect(page.locator("#layer-table thead")).to_contain_text("Achieved density")
+    cells = page.locator("#layer-table tbody tr").evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    assert [row[0] for row in cells] == ["fc1", "fc2", "fc3"], cells
+    report = {r["name"]: r for r in _get(base, key, f"/v1/jobs/{srigl_id}/sparsity")["layers"]}
+    for name, shape, _target, _achieved, nnz, neurons, fan_in in cells:
+        row = report[name]
+        assert shape == "×".join(map(str, row["shape"])) and int(nnz.replace(",", "")) == row["nnz"]
+        assert neurons == f"{row['active_neurons']} of {row['neurons']}" and int(fan_in) == row["fan_in"]
+        assert row["nnz"] == row["active_neurons"] * row["fan_in"]  # constant fan-in, as the table says
+    expect(page.locator("#download-condensed")).to_have_count(1)
+
+    # 9. Cancel from the page: a long job stops.
     page.click("text=New job")
     page.fill("#f-epochs", "500")
     page.click("#submit-job")
@@ -194,7 +232,7 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     page.click("#cancel-job")
     expect(page.locator(".toolbar .status")).to_have_text("cancelled")
 
-    # 9. The key lives in this tab's session only, and the page raised no script errors.
+    # 10. The key lives in this tab's session only, and the page raised no script errors.
     assert page.evaluate("sessionStorage.getItem('rigl.apiKey')") == key
     assert page.evaluate("localStorage.length") == 0
     assert page.errors == []

@@ -211,6 +211,21 @@ def test_dashboard_is_served_from_the_package(api):
     assert "/" not in api.get("/openapi.json").json()["paths"]
 
 
+def test_the_dashboard_lists_every_method_and_export_format(api):
+    """The page's own lists (the New-job form's methods, the jobs filter's, the download buttons) are the
+    engine's: a method or export format added to rigl_core shows on the page."""
+    from rigl_core.export.formats import EXPORT_FORMATS
+    from rigl_core.spec import METHODS
+
+    script = api.get("/static/app.js").text
+
+    def listed(name: str) -> list[str]:
+        return json.loads(re.search(rf"^const {name} = (\[[^\]]*\]);", script, re.M).group(1))
+
+    assert sorted(listed("METHODS")) == sorted(METHODS)
+    assert listed("EXPORT_KINDS") == list(EXPORT_FORMATS)  # in the order a run writes them
+
+
 def test_health_and_openapi(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json()["database"] == "ok"

@@ -47,6 +47,12 @@ def test_expand_applies_each_axis_to_the_base_in_grid_order():
     assert tree["sparsity"] == {"method": "set", "sparsity": 0.5, "distribution": "erk"}
     assert tree["training"] == {**JOB["training"], "seed": 3}
     assert JOB["sparsity"]["method"] == "rigl"  # the base is not changed
+    # structure is an axis too, after method: srigl and rigl, each unstructured and fan-in
+    children = expand(JOB, {"structure": ["unstructured", "fan-in"], "method": ["rigl", "srigl"]})
+    assert [params for params, _tree in children] == [
+        {"method": method, "structure": structure} for method in ("rigl", "srigl")
+        for structure in ("unstructured", "fan-in")]
+    assert children[3][1]["sparsity"] == {**JOB["sparsity"], "method": "srigl", "structure": "fan-in"}
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -70,6 +76,10 @@ def test_bad_grids_are_422s_naming_the_field_and_create_nothing(service):
     cases = [({"sparsity": [0.5, 1.5]}, "grid.sparsity"),  # the second child is invalid: all or nothing
              ({"method": ["rigl", "bogus"]}, "grid.method"),
              ({"distribution": ["erk", "gaussian"]}, "grid.distribution"),
+             ({"structure": ["unstructured", "blocks"]}, "grid.structure"),
+             # srigl is fan-in by definition: the srigl + unstructured child names the structure axis
+             ({"method": ["rigl", "srigl"], "structure": ["unstructured", "fan-in"]}, "grid.structure"),
+             ({"structure": ["fan-in", "fan-in"]}, "grid.structure"),
              ({"seed": list(range(9))}, "grid.seed"),
              ({"sparsity": [0.1 * i for i in range(17)]}, "grid.sparsity"),
              ({"sparsity": [0.5, 0.5]}, "grid.sparsity"),
@@ -106,7 +116,27 @@ def test_a_sweep_creates_validated_children_and_enqueues_them(service):
     assert all(j["status"] == "queued" and j["sweep_id"] == sweep["id"] and j["tags"] == ["exp"] for j in jobs)
     assert jobs[0]["name"].startswith("grid ")
     assert [g["key"] for g in sweep["aggregate"]] == ["rigl/erk/0.5", "rigl/erk/0.9", "set/erk/0.5", "set/erk/0.9"]
-    assert sweep["frontier"] == {"flops": [], "size": []}  # nothing finished yet
+    assert sweep["frontier"] == {"flops": [], "size": [], "latency": []}  # nothing finished yet
+
+
+def test_structure_is_an_axis_and_its_children_are_grouped_apart(service):
+    """rigl and srigl, unstructured and fan-in where valid: every child validated as POST /v1/jobs would
+    (srigl gets its ablation threshold), and the aggregate keeps structures apart."""
+    api, store, sent, _settings = service()
+    grid = {"method": ["rigl", "set"], "structure": ["unstructured", "fan-in"]}
+    response = api.post("/v1/sweeps", json={"base": JOB, "grid": grid})
+    assert response.status_code == 201, response.text
+    sweep = response.json()
+    assert [(c["params"]["method"], c["params"]["structure"]) for c in sweep["children"]] == [
+        ("rigl", "unstructured"), ("rigl", "fan-in"), ("set", "unstructured"), ("set", "fan-in")]
+    assert [g["key"] for g in sweep["aggregate"]] == ["rigl/erk/0.9/fan-in", "rigl/erk/0.9",
+                                                      "set/erk/0.9/fan-in", "set/erk/0.9"]
+    assert {g["structure"] for g in sweep["aggregate"]} == {"unstructured", "fan-in"}
+    srigl = api.post("/v1/sweeps", json={"base": JOB, "grid": {"method": ["srigl", "rigl"], "structure": ["fan-in"]}})
+    assert srigl.status_code == 201, srigl.text
+    specs = [api.get(f"/v1/jobs/{c['id']}").json()["spec"]["sparsity"] for c in srigl.json()["children"]]
+    assert [(s["method"], s["structure"]) for s in specs] == [("srigl", "fan-in"), ("rigl", "fan-in")]
+    assert len(sent) == 6
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -158,14 +188,18 @@ def _idempotent_sweeps(api, store, sent, _settings):
     assert again.status_code == 201 and again.json()["id"] != sweep_id and "idempotent-replayed" not in again.headers
 
 
-def _finish(store, job_id: str, accuracy: float | None, flops: float = 0.5, size: int = 1000) -> None:
-    """Ends a job as a worker would: result summary, packed export row, status."""
+def _finish(store, job_id: str, accuracy: float | None, flops: float = 0.5, size: int = 1000,
+            latency: dict | None = None) -> None:
+    """Ends a job as a worker would: result summary (with the report's `inference_latency_ms` when given),
+    packed export row, status."""
     if accuracy is None:
         assert store.leases.finish(job_id, None, "failed", "boom", error_code="training_error")
         return
     store.checkpoints.add_checkpoint(job_id, "packed", 10, "model.packed.safetensors", "0" * 64, size)
-    assert store.leases.finish(job_id, None, "succeeded", "succeeded",
-                        result={"inference_flops_ratio": flops, "final_metrics": {"val_accuracy": accuracy}})
+    result = {"inference_flops_ratio": flops, "final_metrics": {"val_accuracy": accuracy}}
+    if latency is not None:
+        result["inference_latency_ms"] = latency
+    assert store.leases.finish(job_id, None, "succeeded", "succeeded", result=result)
 
 
 def test_the_owner_cap_holds_children_and_they_are_released_as_jobs_end(service):
@@ -250,8 +284,46 @@ def test_aggregate_and_frontiers_match_hand_computed_values(service):
     # flops: 0.9 (0.92 @ 0.1) and 0.5 (0.95 @ 0.5) are on it; 0.8 (0.85 @ 0.2) is dominated by 0.9
     assert state["frontier"]["flops"] == ["rigl/erk/0.9", "rigl/erk/0.5"]
     assert state["frontier"]["size"] == ["rigl/erk/0.9", "rigl/erk/0.5"]
-    assert groups[0.8]["on_frontier"] == {"flops": False, "size": False}
+    assert groups[0.8]["on_frontier"] == {"flops": False, "size": False, "latency": False}
+    assert state["frontier"]["latency"] == [] and groups[0.5]["latency_ms"] is None  # none measured
     assert state["status"] == "finished" and state["progress"]["fraction"] == 1.0
+
+
+def test_the_latency_frontier_uses_the_condensed_latency_when_measured(service):
+    """Each child's latency_ms is its report's condensed latency when there is one (a fan-in run), else the
+    dense one; groups average it over seeds and the latency frontier ranks groups by it."""
+    api, store, sent, _settings = service()
+    grid = {"method": ["rigl", "srigl"], "structure": ["fan-in"], "sparsity": [0.5, 0.9], "seed": [0, 1]}
+    sweep = api.post("/v1/sweeps", json={"base": JOB, "grid": grid}).json()
+    # (method, sparsity) -> (accuracy, measured latencies of seed 0 and seed 1)
+    outcomes = {("rigl", 0.5): (0.95, [{"dense": 2.0, "condensed": 1.0}, {"dense": 2.0, "condensed": 1.2}]),
+                ("rigl", 0.9): (0.90, [{"dense": 2.0, "condensed": 0.5}, {"dense": 2.0, "condensed": 0.7}]),
+                ("srigl", 0.5): (0.94, [{"dense": 2.0, "condensed": 1.5}, {"dense": 2.0, "condensed": 1.5}]),
+                # not measured (export.latency false): not on any latency frontier
+                ("srigl", 0.9): (0.99, [None, None])}
+    for child in sweep["children"]:
+        p = child["params"]
+        accuracy, latencies = outcomes[(p["method"], p["sparsity"])]
+        # flops and size rank 0.9 and 0.5 the other way round from latency, so the frontiers differ
+        _finish(store, child["id"], accuracy, flops=p["sparsity"], size=int(1000 * p["sparsity"]),
+                latency=latencies[p["seed"]])
+    state = api.get(f"/v1/sweeps/{sweep['id']}").json()
+    assert sorted(c["latency_ms"] for c in state["children"] if c["latency_ms"] is not None) == [
+        0.5, 0.7, 1.0, 1.2, 1.5, 1.5]
+    groups = {g["key"]: g for g in state["aggregate"]}
+    assert groups["rigl/erk/0.5/fan-in"]["latency_ms"] == pytest.approx(1.1)
+    assert groups["rigl/erk/0.9/fan-in"]["latency_ms"] == pytest.approx(0.6)
+    assert groups["srigl/erk/0.9/fan-in"]["latency_ms"] is None
+    # rigl 0.9 (0.90 @ 0.6 ms) and rigl 0.5 (0.95 @ 1.1 ms) are on it; srigl 0.5 (0.94 @ 1.5 ms) is dominated
+    assert state["frontier"]["latency"] == ["rigl/erk/0.9/fan-in", "rigl/erk/0.5/fan-in"]
+    assert groups["srigl/erk/0.5/fan-in"]["on_frontier"]["latency"] is False
+    assert state["frontier"]["flops"][-1] == "srigl/erk/0.9/fan-in"  # its FLOPs are known: on that one
+    # a report with only the dense latency (an unstructured run) is read as that
+    from store.sweeps import latency_ms
+
+    assert latency_ms({"inference_latency_ms": {"dense": 3.0, "condensed": None}}) == 3.0
+    assert latency_ms({"inference_latency_ms": {"dense": 3.0}}) == 3.0
+    assert latency_ms({"inference_latency_ms": None}) is None and latency_ms({}) is None
 
 
 def test_cancel_stops_held_and_queued_children_and_delete_removes_everything(service):
@@ -392,6 +464,8 @@ def test_a_two_by_two_sweep_trains_for_real_and_has_a_frontier(service):
     flops = {g["sparsity"]: g["inference_flops_ratio"] for g in state["aggregate"]}
     assert flops[0.9] < flops[0.5]
     assert state["frontier"]["flops"] and state["frontier"]["size"]
+    # export.latency (on by default): each child's measured batch-1 CPU latency reaches the sweep
+    assert all(c["latency_ms"] > 0 for c in state["children"]) and state["frontier"]["latency"]
 
 
 # ---------------------------------------------------------------------------------------------- dashboard
@@ -449,10 +523,14 @@ def test_the_sweep_page_draws_the_frontier_as_children_finish(tmp_path):
             page.click(f"text={sweep['id']}")
             expect(page.locator("#sweep-children tbody tr")).to_have_count(4)
             expect(page.locator("#sweep-flops")).to_contain_text("no finished children yet")
+            expect(page.locator("#sweep-latency")).to_contain_text("measured latency (batch 1, CPU)")
             for i, job_id in enumerate(sent):  # children end while the page is open
-                _finish(store, job_id, 0.9 + 0.01 * i, 0.5 if i < 2 else 0.1, 1000 - 100 * i)
+                _finish(store, job_id, 0.9 + 0.01 * i, 0.5 if i < 2 else 0.1, 1000 - 100 * i,
+                        {"dense": 2.0 - 0.1 * i, "condensed": None})
             expect(page.locator("#sweep-flops svg polyline.frontier")).to_have_count(1, timeout=15_000)
             expect(page.locator("#sweep-size svg polyline.frontier")).to_have_count(1)
+            expect(page.locator("#sweep-latency svg polyline.frontier")).to_have_count(1)
+            expect(page.locator("#sweep-latency svg circle.point")).to_have_count(2)
             expect(page.locator("#sweep-flops svg circle.point")).to_have_count(2)
             expect(page.locator("#sweep-aggregate tbody tr")).to_have_count(2)
             expect(page.locator("#sweep-aggregate")).to_contain_text("±")
