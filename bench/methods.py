@@ -179,29 +179,32 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_grid(run, jobs: list[dict], workers: int, every: int = 20) -> tuple[list[dict], dict]:
+    """Every job through `run` in parallel processes, with progress; (rows, the run's machine metadata).
+    Refuses a result whose weights leaked at masked positions."""
+    import torch
+
+    started = time.time()
+    rows = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, row in enumerate(pool.map(run, jobs), 1):
+            rows.append(row)
+            if i % every == 0 or i == len(jobs):
+                print(f"{i}/{len(jobs)} runs, {time.time() - started:.0f}s", flush=True)
+    assert all(r["leak_ok"] for r in rows), "a run leaked weights at masked positions"
+    meta = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
+                       f"{platform.python_version()}", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "wall_minutes": (time.time() - started) / 60}
+    return rows, meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    import torch
-
-    jobs = grid(args.quick)
-    started = time.time()
-    rows = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for i, row in enumerate(pool.map(run_one, jobs), 1):
-            rows.append(row)
-            if i % 20 == 0 or i == len(jobs):
-                print(f"{i}/{len(jobs)} runs, {time.time() - started:.0f}s", flush=True)
-    assert all(r["leak_ok"] for r in rows), "a run leaked weights at masked positions"
-    meta = {
-        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "wall_minutes": (time.time() - started) / 60,
-        "quick": args.quick,
-    }
+    rows, meta = run_grid(run_one, grid(args.quick), args.workers)
+    meta["quick"] = args.quick
     summary = summarise(rows)
     suffix = "-quick" if args.quick else ""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from methods import SETTINGS  # noqa: E402
+from methods import SETTINGS, run_grid  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 METHODS = ["srigl", "rigl", "static"]
@@ -145,20 +142,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=RESULTS / "srigl_accuracy")
     args = parser.parse_args()
-    import torch
-
-    jobs = grid(args.quick)
-    started = time.time()
-    rows = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for i, row in enumerate(pool.map(run_one, jobs), 1):
-            rows.append(row)
-            if i % 10 == 0 or i == len(jobs):
-                print(f"{i}/{len(jobs)} runs, {time.time() - started:.0f}s", flush=True)
-    assert all(r["leak_ok"] for r in rows), "a run leaked weights at masked positions"
-    meta = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
-                       f"{platform.python_version()}", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "wall_minutes": (time.time() - started) / 60}
+    rows, meta = run_grid(run_one, grid(args.quick), args.workers, every=10)
     summary = summarise(rows)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(summary, meta))
