@@ -124,18 +124,19 @@ def test_a_file_of_another_model_is_refused(tmp_path):
 
 
 def test_the_docs_plain_pytorch_loader_runs_and_matches(tmp_path, monkeypatch):
-    """docs/guide/exports.md prints a CondensedLinear with no rigl_core import: it loads a real export."""
+    """README prints a CondensedLinear with no rigl_core import (the docs' Exports page includes it): it loads a
+    real export."""
     import re
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "exports.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "class CondensedLinear" in b)
     assert "rigl_core" not in block
     model, rigl = trained("mlp", [1, 8, 8], ablation_threshold=1.0)
     monkeypatch.chdir(tmp_path)
     save_condensed(model, rigl.masks, tmp_path / "model.condensed.safetensors")
     scope: dict = {}
-    exec(compile(block, "exports.md", "exec"), scope)  # noqa: S102 - our own docs
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own docs
     x = torch.randn(4, 64)
     with torch.inference_mode():
         torch.testing.assert_close(scope["fc1"](x), model.fc1(x), rtol=1e-4, atol=1e-5)

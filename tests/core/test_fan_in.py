@@ -185,3 +185,47 @@ def test_srigl_is_rigl_with_fan_in_and_the_papers_threshold():
     spec = SparsitySpec(method="srigl")
     assert (spec.structure, spec.ablation_threshold) == ("fan-in", 0.3)
     assert SparsitySpec(method="srigl", ablation_threshold=0.5).ablation_threshold == 0.5
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D as layers.py duck-types it: weight stored (in, out), named `Conv1D`, with `nf`."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = Conv1D(24, 16)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(torch.relu(self.proj(h)).mean(1))
+
+
+def test_attention_projections_and_gpt2_conv1d_keep_a_constant_fan_in():
+    torch.manual_seed(0)
+    model = Block()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    rigl = RigL(model, opt, sparsity=0.8, total_steps=30, method="srigl", delta_t=5, distribution="uniform",
+                dense_first_layer=False)
+    kinds = {layer.name: layer.kind for layer in rigl.sparsifier.layers}
+    assert kinds.get("attn.in_proj") == "attention" and kinds.get("proj") == "conv1d_hf"
+    assert row_counts(rigl.masks["proj"], "conv1d_hf").shape == (24,)  # Conv1D's neurons are its columns
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(30):
+        x = torch.randn(8, 5, 16, generator=generator)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,), generator=generator)).backward()
+        if rigl.step():
+            opt.step()
+        assert_constant_fan_in(rigl)
