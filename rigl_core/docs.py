@@ -66,7 +66,7 @@ def fields() -> list[tuple[str, str, str, str]]:
 def reference() -> str:
     lines = [START, "", "| field | type | default | meaning |", "|---|---|---|---|"]
     for name, type_name, default, description in fields():
-        description = description.replace("|", "\\|")
+        description = description.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")  # markdown tables; `<name>` is no HTML tag
         lines.append(f"| `{name}` | {type_name} | {default} | {description} |")
     lines += ["", "`model.architecture` takes a declarative architecture ([Models](../guide/models.md)). Unknown "
               "fields are rejected.", "", END]
