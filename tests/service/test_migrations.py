@@ -148,7 +148,9 @@ def test_database_of_the_last_create_all_release_upgrades(tmp_path):
 
 
 def _start_replica(url: str, barrier, results) -> None:
-    engine = create_engine(url)
+    # SQLite with a busy timeout, as store/engine.py opens it: a replica waits for the migrating one's lock
+    # (SQLite's default 5 s ran out on a loaded machine: "database is locked")
+    engine = create_engine(url, connect_args={"timeout": 60} if url.startswith("sqlite") else {})
     try:
         barrier.wait(30)
         results.put(upgrade(engine))
