@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from rigl_core.sparse.masking import DropGrow
+from rigl_core.sparse.masking import DropGrow, kept_after_drop, top_per_row
 
 KINDS = ("linear", "conv", "attention", "rnn", "conv1d_hf")
 
@@ -66,13 +66,6 @@ def row_counts(mask: torch.Tensor, kind: str) -> torch.Tensor:
     return to_rows(mask, kind).sum(dim=1)
 
 
-def _top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Boolean (rows, cols): in each row i the counts[i] largest scores (-inf never chosen when counts allow)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    take = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.zeros_like(take).scatter_(1, order, take)
-
-
 def ablated_neurons(kept: torch.Tensor, grow: torch.Tensor | None, n_drop: int, threshold: int,
                     budget: int, fan_in: int) -> torch.Tensor:
     """Neurons (bool per row) with fewer than `threshold` salient weights: kept by magnitude, or among the
@@ -101,11 +94,7 @@ def fan_in_drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_scor
     budget = n_active if budget is None else budget
     alive = rows.any(dim=1)
     n_drop = min(n_drop, n_active)
-    magnitude = to_rows(drop_score.detach(), kind).abs().float().masked_fill(~rows, -float("inf"))
-    kept = torch.zeros_like(rows)
-    n_keep = n_active - n_drop
-    if n_keep > 0:
-        kept.view(-1)[magnitude.reshape(-1).topk(n_keep).indices] = True
+    kept = kept_after_drop(rows.reshape(-1), to_rows(drop_score, kind), n_drop).view(rows.shape)  # RigL's drop
     grow = None if grow_score is None else to_rows(grow_score.detach(), kind).float()
     ablate = ablation_threshold is not None
     if ablate:
@@ -115,13 +104,14 @@ def fan_in_drop_and_grow(mask: torch.Tensor, drop_score: torch.Tensor, grow_scor
     k_new = min(fan_in, budget // max(1, n_alive)) if ablate else k
     over = kept.sum(dim=1) > k_new  # a neuron that kept more than k' keeps its k' largest
     if bool(over.any()):
-        kept &= _top_per_row(torch.where(kept, magnitude, -float("inf")), torch.full((neurons,), k_new,
-                                                                                       device=rows.device))
+        magnitude = to_rows(drop_score.detach(), kind).abs().float()
+        kept &= top_per_row(torch.where(kept, magnitude, -float("inf")),
+                            torch.full((neurons,), k_new, device=rows.device))
     need = (k_new - kept.sum(dim=1)).clamp_min(0) * alive
     if grow is None:  # random growth is the caller's score; without one nothing grows (kept as it is)
         grown = torch.zeros_like(rows)
     else:
-        grown = _top_per_row(torch.where(kept | ~alive.unsqueeze(1), -float("inf"), grow), need)
+        grown = top_per_row(torch.where(kept | ~alive.unsqueeze(1), -float("inf"), grow), need)
     new_rows = kept | grown
     result = DropGrow(from_rows(new_rows, kind, shape), from_rows(kept, kind, shape).reshape(-1),
                       from_rows(grown, kind, shape).reshape(-1), n_active - int(kept.sum()))

@@ -68,6 +68,14 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
 
 
+def top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean (rows, cols): in each row i its counts[i] largest scores (ties by position). The growth of the
+    grouped structures: N:M groups (rigl_core/sparse/nm.py) and neurons of a constant fan-in (fan_in.py)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    take = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < counts.reshape(-1, 1)
+    return torch.zeros_like(take).scatter_(1, order, take)
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest scores (flattened)."""
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from rigl_core.sparse.masking import DropGrow, kept_after_drop
+from rigl_core.sparse.masking import DropGrow, kept_after_drop, top_per_row
 
 PATTERN = re.compile(r"^([0-9]{1,2}):([0-9]{1,2})$")
 MAX_M = 32
@@ -116,10 +116,8 @@ def _drop_and_grow_groups(mask: torch.Tensor, drop_score: torch.Tensor, grow_sco
     if k <= 0:
         return DropGrow(mask, flat_mask, torch.zeros_like(flat_mask), 0)
     kept = kept_after_drop(flat_mask, drop_score, k)
-    dropped_per_group = (flat_mask & ~kept).view(-1, m).sum(dim=1, keepdim=True)
+    dropped_per_group = (flat_mask & ~kept).view(-1, m).sum(dim=1)
     grow = torch.where(kept, -float("inf"), grow_score.detach().reshape(-1).float()).view(-1, m)
-    order = grow.argsort(dim=1, descending=True, stable=True)
-    take = torch.arange(m, device=grow.device).unsqueeze(0) < dropped_per_group  # the first d of each group
-    grown = torch.zeros_like(take).scatter_(1, order, take).reshape(-1)
+    grown = top_per_row(grow, dropped_per_group).reshape(-1)  # each group regrows what it lost
     new_mask = (kept | grown).view(mask.shape)
     return DropGrow(new_mask, kept, grown, k)
