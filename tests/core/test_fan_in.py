@@ -13,6 +13,8 @@ from rigl_core import RigL
 from rigl_core.sparse.fan_in import fan_in_drop_and_grow, row_counts, to_rows
 from rigl_core.spec import JobSpec, SparsitySpec
 
+from helpers.sparse import Conv1D
+
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -185,19 +187,6 @@ def test_srigl_is_rigl_with_fan_in_and_the_papers_threshold():
     spec = SparsitySpec(method="srigl")
     assert (spec.structure, spec.ablation_threshold) == ("fan-in", 0.3)
     assert SparsitySpec(method="srigl", ablation_threshold=0.5).ablation_threshold == 0.5
-
-
-class Conv1D(nn.Module):
-    """GPT-2's Conv1D as layers.py duck-types it: weight stored (in, out), named `Conv1D`, with `nf`."""
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 class Block(nn.Module):

@@ -20,21 +20,9 @@ from rigl_core.sparse.schedules import UpdateSchedule
 from rigl_core.sparse.sparsifier import SPARSIFIERS
 from rigl_core.spec import SparsitySpec
 
+from helpers.sparse import Conv1D
+
 L, E = 6, 16  # tokens, embedding width
-
-
-class Conv1D(nn.Module):
-    """A replica of transformers.pytorch_utils.Conv1D (GPT-2): weight stored (in, out)."""
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
-        return out.view(*x.shape[:-1], self.nf)
 
 
 class Attention(nn.Module):

@@ -1,6 +1,6 @@
 """What the sparsifier tests share: a small MLP with a sparsifier on it, its minibatches, the per-update
 RigL invariant check (test_rigl_invariants runs it in fp32, test_precision under bf16 autocast), and
-MaskWatch, the same check on a Trainer (test_precision, test_kernels)."""
+MaskWatch, the same check on a Trainer (test_precision, test_kernels); a replica of GPT-2's Conv1D."""
 
 from __future__ import annotations
 
@@ -127,3 +127,17 @@ class MaskWatch(Callback):
         assert trainer.leak_check()["ok"], trainer.leak_check()
         for name, target in trainer.sparsifier.target_active.items():
             assert int(trainer.sparsifier.masks[name].sum()) == target
+
+
+class Conv1D(nn.Module):
+    """A replica of transformers.pytorch_utils.Conv1D (GPT-2): weight stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
