@@ -118,6 +118,11 @@ def load_condensed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Linear and Conv2d layers stored condensed become CondensedLinear / CondensedConv2d (inference only);
     every other weight, condensed GPT-2 Conv1D kernels included, is densified into the model's own modules."""
     arrays, meta = read_condensed_layers(path)
+    return condense_into(model, arrays, meta, path)
+
+
+def condense_into(model: nn.Module, arrays: dict, meta: dict, source: object = "the condensed arrays") -> nn.Module:
+    """`load_condensed` from the container's arrays and `rigl` metadata (condense_state_dict's, or a file's)."""
     state: dict[str, torch.Tensor] = {}
     swapped: set[str] = set()
     for name, entry in meta["layers"].items():
@@ -146,5 +151,5 @@ def load_condensed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.rpartition(".")[0] not in swapped]
     if missing or unexpected:
-        raise ValueError(f"{path}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(f"{source}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model

@@ -145,19 +145,18 @@ def latency_of(run: TrainedRun) -> dict[str, float] | None:
     """Batch-1 CPU latency of the dense model and, for a fan-in run, of the condensed one (ms), or None when
     the model cannot be timed on a CPU this way (a note goes to the warnings)."""
     import copy
-    import tempfile
 
     from rigl_core.report.latency import measure_latency
 
     try:
         variants = {"dense": run.model}
-        if run.fan_in:
-            from rigl_core.export.condensed import save_condensed
-            from rigl_core.export.condensed_layers import load_condensed
+        if run.fan_in:  # condensed in memory, as the export stores it (no file written and read back)
+            from rigl_core.export.condensed import condense_state_dict
+            from rigl_core.export.condensed_layers import condense_into
 
-            with tempfile.TemporaryDirectory() as tmp:
-                path = save_condensed(run.model, run.masks, Path(tmp) / "condensed.safetensors")
-                variants["condensed"] = load_condensed(copy.deepcopy(run.model).to("cpu").float(), path)
+            arrays, metadata = condense_state_dict(run.model, run.masks)
+            variants["condensed"] = condense_into(copy.deepcopy(run.model).to("cpu").float(), arrays,
+                                                  json.loads(metadata["rigl"]))
         return measure_latency(variants, run.input_shape)
     except Exception as error:  # noqa: BLE001 - a measurement never fails the run
         warnings.warn(f"latency not measured: {str(error).splitlines()[0] if str(error) else repr(error)}", stacklevel=2)
