@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from inference import CSRLinear, median_ms, ort_session, sparse_variant  # noqa: E402
+from inference import CSRLinear, median_ms, ort_session, sparse_variant, write_results  # noqa: E402
 
 from rigl_core.export.condensed import save_condensed  # noqa: E402
 from rigl_core.export.condensed_kernel import reference_matmul, unavailable  # noqa: E402
@@ -250,9 +250,7 @@ def main(argv=None) -> int:
     results["layers"] = [] if args.skip_layers else layer_rows(args)
     results["models"] = model_rows(args)
     results["settings"]["wall_s"] = round(time.perf_counter() - began, 1)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(f"wrote {args.out}.md/.json in {results['settings']['wall_s']} s")
+    write_results(args.out, results, markdown)
     return 0
 
 

@@ -383,10 +383,15 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     results = run(args)
     results["settings"]["wall_s"] = round(time.perf_counter() - began, 1)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(f"wrote {args.out}.md/.json in {results['settings']['wall_s']} s")
+    write_results(args.out, results, markdown)
     return 0
+
+
+def write_results(out: Path, results: dict, render) -> None:
+    """`out`.json and `out`.md (the table `render` draws from the results)."""
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(render(results))
+    print(f"wrote {out}.md/.json in {results['settings']['wall_s']} s")
 
 
 if __name__ == "__main__":

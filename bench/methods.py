@@ -149,6 +149,15 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def label_panel(ax, title: str) -> None:
+    """Title, axes and legend of one accuracy-vs-sparsity panel."""
+    ax.set_title(title)
+    ax.set_xlabel("sparsity (masked layers)")
+    ax.set_ylabel("final val accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -170,11 +179,7 @@ def plot(summary: dict, path: Path) -> None:
             dense = summary.get((dataset, "uniform", 0.0, "dense"))
             if dense:
                 ax.axhline(dense["mean"], color="black", linestyle="--", label="dense")
-            ax.set_title(f"{dataset} — {distribution}")
-            ax.set_xlabel("sparsity (masked layers)")
-            ax.set_ylabel("final val accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            label_panel(ax, f"{dataset} — {distribution}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

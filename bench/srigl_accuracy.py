@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from methods import SETTINGS, run_grid  # noqa: E402
+from methods import SETTINGS, label_panel, run_grid  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 METHODS = ["srigl", "rigl", "static"]
@@ -127,11 +127,7 @@ def plot(summary: list[dict], path: Path) -> None:
             if points:
                 ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["sd"] for p in points],
                             marker="o", capsize=3, label=method)
-        ax.set_title(f"{dataset} — {distribution}")
-        ax.set_xlabel("sparsity (masked layers)")
-        ax.set_ylabel("final val accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_panel(ax, f"{dataset} — {distribution}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
