@@ -4,34 +4,48 @@
 #   2. wheel: a fresh Python 3.11 venv installs the wheel alone (the six core dependencies) and
 #      smoke-tests it: no service packages, `rigl --help`, a one-epoch synthetic `rigl train`,
 #      and `rigl serve` / digits answering with the extra to install (exit 2);
-#   3. py312: a Python 3.12 venv with `pip install -e ".[test]"` runs the fast tests (pyproject's default `-m`).
-# Any failure fails CI. Measured on the 2-core CI machine (bench/results/packaging.md): build 7-28 s; wheel
+#   3. py312-install: a Python 3.12 venv with `pip install -e ".[test]"`;
+#   4. py312-tests: that venv runs the fast tests (pyproject's default `-m`).
+# Any failure fails CI. .ci/run starts the first three legs (disk- and network-bound) beside the 3.11 test
+# runs and the last one after them; PACKAGING_WORK names the folder the two calls share (kept, not removed). Measured on the 2-core CI machine (bench/results/packaging.md): build 7-28 s; wheel
 # leg ~1.5 min (60 s install, torch 2.14.1 from the local wheel files; 30 s smoke); py312 leg
 # ~3 min install with a warm pip cache (6.6 min cold: torch cp312 is downloaded) + ~4 min of tests.
-# PACKAGING_LEGS=build,wheel,py312 picks legs (all by default).
+# PACKAGING_LEGS=build,wheel,py312-install,py312-tests picks legs (all by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-legs=",${PACKAGING_LEGS:-build,wheel,py312},"
+legs=",${PACKAGING_LEGS:-build,wheel,py312-install,py312-tests},"
 py311=${PY311:-python3.11}
 py312=${PY312:-}
-if [[ -z $py312 && $legs == *,py312,* ]]; then  # pyenv's 3.12 (its python3.12 shim fails while 3.11 is global)
+if [[ -z $py312 && $legs == *,py312-* ]]; then  # pyenv's 3.12 (its python3.12 shim fails while 3.11 is global)
   for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
     if [[ -n $candidate ]] && "$candidate" --version >/dev/null 2>&1; then py312=$candidate; break; fi
   done
   [[ -n $py312 ]] || { echo "packaging: no working Python 3.12 (set PY312)" >&2; exit 1; }
 fi
-work=$(mktemp -d /tmp/rigl-packaging.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+if [[ -n ${PACKAGING_WORK:-} ]]; then
+  work=$PACKAGING_WORK; mkdir -p "$work"
+else
+  work=$(mktemp -d /tmp/rigl-packaging.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 quiet() { grep -v "^WARNING: Location .* is ignored" || true; }  # this machine's pip index noise
 step() { echo "== packaging: $* ($(date -u +%H:%M:%S))"; }
 took() { echo "== packaging: $1 took $(( $(date +%s) - $2 )) s"; }
+checkout=$PWD
+# Builds and editable installs write into the source folder (build/, *.egg-info): they work on a copy of the
+# tracked files, so that they may run while the checkout's own pip install and tests do.
+src="$work/src"
+if [[ $legs == *,build,* || $legs == *,wheel,* || $legs == *,py312-install,* ]]; then
+  rm -rf "$src" && mkdir -p "$src"
+  git ls-files -z | xargs -0 cp --parents -t "$src" 2>/dev/null || true  # files deleted in the tree are skipped
+fi
 
 if [[ $legs == *,build,* || $legs == *,wheel,* ]]; then
   step "build wheel and sdist"
   t0=$(date +%s)
-  python3 -m build --outdir "$work/dist" . 2>&1 | tail -n 3
+  python3 -m build --outdir "$work/dist" "$src" 2>&1 | tail -n 3
   wheel=$(ls "$work"/dist/rigl_service-*.whl)
   sdist=$(ls "$work"/dist/rigl_service-*.tar.gz)
   # The wheel carries the packages, their data files and the `rigl` entry points; the sdist the sources.
@@ -85,14 +99,19 @@ if [[ $legs == *,wheel,* ]]; then
   took "wheel smoke test" "$t0"
 fi
 
-if [[ $legs == *,py312,* ]]; then
-  step "Python 3.12: pip install -e \".[test]\" and the fast tests"
+if [[ $legs == *,py312-install,* ]]; then
+  step "Python 3.12: pip install -e \".[test]\""
   t0=$(date +%s)
   "$py312" -m venv "$work/venv312"
-  "$work/venv312/bin/pip" install -q -e ".[test]" 2>&1 | quiet
+  "$work/venv312/bin/pip" install -q -e "$src[test]" 2>&1 | quiet
   took "py312 install" "$t0"
+fi
+
+if [[ $legs == *,py312-tests,* ]]; then
+  step "Python 3.12: the fast tests"
   t0=$(date +%s)
   "$work/venv312/bin/python" --version
+  cd "$checkout"  # `python -m` puts the checkout first on sys.path: the tests run its code (the same files)
   "$work/venv312/bin/python" -m pytest -p no:cacheprovider -q  # pyproject's addopts: the fast tests only
   took "py312 tests" "$t0"
 fi
