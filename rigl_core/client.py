@@ -8,10 +8,10 @@
 
 Connection errors and 502/503/504 are retried with exponential backoff; every other error raises
 a typed RiglError carrying the server's code, message and field. A server that never answered this
-client is given up on after two quick retries (about 1.5 s): `ServiceUnreachable`, naming the URL and
-how to start the service; the longer backoff is for a server that answered before and is restarting. `submit()` sends an
-Idempotency-Key (one per call, the same on its retries), so a POST that reached the server before
-a proxy answered 504 is not turned into a second job. `download()` never lets the server choose
+client is given up on after two quick retries (about 1.5 s) with `ServiceUnreachable`, naming the URL
+and how to start the service; the long backoff is for a server that answered before (restarting).
+`submit()` sends an Idempotency-Key (one per call, the same on its retries), so a POST that reached
+the server before a proxy answered 504 is not turned into a second job. `download()` never lets the server choose
 where a file goes: the caller's path, or a sanitised base name in the current directory.
 """
 
