@@ -1,4 +1,5 @@
-"""One error shape for every 4xx: `{"error": {"code", "message", "field"}}`. A 5xx is a bug."""
+"""One error shape for every 4xx: `{"error": {"code", "message", "field"}}`. A 5xx is a bug, except the
+503 of an unavailable database and the 501 of a missing optional package (both say what to do)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rigl_core.optional import MissingExtra
+
+# What a body that is not JSON is told (someone POSTing a YAML JobSpec file with curl, say).
+SEND_JSON = "send JSON (Content-Type: application/json); the CLI converts YAML (`rigl submit job.yaml`)"
 FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]-]*): (.*)$", re.S)
 
 
@@ -57,11 +62,17 @@ def install(app: FastAPI) -> None:
         return JSONResponse(_body(exc.code, exc.message, exc.field), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
-            return JSONResponse(_body("invalid_json", f"body is not valid JSON: {message}", "body"), 422)
+            return JSONResponse(_body("invalid_json", f"body is not valid JSON ({message}): {SEND_JSON}", "body"), 422)
+        if tuple(first.get("loc", ())) == ("body",) and not is_json(request.headers.get("content-type")):
+            # FastAPI parses only a JSON content type; any other body (YAML, none) reached the model as bytes
+            content_type = request.headers.get("content-type")
+            sent = f"as {content_type}" if content_type else "without a Content-Type"
+            return JSONResponse(_body("unsupported_media_type", f"the body was sent {sent}: {SEND_JSON}",
+                                      "Content-Type"), 415)
         details = [
             {"field": _loc_to_field(e["loc"]), "message": str(e["msg"]).removeprefix("Value error, ")}
             for e in exc.errors()
@@ -79,6 +90,15 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0]
         return JSONResponse(_body("invalid_request", first["msg"].removeprefix("Value error, "),
                                   _loc_to_field(first["loc"])), status_code=422)
+
+    @app.exception_handler(MissingExtra)
+    async def _missing_extra(_request: Request, exc: MissingExtra):
+        """A request for a feature whose optional package this server lacks (a timm/ model without the
+        'models' extra): the install hint as JSON, on every route. 501, not 503: retrying cannot help
+        (the client retries 503s), and the operator, not the request, has to change."""
+        body = _body("missing_extra", str(exc), None)
+        body["error"]["extra"] = exc.extra
+        return JSONResponse(body, status_code=501)
 
     from sqlalchemy.exc import OperationalError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -98,6 +118,12 @@ def install(app: FastAPI) -> None:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         return JSONResponse(_body(codes.get(exc.status_code, "http_error"), str(exc.detail), None),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def is_json(content_type: str | None) -> bool:
+    """application/json or a +json type, parameters (charset) aside."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def database_unavailable(exc: Exception) -> bool:

@@ -148,6 +148,9 @@ def _add_client_commands(sub) -> None:
     watch = sub.add_parser("watch", help="live progress bar (loss, accuracy) until the job ends")
     watch.add_argument("job_id")
     watch.set_defaults(handler=cmd_watch)
+    cancel = sub.add_parser("cancel", help="cancel a job (it checkpoints and stops within about a second)")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=cmd_cancel)
     download = sub.add_parser("download", help="download a job's sparse checkpoint")
     download.add_argument("job_id")
     download.add_argument("--format", choices=EXPORT_FORMATS, default="dense",
@@ -192,7 +195,7 @@ def _job_line(job) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise UsageError(f"file: {args.file} does not exist")
-    body = _apply_sets(_read_config(args.file), args.set_fields)
+    body = _apply_sets(_read_config(args.file, flag=None), args.set_fields)
     body.update({k: v for k, v in (("name", args.name), ("tags", args.tags)) if v})  # labels beside the spec
     job = _client().submit(body)
     print(job.id)
@@ -210,13 +213,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _follow(job_id: str) -> int:
-    job = _client().wait(job_id, progress=True)
+    """The progress bar until the job ends. Ctrl-C stops watching, not the job: say so, and how to stop it."""
+    try:
+        job = _client().wait(job_id, progress=True)
+    except KeyboardInterrupt:
+        print(f"rigl: stopped watching {job_id}; the job keeps running; `rigl cancel {job_id}` stops it",
+              file=sys.stderr)
+        return 130
     print(_job_line(job))
     return 0 if job.status == "succeeded" else 1
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     return _follow(args.job_id)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(_job_line(_client().cancel(args.job_id)))
+    return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -234,7 +248,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise UsageError(f"file: {args.file} does not exist")
-    body = _read_config(args.file)
+    body = _read_config(args.file, flag=None)
     with _client() as client:
         sweep = client.submit_sweep(body)
         print(sweep["id"])
@@ -332,21 +346,28 @@ def _add_plugin_commands(sub) -> None:
             print(f"rigl: note: command {entry.name!r} unavailable: {exc}", file=sys.stderr)
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, flag: str | None = "--config") -> dict:
+    """A JobSpec-shaped .json/.yaml file; errors name the file (after `flag`, the option that gave it,
+    when there is one) and where in it the parse failed."""
+    where = f"{flag}: {path}" if flag else str(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
+        raise UsageError(f"{where}: cannot read: {exc.strerror}") from None
     yaml = require("yaml", "client", "reading a YAML JobSpec") if path.suffix in (".yaml", ".yml") else None
     try:
         if yaml is not None:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        raise UsageError(f"--config: {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except Exception as exc:  # noqa: BLE001 - any YAML parse error is the user's file
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"{where} is not valid YAML: {getattr(exc, 'problem', None) or exc}{at}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--config: {path} must hold a mapping with sections model, dataset, sparsity, training")
+        raise UsageError(f"{where} must hold a mapping with sections model, dataset, sparsity, training")
     return data
 
 
@@ -438,7 +459,7 @@ def _int_or(word: str):
 
 
 def _read_architecture(path: Path) -> dict:
-    data = _read_config(path) if path.suffix in (".yaml", ".yml") else None
+    data = _read_config(path, "--architecture") if path.suffix in (".yaml", ".yml") else None
     if data is None:
         try:
             data = json.loads(path.read_text())
@@ -671,14 +692,16 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:  # a feature whose optional dependency is not installed: name the extra
         print(f"rigl: error: {exc}", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001 - client errors from the service, shown as one line
-        from rigl_core.client import RiglError, Unavailable
+        from rigl_core.client import AuthError, RiglError, Unavailable
 
         if not isinstance(exc, (RiglError, UsageError, ValueError)):
             raise
         print(f"rigl: error: {exc}", file=sys.stderr)
-        if isinstance(exc, Unavailable):
-            print("rigl: is the service running? start it with `rigl serve`, or point RIGL_API_URL at it",
-                  file=sys.stderr)
+        if isinstance(exc, AuthError) and exc.status == 401:
+            what = ("RIGL_API_KEY was refused: check it" if os.environ.get("RIGL_API_KEY")
+                    else "the service needs an API key: set RIGL_API_KEY")
+            print(f"rigl: {what} (an admin makes one with `rigl keys create --owner NAME`)", file=sys.stderr)
+        if isinstance(exc, Unavailable):  # ServiceUnreachable's message says how to start the service
             return 1
         return 2
     except KeyboardInterrupt:

@@ -7,9 +7,11 @@
     job.download(format="dense", path="model.safetensors")
 
 Connection errors and 502/503/504 are retried with exponential backoff; every other error raises
-a typed RiglError carrying the server's code, message and field. `submit()` sends an
-Idempotency-Key (one per call, the same on its retries), so a POST that reached the server before
-a proxy answered 504 is not turned into a second job. `download()` never lets the server choose
+a typed RiglError carrying the server's code, message and field. A server that never answered this
+client is given up on after two quick retries (about 1.5 s) with `ServiceUnreachable`, naming the URL
+and how to start the service; the long backoff is for a server that answered before (restarting).
+`submit()` sends an Idempotency-Key (one per call, the same on its retries), so a POST that reached
+the server before a proxy answered 504 is not turned into a second job. `download()` never lets the server choose
 where a file goes: the caller's path, or a sanitised base name in the current directory.
 """
 
@@ -35,6 +37,8 @@ except ModuleNotFoundError:
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RETRY_STATUS = (502, 503, 504)
+DEFAULT_URL = "http://127.0.0.1:8000"  # `rigl serve`'s address
+FIRST_CONTACT_RETRIES = 2  # a server that never answered: 0.5 + 1 s of backoff, then say so
 
 
 class RiglError(Exception):
@@ -65,6 +69,15 @@ class RateLimited(RiglError):
 
 class Unavailable(RiglError):
     """The service did not answer, or answered 5xx, after all retries."""
+
+
+class ServiceUnreachable(Unavailable):
+    """No connection to the service could be opened: it is not running there, or the URL is wrong."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"cannot reach the RigL service at {url} ({reason}): is it running? Start it with "
+                         "`rigl serve`, or point RIGL_API_URL (or Client(base_url=...)) at it")
+        self.url = url
 
 
 def _error_for(response: httpx.Response) -> RiglError:
@@ -128,13 +141,14 @@ class Job:
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 5, backoff: float = 0.5):
-        self.base_url = (base_url or os.environ.get("RIGL_API_URL") or "http://127.0.0.1:8000").rstrip("/")
+        self.base_url = (base_url or os.environ.get("RIGL_API_URL") or DEFAULT_URL).rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get("RIGL_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if httpx is None:
             require("httpx", "client", "the service client")
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.retries, self.backoff = retries, backoff
+        self.answered = False  # whether the server ever answered this client (see _request)
 
     def close(self) -> None:
         self.http.close()
@@ -154,9 +168,15 @@ class Client:
             try:
                 response = self.http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError) as exc:
-                if attempt == self.retries or not (retry or isinstance(exc, httpx.ConnectError)):
+                refused = isinstance(exc, httpx.ConnectError)
+                # a server that never answered is most likely not running: say so now, not after 15 s
+                last = self.retries if self.answered or not refused else min(self.retries, FIRST_CONTACT_RETRIES)
+                if refused and attempt >= last:
+                    raise ServiceUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+                if attempt >= last or not (retry or refused):
                     raise Unavailable(f"cannot reach {self.base_url}: {exc}") from None
             else:
+                self.answered = True
                 if response.status_code not in RETRY_STATUS or attempt == self.retries or not retry:
                     if response.status_code >= 400:
                         raise _error_for(response)
@@ -201,22 +221,27 @@ class Client:
 
     def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll: float = 1.0,
              _job: Job | None = None) -> Job:
-        """Poll until the job ends; with `progress` a tqdm bar shows steps, loss and accuracy."""
+        """Poll until the job ends; with `progress` a tqdm bar shows steps, loss and accuracy. The bar
+        starts at the step the job had when it was first read, so its step/s counts only the steps seen
+        since (attached to a job at step 5,000, it is not 5,000 steps in the first second)."""
         job = _job or self.get(job_id)
         deadline = time.monotonic() + timeout if timeout else None
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=job.data["progress"]["total_steps"] or None, unit="step", desc=job_id,
-                       dynamic_ncols=True)
+            bar = tqdm(total=job.data["progress"]["total_steps"] or None, initial=job.data["progress"]["step"],
+                       unit="step", desc=job_id, dynamic_ncols=True)
         try:
             while True:
                 job.data = self.get(job_id).data
                 if bar is not None:
                     p = job.data["progress"]
                     bar.total = p["total_steps"] or bar.total
-                    bar.n = p["step"]
+                    if p["step"] >= bar.n:
+                        bar.update(p["step"] - bar.n)  # through update(): the rate sees each poll's steps
+                    else:  # requeued and resumed from an earlier checkpoint
+                        bar.n = p["step"]
                     metrics = job.data.get("metrics") or {}
                     bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "val_accuracy")},
                                     refresh=False)

@@ -13,6 +13,7 @@ from api.errors import ApiError, from_value_error
 from api.schemas import architecture_json, dataset_json
 from api.uploads import place_upload, streamed_upload
 from rigl_core.models.architecture import Architecture, ArchitectureError, Limits
+from rigl_core.data.epochs import suggested_epochs
 from rigl_core.models.build import infer
 from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
                               resolve_task)
@@ -82,7 +83,10 @@ def delete_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> di
 
 @router.get("/datasets")
 def list_datasets(ctx: Context = Depends(get_context)) -> dict:
-    return {"object": "list", "builtin": [d for d in DATASETS if d != "tensors"],
+    """Built-in names with the epochs to start from on each (`suggested_epochs`; what the dashboard's form
+    fills in), and this owner's uploads."""
+    builtin = [d for d in DATASETS if d != "tensors"]
+    return {"object": "list", "builtin": builtin, "suggested_epochs": {d: suggested_epochs(d) for d in builtin},
             "data": [dataset_json(d) for d in ctx.store.uploads.list_datasets(ctx.owner)]}
 
 

@@ -4,7 +4,10 @@
 
 const KEY_STORAGE = "rigl.apiKey";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-const DEFAULTS = { method: "rigl", sparsity: 0.9, distribution: "erk" };
+// The JobSpec's own defaults (rigl_core/spec.py; tests/service/test_service_api.py checks they agree): the
+// New-job form starts from them, and a job without a field shows its default. Epochs follow the dataset
+// (GET /v1/datasets' suggested_epochs).
+const DEFAULTS = {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "delta_t": "auto", "alpha": 0.3, "epochs": 20, "batch_size": 128, "optimizer": "sgd", "lr": 0.1};
 // sparsity.method's values (rigl_core/spec.py METHODS), for the form and the jobs filter
 const METHODS = ["rigl", "srigl", "set", "snfs", "static", "snip", "gmp", "dense"];
 let teardown = () => {};  // stops the current view's timers and streams
@@ -455,14 +458,15 @@ function submitView(view) {
     field("Model", select("model", ["mlp", "lenet5", "wrn-22-2", "resnet18-cifar"], "mlp"), "built-in or uploaded architecture"),
     field("Dataset", select("dataset", ["digits", "mnist1d", "synthetic"], "digits")),
     field("Method", select("method", METHODS, DEFAULTS.method), "srigl: RigL with constant fan-in and neuron ablation"),
-    field("Sparsity", number("sparsity", "0.9", { min: 0, max: 0.999, step: 0.01 }), "share of masked weights that are zero"),
-    field("Distribution", select("distribution", ["erk", "er", "uniform"], "erk")),
-    field("ΔT (steps between updates)", number("delta_t", "100", { min: 1, step: 1 })),
-    field("α (initial drop fraction)", number("alpha", "0.3", { min: 0.01, max: 1, step: 0.01 })),
-    field("Epochs", number("epochs", "10", { min: 1, step: 1 })),
-    field("Batch size", number("batch_size", "128", { min: 1, step: 1 })),
-    field("Optimizer", select("optimizer", ["sgd", "nesterov", "adam", "adamw"], "sgd")),
-    field("Learning rate", number("lr", "0.1", { min: 0.000001, step: "any" })));
+    field("Sparsity", number("sparsity", String(DEFAULTS.sparsity), { min: 0, max: 0.999, step: 0.01 }), "share of masked weights that are zero"),
+    field("Distribution", select("distribution", ["erk", "er", "uniform"], DEFAULTS.distribution)),
+    field("ΔT (steps between updates)", text("delta_t", { value: DEFAULTS.delta_t, pattern: "auto|[0-9]+", inputmode: "numeric" }),
+      "auto: about 10 mask updates over the run (100 steps on runs of 1,000+), or a number of steps"),
+    field("α (initial drop fraction)", number("alpha", String(DEFAULTS.alpha), { min: 0.01, max: 1, step: 0.01 })),
+    field("Epochs", number("epochs", String(DEFAULTS.epochs), { min: 1, step: 1 }), "set from the dataset's suggested length"),
+    field("Batch size", number("batch_size", String(DEFAULTS.batch_size), { min: 1, step: 1 })),
+    field("Optimizer", select("optimizer", ["sgd", "nesterov", "adam", "adamw"], DEFAULTS.optimizer)),
+    field("Learning rate", number("lr", String(DEFAULTS.lr), { min: 0.000001, step: "any" })));
   const json = h("textarea", { id: "spec-json", rows: 18, spellcheck: "false", "aria-label": "JobSpec JSON" });
   const submit = h("button", { type: "button", id: "submit-job", class: "primary" }, "Submit job");
   const error = h("p", { id: "submit-error", class: "error", hidden: true });
@@ -484,7 +488,7 @@ function submitView(view) {
     const spec = {
       model, dataset,
       sparsity: { method: v("method"), sparsity: +v("sparsity"), distribution: v("distribution"),
-        schedule: { delta_t: +v("delta_t"), alpha: +v("alpha") } },
+        schedule: { delta_t: v("delta_t").trim() === "auto" ? "auto" : +v("delta_t"), alpha: +v("alpha") } },
       training: { epochs: +v("epochs"), batch_size: +v("batch_size"), optimizer: v("optimizer"), lr: +v("lr") },
     };
     // labels beside the spec, only when filled in (so ones typed into the JSON survive form edits)
@@ -541,7 +545,16 @@ function submitView(view) {
     }
     return out;
   }
+  const suggestedEpochs = {};  // dataset name → epochs, from GET /v1/datasets
+  let shownDataset = form.elements.dataset.value;
+  function followDataset() {  // a new dataset brings its own suggested length
+    const name = form.elements.dataset.value;
+    if (name === shownDataset) return;
+    shownDataset = name;
+    if (suggestedEpochs[name]) form.elements.epochs.value = String(suggestedEpochs[name]);
+  }
   form.addEventListener("input", () => {
+    followDataset();
     let base = {};
     try { base = JSON.parse(json.value); } catch (_) { /* unparsable JSON: the form starts it afresh */ }
     const patch = fromForm();
@@ -576,6 +589,12 @@ function submitView(view) {
       for (const name of datasets.builtin) {
         if (![...form.elements.dataset.options].some(o => o.value === name)) form.elements.dataset.appendChild(h("option", { value: name }, name));
       }
+      Object.assign(suggestedEpochs, datasets.suggested_epochs || {});
+      const suggested = suggestedEpochs[form.elements.dataset.value];
+      if (suggested && String(suggested) !== form.elements.epochs.value) {  // the first dataset's own length
+        form.elements.epochs.value = String(suggested);
+        form.dispatchEvent(new Event("input"));
+      }
       for (const d of datasets.data) {
         const label = `${d.name} (${d.id})`;
         uploads.datasets[label] = d.id;
@@ -589,22 +608,38 @@ function submitView(view) {
 }
 
 // ------------------------------------------------------------------ compare view
+/** Job → its series on the compare chart: the method, plus the model, dataset and training length where the
+ * jobs differ in them (a line through jobs of different models or lengths would compare nothing). */
+function compareSeries(jobs) {
+  const training = j => j.spec.training || {};
+  const parts = {
+    model: j => (j.spec.model && (j.spec.model.name || (j.spec.model.hf && j.spec.model.hf.model_type))) || "model",
+    dataset: j => (j.spec.dataset && j.spec.dataset.name) || "dataset",
+    length: j => training(j).max_steps ? `${training(j).max_steps} steps` : `${training(j).epochs || DEFAULTS.epochs} ep`,
+  };
+  const varying = Object.values(parts).filter(part => new Set(jobs.map(part)).size > 1);
+  return new Map(jobs.map(j => [j, [jobMethod(j), ...varying.map(part => part(j))].join(" · ")]));
+}
+
 function compareView(view, query) {
   const ids = (query.get("ids") || "").split(",").filter(Boolean);
   const chart = h("div", { class: "chart-box wide", id: "compare-chart" });
   const table = h("tbody");
   view.replaceChildren(h("h1", {}, "Compare: accuracy vs sparsity"),
-    h("p", { class: "muted" }, ids.length ? "Selected jobs; one colour per method, lines join a method's jobs by sparsity."
-      : "No jobs selected: showing the latest finished jobs. Pick jobs on the ",
+    h("p", { class: "muted" }, (ids.length ? "Selected jobs" : "No jobs selected: showing the latest finished jobs") +
+      "; one colour and line per method and setting (model, dataset and training length, named where the jobs differ)" +
+      (ids.length ? "." : ". Pick jobs on the "),
       ids.length ? null : h("a", { href: "#/" }, "jobs list"), ids.length ? null : "."),
     chart, h("table", { class: "jobs", id: "compare-table" }, h("thead", {}, h("tr", {},
-      ["Job", "Method", "Distribution", "Sparsity", "Accuracy", "Inference FLOPs", "Training FLOPs"].map(t => h("th", {}, t)))), table));
+      ["Job", "Series", "Method", "Distribution", "Sparsity", "Accuracy", "Inference FLOPs", "Training FLOPs"]
+        .map(t => h("th", {}, t)))), table));
   (async () => {
     try {
       const jobs = ids.length ? await Promise.all(ids.map(id => api(`/v1/jobs/${encodeURIComponent(id)}`)))
         : (await api("/v1/jobs?status=succeeded&limit=100")).data;
+      const series = compareSeries(jobs);
       const points = jobs.filter(j => Number.isFinite(jobAccuracy(j))).map(j =>
-        ({ x: jobSparsity(j), y: jobAccuracy(j), label: j.id.slice(-6), group: jobMethod(j) }));
+        ({ x: jobSparsity(j), y: jobAccuracy(j), label: j.id.slice(-6), group: series.get(j) }));
       const xs = points.map(p => p.x), ys = points.map(p => p.y);
       Charts.scatter(chart, "Validation accuracy vs sparsity", points, {
         xLabel: "sparsity", yLabel: "validation accuracy", xFmt: v => (100 * v).toFixed(0) + "%", connect: true,
@@ -612,7 +647,7 @@ function compareView(view, query) {
         yMin: Math.max(0, Math.min(...ys) - 0.05), yMax: Math.min(1, Math.max(...ys) + 0.05),
         empty: "no finished jobs to compare yet" });
       table.replaceChildren(...jobs.map(j => h("tr", {}, h("td", {}, h("a", { href: `#/jobs/${j.id}` }, j.id)),
-        h("td", {}, jobMethod(j)), h("td", {}, (j.spec.sparsity && j.spec.sparsity.distribution) || DEFAULTS.distribution),
+        h("td", {}, series.get(j)), h("td", {}, jobMethod(j)), h("td", {}, (j.spec.sparsity && j.spec.sparsity.distribution) || DEFAULTS.distribution),
         h("td", {}, pct(jobSparsity(j))), h("td", {}, pct(jobAccuracy(j))),
         h("td", {}, j.result ? num(j.result.inference_flops_ratio, 3) + "×" : "—"),
         h("td", {}, j.result ? num(j.result.training_flops_ratio, 3) + "×" : "—"))));

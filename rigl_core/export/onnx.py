@@ -1,7 +1,7 @@
 """ONNX export of the trained dense-with-zeros model (masks already applied to the weights).
 
-Why the TorchScript exporter (`dynamo=False`): it needs neither onnx nor onnxscript to write the file,
-and it exports mlp, lenet5, resnet18-cifar, wrn-22-2, declarative architectures and model.hf sequence
+Why the TorchScript exporter (`dynamo=False`): it needs the onnx package (the `[onnx]` extra, which
+`[service]` brings) but not onnxscript to write the file, and it exports mlp, lenet5, resnet18-cifar, wrn-22-2, declarative architectures and model.hf sequence
 classifiers (int64 token ids in) reliably; it cannot trace transformers' causal LMs (GPT-2: the job skips
 that export with a warning; torch's dynamo exporter would need onnxscript). The batch dimension is dynamic. `check_onnx` compares onnxruntime's outputs with PyTorch's when onnxruntime is
 installed (the `[onnx]` extra).

@@ -99,12 +99,10 @@ def test_a_missing_service_is_said_at_once_with_what_to_do(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket closes
     proc = _run(textwrap.dedent(f'''
-        import os, time
+        import os
         os.environ["RIGL_API_URL"] = "http://127.0.0.1:{port}"
         from rigl_core.cli import main
-        started = time.monotonic()
         assert main(["status", "job_00ff"]) == 1
-        assert time.monotonic() - started < 5, time.monotonic() - started  # not the library's 15 s of retries
-    '''), tmp_path)
+    '''), tmp_path)  # its retries (1.5 s of backoff, not 15 s): tests/core/test_client_messages.py
     assert proc.returncode == 0, proc.stderr
     assert "cannot reach" in proc.stderr and "rigl serve" in proc.stderr

@@ -105,13 +105,23 @@ def test_dashboard_end_to_end(server, page, tmp_path):
     page.click("text=New job")
     expect(page.locator("#plan-totals")).to_contain_text("sparsity 90.0% of masked weights")
     expect(page.locator("#plan-table tbody tr")).to_have_count(3)  # fc1, fc2, fc3
+    # The form starts from the JobSpec's defaults (ΔT auto), with the dataset's suggested length (issue 26).
+    expect(page.locator("#f-delta_t")).to_have_value("auto")
+    expect(page.locator("#f-epochs")).to_have_value("20")
+    assert '"delta_t": "auto"' in page.input_value("#spec-json")
+    expect(page.locator("#f-dataset option[value=mnist]")).to_have_count(1)  # GET /v1/datasets has answered
+    page.select_option("#f-dataset", "mnist1d")
+    expect(page.locator("#f-epochs")).to_have_value("60")
+    page.select_option("#f-dataset", "digits")
+    expect(page.locator("#f-epochs")).to_have_value("20")
+    expect(page.locator("#plan-totals")).to_contain_text("on input [1,8,8]")
     assert "Fan-in" not in page.inner_text("#plan-table thead")  # unstructured: no fan-in column
     page.fill("#f-sparsity", "0.8")
     expect(page.locator("#plan-totals")).to_contain_text("sparsity 80.0% of masked weights")
     expect(page.locator("#plan-chart rect.bar")).to_have_count(3)
 
     # Fields typed into the JSON survive later form edits.
-    spec = page.input_value("#spec-json").replace('"epochs": 10,', '"epochs": 10, "label_smoothing": 0.05,')
+    spec = page.input_value("#spec-json").replace('"epochs": 20,', '"epochs": 20, "label_smoothing": 0.05,')
     page.fill("#spec-json", spec)
     page.fill("#f-batch_size", "64")
     merged = page.input_value("#spec-json")
@@ -222,6 +232,25 @@ def test_dashboard_end_to_end(server, page, tmp_path):
         assert neurons == f"{row['active_neurons']} of {row['neurons']}" and int(fan_in) == row["fan_in"]
         assert row["nnz"] == row["active_neurons"] * row["fan_in"]  # constant fan-in, as the table says
     expect(page.locator("#download-condensed")).to_have_count(1)
+
+    # Compare two jobs of different methods and lengths: one series each, named by what differs, labels that
+    # do not overlap, and charts drawn at their box's own width (text at its real size on a 1400 px screen).
+    page.goto(f"{base}/#/compare?ids={job_id},{srigl_id}")
+    expect(page.locator("#compare-chart circle.point")).to_have_count(2)
+    expect(page.locator("#compare-table")).to_contain_text("rigl · 4 ep")
+    expect(page.locator("#compare-table")).to_contain_text("srigl · 2 ep")
+    assert page.locator("#compare-chart polyline.group-line").count() == 0  # no line joins the two settings
+    boxes = page.locator("#compare-chart text.point-label, #compare-chart circle.point").evaluate_all(
+        "nodes => nodes.map(n => { const b = n.getBoundingClientRect(); return [n.tagName, b.x, b.y, b.width, b.height]; })")
+    labels = [b for b in boxes if b[0] == "text"]
+    assert labels, boxes
+    for i, (_, x, y, w, h) in enumerate(boxes):
+        for tag, x2, y2, w2, h2 in boxes[i + 1:]:
+            assert not (x < x2 + w2 - 0.5 and x2 < x + w - 0.5 and y < y2 + h2 - 0.5 and y2 < y + h - 0.5), boxes
+    scale = page.locator("#compare-chart svg").evaluate(
+        "svg => svg.getBoundingClientRect().width / svg.viewBox.baseVal.width")
+    assert abs(scale - 1) < 0.02, scale
+    assert page.locator("#compare-chart svg").evaluate("svg => svg.getBoundingClientRect().width") > 1000
 
     # 9. Cancel from the page: a long job stops.
     page.click("text=New job")

@@ -226,6 +226,31 @@ def test_the_dashboard_lists_every_method_and_export_format(api):
     assert listed("EXPORT_KINDS") == list(EXPORT_FORMATS)  # in the order a run writes them
 
 
+def test_the_new_job_form_starts_from_the_jobspec_defaults_and_the_datasets_length(api):
+    """Issue 26 item 2: the form's defaults were ΔT = 100, 10 epochs (one mask update on digits). Its
+    DEFAULTS are the JobSpec's own, and epochs come from GET /v1/datasets' suggestion for the dataset."""
+    from rigl_core.data.epochs import suggested_epochs
+    from rigl_core.spec import JobSpec
+
+    script = api.get("/static/app.js").text
+    defaults = json.loads(re.search(r"^const DEFAULTS = (\{[^}]*\});", script, re.M).group(1))
+    spec = JobSpec.model_validate({"model": {"name": "mlp"}, "dataset": {"name": "digits"}})
+    jobspec = {"method": spec.sparsity.method, "sparsity": spec.sparsity.sparsity,
+               "distribution": spec.sparsity.distribution, "delta_t": spec.sparsity.schedule.delta_t,
+               "alpha": spec.sparsity.schedule.alpha, "epochs": spec.training.epochs,
+               "batch_size": spec.training.batch_size, "optimizer": spec.training.optimizer, "lr": spec.training.lr}
+    assert defaults == jobspec and defaults["delta_t"] == "auto"
+    for name in ("sparsity", "alpha", "epochs", "batch_size", "lr"):  # the fields take their value from DEFAULTS
+        assert re.search(rf'number\("{name}", String\(DEFAULTS\.{name}\)', script), name
+    assert re.search(r'text\("delta_t", \{ value: DEFAULTS\.delta_t', script)
+    assert "suggested_epochs" in script  # the form reads the dataset's length from the API
+
+    listed = api.get("/v1/datasets").json()
+    assert listed["suggested_epochs"] == {name: suggested_epochs(name) for name in listed["builtin"]}
+    assert listed["suggested_epochs"]["digits"] == spec.training.epochs  # the quick start's 20
+    assert listed["suggested_epochs"]["mnist1d"] > spec.training.epochs  # a harder set: a longer run
+
+
 def test_health_and_openapi(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json()["database"] == "ok"

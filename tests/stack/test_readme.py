@@ -48,6 +48,18 @@ def test_two_setup_commands_and_ci():
     assert commands(TEST)[0] in ci
 
 
+def test_the_cpu_only_install_line_asks_for_the_torch_releases_pyproject_admits():
+    """README's CPU-only line installs PyTorch's CPU build before the project; its ranges must be
+    pyproject's, or pip would replace the CPU build with the CUDA one (issue 26 item 3)."""
+    import tomllib
+
+    line = re.search(r"`(pip install [^`]*--index-url https://download\.pytorch\.org/whl/cpu)`", README).group(1)
+    assert README.index(line) < README.index(CURL)  # beside the quick start's set-up commands
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {r for r in dependencies if re.match(r"torch(vision)?[<>=]", r)}
+    assert set(re.findall(r'"([^"]+)"', line)) == pinned, (line, pinned)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """README's service command, on a free port and a temporary data dir."""
@@ -86,7 +98,8 @@ def test_quick_start_curl_submits(served, tmp_path):
 
 @pytest.mark.slow
 def test_quick_start_job_reaches_93_percent_with_several_mask_updates(tmp_path):
-    """Issue 14: the first job a newcomer runs must show RigL working, not one mask update and 25%."""
+    """Issue 14: the first job a newcomer runs must show RigL working, not one mask update and 25%. How long
+    it takes is bench/quickstart.py's figure (bench/results/quickstart.md), not an assertion here."""
     from rigl_core.training.run import run_training
     from rigl_core.spec import JobSpec
 
@@ -96,7 +109,6 @@ def test_quick_start_job_reaches_93_percent_with_several_mask_updates(tmp_path):
     updates = len(range(0, report["t_end"], report["delta_t"]))
     assert report["final_metrics"]["val_accuracy"] >= 0.93 and updates >= 5, (report["final_metrics"], updates)
     assert report["schedule_warnings"] == [] and abs(report["totals"]["sparsity"] - 0.9) < 0.002
-    assert report["train_seconds"] < 30
 
 
 @pytest.mark.slow
