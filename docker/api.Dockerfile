@@ -35,6 +35,7 @@ RUN useradd --create-home --uid 10001 rigl && mkdir -p /data /datasets && chown 
 USER rigl
 
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --retries=5 \
-  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"
+# Ready = answering and reaching its database (/readyz); docker-compose.yml's api healthcheck is this, word for word.
+HEALTHCHECK --interval=15s --timeout=5s --retries=5 --start-period=1m \
+  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"
 CMD ["rigl", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000"]

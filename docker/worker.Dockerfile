@@ -37,8 +37,9 @@ RUN useradd --create-home --uid 10001 rigl && mkdir -p /data /datasets && chown 
 USER rigl
 
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# Celery answers `inspect ping` while a job trains (prefork pool); see docker-compose.yml. `uname -n` is
-# the %h of the node name (podman's exec, which runs healthchecks, has no $HOSTNAME).
-HEALTHCHECK --interval=30s --timeout=20s --retries=3 \
+# Celery answers `inspect ping` while a job trains (prefork pool); docker-compose.yml's worker healthcheck is
+# this, word for word. `uname -n` is the %h of the node name (podman's exec, which runs healthchecks, has no
+# $HOSTNAME).
+HEALTHCHECK --interval=30s --timeout=20s --retries=3 --start-period=2m \
   CMD celery -A worker.app inspect ping -d "rigl@$(uname -n)" --timeout 10 || exit 1
 CMD ["rigl", "worker", "--name", "rigl@%h"]

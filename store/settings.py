@@ -1,7 +1,9 @@
 """Service configuration from `RIGL_*` environment variables, with embedded defaults.
 
 With nothing set, everything lives under one data directory: an SQLite database, the artifacts,
-and a filesystem message queue (kombu's own transport), so `rigl serve` needs no servers.
+and a filesystem message queue (kombu's own transport), so `rigl serve` needs no servers. Any setting
+can come from a file instead (`RIGL_<NAME>_FILE`, store/secret_settings.py): how compose hands over
+the passwords.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from store.secret_settings import SecretFiles, refuse_placeholder, url_password, with_password
 
 
 class Settings(BaseSettings):
@@ -19,7 +23,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("~/.rigl"), description="Root of the embedded defaults.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir.")
+    database_password: str | None = Field(None, repr=False, description="Password of database_url's user, put "
+                                          "into the URL (compose: RIGL_DATABASE_PASSWORD_FILE, a secret file).")
     broker_url: str | None = Field(None, description="Celery broker; default kombu's filesystem transport.")
+    broker_password: str | None = Field(None, repr=False, description="Password of the broker, put into "
+                                        "broker_url (compose: RIGL_BROKER_PASSWORD_FILE, a secret file).")
     artifact_dir: Path | None = Field(None, description="Checkpoints, exports, reports, uploads.")
     artifact_url: str | None = Field(None, description="s3://bucket/prefix: artifacts live in an S3-compatible "
                                      "bucket (credentials: the standard AWS_* variables) and artifact_dir is "
@@ -109,7 +117,8 @@ class Settings(BaseSettings):
     allowed_origins: str = Field("", description="Comma-separated extra origins (https://host[:port]) that may "
                                  "send POST/PUT/PATCH/DELETE from a browser, besides the API's own.")
     metrics: bool = Field(True, description="Serve Prometheus metrics at the API's /metrics (api/metrics.py).")
-    metrics_token: str | None = Field(None, description="If set, /metrics wants `Authorization: Bearer <this>`.")
+    metrics_token: str | None = Field(None, repr=False,
+                                      description="If set, /metrics wants `Authorization: Bearer <this>`.")
     metrics_cache_seconds: float = Field(5.0, ge=0, description="How long /metrics reuses its database counts "
                                          "(jobs by status, queue, per owner): a scrape storm costs one query set.")
     worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="A worker serves its Prometheus "
@@ -119,6 +128,33 @@ class Settings(BaseSettings):
     log_format: str = Field("text", pattern="^(text|json)$", description="Log lines: `text` (readable) or "
                             "`json` (one object a line, with request_id / job_id).")
     fault_kill_at_step: int | None = Field(None, description="Tests only: the worker SIGKILLs itself at this step.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        """`RIGL_<NAME>_FILE` beside `RIGL_<NAME>` (setting both is an error, so their order is moot)."""
+        return init_settings, SecretFiles(settings_cls), env_settings, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="after")
+    def _passwords(self) -> "Settings":
+        """The password settings go into their URLs; a `change-me…` placeholder is refused wherever it is."""
+        for name in ("database", "broker"):
+            password, url = getattr(self, f"{name}_password"), getattr(self, f"{name}_url")
+            refuse_placeholder(f"RIGL_{name.upper()}_PASSWORD", password)
+            if password is not None:
+                if url is None:
+                    raise ValueError(f"RIGL_{name.upper()}_PASSWORD needs RIGL_{name.upper()}_URL")
+                try:
+                    url = with_password(url, password)
+                except ValueError as error:
+                    raise ValueError(f"RIGL_{name.upper()}_PASSWORD: RIGL_{name.upper()}_URL {error}") from None
+                setattr(self, f"{name}_url", url)
+            if url is not None:
+                refuse_placeholder(f"RIGL_{name.upper()}_URL", url_password(url))
+        refuse_placeholder("RIGL_METRICS_TOKEN", self.metrics_token)
+        return self
 
     @field_validator("artifact_url", "s3_endpoint_url", "s3_region")
     @classmethod
@@ -173,5 +209,6 @@ def database_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        problems = "; ".join(f"RIGL_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(f"RIGL_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+                             for e in error.errors())
         raise ValueError(problems) from None

@@ -5,11 +5,14 @@ Why our own translation instead of podman-compose: Debian bookworm's podman-comp
 healthcheck scheduler to wait on; here each service starts only once the services it depends on pass
 their healthchecks, as with `docker compose up`. What is the same as compose: the file's own variable
 interpolation (`${VAR:-default}`, `${VAR:?error}`, `$$`), one network per project on which each service
-is reachable by its name, named volumes per project, the published ports, healthchecks, restart
-policies, stop grace periods and /dev/shm sizes. What differs: GPU reservations (`deploy.resources`)
-are not translated (a service that has them is refused: start only CPU services), and a healthcheck
-runs when `wait_healthy` asks (`podman healthcheck run`), not on its interval. Any other key this
-module does not know is an error naming it, so nothing in the file is silently dropped.
+is reachable by its name, named volumes per project, the published ports, healthchecks (start period
+included), restart policies, stop grace periods, /dev/shm sizes, memory limits, file secrets (each
+bind-mounted read-only at /run/secrets/NAME, as compose does outside swarm) and the log driver with its
+size rotation. What differs: GPU reservations (`deploy.resources`) are not translated (a service that
+has them is refused: start only CPU services), a healthcheck runs when `wait_healthy` asks (`podman
+healthcheck run`), not on its interval, and podman's json-file driver keeps one rotated file whatever
+`max-file` says. Any other key this module does not know is an error naming it, so nothing in the file
+is silently dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import yaml
 
 _VARIABLE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 _KNOWN = {"image", "build", "command", "entrypoint", "environment", "volumes", "ports", "healthcheck",
-          "depends_on", "restart", "stop_grace_period", "shm_size", "profiles", "ulimits", "deploy"}
+          "depends_on", "restart", "stop_grace_period", "shm_size", "profiles", "ulimits", "deploy", "secrets",
+          "mem_limit", "logging"}
+_LOG_OPTIONS = {"max-size": "max-size", "max-file": None}  # compose's json-file options → podman's (None: none)
 
 
 def interpolate(value, env: dict[str, str]):
@@ -80,8 +85,10 @@ class Stack:
     profiles: tuple[str, ...] = ()
     scale_zero: tuple[str, ...] = ()  # `--scale NAME=0`
     image_tag: str | None = None  # tag of the images the stack builds, instead of the file's (one per test run)
+    extra_environment: dict[str, dict[str, str]] = field(default_factory=dict)  # service → variables added
     services: dict = field(init=False)
     volumes: list[str] = field(init=False)
+    secrets: dict[str, Path] = field(init=False)  # name → its file
 
     def __post_init__(self) -> None:
         raw = yaml.safe_load(self.compose_file.read_text())
@@ -97,6 +104,11 @@ class Stack:
                     repository = self.services[name]["image"].rsplit(":", 1)[0]
                     self.services[name]["image"] = f"{repository}:{self.image_tag}"
         self.volumes = list(raw.get("volumes") or {})
+        self.secrets = {}
+        for name, secret in interpolate(raw.get("secrets") or {}, self.env).items():
+            if set(secret) != {"file"}:
+                raise ValueError(f"secrets.{name}: only file secrets are translated, not {sorted(secret)}")
+            self.secrets[name] = (self.compose_file.parent / secret["file"]).resolve()
 
     @property
     def built_images(self) -> list[str]:
@@ -135,6 +147,7 @@ class Stack:
         environment = s.get("environment") or {}
         if isinstance(environment, list):
             environment = dict(item.split("=", 1) for item in environment)
+        environment = {**environment, **self.extra_environment.get(name, {})}
         for key, value in environment.items():
             args += ["--env", f"{key}={'' if value is None else value}"]
         for volume in s.get("volumes", []):
@@ -148,6 +161,20 @@ class Stack:
             args += ["--volume", ":".join([source, target, *mode])]
         for port in s.get("ports", []):
             args += ["--publish", str(port)]
+        for secret in s.get("secrets", []):
+            if not isinstance(secret, str) or secret not in self.secrets:
+                raise ValueError(f"services.{name}.secrets: {secret!r} is not a top-level file secret (long form "
+                                 "not translated)")
+            args += ["--volume", f"{self.secrets[secret]}:/run/secrets/{secret}:ro"]
+        if "mem_limit" in s:
+            args += ["--memory", str(s["mem_limit"])]
+        if "logging" in s:
+            args += ["--log-driver", s["logging"].get("driver", "json-file")]
+            for option, value in (s["logging"].get("options") or {}).items():
+                if option not in _LOG_OPTIONS:
+                    raise ValueError(f"services.{name}.logging.options: {option!r} not translated")
+                if _LOG_OPTIONS[option]:
+                    args += ["--log-opt", f"{_LOG_OPTIONS[option]}={value}"]
         if "healthcheck" in s:
             check = s["healthcheck"]
             kind, *test = check["test"]
@@ -158,7 +185,8 @@ class Stack:
             else:
                 raise ValueError(f"services.{name}.healthcheck.test: {kind!r} not translated")
             args += ["--health-interval", check.get("interval", "30s"), "--health-timeout", check.get("timeout", "30s"),
-                     "--health-retries", str(check.get("retries", 3))]
+                     "--health-retries", str(check.get("retries", 3)),
+                     "--health-start-period", check.get("start_period", "0s")]
         if "restart" in s:
             args += ["--restart", s["restart"]]
         if "stop_grace_period" in s:

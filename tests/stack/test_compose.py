@@ -1,18 +1,26 @@
 """docker-compose.yml without a Docker engine: structure, GPU reservations, healthchecks, and every
-command and RIGL_ variable it uses checked against the code (the worker command run here on Redis)."""
+command and RIGL_ variable it uses checked against the code (the worker command run here on Redis); and
+its self-hosting defaults: secrets only in files (none shipped, none on a command line), the API on
+loopback unless the operator opts in, TLS through the `tls` profile, start periods, memory limits and
+log rotation, one healthcheck per image."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from rigl_core.cli import build_parser
+from helpers.compose_podman import interpolate
 from helpers.service import (JOB, REDIS, ROOT, cleanup_redis_queue, postgres_available, redis_available, stop,
                             temporary_postgres_database, wait_for)
 from store.settings import Settings
@@ -21,20 +29,27 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 ENV_EXAMPLE = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
+SECRET_NAME = re.compile(r"PASSWORD|SECRET_|TOKEN|_AUTH\b|CREDENTIAL", re.I)
+# What the file used to take from .env, and the S3 keys: none may reach a command line once interpolated
+SECRET_VARIABLES = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD",
+                    "RIGL_METRICS_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def test_services_and_profiles():
     assert {"redis", "postgres", "api", "worker-gpu0", "worker-cpu", "flower"} <= set(SERVICES)
     assert SERVICES["worker-cpu"]["profiles"] == ["cpu"]
     assert SERVICES["flower"]["profiles"] == ["flower"]
-    assert "--basic-auth=${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH in .env}" in SERVICES["flower"]["command"]
+    assert SERVICES["flower"]["secrets"] == ["redis_password", "flower_basic_auth"]  # basic auth on, from its file
+    assert 'FLOWER_BASIC_AUTH="$$(cat /run/secrets/flower_basic_auth)"' in SERVICES["flower"]["command"][0]
 
 
 def test_redis_is_durable_private_and_authenticated():
+    """Its password in a config file (`requirepass`, docker/make-secrets.sh writes it), not `--requirepass`."""
     redis = SERVICES["redis"]
     command = " ".join(redis["command"])
-    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction", "--requirepass"):
+    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"):
         assert flag in command
+    assert redis["command"][:2] == ["redis-server", "/run/secrets/redis_conf"] and "redis_conf" in redis["secrets"]
     assert "ports" not in redis
     assert "redisdata:/data" in redis["volumes"]
     assert "ping" in " ".join(redis["healthcheck"]["test"])
@@ -103,6 +118,7 @@ def test_an_8_gpu_node_runs_eight_1_gpu_workers_or_one_8_gpu_worker():
 
 def test_every_rigl_variable_is_a_setting_and_every_env_example_entry_is_used():
     fields = {f"RIGL_{name.upper()}" for name in Settings.model_fields}
+    fields |= {f"{field}_FILE" for field in fields}  # any setting may be read from a file (store/secret_settings.py)
     text = (ROOT / "docker-compose.yml").read_text()
     used = set(re.findall(r"\b(RIGL_[A-Z0-9_]+)\s*:", text))
     assert used and used <= fields, used - fields
@@ -110,6 +126,149 @@ def test_every_rigl_variable_is_a_setting_and_every_env_example_entry_is_used():
     assert set(ENV_EXAMPLE) <= referenced, set(ENV_EXAMPLE) - referenced
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
     assert required <= set(ENV_EXAMPLE)
+
+
+def test_no_secret_is_shipped_or_taken_from_variables():
+    """.env.example holds no password or token (it shipped `change-me-…` ones, and a stack started with
+    them); the compose file takes none from variables: each service gets its secrets as files that
+    docker/make-secrets.sh writes at random, and only those it lists. The S3 keys are the exception:
+    the operator's (blank by default), given as boto3's and MinIO's standard variables."""
+    shipped = {key: value for key, value in ENV_EXAMPLE.items() if SECRET_NAME.search(key) and value}
+    assert not shipped, shipped
+    assert "change-me" not in (ROOT / ".env.example").read_text().lower()
+    text = (ROOT / "docker-compose.yml").read_text()
+    taken = {name for name in re.findall(r"\$\{([A-Z0-9_]+)", text) if SECRET_NAME.search(name)}
+    assert taken <= {"AWS_SECRET_ACCESS_KEY"}, taken
+    names = {"postgres_password", "redis_password", "redis_conf", "metrics_token", "flower_basic_auth",
+             "grafana_admin_password"}
+    assert set(COMPOSE["secrets"]) == names
+    for name, secret in COMPOSE["secrets"].items():
+        assert secret == {"file": f"${{SECRETS_DIR:-./secrets}}/{name.replace('_conf', '.conf')}"}, name
+    for name in ("api", "worker-gpu0", "worker-cpu", "worker-8gpu"):
+        assert {"postgres_password", "redis_password"} <= set(SERVICES[name]["secrets"]), name
+        environment = SERVICES[name]["environment"]
+        assert environment["RIGL_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+        assert environment["RIGL_BROKER_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        for url in interpolate([environment["RIGL_DATABASE_URL"], environment["RIGL_BROKER_URL"]], ENV_EXAMPLE):
+            assert urlsplit(url).password is None, url
+    assert SERVICES["api"]["environment"]["RIGL_METRICS_TOKEN_FILE"] == "/run/secrets/metrics_token"
+    assert SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    grafana = {"GF_SECURITY_ADMIN_PASSWORD__FILE": "/run/secrets/grafana_admin_password"}
+    assert SERVICES["grafana"]["environment"] == grafana
+    prometheus = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["authorization"] == {"credentials_file": "/run/secrets/metrics_token"}
+    assert SERVICES["prometheus"]["secrets"] == ["metrics_token"]
+
+
+def test_no_secret_on_any_command_line():
+    """With every variable that ever held a secret set, none reaches a command, entrypoint or healthcheck
+    (`--requirepass`, Flower's broker URL and basic auth, mc's keys all did: `ps` shows them to every user of
+    the host), nor a shell variable there that would put one on a command line; and none of ours reaches
+    an environment either."""
+    env = {**ENV_EXAMPLE, **{name: f"leaked-{name.lower()}" for name in SECRET_VARIABLES}}
+    for name, service in interpolate(SERVICES, env).items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            text = json.dumps(service.get(key))
+            assert "leaked-" not in text, (name, key, text)
+            referenced = {ref for ref in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text) if SECRET_NAME.search(ref)}
+            assert not referenced, (name, key, referenced)
+        for key, value in (service.get("environment") or {}).items():
+            s3 = key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+                         "MC_HOST_local")
+            assert s3 or "leaked-" not in str(value), (name, key, value)
+
+
+def test_published_ports_are_loopback_unless_the_operator_opts_in():
+    """The API (and Flower, Prometheus, Grafana) on 127.0.0.1; API_BIND=0.0.0.0 publishes the API on every
+    interface, plain HTTP; the tls profile's Caddy is what serves other machines. The API answers named
+    hosts only (localhost, `api` on the compose network), no longer any (`*`)."""
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            if name == "caddy":
+                assert port.startswith("${TLS_BIND:-0.0.0.0}:") and port.split(":")[-1] in ("443", "80"), port
+            else:
+                assert port.startswith(("127.0.0.1:", "${API_BIND:-127.0.0.1}:")), (name, port)
+    assert interpolate(SERVICES["api"]["ports"], ENV_EXAMPLE) == ["127.0.0.1:8000:8000"]
+    assert interpolate(SERVICES["api"]["ports"], {}) == ["127.0.0.1:8000:8000"]  # no .env at all
+    assert interpolate(SERVICES["api"]["ports"], {**ENV_EXAMPLE, "API_BIND": "0.0.0.0"}) == ["0.0.0.0:8000:8000"]
+    for env in (ENV_EXAMPLE, {}):
+        hosts = interpolate(SERVICES["api"]["environment"]["RIGL_ALLOWED_HOSTS"], env).split(",")
+        assert hosts == ["localhost", "api"], hosts
+
+
+def test_tls_profile_puts_caddy_in_front_of_the_api():
+    """Validated here and by `docker-compose config` (no registry to pull Caddy from on this machine)."""
+    caddy = SERVICES["caddy"]
+    assert caddy["profiles"] == ["tls"] and caddy["image"].startswith("${CADDY_IMAGE:-caddy:2")
+    assert "./docker/Caddyfile:/etc/caddy/Caddyfile:ro" in caddy["volumes"]
+    assert "caddydata:/data" in caddy["volumes"]  # its certificates survive a restart
+    assert caddy["depends_on"] == {"api": {"condition": "service_healthy"}}
+    assert caddy["environment"] == {"TLS_DOMAIN": "${TLS_DOMAIN:-localhost}"}
+    site = [line.strip() for line in (ROOT / "docker" / "Caddyfile").read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert site[0] == "{$TLS_DOMAIN} {" and "reverse_proxy api:8000" in site and site[-1] == "}"
+    assert ENV_EXAMPLE["TLS_DOMAIN"] == "localhost"
+
+
+def test_start_periods_memory_limits_and_log_rotation():
+    """Healthchecks give a starting service time (failures in start_period don't count); every
+    long-running service has a memory limit; every container's log rotates by size."""
+    for name, service in SERVICES.items():
+        if "healthcheck" in service:
+            assert "start_period" in service["healthcheck"], name
+        logging = service["logging"]
+        assert logging["driver"] == "json-file" and set(logging["options"]) == {"max-size", "max-file"}, name
+        if service.get("restart") != "no":
+            assert "mem_limit" in service, name
+    limits = interpolate({name: s["mem_limit"] for name, s in SERVICES.items() if "mem_limit" in s}, ENV_EXAMPLE)
+    assert _bytes(limits["worker-8gpu"]) >= 8 * _bytes(limits["worker-gpu1"])
+    assert _bytes(limits["api"]) >= 2 * 1024**3 and _bytes(limits["redis"]) >= 512 * 1024**2
+    assert interpolate(SERVICES["api"]["logging"]["options"], ENV_EXAMPLE) == {"max-size": "20m", "max-file": "5"}
+
+
+def _image_healthcheck(dockerfile: str) -> tuple[dict[str, str], str]:
+    """A Dockerfile's HEALTHCHECK: its options and its (shell-form) command."""
+    text = (ROOT / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    line = re.search(r"^HEALTHCHECK (.*)$", text, flags=re.M).group(1)
+    options, _, command = line.partition(" CMD ")
+    return dict(re.findall(r"--([a-z-]+)=(\S+)", options)), command.strip()
+
+
+def test_image_and_compose_run_the_same_healthcheck():
+    """One probe per image: compose's healthcheck is the image's HEALTHCHECK (the API's was /healthz in the
+    image and /readyz in compose), with the same timings."""
+    for dockerfile, service in (("api.Dockerfile", "api"), ("worker.Dockerfile", "worker-gpu0")):
+        options, command = _image_healthcheck(dockerfile)
+        check = SERVICES[service]["healthcheck"]
+        assert check["test"] == ["CMD-SHELL", command.replace("$", "$$")], (dockerfile, check["test"], command)
+        assert options == {"interval": check["interval"], "timeout": check["timeout"],
+                           "retries": str(check["retries"]), "start-period": check["start_period"]}, dockerfile
+    assert "/readyz" in _image_healthcheck("api.Dockerfile")[1]
+
+
+def _make_secrets(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(ROOT / "docker" / "make-secrets.sh")], capture_output=True, text=True,
+                          env={**os.environ, "SECRETS_DIR": str(folder)}, timeout=60)
+
+
+def test_make_secrets_writes_random_secrets_once_and_refuses_placeholders(tmp_path):
+    """Every file the compose file's `secrets:` name, random and distinct, in a folder only its owner
+    enters; a second run keeps them (PostgreSQL keeps the password it started with); a placeholder is refused."""
+    folder = tmp_path / "secrets"
+    made = _make_secrets(folder)
+    assert made.returncode == 0, made.stderr
+    files = {path.name: path.read_text() for path in folder.iterdir()}
+    assert set(files) == {Path(secret["file"]).name for secret in COMPOSE["secrets"].values()}
+    values = [value.strip().removeprefix("admin:") for name, value in files.items() if name != "redis.conf"]
+    assert len(set(values)) == len(values) and all(re.fullmatch(r"[0-9a-f]{64}", value) for value in values)
+    assert files["redis.conf"] == f"requirepass {files['redis_password'].strip()}\n"
+    assert files["flower_basic_auth"].startswith("admin:")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    again = _make_secrets(folder)
+    assert again.returncode == 0 and {path.name: path.read_text() for path in folder.iterdir()} == files
+    (folder / "postgres_password").write_text("change-me-postgres\n")
+    refused = _make_secrets(folder)
+    assert refused.returncode != 0 and "placeholder" in refused.stderr
 
 
 def test_commands_parse_with_our_cli():
@@ -130,8 +289,16 @@ def test_commands_parse_with_our_cli():
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose not installed")
 def test_docker_compose_config_accepts_the_file(tmp_path):
     result = subprocess.run(["docker-compose", "--env-file", ".env.example", "--profile", "cpu", "--profile",
-                             "flower", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+                             "flower", "--profile", "tls", "--profile", "monitoring", "--profile", "s3", "config"],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]
+    published = {name: [str(port) for port in service.get("ports", [])] for name, service in resolved.items()}
+    assert {name for name, ports in published.items() if ports} == {"api", "flower", "prometheus", "grafana", "caddy"}
+    for name, ports in published.items():  # loopback, but for the TLS proxy's HTTPS (and its redirect)
+        expected = ("0.0.0.0:443:443/tcp", "0.0.0.0:80:80/tcp") if name == "caddy" else ()
+        assert all(port.startswith("127.0.0.1:") or port in expected for port in ports), (name, ports)
+    assert resolved["caddy"]["depends_on"] == {"api": {"condition": "service_healthy"}}
     for profile, workers in (("gpu-8x1", {f"worker-gpu{i}" for i in range(8)}), ("gpu-1x8", {"worker-8gpu"})):
         result = subprocess.run(["docker-compose", "--env-file", ".env.example", "--profile", profile, "config",
                                  "--services"], cwd=ROOT, capture_output=True, text=True)
@@ -159,8 +326,8 @@ def test_compose_worker_command_runs_a_job_on_real_redis(tmp_path):
     queue = f"rigl-compose-{uuid.uuid4().hex[:8]}"
     with temporary_postgres_database() as database_url:
         env = {**os.environ}
-        for key, value in worker["environment"].items():
-            if key.startswith("RIGL_") and "${" not in str(value):
+        for key, value in worker["environment"].items():  # the secret files are compose's: not here
+            if key.startswith("RIGL_") and "${" not in str(value) and not key.endswith("_FILE"):
                 env[key] = str(value)
         env.update({"RIGL_DATABASE_URL": database_url, "RIGL_BROKER_URL": REDIS, "RIGL_QUEUE": queue,
                     "RIGL_DATA_DIR": str(tmp_path), "RIGL_ARTIFACT_DIR": str(tmp_path / "artifacts"),

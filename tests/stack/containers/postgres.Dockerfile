@@ -1,5 +1,5 @@
 # Test-only stand-in for postgres:16-alpine, from Debian's packages (PostgreSQL 15 on bookworm). Same
-# contract as the official image: POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB create the role and
+# contract as the official image: POSTGRES_USER / POSTGRES_PASSWORD(_FILE) / POSTGRES_DB create the role and
 # database on first start, data in /var/lib/postgresql/data, password auth over TCP, pg_isready on PATH.
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
