@@ -5,10 +5,16 @@ Tests that need real processes (rigl serve, Celery workers, PostgreSQL, Redis) u
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 
-import pytest
-import torch
+# Processes the tests start (workers, `rigl serve`, ranks) inherit one torch thread each: on a 2-core machine,
+# several processes with two threads each spend their time contending (a small job trained ~20x slower
+# beside other work). Set before torch is imported, so it holds here too; a run can still override it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
