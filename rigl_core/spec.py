@@ -49,6 +49,12 @@ class ModelSpec(_Strict):
     architecture: Architecture | None = Field(
         None, description="Declarative JSON architecture (layers with shape inference); implies name 'custom'."
     )
+    program: str | None = Field(
+        None, min_length=1, max_length=4096, description="A torch.export program (any PyTorch module, exported "
+        "with a dynamic batch dimension): trained from its exported weights with every method; its linear and "
+        "convolution weights are masked. Service: the id (arch_…) from POST /v1/architectures/program; "
+        "`rigl train`/`rigl plan`: a local .pt2 file. Implies name 'program'. The export's example input fixes "
+        "the sample shape.")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="Output classes; defaults to the dataset's.")
     input_shape: list[int] | None = Field(
         None, min_length=1, max_length=4, description="Input shape C,H,W (or C,L / features; "
@@ -86,7 +92,21 @@ class ModelSpec(_Strict):
     def _hf_implies_name(cls, data: object) -> object:
         if isinstance(data, dict) and data.get("hf") is not None and "name" not in data:
             return {**data, "name": "hf"}
+        if isinstance(data, dict) and data.get("program") is not None and "name" not in data:
+            return {**data, "name": "program"}
         return data
+
+    @model_validator(mode="after")
+    def _program_alone(self) -> "ModelSpec":
+        if (self.name == "program") != (self.program is not None):
+            raise ValueError("model.program: required with name 'program'" if self.program is None else
+                             "model.program: give either model.name or model.program, not both")
+        if self.program is not None:
+            given = [f for f in ("hf", "architecture", "hidden_sizes", "zero_init_residual")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]}: does not apply to a model.program model")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -38,7 +38,7 @@ class ProgramModule(nn.Module):
     """A `torch.export` program as a trainable module (build it with rigl_core.models.program.load_program)."""
 
     input_shape: list[int]
-    num_classes: int
+    program_classes: int  # logits per sample
     declared_kernels: list[DeclaredKernel]
     graph_attention_flops: int
     plan_notes: list[str]
@@ -67,7 +67,7 @@ def build_trainable(unlifted: fx.GraphModule, batch_symbol: str, input_shape: li
     model.declared_kernels = _declared(uses, converted, batch)
     model.graph_attention_flops = _attention_flops(graph, batch)
     model.plan_notes = _notes(graph, unlifted, uses, converted, model.declared_kernels, replaced)
-    model.input_shape, model.num_classes = list(input_shape), num_classes
+    model.input_shape, model.program_classes = list(input_shape), num_classes
     new = _rewritten(graph, replaced, removed)
     code = new.python_code(root_module="self")
     from torch.fx.graph_module import _forward_from_src
