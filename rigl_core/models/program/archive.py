@@ -90,7 +90,8 @@ class Pt2Archive:
         roots = {info.filename.split("/", 1)[0] for info in infos}
         root = roots.pop() if len(roots) == 1 else None
         if root is None or not ROOT.fullmatch(root) or root in (".", ".."):
-            raise ProgramError("every member must sit under one root folder (as torch.export.save writes them)")
+            raise ProgramError("unsafe member paths: every member must sit under one root folder (as torch.export.save "
+                               "writes them)")
         by_name: dict[str, zipfile.ZipInfo] = {}
         inflated = 0
         for info in infos:

@@ -90,8 +90,6 @@ def check_document(doc: object) -> GraphFacts:
         if not SYMBOL.fullmatch(str(name)) or not isinstance(bounds, dict) or any(
                 v is not None and type(v) is not int for v in bounds.values()):
             raise ProgramError(f"models/model.json: bad range constraint {str(name)[:40]!r}")
-    _check_expressions(doc, "models/model.json")
-    _check_names(doc)
     module = doc["graph_module"]
     graph = module.get("graph")
     if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
@@ -111,6 +109,8 @@ def check_document(doc: object) -> GraphFacts:
             _check_argument(item.get("arg") if isinstance(item, dict) else None, target)
         for argument in node.get("outputs") or []:
             _check_argument(argument, target)
+    _check_names(doc)
+    _check_expressions(doc, "models/model.json")
     input_name, output_name = _check_signature(module.get("signature"))
     _check_call_graph(module.get("module_call_graph"))
     meta = (graph.get("tensor_values") or {}).get(input_name)
@@ -245,7 +245,7 @@ def _check_names(value: object, depth: int = 0) -> None:
         schema_argument = "arg" in value  # a NamedArgument: `name` is the operator schema's ("self", "input")
         for key, item in value.items():
             if key == "name" and schema_argument:
-                if not isinstance(item, str) or not NAME.fullmatch(item):
+                if not isinstance(item, str) or item and not NAME.fullmatch(item):  # "": positional
                     raise ProgramError(f"models/model.json: bad argument name {str(item)[:60]!r}")
             elif key == "name" and item is not None:
                 check_name(item)

@@ -101,8 +101,8 @@ def _checked(archive: Pt2Archive):
     doc = archive.json(pt2.MODEL_JSON)
     facts = check_document(doc)
     shape = program_shape(doc, facts)
-    weights = parse_config(archive.json(pt2.WEIGHTS_CONFIG), "data/weights/", "weight_", archive)
-    constants = (parse_config(archive.json(pt2.CONSTANTS_CONFIG), "data/constants/", "tensor_", archive)
+    weights = parse_config(archive, pt2.WEIGHTS_CONFIG, "data/weights/", "weight_")
+    constants = (parse_config(archive, pt2.CONSTANTS_CONFIG, "data/constants/", "tensor_")
                  if archive.has(pt2.CONSTANTS_CONFIG) else [])
     return doc, shape, weights, constants
 

@@ -41,9 +41,10 @@ class TensorEntry:
     requires_grad: bool
 
 
-def parse_config(config: object, folder: str, prefix: str, archive: Pt2Archive) -> list[TensorEntry]:
-    """Check a weights or constants config against the archive; `prefix` is `weight_` or `tensor_`."""
-    label = f"{folder}config"
+def parse_config(archive: Pt2Archive, label: str, folder: str, prefix: str) -> list[TensorEntry]:
+    """Check the weights or constants config (member `label`) against the archive; `prefix` is `weight_` or
+    `tensor_`, the storages' names in `folder`."""
+    config = archive.json(label)
     if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
         raise ProgramError(f"{label}: not a payload config")
     entries = []
