@@ -96,11 +96,15 @@ class ModelSpec(_Strict):
             return {**data, "name": "program"}
         return data
 
+    def _named_by(self, field: str) -> None:
+        """`model.<field>` (hf, program) and the name it implies come together."""
+        if (self.name == field) != (getattr(self, field) is not None):
+            raise ValueError(f"model.{field}: required with name '{field}'" if getattr(self, field) is None else
+                             f"model.{field}: give either model.name or model.{field}, not both")
+
     @model_validator(mode="after")
     def _program_alone(self) -> "ModelSpec":
-        if (self.name == "program") != (self.program is not None):
-            raise ValueError("model.program: required with name 'program'" if self.program is None else
-                             "model.program: give either model.name or model.program, not both")
+        self._named_by("program")
         if self.program is not None:
             given = [f for f in ("hf", "architecture", "hidden_sizes", "zero_init_residual")
                      if getattr(self, f) is not None]
@@ -129,9 +133,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _hf_config(self) -> "ModelSpec":
-        if (self.name == "hf") != (self.hf is not None):
-            raise ValueError("model.hf: required with name 'hf'" if self.hf is None else
-                             "model.hf: give either model.name or model.hf, not both")
+        self._named_by("hf")
         if self.hf is not None:
             from rigl_core.models.hub import hf_config  # imports transformers: only for model.hf
 

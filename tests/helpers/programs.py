@@ -188,6 +188,16 @@ def _raw_pickle_protocol_4(marker: Path) -> bytes:
     return buffer.getvalue()
 
 
+def _member(name: str, content):
+    """A builder adding (or replacing) one member: `content(marker)` bytes, or fixed bytes."""
+    return lambda v, t, m: rewrite(v, t, {name: content(m) if callable(content) else content})
+
+
+def _pickled_tensor(config_member: str, payload_member: str, config):
+    """A builder: the config `config(valid)` (an entry marked use_pickle) and a pickle payload as its storage."""
+    return lambda v, t, m: rewrite(v, t, {config_member: config(v), payload_member: torch_save_payload(m)})
+
+
 def _bomb() -> bytes:
     return bytes(64 * 1024 * 1024)  # deflates about 1000-fold
 
@@ -196,37 +206,34 @@ def _bomb() -> bytes:
 # folder a payload would create if anything unpickled or evaluated it.
 HOSTILE = [
     ("pickle-in-sample-inputs",
-     lambda v, t, m: rewrite(v, t, {"data/sample_inputs/model.pt": torch_save_payload(m)}),
+     _member("data/sample_inputs/model.pt", torch_save_payload),
      "data/sample_inputs/model.pt: the pickle calls posix.mkdir"),
     ("stack-global-pickle-in-sample-inputs",
-     lambda v, t, m: rewrite(v, t, {"data/sample_inputs/model.pt": _raw_pickle_protocol_4(m)}),
+     _member("data/sample_inputs/model.pt", _raw_pickle_protocol_4),
      "the pickle calls posix.mkdir"),
     ("pickled-weight",
-     lambda v, t, m: rewrite(v, t, {
-         "data/weights/model_weights_config.json": _weights_config(v, lambda d: _first_weight(d).update(
-             use_pickle=True)),
-         "data/weights/weight_0": torch_save_payload(m)}),
+     _pickled_tensor("data/weights/model_weights_config.json", "data/weights/weight_0",
+                     lambda v: _weights_config(v, lambda d: _first_weight(d).update(use_pickle=True))),
      "is stored as a pickle"),
     ("pickled-constant",
-     lambda v, t, m: rewrite(v, t, {
-         "data/constants/model_constants_config.json": json.dumps({"config": {"c": {
-             "path_name": "tensor_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}}).encode(),
-         "data/constants/tensor_0": torch_save_payload(m)}),
+     _pickled_tensor("data/constants/model_constants_config.json", "data/constants/tensor_0",
+                     lambda v: json.dumps({"config": {"c": {"path_name": "tensor_0", "is_param": False,
+                                                            "use_pickle": True, "tensor_meta": None}}}).encode()),
      "is stored as a pickle"),
     ("custom-class-object",
-     lambda v, t, m: rewrite(v, t, {"data/constants/custom_obj_0": pickle_payload(m)}),
+     _member("data/constants/custom_obj_0", pickle_payload),
      "custom class objects (torchbind) are not accepted"),
     ("opaque-python-object",
-     lambda v, t, m: rewrite(v, t, {"data/constants/opaque_obj_0": pickle_payload(m)}),
+     _member("data/constants/opaque_obj_0", pickle_payload),
      "pickled Python objects are not accepted"),
     ("legacy-pickled-weights",
-     lambda v, t, m: rewrite(v, t, {"data/weights/model.pt": torch_save_payload(m)}),
+     _member("data/weights/model.pt", torch_save_payload),
      "pickled weights (the legacy format)"),
     ("aotinductor-shared-library",
-     lambda v, t, m: rewrite(v, t, {"data/aotinductor/model/model.so": b"\x7fELF"}),
+     _member("data/aotinductor/model/model.so", b"\x7fELF"),
      "AOTInductor compiled code"),
-    ("extra-file", lambda v, t, m: rewrite(v, t, {"extra/notes.txt": b"hello"}), "extra files are not accepted"),
-    ("second-program", lambda v, t, m: rewrite(v, t, {"models/other.json": b"{}"}), "unexpected member"),
+    ("extra-file", _member("extra/notes.txt", b"hello"), "extra files are not accepted"),
+    ("second-program", _member("models/other.json", b"{}"), "unexpected member"),
     ("zip-bomb",
      lambda v, t, m: rewrite(v, t, {"data/weights/weight_0": _bomb()}, compression=zipfile.ZIP_DEFLATED),
      "(a decompression bomb?)"),
