@@ -262,6 +262,10 @@ HOSTILE = [
      lambda v, t, m: rewrite(v, t, {"models/model.json": _model_json(v, _first_node(
          lambda node: node.update(name=f"x = __import__('os').mkdir({str(m)!r})")))}),
      "is not a plain identifier"),
+    ("code-in-the-forward-signature",
+     lambda v, t, m: rewrite(v, t, {"models/model.json": _model_json(v, lambda d: d["graph_module"][
+         "module_call_graph"][0]["signature"].update(forward_arg_names=[f"x=__import__('os').mkdir({str(m)!r})"]))}),
+     "is not a plain identifier"),
     ("custom-object-argument",
      lambda v, t, m: rewrite(v, t, {"models/model.json": _model_json(v, _first_node(
          lambda node: node["inputs"].append({"name": "obj", "arg": {"as_custom_obj": {

@@ -109,3 +109,19 @@ def test_size_caps(make_api, program_file):
     few = make_api(max_params=100)
     response = few.post("/v1/architectures/program", params={"name": "x"}, content=program_file.read_bytes())
     assert response.status_code == 422 and response.json()["error"]["code"] == "too_large"
+
+
+def test_the_client_exports_and_uploads_in_one_call(api):
+    """`Client.upload_program(model, example_inputs)`, over the in-process API (its TestClient as transport)."""
+    from rigl_core.client import Client, InvalidRequest
+
+    client = Client("http://testserver")
+    client.http = api
+    torch.manual_seed(0)
+    model = SmallCNN()
+    arch = client.upload_program(model, torch.randn(1, *DIGITS))  # one sample: exported as a batch of two
+    assert arch["kind"] == "program" and arch["name"] == "SmallCNN" and arch["program"]["input_shape"] == DIGITS
+    stored = api.settings.artifact_dir / "programs" / f"{arch['id']}.pt2"
+    assert client.upload_program(stored, name="again")["program"] == {**arch["program"]}
+    with pytest.raises(InvalidRequest, match="not a .pt2 archive"):
+        client.upload_program(__file__)

@@ -217,9 +217,15 @@ def _check_call_graph(entries: object) -> None:
                            "arguments) returning one tensor")
     if top.get("inputs") or top.get("outputs"):
         raise ProgramError("models/model.json: unexpected call signature entries")
+    names = top.get("forward_arg_names") or []
+    if not isinstance(names, list) or len(names) > 1:
+        raise ProgramError("the program must be exported as forward(x) with one tensor argument")
+    for name in names:  # written into the generated forward's signature
+        check_name(name)
     for entry in entries[1:]:  # preserved submodule signatures carry specs of their own: not needed
         if not isinstance(entry, dict) or entry.get("signature") is not None:
             raise ProgramError("preserve_module_call_signature is not accepted; export without it")
+        check_fqn(entry.get("fqn"))
 
 
 def _check_expressions(value: object, where: str, depth: int = 0) -> None:

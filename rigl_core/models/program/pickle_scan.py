@@ -18,6 +18,7 @@ import io
 import pickletools
 import zipfile
 
+from rigl_core.data.zip_directory import directory_size
 from rigl_core.models.program.errors import ProgramError
 
 MAX_PICKLE = 1 << 20  # bytes of data.pkl: a few tensors need a few hundred
@@ -35,12 +36,15 @@ NEVER = ("INST", "OBJ", "EXT1", "EXT2", "EXT4")  # instantiate by name / from th
 def check_tensor_pickle(data: bytes, name: str) -> None:
     """Raise ProgramError unless `data` (a torch.save zip) could only rebuild tensors, tuples and dicts."""
     try:
+        entries, directory = directory_size(io.BytesIO(data), len(data))  # before zipfile parses it
+        if entries > MAX_MEMBERS or directory > MAX_MEMBERS * 1024:
+            raise ProgramError(f"{name}: holds {entries:,} members")
         inner = zipfile.ZipFile(io.BytesIO(data))
         infos = inner.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError):
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        if isinstance(exc, ProgramError):
+            raise
         raise ProgramError(f"{name}: not a torch.save file") from None
-    if len(infos) > MAX_MEMBERS:
-        raise ProgramError(f"{name}: holds {len(infos):,} members")
     pickles = [info for info in infos if info.filename.endswith("data.pkl")]
     if len(pickles) != 1:
         raise ProgramError(f"{name}: expected one data.pkl, found {len(pickles)}")
