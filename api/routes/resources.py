@@ -18,6 +18,7 @@ from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model,
                               resolve_task)
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 from store import deletion
+from store.uploads import program_of
 
 router = APIRouter(prefix="/v1", tags=["resources"])
 
@@ -157,6 +158,9 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         row = ctx.store.uploads.get_architecture(model.name, ctx.owner)
         if row is None:
             raise ApiError(422, "invalid_request", f"no uploaded architecture {model.name!r}", "model.name")
+        if program_of(row) is not None:
+            raise ApiError(422, "invalid_request", f"{model.name!r} is an uploaded program: name it in model.program",
+                           "model.name")
         architecture = Architecture.model_validate(row.spec)
     name = "custom" if architecture is not None else model.name
     program = None
@@ -180,8 +184,9 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         num_classes = body.num_classes or model.num_classes or data_classes or default_num_classes(name)
     try:
         task = resolve_task(body.task, model.hf)
-        meta = program or build_model(name, num_classes, input_shape, model.hidden_sizes, device="meta",
-                                      architecture=architecture, hf=model.hf, task=task)
+        meta = program if program is not None else build_model(
+            name, num_classes, input_shape, model.hidden_sizes, device="meta", architecture=architecture,
+            hf=model.hf, task=task)
         check_model(meta, input_shape, num_classes, task)
         result = make_plan(meta, input_shape, body.sparsity).to_dict()
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:

@@ -75,6 +75,8 @@ def test_references_are_checked(api, program_file):
     assert api.post("/v1/jobs", json={**JOB, "model": {"program": layers}}).json()["error"]["field"] == "model.program"
     by_name = api.post("/v1/jobs", json={**JOB, "model": {"name": arch}})
     assert by_name.status_code == 422 and "model.program" in by_name.json()["error"]["message"]
+    plan = api.post("/v1/plan", json={"model": {"name": arch}})
+    assert plan.status_code == 422 and plan.json()["error"]["field"] == "model.name"
     path = api.post("/v1/jobs", json={**JOB, "model": {"program": "/etc/passwd"}})
     assert path.status_code == 422 and path.json()["error"]["field"] == "model.program"
     job_id = api.post("/v1/jobs", json={**JOB, "model": {"program": arch}}).json()["id"]
