@@ -123,7 +123,8 @@ def _inspect_npz(path: Path, max_inflated: int, max_ratio: float) -> TensorSumma
 
 
 def _end_record(f, size: int) -> tuple[int, int]:
-    """(members, central-directory bytes), read before zipfile parses the directory (rigl_core/data/zip_directory.py)."""
+    """(members, central-directory bytes), read before zipfile parses the directory
+    (rigl_core/data/zip_directory.py)."""
     try:
         return directory_size(f, size)
     except ValueError as exc:

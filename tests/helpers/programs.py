@@ -73,8 +73,9 @@ class GatedResidualMLP(nn.Module):
     def __init__(self, features: int = 64, width: int = 128, classes: int = 10, blocks: int = 2):
         super().__init__()
         self.inp = nn.Linear(features, width)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"transform": nn.Linear(width, width), "gate": nn.Linear(width, width)})
-                                    for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"transform": nn.Linear(width, width), "gate": nn.Linear(width, width)})
+            for _ in range(blocks))
         self.out = nn.Linear(width, classes)
 
     def forward(self, x):

@@ -1,16 +1,20 @@
 """`load_program`: a `.pt2` file in, a trainable ProgramModule out, without running anything from the file.
 
-How `torch.export.load` (torch 2.14) would read an archive, and what is done instead:
+How `torch.export.load` (torch 2.14) would run code from a file, and what is done instead:
 
-| torch.export.load | here |
-|---|---|
-| unpickles `data/sample_inputs/model.pt` with weights_only=True, then *weights_only=False* on failure | never loaded; its opcodes are checked to rebuild tensors only (pickle_scan.py) |
-| unpickles tensors stored with `use_pickle` (weights_only=False), custom objects (torchbind), opaque objects (pickle.loads), legacy `model.pt` files | refused (payload.py, archive.py) |
-| loads AOTInductor shared libraries under `data/aotinductor/` | refused (archive.py) |
-| `sympy.sympify` (an eval) on every symbolic-size string | each string parsed with `ast` first (expressions.py) |
-| resolves operator names by attribute lookup from torch/operator/math or extension handlers | ATen operators only (graph_rules.py) |
-| `exec`s `guards_code` and generated guard code in `.module()` | refused non-empty; `.module(check_guards=False)` |
-| torch.fx writes node names into the `forward` source it runs | names must be identifiers (graph_rules.py) |
+- it unpickles `data/sample_inputs/model.pt` with weights_only=True, then weights_only=False when that
+  fails: here it is never loaded, and its opcodes must only rebuild tensors (pickle_scan.py);
+- it unpickles tensors stored with `use_pickle` (weights_only=False), torchbind objects, opaque objects
+  (pickle.loads) and legacy `model.pt` files, and loads AOTInductor shared libraries: all refused
+  (payload.py, archive.py);
+- it runs `sympy.sympify` (an eval) on every symbolic-size string: each is parsed with `ast` first
+  (expressions.py);
+- it resolves operator names by attribute lookup from torch/operator/math or extension handlers:
+  ATen operators only (graph_rules.py);
+- `.module()` execs `guards_code` and generated guard code: non-empty guards code is refused and the
+  module is made with `check_guards=False`;
+- torch.fx writes node and argument names into the `forward` source it runs: they must be
+  identifiers (graph_rules.py).
 
 The archive itself is read as an untrusted zip (archive.py). Then torch's own deserializer builds the
 graph from the checked, sanitised JSON with the tensors read here, and trainable.py turns it into a
