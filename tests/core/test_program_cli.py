@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,6 +25,7 @@ def test_plan_takes_the_programs_shapes_and_names(tmp_path, capsys):
     assert conv["flops_dense"] == 2 * 8 * 1 * 3 * 3 * 8 * 8  # 2 · weights · output positions
 
 
+@pytest.mark.slow  # trains and writes every export (the fast service test covers training and the dense export)
 def test_train_writes_every_export_and_the_dense_one_loads_into_the_class(tmp_path):
     from rigl_core.export.onnx import run_onnx
     from rigl_core.models.program import load_program
