@@ -14,7 +14,7 @@ from api.limits import BodyLimit
 from api import metrics
 from api.request_log import RequestLog
 from api.origin_guard import OriginGuard, split_list
-from api.routes import jobs, resources, sweeps, weights
+from api.routes import jobs, programs, resources, sweeps, weights
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     app.include_router(jobs.router)
     app.include_router(resources.router)
     app.include_router(weights.router)
+    app.include_router(programs.router)
     app.include_router(sweeps.router)
     dashboard.install(app)
 
@@ -66,7 +67,8 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
             return JSONResponse({"status": "unavailable", "database": str(exc).splitlines()[0]}, status_code=503)
         return {"status": "ok", "database": "ok"}
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(("POST", "/v1/datasets"), ("POST", "/v1/weights")))
+    uploads = (("POST", "/v1/datasets"), ("POST", "/v1/weights"), ("POST", "/v1/architectures/program"))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=uploads)  # they stream with their own caps
     app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # Host, cross-site
                        allowed_origins=split_list(settings.allowed_origins))
     metrics.install(app, settings, store)  # /metrics + latency histogram (outside the guards: refusals count)

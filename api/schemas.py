@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from rigl_core.sparse.schedules import update_schedule
 from rigl_core.spec import JobSpec, SparsitySpec
 from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
+from store.uploads import program_of
 
 
 TAG_PATTERN = r"^[a-z0-9_.:-]{1,64}$"
@@ -118,8 +119,13 @@ def checkpoint_json(row: Checkpoint) -> dict:
 
 
 def architecture_json(row: ArchitectureRecord) -> dict:
-    return {"id": row.id, "object": "architecture", "name": row.name, "params": row.params,
-            "created_at": iso(row.created_at), "architecture": row.spec}
+    """`kind` layers (declarative, `architecture`) or program (a torch.export upload, `program`)."""
+    body = {"id": row.id, "object": "architecture", "name": row.name, "params": row.params,
+            "created_at": iso(row.created_at)}
+    program = program_of(row)
+    if program is not None:
+        return {**body, "kind": "program", "program": program}
+    return {**body, "kind": "layers", "architecture": row.spec}
 
 
 def dataset_json(row: DatasetRecord) -> dict:

@@ -1,6 +1,6 @@
 """Turn a submitted JobSpec into a runnable one, rejecting at submit time what could never run.
 
-Uploaded architectures and datasets are referenced by id and resolved to server-side content;
+Uploaded architectures, programs and datasets are referenced by id and resolved to server-side content;
 users never name server paths. The model is built on the meta device against the dataset's shape,
 so impossible architectures/datasets fail here with a 422 naming the field, not later in a worker.
 """
@@ -18,6 +18,7 @@ from rigl_core.spec import UPLOADED_ARCHITECTURE, UPLOADED_WEIGHTS, JobSpec
 from store.artifacts import Artifacts
 from store.jobs import JobStore
 from store.settings import Settings
+from store.uploads import program_of
 
 from api.costs import check_costs, planned_steps
 from api.errors import ApiError, from_value_error
@@ -33,7 +34,11 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         record = store.uploads.get_architecture(model["name"], owner)
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded architecture {model['name']!r}", "model.name")
+        if program_of(record) is not None:
+            raise ApiError(422, "invalid_job", f"{model['name']!r} is an uploaded program: name it in model.program",
+                           "model.name")
         model["architecture"], model["name"] = record.spec, "custom"
+    program_file = resolve_program(model, store, artifacts, owner)
     weights_field, weights_file = _resolve_weights(model, store, artifacts, owner)
     if dataset.get("data_dir") is not None:
         raise ApiError(422, "invalid_job", "the server sets data_dir; leave it out", "dataset.data_dir")
@@ -58,7 +63,8 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         if num_classes is not None:
             task = resolve_task(resolved.training.task, resolved.model.hf)
             run_steps = planned_steps(resolved, num_train) if num_train is not None else None
-            params, flops_per_example = _checked_params(json.dumps(tree["model"], sort_keys=True),
+            checked = {**tree["model"], "program": program_file} if program_file else tree["model"]
+            params, flops_per_example = _checked_params(json.dumps(checked, sort_keys=True),
                                                         json.dumps(input_shape), num_classes,
                                                         resolved.sparsity.model_dump_json(), task, run_steps)
             if params > settings.max_params:
@@ -70,7 +76,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                 architecture = json.dumps(tree["model"].get("architecture"), sort_keys=True)
                 shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
                                              json.dumps(input_shape), num_classes,
-                                             json.dumps(model.get("hf"), sort_keys=True), task)
+                                             json.dumps(model.get("hf"), sort_keys=True), task, program_file)
                 check_matches(read_header(weights_file, weights_field), shapes, weights_field, tied)
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
@@ -83,6 +89,22 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc) from None
     return tree, total_steps
+
+
+def resolve_program(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None) -> str | None:
+    """`model.program` (an uploaded program's `arch_…` id) becomes the file's storage key; returns this
+    node's copy of the file (to build the model from at submit time), None without a program."""
+    program_id = model.get("program")
+    if program_id is None:
+        return None
+    if not UPLOADED_ARCHITECTURE.fullmatch(program_id):
+        raise ApiError(422, "invalid_job", "give the id (arch_…) of a program uploaded with "
+                                           "POST /v1/architectures/program", "model.program")
+    program = program_of(store.uploads.get_architecture(program_id, owner))
+    if program is None:
+        raise ApiError(422, "invalid_job", f"no uploaded program {program_id!r}", "model.program")
+    model["program"] = artifacts.program_key(program_id)
+    return _local_copy(artifacts, model["program"], program["size"], "model.program")
 
 
 def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None
@@ -127,7 +149,7 @@ def _local_copy(artifacts: Artifacts, key: str, size: int, field: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, input_shape_json: str,
-                  num_classes: int, hf_json: str = "null", task: str = "auto"
+                  num_classes: int, hf_json: str = "null", task: str = "auto", program: str | None = None
                   ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """({state_dict name: shape}, tied names) of the model built on the meta device (cached: sweeps
     reuse one model)."""
@@ -137,7 +159,7 @@ def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, inp
     architecture = json.loads(architecture_json)
     meta = build_model(name, num_classes, json.loads(input_shape_json), json.loads(hidden_sizes_json), device="meta",
                        architecture=Architecture.model_validate(architecture) if architecture else None,
-                       hf=json.loads(hf_json), task=task)
+                       hf=json.loads(hf_json), task=task, program=program)
     return expected_shapes(meta), tied_names(meta)
 
 
@@ -153,7 +175,7 @@ def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sp
     model = ModelSpec.model_validate_json(model_json)
     input_shape = json.loads(input_shape_json)
     meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
-                       architecture=model.architecture, hf=model.hf, task=task)
+                       architecture=model.architecture, hf=model.hf, task=task, program=model.program)
     check_model(meta, input_shape, num_classes, task)
     plan = make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json), total_steps=total_steps)
     dense_forward = sum(layer.flops_dense for layer in plan.layers)

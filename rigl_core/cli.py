@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small or a torchvision model name")
     model.add_argument("--architecture", type=Path, help="declarative JSON architecture file")
     model.add_argument("--hf", help="a Hugging Face config (model.hf) as JSON, or a .json file holding it")
+    model.add_argument("--program", type=Path, help="a torch.export program (.pt2): its input shape and classes "
+                       "are its own")
     plan.add_argument("--task", default="auto", choices=["auto", "classification", "sequence-classification",
                                                          "causal-lm"], help="training.task (model.hf: its head)")
     plan.add_argument("--num-classes", type=int, help="output classes (default 10 for built-ins, 1000 otherwise)")
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         + ", ".join(recipe_names()) + "; `rigl recipes` shows them")
     train.add_argument("--model", help="mlp, lenet5, wrn-22-2, resnet18-cifar, vit-tiny, vit-small or a torchvision model name")
     train.add_argument("--architecture", type=Path, help="declarative JSON architecture file (instead of --model)")
+    train.add_argument("--program", type=lambda text: str(Path(text).expanduser()),
+                       help="a torch.export program (.pt2) to train (instead of --model)")
     train.add_argument("--dataset", help="digits, mnist1d, synthetic, mnist, fashion-mnist, cifar10, cifar100, "
                                          "imagefolder or tensors")
     train.add_argument("--data-dir", help="directory with mnist/cifar files or images")
@@ -445,6 +449,7 @@ TRAIN_FLAGS = {
     "alpha": "sparsity.schedule.alpha",
     "t_end": "sparsity.schedule.t_end",
     "weights": "model.weights",
+    "program": "model.program",
     "init": "sparsity.init",
 }
 
@@ -539,6 +544,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from rigl_core.models.build import infer
 
         num_classes = model_spec.num_classes or infer(model_spec.architecture)[1][-1]
+    elif args.program is not None:  # the program fixes both: its example input and its logits
+        model_spec = _validated(ModelSpec, {**model_sets, **_given(program=str(args.program.expanduser()),
+                                                                   num_classes=args.num_classes)}, "model")
+        program = build_model("program", model_spec.num_classes, args.input_shape, device="meta",
+                              program=model_spec.program)
+        input_shape, num_classes = program.input_shape, program.program_classes
     else:
         hf = _read_hf(args.hf) if args.hf is not None else None
         model_spec = _validated(ModelSpec, {**model_sets, **_given(
@@ -549,8 +560,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rigl_core.models.registry import resolve_task
 
     task = resolve_task(args.task, model_spec.hf)
-    model = build_model(model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta",
-                        architecture=model_spec.architecture, hf=model_spec.hf, task=task)
+    model = program if args.program is not None else build_model(
+        model_spec.name, num_classes, input_shape, model_spec.hidden_sizes, device="meta",
+        architecture=model_spec.architecture, hf=model_spec.hf, task=task)
     check_model(model, input_shape, num_classes, task)
     schedule_warnings = []
     if args.total_steps is not None:  # the run's length fixes T_end, ΔT "auto" and the update count

@@ -318,6 +318,27 @@ class Client:
         return self._request("POST", "/v1/weights", retry=False, params={"name": name or path.stem},
                              content=path.read_bytes(), headers={"Content-Type": "application/octet-stream"}).json()
 
+    def upload_program(self, model: Any, example_inputs: Any = None, name: str | None = None) -> dict:
+        """Export `model` (any nn.Module) with `torch.export` and a dynamic batch dimension, and upload it as
+        an architecture; `example_inputs` is a batch of the shape it will train on. `model` may also be the
+        path of a `.pt2` already written. Returns the architecture object: train it with
+        `"model": {"program": architecture["id"]}`; the dense export loads into `model` with
+        `load_state_dict`. Not retried once sent."""
+        if isinstance(model, (str, os.PathLike)):
+            path = Path(model)
+            return self._send_program(path.read_bytes(), name or path.stem)
+        import tempfile
+
+        from rigl_core.models.program.export import save_program
+
+        with tempfile.TemporaryDirectory() as folder:
+            content = save_program(model, example_inputs, Path(folder) / "model.pt2").read_bytes()
+        return self._send_program(content, name or type(model).__name__)
+
+    def _send_program(self, content: bytes, name: str) -> dict:
+        return self._request("POST", "/v1/architectures/program", retry=False, params={"name": name},
+                             content=content, headers={"Content-Type": "application/octet-stream"}).json()
+
     def report(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}/sparsity").json()
 

@@ -49,6 +49,12 @@ class ModelSpec(_Strict):
     architecture: Architecture | None = Field(
         None, description="Declarative JSON architecture (layers with shape inference); implies name 'custom'."
     )
+    program: str | None = Field(
+        None, min_length=1, max_length=4096, description="A torch.export program (any PyTorch module, exported "
+        "with a dynamic batch dimension): trained from its exported weights with every method; its linear and "
+        "convolution weights are masked. Service: the id (arch_…) from POST /v1/architectures/program; "
+        "`rigl train`/`rigl plan`: a local .pt2 file. Implies name 'program'. The export's example input fixes "
+        "the sample shape.")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="Output classes; defaults to the dataset's.")
     input_shape: list[int] | None = Field(
         None, min_length=1, max_length=4, description="Input shape C,H,W (or C,L / features; "
@@ -86,7 +92,25 @@ class ModelSpec(_Strict):
     def _hf_implies_name(cls, data: object) -> object:
         if isinstance(data, dict) and data.get("hf") is not None and "name" not in data:
             return {**data, "name": "hf"}
+        if isinstance(data, dict) and data.get("program") is not None and "name" not in data:
+            return {**data, "name": "program"}
         return data
+
+    def _named_by(self, field: str) -> None:
+        """`model.<field>` (hf, program) and the name it implies come together."""
+        if (self.name == field) != (getattr(self, field) is not None):
+            raise ValueError(f"model.{field}: required with name '{field}'" if getattr(self, field) is None else
+                             f"model.{field}: give either model.name or model.{field}, not both")
+
+    @model_validator(mode="after")
+    def _program_alone(self) -> "ModelSpec":
+        self._named_by("program")
+        if self.program is not None:
+            given = [f for f in ("hf", "architecture", "hidden_sizes", "zero_init_residual")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]}: does not apply to a model.program model")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -109,9 +133,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _hf_config(self) -> "ModelSpec":
-        if (self.name == "hf") != (self.hf is not None):
-            raise ValueError("model.hf: required with name 'hf'" if self.hf is None else
-                             "model.hf: give either model.name or model.hf, not both")
+        self._named_by("hf")
         if self.hf is not None:
             from rigl_core.models.hub import hf_config  # imports transformers: only for model.hf
 

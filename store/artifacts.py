@@ -3,8 +3,8 @@
 The root is this node's artifact folder. With the local store (the default) it is the store itself;
 with an S3 bucket (RIGL_ARTIFACT_URL) it is this node's cache: files are written here, then uploaded
 (`upload`, `replace`), and read from here once fetched (`fetch`). Both are named by the same storage
-keys ("jobs/<id>/<file>", "datasets/<id>.<fmt>", "weights/<id>.safetensors"), which is what stored
-specs hold: never a node's absolute path.
+keys ("jobs/<id>/<file>", "datasets/<id>.<fmt>", "weights/<id>.safetensors", "programs/<id>.pt2"), which
+is what stored specs hold: never a node's absolute path.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 from store.object_store import LocalStore, ObjectStore, check_key
 
 ID_PATTERN = re.compile(r"^[a-z]+_[0-9a-f]{20}$")
-UPLOAD_FOLDERS = ("datasets", "weights")
+UPLOAD_FOLDERS = ("datasets", "weights", "programs")
 # the keys a resolved spec may name: an uploaded dataset, uploaded weights, a job's dense export
 DATASET_KEY = re.compile(r"^datasets/ds_[0-9a-f]{20}\.(npz|safetensors)$")
 WEIGHTS_KEY = re.compile(r"^(weights/w_[0-9a-f]{20}\.safetensors|jobs/job_[0-9a-f]{20}/model\.safetensors)$")
+PROGRAM_KEY = re.compile(r"^programs/arch_[0-9a-f]{20}\.pt2$")  # an uploaded torch.export program
 
 
 class MissingArtifact(FileNotFoundError):
@@ -143,6 +144,13 @@ class Artifacts:
         if not ID_PATTERN.match(weights_id) or not weights_id.startswith("w_"):
             raise ValueError(f"bad weights id {weights_id!r}")
         return f"weights/{weights_id}.safetensors"
+
+    @staticmethod
+    def program_key(architecture_id: str) -> str:
+        """An uploaded torch.export program: `programs/arch_<20 hex>.pt2`."""
+        if not ID_PATTERN.match(architecture_id) or not architecture_id.startswith("arch_"):
+            raise ValueError(f"bad architecture id {architecture_id!r}")
+        return f"programs/{architecture_id}.pt2"
 
     def key_of(self, path: Path) -> str:
         """The storage key of a file under the root (PermissionError outside it)."""

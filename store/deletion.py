@@ -23,6 +23,7 @@ from store.db import (ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event
                       utcnow)
 from store.job_state import ACTIVE, CLAIMABLE, TERMINAL
 from store.jobs import JobStore
+from store.uploads import program_of
 
 log = logging.getLogger("rigl.deletion")
 
@@ -128,16 +129,23 @@ def delete_weights(store: JobStore, artifacts: Artifacts, weights_id: str, owner
     return True
 
 
-def delete_architecture(store: JobStore, architecture_id: str, owner: str | None = None) -> bool:
+def delete_architecture(store: JobStore, artifacts: Artifacts, architecture_id: str, owner: str | None = None
+                        ) -> bool:
     """False: no such architecture for this owner. InUse: an active job was submitted with it (every job
-    keeps its own resolved copy, so finished ones are unaffected)."""
+    keeps its own resolved copy of declarative layers, so finished ones are unaffected; an uploaded
+    program's file goes with its record, and a running job that resumes reads it)."""
     row = store.uploads.get_architecture(architecture_id, owner) if ID_PATTERN.match(architecture_id) else None
     if row is None:
         return False
     with store.sessions.begin() as s:
         store.lock_owners(s, [row.owner])
-        _refuse_if_used(s, lambda spec: spec.get("model", {}).get("name") == architecture_id)
-        return s.execute(delete(ArchitectureRecord).where(ArchitectureRecord.id == architecture_id)).rowcount == 1
+        _refuse_if_used(s, lambda spec: architecture_id in ((spec.get("model") or {}).get("name"),
+                                                            (spec.get("model") or {}).get("program")))
+        if s.execute(delete(ArchitectureRecord).where(ArchitectureRecord.id == architecture_id)).rowcount != 1:
+            return False
+    if program_of(row) is not None:
+        artifacts.remove(artifacts.program_key(architecture_id))
+    return True
 
 
 def _refuse_if_used(session, uses) -> None:

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
                                                 "more than this many-fold is refused as a decompression bomb.")
     max_weights_bytes: int = Field(1024**3, ge=1, description="Weights upload cap (a safetensors state_dict; "
                                    "its header is checked against the bytes received before any value is read).")
+    max_program_bytes: int = Field(1024**3, ge=1, description="Program upload cap (a torch.export .pt2; its members "
+                                   "are also held to the inflated-size and ratio limits of uploads).")
     max_imagefolder_images: int = Field(200_000, ge=1, description="imagefolder with loader memory: most "
                                         "images a job's folder may hold (counted at submit time); a streamed "
                                         "folder has no image cap.")

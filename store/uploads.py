@@ -1,4 +1,8 @@
-"""Uploads: the architectures, datasets and weights users store, each visible to its owner only."""
+"""Uploads: the architectures, datasets and weights users store, each visible to its owner only.
+
+An architecture is either declarative layers (its spec is the Architecture JSON) or an uploaded
+`torch.export` program (its spec is `{"program": {...what the upload check learnt}}`, the file itself
+under the storage key `programs/<id>.pt2`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,12 @@ from sqlalchemy import select
 from store.artifacts import issued_id
 from store.db import ArchitectureRecord, DatasetRecord, WeightsRecord
 from store.job_state import StorePart
+
+
+def program_of(row: ArchitectureRecord | None) -> dict | None:
+    """The program summary of an uploaded program's record, None for declarative layers (or no record)."""
+    spec = row.spec if row is not None else None
+    return spec["program"] if isinstance(spec, dict) and isinstance(spec.get("program"), dict) else None
 
 
 class Uploads(StorePart):

@@ -26,6 +26,7 @@ SEGMENT = re.compile(r"^[A-Za-z0-9._ -]{1,255}$")
 MAX_SEGMENTS = 32
 UPLOADED_FILE = re.compile(r"^ds_[0-9a-f]{20}\.(npz|safetensors)$")
 UPLOADED_WEIGHTS_FILE = re.compile(r"^w_[0-9a-f]{20}\.safetensors$")
+UPLOADED_PROGRAM_FILE = re.compile(r"^arch_[0-9a-f]{20}\.pt2$")
 JOB_FOLDER = re.compile(r"^job_[0-9a-f]{20}$")
 
 
@@ -156,6 +157,7 @@ def check_job_paths(resolved_spec: dict, settings) -> None:
     anything is loaded: data_dir is the datasets directory, an imagefolder lies inside it, an
     uploaded tensors file is one of the server's uploads. Raises UserPathError."""
     check_weights_path((resolved_spec.get("model") or {}).get("weights"), settings)
+    check_program_path((resolved_spec.get("model") or {}).get("program"), settings)
     dataset = resolved_spec.get("dataset") or {}
     name, path, data_dir = dataset.get("name"), dataset.get("path"), dataset.get("data_dir")
     datasets_dir, artifact_dir = settings.datasets_dir, settings.artifact_dir
@@ -175,6 +177,16 @@ def check_job_paths(resolved_spec: dict, settings) -> None:
         if (not isinstance(path, str) or artifact_dir is None or not UPLOADED_FILE.fullmatch(Path(path).name)
                 or _real(path).parent != _real(Path(artifact_dir) / "datasets")):
             raise UserPathError()
+
+
+def check_program_path(path: object, settings) -> None:
+    """A resolved `model.program` is an uploaded program inside the artifact directory (programs/arch_….pt2)."""
+    if path is None:
+        return
+    artifact_dir = settings.artifact_dir
+    if not isinstance(path, str) or artifact_dir is None or not UPLOADED_PROGRAM_FILE.fullmatch(_real(path).name) \
+            or _real(path).parent != _real(artifact_dir) / "programs":
+        raise ValueError("model.program: not a program uploaded to this server")
 
 
 def check_weights_path(path: object, settings) -> None:

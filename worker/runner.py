@@ -25,7 +25,7 @@ from typing import Callable
 from rigl_core.export.pipeline import OutputFile, TrainedRun, write_outputs
 from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
-from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
+from store.artifacts import DATASET_KEY, PROGRAM_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
 from store.jobs import JobStore
 from store.leases import LeaseLost
@@ -270,13 +270,14 @@ def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path,
 
 
 def materialise(resolved_spec: dict, artifacts: Artifacts) -> dict:
-    """The resolved spec with its storage keys (an uploaded dataset, weights or a job's export) turned
+    """The resolved spec with its storage keys (an uploaded dataset, weights, program or a job's export) turned
     into this node's paths, fetched from the store first. Anything that is not such a key is left as
     it is, for check_job_paths to judge."""
     tree = json.loads(json.dumps(resolved_spec))
     dataset, model = tree.get("dataset") or {}, tree.get("model") or {}
     for part, field, pattern, label in ((dataset, "path", DATASET_KEY, "dataset.path"),
-                                        (model, "weights", WEIGHTS_KEY, "model.weights")):
+                                        (model, "weights", WEIGHTS_KEY, "model.weights"),
+                                        (model, "program", PROGRAM_KEY, "model.program")):
         if part is dataset and dataset.get("name") != "tensors":
             continue
         key = artifacts.spec_key(part.get(field), pattern)

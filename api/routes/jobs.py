@@ -260,14 +260,24 @@ def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
     from rigl_core.sparse.plan import make_plan
 
     spec = JobSpec.model_validate(job.resolved_spec)
-    shape = describe(spec.dataset)
-    input_shape = shape.input_shape if shape else (spec.model.input_shape or [])
-    num_classes = spec.model.num_classes or (shape.num_classes if shape else None)
-    if not input_shape or num_classes is None:
-        raise ApiError(409, "not_ready", "the report is available when the job has succeeded", "job_id")
-    model = build_model(spec.model.name, num_classes, input_shape, spec.model.hidden_sizes, device="meta",
-                        architecture=spec.model.architecture, hf=spec.model.hf,
-                        task=resolve_task(spec.training.task, spec.model.hf))
+    if spec.model.program is not None:  # the program fixes its shapes; this node's copy of its file
+        from store.artifacts import MissingArtifact
+
+        try:
+            local = ctx.artifacts.fetch(spec.model.program)
+        except MissingArtifact:
+            raise ApiError(409, "not_ready", "the job's program has been deleted", "job_id") from None
+        model = build_model("program", None, None, device="meta", program=str(local))
+        input_shape = model.input_shape
+    else:
+        shape = describe(spec.dataset)
+        input_shape = shape.input_shape if shape else (spec.model.input_shape or [])
+        num_classes = spec.model.num_classes or (shape.num_classes if shape else None)
+        if not input_shape or num_classes is None:
+            raise ApiError(409, "not_ready", "the report is available when the job has succeeded", "job_id")
+        model = build_model(spec.model.name, num_classes, input_shape, spec.model.hidden_sizes, device="meta",
+                            architecture=spec.model.architecture, hf=spec.model.hf,
+                            task=resolve_task(spec.training.task, spec.model.hf))
     plan = make_plan(model, input_shape, spec.sparsity).to_dict()
     return {"object": "sparsity", "job_id": job_id, "final": False, "layers": plan["layers"],
             "totals": plan["totals"]}

@@ -19,6 +19,7 @@ from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model,
                               resolve_task)
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 from store import deletion
+from store.uploads import program_of
 
 router = APIRouter(prefix="/v1", tags=["resources"])
 
@@ -70,9 +71,10 @@ def get_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> dict:
 
 @router.delete("/architectures/{arch_id}")
 def delete_architecture(arch_id: str, ctx: Context = Depends(get_context)) -> dict:
-    """409 while a queued or running job was submitted with it; finished jobs keep their own copy."""
+    """409 while a queued or running job was submitted with it; finished jobs keep their own copy (of
+    declarative layers: an uploaded program's file is deleted with it)."""
     try:
-        deleted = deletion.delete_architecture(ctx.store, arch_id, ctx.owner)
+        deleted = deletion.delete_architecture(ctx.store, ctx.artifacts, arch_id, ctx.owner)
     except deletion.InUse as exc:
         raise ApiError(409, "in_use", f"architecture {arch_id!r} is used by active job {exc.job_id!r}; cancel "
                                       "it or wait for it to finish", "arch_id") from None
@@ -160,9 +162,24 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         row = ctx.store.uploads.get_architecture(model.name, ctx.owner)
         if row is None:
             raise ApiError(422, "invalid_request", f"no uploaded architecture {model.name!r}", "model.name")
+        if program_of(row) is not None:
+            raise ApiError(422, "invalid_request", f"{model.name!r} is an uploaded program: name it in model.program",
+                           "model.name")
         architecture = Architecture.model_validate(row.spec)
     name = "custom" if architecture is not None else model.name
-    if architecture is not None:
+    program = None
+    if model.program is not None:  # its example input and its logits fix both shapes
+        from api.submission import resolve_program
+
+        data_shape, data_classes = _dataset_shape(body.dataset, ctx)
+        local = resolve_program({"program": model.program}, ctx.store, ctx.artifacts, ctx.owner)
+        try:
+            program = build_model("program", body.num_classes or model.num_classes or data_classes,
+                                  body.input_shape or data_shape, device="meta", program=local)
+        except ValueError as exc:
+            raise from_value_error(exc, code="invalid_request") from None
+        input_shape, num_classes = program.input_shape, program.program_classes
+    elif architecture is not None:
         input_shape = architecture.input_shape
         num_classes = body.num_classes or model.num_classes or infer(architecture)[1][-1]
     else:
@@ -171,8 +188,9 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         num_classes = body.num_classes or model.num_classes or data_classes or default_num_classes(name)
     try:
         task = resolve_task(body.task, model.hf)
-        meta = build_model(name, num_classes, input_shape, model.hidden_sizes, device="meta",
-                           architecture=architecture, hf=model.hf, task=task)
+        meta = program if program is not None else build_model(
+            name, num_classes, input_shape, model.hidden_sizes, device="meta", architecture=architecture,
+            hf=model.hf, task=task)
         check_model(meta, input_shape, num_classes, task)
         result = make_plan(meta, input_shape, body.sparsity).to_dict()
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:

@@ -483,7 +483,8 @@ function submitView(view) {
   const uploads = { models: {}, datasets: {} };
   function fromForm() {
     const v = name => form.elements[name].value;
-    const model = uploads.models[v("model")] ? { name: uploads.models[v("model")] } : { name: v("model") };
+    const upload = uploads.models[v("model")];  // an uploaded program is named by model.program
+    const model = !upload ? { name: v("model") } : upload.kind === "program" ? { program: upload.id } : { name: upload.id };
     const dataset = uploads.datasets[v("dataset")] ? { name: "tensors", path: uploads.datasets[v("dataset")] } : { name: v("dataset") };
     const spec = {
       model, dataset,
@@ -560,7 +561,7 @@ function submitView(view) {
     const patch = fromForm();
     const spec = merge(base, patch);
     // a different model or dataset replaces the whole section (its other fields belonged to the old one)
-    if (base.model && base.model.name !== patch.model.name) spec.model = patch.model;
+    if (base.model && (base.model.name !== patch.model.name || base.model.program !== patch.model.program)) spec.model = patch.model;
     if (base.dataset && base.dataset.name !== patch.dataset.name) spec.dataset = patch.dataset;
     json.value = JSON.stringify(spec, null, 2);
     schedulePlan();
@@ -583,7 +584,7 @@ function submitView(view) {
       const [archs, datasets] = await Promise.all([api("/v1/architectures"), api("/v1/datasets")]);
       for (const a of archs.data) {
         const label = `${a.name} (${a.id})`;
-        uploads.models[label] = a.id;
+        uploads.models[label] = a;
         form.elements.model.appendChild(h("option", { value: label }, label));
       }
       for (const name of datasets.builtin) {

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from numpy.lib import format as npy_format
 
 from rigl_core.data.dataset import DatasetError
 from rigl_core.data.tensors import ALLOWED_KEYS, bad_labels, not_finite, validate_layout
+from rigl_core.data.zip_directory import directory_size, member_problem
 
 CHUNK = 1 << 20  # bytes of array data read at a time
 MAX_MEMBERS = 8  # an upload holds at most x, y, x_val, y_val
@@ -97,15 +97,11 @@ def _inspect_npz(path: Path, max_inflated: int, max_ratio: float) -> TensorSumma
             raise DatasetError(f"dataset.path: the arrays inflate to {inflated:,} bytes, over the "
                                f"{max_inflated:,}-byte limit")
         for info in infos:
-            if info.flag_bits & 0x1:
-                raise DatasetError(f"dataset.path: {info.filename} is encrypted")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise DatasetError(f"dataset.path: {info.filename} uses an unsupported compression; "
-                                   "use np.savez or np.savez_compressed")
-            ratio = info.file_size / max(info.compress_size, 1)
-            if info.file_size > RATIO_FLOOR and ratio > max_ratio:
-                raise DatasetError(f"dataset.path: {info.filename} inflates {ratio:,.0f}-fold, over the limit of "
-                                   f"{max_ratio:,.0f} (a decompression bomb?)")
+            problem = member_problem(info, max_ratio, RATIO_FLOOR)
+            if problem is not None and "compression" in problem:
+                raise DatasetError(f"dataset.path: {problem}; use np.savez or np.savez_compressed")
+            if problem is not None:
+                raise DatasetError(f"dataset.path: {problem}")
         headers = {}
         for info in infos:  # pass 1: headers only, checked against the zip's declared sizes
             with archive.open(info) as member:
@@ -127,28 +123,14 @@ def _inspect_npz(path: Path, max_inflated: int, max_ratio: float) -> TensorSumma
 
 
 def _end_record(f, size: int) -> tuple[int, int]:
-    """(members, central-directory bytes) from the zip's end record, read before zipfile parses the
-    directory into objects (a huge directory is a bomb of its own). Follows zipfile's search order."""
-    tail_len = min(size, 22 + 65_535)
-    f.seek(size - tail_len)
-    tail = f.read(tail_len)
-    at = len(tail) - 22
-    if at < 0 or tail[at:at + 4] != b"PK\x05\x06" or tail[-2:] != b"\0\0":
-        at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or at + 22 > len(tail):
-        raise DatasetError("dataset.path: not a zip archive (.npz)")
-    _, _, _, _, entries, directory_bytes, _, _ = struct.unpack("<4s4H2LH", tail[at:at + 22])
-    locator = at - 20
-    if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":  # zip64
-        _, _, record_at, _ = struct.unpack("<4sLQL", tail[locator:at])
-        if record_at + 56 > size:
-            raise DatasetError("dataset.path: the zip64 end record lies outside the file")
-        f.seek(record_at)
-        record = f.read(56)
-        if record[:4] != b"PK\x06\x06":
-            raise DatasetError("dataset.path: bad zip64 end record")
-        entries, directory_bytes = struct.unpack("<4sQ2H2L4Q", record)[7:9]
-    return entries, directory_bytes
+    """(members, central-directory bytes), read before zipfile parses the directory
+    (rigl_core/data/zip_directory.py)."""
+    try:
+        return directory_size(f, size)
+    except ValueError as exc:
+        reason = str(exc)
+        raise DatasetError(f"dataset.path: {'not a zip archive (.npz)' if reason == 'not a zip archive' else reason}"
+                           ) from None
 
 
 def _npy_header(member, name: str) -> tuple[np.dtype, tuple[int, ...], int]:

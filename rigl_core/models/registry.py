@@ -1,6 +1,7 @@
 """Model registry: built-in `mlp`, `lenet5`, `wrn-22-2`, `resnet18-cifar` and the all-Linear ViTs `vit-tiny` /
-`vit-small` (rigl_core.models.vit), every torchvision classification model by name, timm models (`timm/<name>`)
-and Hugging Face configs (`hf`; rigl_core.models.hub)."""
+`vit-small` (rigl_core.models.vit), every torchvision classification model by name, timm models (`timm/<name>`),
+Hugging Face configs (`hf`; rigl_core.models.hub) and `torch.export` programs (`program`;
+rigl_core.models.program)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rigl_core.models.vit import ViT
 BUILTIN_MODELS = ("mlp", "lenet5", "wrn-22-2", "resnet18-cifar", "vit-tiny", "vit-small")
 CUSTOM = "custom"  # a declarative JSON architecture (rigl_core.models.architecture)
 HF = "hf"  # a Hugging Face transformers config (model.hf; rigl_core.models.hub)
+PROGRAM = "program"  # a torch.export program (model.program; rigl_core.models.program)
 
 
 def timm_name(name: str) -> str | None:
@@ -33,7 +35,7 @@ def torchvision_classifiers() -> tuple[str, ...]:
 
 def available_models() -> tuple[str, ...]:
     """Names known without importing timm: `timm/<name>` is checked against timm.list_models() apart."""
-    return BUILTIN_MODELS + (CUSTOM, HF) + torchvision_classifiers()
+    return BUILTIN_MODELS + (CUSTOM, HF, PROGRAM) + torchvision_classifiers()
 
 
 def default_input_shape(name: str) -> list[int]:
@@ -233,8 +235,13 @@ def build_model(
     zero_init_residual: bool | None = None,
     hf: dict | None = None,
     task: str = "auto",
+    program: str | None = None,
 ) -> nn.Module:
     """Build a freshly initialised model; `device="meta"` builds shapes only (for plans and validation).
+
+    `program` (model.program, with name "program") is a local `.pt2` file: the exported module with its
+    own weights, loaded without running code from the file; it must take samples of `input_shape` and
+    output at least `num_classes` logits (rigl_core/models/program/fit.py).
 
     `hf` (model.hf, with name "hf") builds a transformers model with the head of `task` (see
     `resolve_task`); `timm/<name>` a timm model. Neither downloads anything.
@@ -257,6 +264,12 @@ def build_model(
         if zero_init_residual and next(model.parameters()).device.type != "meta":
             _zero_residual_batchnorms(model)
         return model
+    if name == PROGRAM:
+        from rigl_core.models.program.fit import build_program
+
+        if task not in ("auto", "classification"):
+            raise ValueError("training.task: a model.program model is a classifier (task classification)")
+        return build_program(program, num_classes, input_shape, device)
     task = resolve_task(task, hf if name == HF else None)
     if name == HF and hf is None:
         raise ValueError("model.hf: required when model.name is 'hf'")
@@ -303,9 +316,11 @@ def build_model(
 def check_model(model: nn.Module, input_shape: list[int], num_classes: int, task: str = "auto") -> None:
     """Run one forward on the meta device: rejects an input shape the model cannot take.
 
-    A causal LM must output (L, vocab) logits per sample, every other model `num_classes`.
-    Raises ValueError naming `model.input_shape` or `model.num_classes`.
+    A causal LM must output (L, vocab) logits per sample, a `torch.export` program its own number
+    (`program_classes`: the data's classes need only fit, see rigl_core/models/program/fit.py), every
+    other model `num_classes`. Raises ValueError naming `model.input_shape` or `model.num_classes`.
     """
+    num_classes = getattr(model, "program_classes", num_classes)
     limit = getattr(model, "max_positions", None)
     if limit is not None and input_shape[-1] > limit:  # the meta device would not catch the bad index
         raise ValueError(f"model.input_shape: sequence length {input_shape[-1]} exceeds the model.hf "

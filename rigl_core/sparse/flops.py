@@ -1,7 +1,11 @@
 """FLOPs accounting (paper App. H): forward FLOPs ≈ 2·nnz·(positions) per kernel, counted where it is used.
 
 A kernel's positions are how many times each of its entries multiplies an input, per sample:
-- conv: output positions; linear and GPT-2 `Conv1D`: tokens (1 for flat inputs);
+- conv: output positions; linear and GPT-2 `Conv1D`: tokens (1 for flat inputs). Both are read as the
+  output's elements over its channels or features, from a forward at batch 1, so a batch folded into the
+  token dimension (a `torch.export` program's `(B·L, E)` reshape) still counts per sample;
+- kernels a model declares (`declared_kernels`, a program's weights outside nn.Linear/ConvNd) bring their
+  positions, and a program its attention FLOPs (`graph_attention_flops`), read from its graph;
 - `nn.MultiheadAttention`, from a hook on the attention module itself (it calls its weights directly, so
   hooks on `out_proj` never fire): in_proj over the tokens (L query, S key/value tokens; the packed (3E, E)
   kernel counts (L + 2S)/3 positions, exact for self-attention), q/k/v_proj over L/S/S, out_proj over L;
@@ -15,7 +19,6 @@ attention call, unchanged by weight sparsity) are reported apart, as `flops_atte
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,11 +53,8 @@ def count_positions(model: nn.Module, input_shape: list[int]) -> Positions:
 
     def linear_hook(name: str, module: nn.Module):
         def hook(_module, _inputs, output):
-            if isinstance(module, nn.Linear):
-                count = math.prod(output.shape[1:-1])  # tokens for sequence inputs, 1 otherwise
-            else:
-                count = math.prod(output.shape[2:])  # spatial positions
-            result.add(name, count)
+            channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[-module.weight.dim() + 1]
+            result.add(name, output.numel() // channels)  # the dummy batch holds one sample
 
         return hook
 
@@ -117,6 +117,9 @@ def count_positions(model: nn.Module, input_shape: list[int]) -> Positions:
     finally:
         for h in hooks:
             h.remove()
+    for kernel in getattr(model, "declared_kernels", ()):
+        result.add(kernel.name, kernel.positions)
+    result.attention_flops += getattr(model, "graph_attention_flops", 0)
     return result
 
 

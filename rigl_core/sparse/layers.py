@@ -14,6 +14,10 @@ named by their module ("layer1.0.conv1", parameter "layer1.0.conv1.weight"), as 
 
 A parameter shared by several modules (tied embeddings and output layers) is one Layer, owned by its first
 use; the later names are kept in `Layer.tied` so FLOPs count every use.
+
+A model may also declare kernels its modules' types do not show (`model.declared_kernels`: name, module
+path, attribute, kind): a `torch.export` program's linear and convolution weights that are not held by
+an nn.Linear/ConvNd (rigl_core/models/program/trainable.py). They are masked where they live.
 """
 
 from __future__ import annotations
@@ -105,15 +109,25 @@ def module_kernels(name: str, module: nn.Module) -> list[tuple[str, str, str]]:
     return []
 
 
+def model_kernels(model: nn.Module):
+    """(module name, module, layer name, attribute, kind) of every kernel, in module order: those
+    `module_kernels` recognises and those the model declares (`declared_kernels`)."""
+    declared: dict[str, list[tuple[str, str, str]]] = {}
+    for kernel in getattr(model, "declared_kernels", ()):
+        declared.setdefault(kernel.module_path, []).append((kernel.name, kernel.attr, kernel.kind))
+    for module_name, module in model.named_modules():
+        for name, attr, kind in module_kernels(module_name, module) + declared.get(module_name, []):
+            yield module_name, module, name, attr, kind
+
+
 def kernel_parameters(model: nn.Module, embeddings: bool = False) -> list[nn.Parameter]:
     """Every kernel parameter a Layer can cover (once each): the weights that get weight decay."""
     seen: dict[int, nn.Parameter] = {}
-    for name, module in model.named_modules():
-        for _, attr, kind in module_kernels(name, module):
-            if kind == "embedding" and not embeddings:
-                continue
-            param = getattr(module, attr)
-            seen.setdefault(id(param), param)
+    for _, module, _, attr, kind in model_kernels(model):
+        if kind == "embedding" and not embeddings:
+            continue
+        param = getattr(module, attr)
+        seen.setdefault(id(param), param)
     return list(seen.values())
 
 
@@ -145,39 +159,38 @@ def select_layers(
     layers: list[Layer] = []
     owner: dict[int, Layer] = {}
     seen_first = False
-    for module_name, module in model.named_modules():
-        for name, attr, kind in module_kernels(module_name, module):
-            param = getattr(module, attr)
-            if id(param) in owner:  # tied weights: one mask, every use counted in FLOPs
-                owner[id(param)].tied.append(name)
-                continue
-            names = [name] if name == module_name else [name, module_name]
-            first = kind != "embedding" and not seen_first
-            seen_first = seen_first or kind != "embedding"
-            masked, reason = True, "masked"
-            if include and not any(_matches(n, include) for n in names):
-                masked, reason = False, "not in include"
-            elif any(_matches(n, exclude) for n in names):
-                masked, reason = False, "excluded"
-            elif kind == "embedding" and not embeddings:
-                masked, reason = False, EMBEDDING_REASON
-            elif first and dense_first_layer:
-                masked, reason = False, "first layer dense"
-            elif dense_depthwise and is_depthwise(module):
-                masked, reason = False, "depthwise dense"
-            custom = layer_density.pop(name, None)
-            if custom is not None:
-                if custom >= 1.0:
-                    masked, reason = False, "density 1 (override)"
-                else:
-                    masked, reason = True, "density override"
-            if masked and kind == "embedding" and getattr(module, "sparse", False):
-                raise ValueError(f"sparsity.embeddings: {name} has sparse=True gradients, which cannot be masked; "
-                                 "build it with sparse=False or exclude it")
-            layer = Layer(name=name, module=module, masked=masked, reason=reason, custom_density=custom,
-                          attr=attr, kind=kind, module_name=module_name)
-            owner[id(param)] = layer
-            layers.append(layer)
+    for module_name, module, name, attr, kind in model_kernels(model):
+        param = getattr(module, attr)
+        if id(param) in owner:  # tied weights: one mask, every use counted in FLOPs
+            owner[id(param)].tied.append(name)
+            continue
+        names = [name] if name == module_name else [name, module_name]
+        first = kind != "embedding" and not seen_first
+        seen_first = seen_first or kind != "embedding"
+        masked, reason = True, "masked"
+        if include and not any(_matches(n, include) for n in names):
+            masked, reason = False, "not in include"
+        elif any(_matches(n, exclude) for n in names):
+            masked, reason = False, "excluded"
+        elif kind == "embedding" and not embeddings:
+            masked, reason = False, EMBEDDING_REASON
+        elif first and dense_first_layer:
+            masked, reason = False, "first layer dense"
+        elif dense_depthwise and is_depthwise(module):
+            masked, reason = False, "depthwise dense"
+        custom = layer_density.pop(name, None)
+        if custom is not None:
+            if custom >= 1.0:
+                masked, reason = False, "density 1 (override)"
+            else:
+                masked, reason = True, "density override"
+        if masked and kind == "embedding" and getattr(module, "sparse", False):
+            raise ValueError(f"sparsity.embeddings: {name} has sparse=True gradients, which cannot be masked; "
+                             "build it with sparse=False or exclude it")
+        layer = Layer(name=name, module=module, masked=masked, reason=reason, custom_density=custom,
+                      attr=attr, kind=kind, module_name=module_name)
+        owner[id(param)] = layer
+        layers.append(layer)
     if layer_density:
         raise ValueError(f"sparsity.layer_density: no maskable layer named {sorted(layer_density)}")
     for option, patterns in (("include", include), ("exclude", exclude)):

@@ -60,15 +60,20 @@ class Plan:
     # Steps the run will make, when known (the Trainer, RigL(total_steps=...), a job's epochs): the
     # training FLOPs then use T_end in steps (`schedule.t_end_steps` included), not the t_end fraction.
     total_steps: int | None = None
+    # What the model says about its own weights: a torch.export program's weights left dense and why
+    # (rigl_core/models/program/trainable.py), always shown.
+    notes: list[str] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
-        """Large weights (ndim ≥ 2, over 1M entries or 5% of the model) left dense without the user asking."""
+        """Large weights (ndim ≥ 2, over 1M entries or 5% of the model) left dense without the user asking,
+        and the model's own notes."""
         if self.method == "dense":
-            return []
+            return list(self.notes)
         total = sum(lp.layer.numel for lp in self.layers) + sum(n for n, _ in self.other_params.values())
         large = [(lp.layer.name, lp.layer.numel, lp.layer.reason) for lp in self.layers
                  if not lp.layer.masked and lp.layer.reason not in USER_CHOSEN_DENSE]
-        large += [(name, n, "no maskable layer type") for name, (n, ndim) in self.other_params.items() if ndim >= 2]
+        large += [(name, n, "no maskable layer type") for name, (n, ndim) in self.other_params.items()
+                  if ndim >= 2 and not any(note.startswith(f"{name} ") for note in self.notes)]
         out = [f"{name} ({n:,} weights, {n / total:.1%} of the model) stays dense: {why}"
                for name, n, why in large if n > LARGE_WEIGHT or n > LARGE_SHARE * total]
         # A structure (N:M, fan-in) that cannot apply to a layer leaves it dense: always said, never silent.
@@ -80,7 +85,7 @@ class Plan:
                 out.append(f"{lp.layer.name}: fan-in rounds its density {lp.asked_density:.4f} to "
                            f"{lp.target_active / lp.layer.numel:.4f} ({lp.fan_in} of "
                            f"{lp.layer.numel // lp.neurons} inputs per neuron)")
-        return out
+        return out + list(self.notes)
 
     @property
     def masked(self) -> list[LayerPlan]:
@@ -241,7 +246,8 @@ def make_plan(model: nn.Module, input_shape: list[int] | None, spec: SparsitySpe
     covered = {id(layer.weight) for layer in layers}
     other = {name: (p.numel(), p.dim()) for name, p in model.named_parameters() if id(p) not in covered}
     return Plan(method=spec.method, spec=spec, layers=plans, other_params=other,
-                attention_flops=counted.attention_flops, total_steps=total_steps)
+                attention_flops=counted.attention_flops, total_steps=total_steps,
+                notes=list(getattr(model, "plan_notes", ())))
 
 
 def _round_to_fan_in(lp: LayerPlan) -> None:

@@ -123,8 +123,9 @@ class Trainer:
         self.model: nn.Module = build_model(
             spec.model.name, self.num_classes, self.input_shape, spec.model.hidden_sizes,
             architecture=spec.model.architecture, zero_init_residual=spec.model.zero_init_residual,
-            hf=spec.model.hf, task=self.task.name,
+            hf=spec.model.hf, task=self.task.name, program=spec.model.program,
         ).to(self.device)
+        self.num_classes = getattr(self.model, "program_classes", self.num_classes)  # a program's own logits
         self.num_classes = check_tokens_fit_model(spec, self.model, self.feed, self.task, self.input_shape,
                                                   self.num_classes)
         self.channels_last = resolve_channels_last(t.channels_last, self.model, self.device)
