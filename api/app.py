@@ -13,12 +13,15 @@ from api.janitor import Janitor
 from api.limits import BodyLimit
 from api import metrics
 from api.request_log import RequestLog
+from api.text_guard import TextGuard
 from api.origin_guard import OriginGuard, split_list
 from api.routes import jobs, resources, sweeps, weights
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
 from store.settings import Settings, get_settings
+
+STREAMED_UPLOADS = (("POST", "/v1/datasets"), ("POST", "/v1/weights"))  # routes that read their raw body themselves
 
 
 def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
@@ -66,7 +69,8 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
             return JSONResponse({"status": "unavailable", "database": str(exc).splitlines()[0]}, status_code=503)
         return {"status": "ok", "database": "ok"}
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(("POST", "/v1/datasets"), ("POST", "/v1/weights")))
+    app.add_middleware(TextGuard, exempt=STREAMED_UPLOADS)  # NUL / lone surrogates in any text: 422
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=STREAMED_UPLOADS)
     app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # Host, cross-site
                        allowed_origins=split_list(settings.allowed_origins))
     metrics.install(app, settings, store)  # /metrics + latency histogram (outside the guards: refusals count)
