@@ -15,7 +15,7 @@ from api import metrics
 from api.request_log import RequestLog
 from api.text_guard import TextGuard
 from api.origin_guard import OriginGuard, split_list
-from api.routes import jobs, resources, sweeps, weights
+from api.routes import jobs, resources, sweeps, usage, weights
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     app.include_router(resources.router)
     app.include_router(weights.router)
     app.include_router(sweeps.router)
+    app.include_router(usage.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
