@@ -96,3 +96,32 @@ def test_valid_unicode_and_escapes_pass_and_round_trip(api):
     job = api.get(f"/v1/jobs/{response.json()['id']}").json()
     assert (job["name"], job["metadata"]) == ("café 😀 \\u0000 as text", {"ключ": "值"})
     assert api.get("/v1/jobs", params={"name_prefix": "café 😀"}).json()["data"][0]["id"] == job["id"]
+
+
+@pytest.mark.slow
+def test_a_real_server_answers_them_on_the_same_keep_alive_connection(tmp_path):
+    """The review saw each of these 500s drop the keep-alive connection (uvicorn closes it after an
+    unhandled error). A real uvicorn on PostgreSQL: all three are 422s on one connection, then it goes on."""
+    import http.client
+
+    from helpers.api_process import api_process
+
+    if not postgres_available():
+        pytest.skip("no PostgreSQL here")
+    sweep = json.dumps({"base": JOB, "grid": {"method": ["X"]}}).replace('"X"', '"\\ud800"')
+    architecture = json.dumps({"name": "n\x00", "architecture": ARCHITECTURE})
+    requests = [("GET", "/v1/jobs?name_prefix=%00", None), ("POST", "/v1/architectures", architecture),
+                ("POST", "/v1/sweeps", sweep)]
+    with temporary_postgres_database() as url, api_process(tmp_path, url, "filesystem://", "q-text") as base:
+        host, port = base.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.connect()
+        socket = connection.sock
+        for method, path, body in requests:
+            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 422 and b"invalid_text" in response.read()
+            assert not response.will_close and connection.sock is socket
+        connection.request("GET", "/v1/jobs")
+        assert connection.getresponse().status == 200 and connection.sock is socket
+        connection.close()
