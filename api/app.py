@@ -13,12 +13,16 @@ from api.janitor import Janitor
 from api.limits import BodyLimit
 from api import metrics
 from api.request_log import RequestLog
+from api.text_guard import TextGuard
 from api.origin_guard import OriginGuard, split_list
-from api.routes import jobs, programs, resources, sweeps, weights
+from api.routes import jobs, programs, resources, sweeps, usage, weights
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
 from store.settings import Settings, get_settings
+
+STREAMED_UPLOADS = (("POST", "/v1/datasets"), ("POST", "/v1/weights"),  # routes that read their raw body themselves
+                    ("POST", "/v1/architectures/program"))
 
 
 def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
@@ -51,6 +55,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     app.include_router(weights.router)
     app.include_router(programs.router)
     app.include_router(sweeps.router)
+    app.include_router(usage.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
@@ -67,8 +72,8 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
             return JSONResponse({"status": "unavailable", "database": str(exc).splitlines()[0]}, status_code=503)
         return {"status": "ok", "database": "ok"}
 
-    uploads = (("POST", "/v1/datasets"), ("POST", "/v1/weights"), ("POST", "/v1/architectures/program"))
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=uploads)  # they stream with their own caps
+    app.add_middleware(TextGuard, exempt=STREAMED_UPLOADS)  # NUL / lone surrogates in any text: 422
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=STREAMED_UPLOADS)  # they stream with their own caps
     app.add_middleware(OriginGuard, allowed_hosts=split_list(settings.allowed_hosts),  # Host, cross-site
                        allowed_origins=split_list(settings.allowed_origins))
     metrics.install(app, settings, store)  # /metrics + latency histogram (outside the guards: refusals count)

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse as _JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -18,11 +19,21 @@ SEND_JSON = "send JSON (Content-Type: application/json); the CLI converts YAML (
 FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]-]*): (.*)$", re.S)
 
 
+class JSONResponse(_JSONResponse):
+    """An error body as ASCII JSON: a message that echoes what the client sent (a name read from an
+    uploaded file, say) can hold any character, a lone surrogate included, and must still render."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, extra: dict | None = None):
+        """`extra`: more members of the error object (e.g. `quota` of a quota_exceeded)."""
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+        self.extra = extra
 
 
 def from_value_error(exc: Exception, status: int = 422, code: str = "invalid_job") -> ApiError:
@@ -49,17 +60,19 @@ def named_field(field: str, message: str) -> tuple[str, str]:
     return field, message
 
 
-def _body(code: str, message: str, field: str | None) -> dict:
+def _body(code: str, message: str, field: str | None, extra: dict | None = None) -> dict:
     error = {"code": code, "message": message}
     if field:
         error["field"] = field
+    error.update(extra or {})
     return {"error": error}
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
-        return JSONResponse(_body(exc.code, exc.message, exc.field), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(_body(exc.code, exc.message, exc.field, exc.extra), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -39,7 +39,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                            "model.name")
         model["architecture"], model["name"] = record.spec, "custom"
     program_file = resolve_program(model, store, artifacts, owner)
-    weights_field, weights_file = _resolve_weights(model, store, artifacts, owner)
+    weights_field, weights_shapes = _resolve_weights(model, store, artifacts, settings, owner)
     if dataset.get("data_dir") is not None:
         raise ApiError(422, "invalid_job", "the server sets data_dir; leave it out", "dataset.data_dir")
     if dataset.get("download"):
@@ -71,13 +71,13 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
             if weights_field is not None:  # names and shapes against the model, from the file's header
-                from rigl_core.training.warm_start import check_matches, read_header
+                from rigl_core.training.warm_start import check_matches
 
                 architecture = json.dumps(tree["model"].get("architecture"), sort_keys=True)
                 shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
                                              json.dumps(input_shape), num_classes,
                                              json.dumps(model.get("hf"), sort_keys=True), task, program_file)
-                check_matches(read_header(weights_file, weights_field), shapes, weights_field, tied)
+                check_matches(weights_shapes, shapes, weights_field, tied)
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
         total_steps = check_costs(resolved, settings, num_train, flops_per_example)
@@ -107,12 +107,13 @@ def resolve_program(model: dict, store: JobStore, artifacts: Artifacts, owner: s
     return _local_copy(artifacts, model["program"], program["size"], "model.program")
 
 
-def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None
-                     ) -> tuple[str | None, str | None]:
+def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, settings: Settings, owner: str | None
+                     ) -> tuple[str | None, dict[str, tuple[int, ...]] | None]:
     """`model.weights` (an uploaded `w_…` id) or `model.init_from_job` (a succeeded job's dense export)
-    becomes the file's storage key in `model.weights`; returns (the field it came from, this node's
-    copy of the file, for its header), (None, None) without. A user never names a server path, and
-    someone else's weights or job are as good as missing."""
+    becomes the file's storage key in `model.weights`; returns (the field it came from, the file's
+    {name: shape}), (None, None) without. Uploaded weights' shapes come from the index stored at upload
+    (their header is never parsed again here); a job's export is the server's own file, read from its
+    header. A user never names a server path, and someone else's weights or job are as good as missing."""
     if model.get("weights") is not None:
         weights_id = model["weights"]
         if not UPLOADED_WEIGHTS.fullmatch(weights_id):
@@ -122,7 +123,7 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
         if record is None:
             raise ApiError(422, "invalid_job", f"no uploaded weights {weights_id!r}", "model.weights")
         model["weights"] = artifacts.weights_key(record.id)
-        return "model.weights", _local_copy(artifacts, model["weights"], record.size, "model.weights")
+        return "model.weights", _uploaded_shapes(store, artifacts, settings, record)
     job_id = model.get("init_from_job")
     if job_id is None:
         return None, None
@@ -134,7 +135,36 @@ def _resolve_weights(model: dict, store: JobStore, artifacts: Artifacts, owner: 
         raise ApiError(422, "invalid_job", f"job {job_id!r} is {job.status}; only a succeeded job's dense "
                                            "export can be started from", "model.init_from_job")
     model["weights"], model["init_from_job"] = artifacts.job_key(job.id, export.filename), None
-    return "model.init_from_job", _local_copy(artifacts, model["weights"], export.size, "model.init_from_job")
+    path = _local_copy(artifacts, model["weights"], export.size, "model.init_from_job")
+    return "model.init_from_job", _header_shapes(path, "model.init_from_job", settings)
+
+
+def _uploaded_shapes(store: JobStore, artifacts: Artifacts, settings: Settings, record
+                     ) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of uploaded weights from their stored index. Weights uploaded before the index was
+    kept (revision 0008) have their header read once, within today's caps, and their index stored."""
+    index = store.uploads.tensor_index(record.id)
+    if index is None:
+        from rigl_core.training.warm_start import read_tensor_index
+
+        path = _local_copy(artifacts, artifacts.weights_key(record.id), record.size, "model.weights")
+        try:
+            found = read_tensor_index(path, "model.weights", settings.max_weights_header_bytes,
+                                      settings.max_weights_tensors)
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+        index = {name: [dtype, list(shape)] for name, (dtype, shape) in found.items()}
+        store.uploads.set_tensor_index(record.id, index)
+    return {name: tuple(shape) for name, (_dtype, shape) in index.items()}
+
+
+def _header_shapes(path: str, field: str, settings: Settings) -> dict[str, tuple[int, ...]]:
+    from rigl_core.training.warm_start import read_header
+
+    try:
+        return read_header(path, field, settings.max_weights_header_bytes, settings.max_weights_tensors)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
 
 
 def _local_copy(artifacts: Artifacts, key: str, size: int, field: str) -> str:

@@ -173,6 +173,9 @@ def _add_client_commands(sub) -> None:
     jobs.add_argument("--name-prefix", help="only jobs whose name starts with this (case-sensitive)")
     jobs.add_argument("--method", help="only jobs of this sparsity method")
     jobs.set_defaults(handler=cmd_jobs)
+    usage = sub.add_parser("usage", help="what you store on the service against your storage quotas")
+    usage.add_argument("--json", action="store_true")
+    usage.set_defaults(handler=cmd_usage)
 
 
 def _client():
@@ -247,6 +250,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                               method=args.method):
         print(_job_line(job))
     return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    usage = _client().usage()
+    if args.json:
+        print(json.dumps(usage, indent=2))
+        return 0
+    for kind in ("weights", "datasets", "artifacts"):
+        held = usage[kind]
+        size = _mib(held["bytes"]) + (f" of {_mib(held['max_bytes'])}" if held["max_bytes"] is not None else "")
+        count = f"{held['count']:,}" + (f" of {held['max_count']:,}" if held["max_count"] is not None else "")
+        print(f"{kind:<10} {size:<24} {count} {held['counts']}")
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -339,6 +339,11 @@ class Client:
         return self._request("POST", "/v1/architectures/program", retry=False, params={"name": name},
                              content=content, headers={"Content-Type": "application/octet-stream"}).json()
 
+    def usage(self) -> dict:
+        """What you store against your storage quotas: for `weights`, `datasets` and `artifacts` (your jobs'
+        checkpoints and exports) the bytes and count held and the quota's `max_bytes` / `max_count`."""
+        return self._request("GET", "/v1/usage").json()
+
     def report(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}/sparsity").json()
 

@@ -167,6 +167,9 @@ class WeightsRecord(Base):
     tensors: Mapped[int] = mapped_column(Integer)  # entries of the state_dict
     params: Mapped[int] = mapped_column(BigInteger)  # values over all of them (7B: over 2^31)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # {name: [dtype, shape]} from the header, parsed once at upload: a job's submission checks the model
+    # against it instead of re-reading the file (deferred: lists don't load it; None before revision 0008)
+    tensor_index: Mapped[dict | None] = mapped_column(JSON, nullable=True, deferred=True)
 
 
 class Sweep(Base):

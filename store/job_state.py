@@ -5,11 +5,15 @@ order per job).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import false, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from store.db import Event, Job, utcnow
+from store.db import Event, Job, OwnerLock, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("queued", "requeued")
@@ -29,6 +33,17 @@ class StorePart:
         write), so reading candidates and claiming one is atomic there. PostgreSQL locks rows instead."""
         if self.engine.dialect.name == "sqlite":
             session.execute(update(Job).where(false()).values(attempt=Job.attempt))
+
+
+def lock_owners(session, owners: Iterable[str]) -> None:
+    """Write each owner's lock row (sorted, so two transactions never wait on each other in a cycle):
+    a row lock held to the end of the transaction on PostgreSQL, the database write lock on SQLite.
+    Taken first by every transaction that must see an owner's rows exactly (caps, quotas, deletions)."""
+    upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    for name in sorted(set(owners)):
+        statement = upsert(OwnerLock).values(owner=name, touched_at=utcnow())
+        session.execute(statement.on_conflict_do_update(index_elements=[OwnerLock.owner],
+                                                        set_={"touched_at": statement.excluded.touched_at}))
 
 
 def set_status(session, job: Job, status: str, message: str) -> None:

@@ -13,19 +13,19 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 from sqlalchemy import bindparam, case, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
+from store import quotas
 from store.artifacts import issued_id
 from store.checkpoints import Checkpoints
 from store.claims import Claims
-from store.db import DatasetRecord, Event, Job, JobTag, OwnerLock, WeightsRecord, utcnow
+from store.db import DatasetRecord, Event, Job, JobTag, WeightsRecord, utcnow
 from store.engine import make_engine, make_sessionmaker
 from store.events import EventLog
 from store.idempotency import Idempotency, IdempotencyConflict, check_unused, remember
-from store.job_state import ACTIVE, CLAIMABLE, TERMINAL, UNDISPATCHED, WAITING_FOR_DEVICES, lock_job_events
+from store.job_state import (ACTIVE, CLAIMABLE, TERMINAL, UNDISPATCHED, WAITING_FOR_DEVICES, lock_job_events,
+                             lock_owners)
 from store.leases import Leases
 from store.settings import Settings
 from store.uploads import Uploads
@@ -59,7 +59,8 @@ class JobStore:
     def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local",
                    idempotency: tuple[str, str] | None = None, max_active: int | None = None,
                    dataset_id: str | None = None, weights_id: str | None = None, name: str | None = None,
-                   tags: list[str] | None = None, metadata: dict | None = None) -> Job:
+                   tags: list[str] | None = None, metadata: dict | None = None,
+                   artifacts_quota: quotas.Quota | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
         requests with one key create one job (the loser gets IdempotencyConflict and replays).
 
@@ -68,7 +69,9 @@ class JobStore:
         `dataset_id`: an uploaded dataset the job reads; it must still exist under its owner's lock, so a
         concurrent `DELETE /v1/datasets/{id}` either sees this job or makes this one fail (UploadGone).
         `weights_id`: the same for uploaded weights (`model.weights`).
-        `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows."""
+        `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows.
+        `artifacts_quota`: the owner's job-artifacts quota (store/quotas.py), checked under the same lock
+        (QuotaExceeded)."""
         try:
             with self.sessions.begin() as s:
                 owners = {owner}
@@ -80,6 +83,8 @@ class JobStore:
                 check_unused(s, owner, idempotency)
                 if max_active is not None and count_active_in(s, owner) >= max_active:
                     raise TooManyActiveJobs(max_active)
+                if artifacts_quota is not None:
+                    quotas.check(s, owner, "artifacts", artifacts_quota, adding_bytes=0)
                 if dataset_id is not None and s.get(DatasetRecord, dataset_id) is None:
                     raise UploadGone("dataset.path")
                 if weights_id is not None and s.get(WeightsRecord, weights_id) is None:
@@ -107,14 +112,10 @@ class JobStore:
         session.add(Event(job_id=job.id, type="status", message="queued", data={"status": "queued"}))
         return job
 
-    def lock_owners(self, session, owners: Iterable[str]) -> None:
-        """Write each owner's lock row (sorted, so two transactions never wait on each other in a cycle):
-        a row lock held to the end of the transaction on PostgreSQL, the database write lock on SQLite."""
-        upsert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        for name in sorted(set(owners)):
-            statement = upsert(OwnerLock).values(owner=name, touched_at=utcnow())
-            session.execute(statement.on_conflict_do_update(index_elements=[OwnerLock.owner],
-                                                            set_={"touched_at": statement.excluded.touched_at}))
+    @staticmethod
+    def lock_owners(session, owners: Iterable[str]) -> None:
+        """store/job_state.lock_owners: the owners' lock rows, for the callers that hold the store."""
+        lock_owners(session, owners)
 
     def count_active(self, owner: str) -> int:
         with self.sessions() as s:

@@ -64,6 +64,25 @@ class Settings(BaseSettings):
                                    "its header is checked against the bytes received before any value is read).")
     max_program_bytes: int = Field(1024**3, ge=1, description="Program upload cap (a torch.export .pt2; its members "
                                    "are also held to the inflated-size and ratio limits of uploads).")
+    max_weights_header_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest JSON header a weights "
+                                          "upload may have (a state_dict of 10,000 tensors needs about 1 MiB); "
+                                          "refused from the file's first 8 bytes.")
+    max_weights_tensors: int = Field(10_000, ge=1, description="Most tensors a weights upload may hold (the "
+                                     "largest built-in or Hugging Face model has a few thousand).")
+    quota_weights_bytes: int | None = Field(20 * 1024**3, ge=0, description="Per owner: most bytes of uploaded "
+                                            "weights kept at once (None: no quota).")
+    quota_weights_count: int | None = Field(100, ge=0, description="Per owner: most uploaded weights files "
+                                            "kept at once (None: no quota).")
+    quota_datasets_bytes: int | None = Field(20 * 1024**3, ge=0, description="Per owner: most bytes of "
+                                             "uploaded datasets kept at once (None: no quota).")
+    quota_datasets_count: int | None = Field(100, ge=0, description="Per owner: most uploaded datasets kept at "
+                                             "once (None: no quota).")
+    quota_artifacts_bytes: int | None = Field(200 * 1024**3, ge=0, description="Per owner: a new job or sweep "
+                                              "is refused while the owner's jobs' checkpoints and exports take "
+                                              "this many bytes or more (None: no quota).")
+    quota_artifacts_count: int | None = Field(10_000, ge=0, description="Per owner: most jobs kept at once, "
+                                              "each with its artifacts, sweeps' children included (None: no "
+                                              "quota); deleting a job frees its place.")
     max_imagefolder_images: int = Field(200_000, ge=1, description="imagefolder with loader memory: most "
                                         "images a job's folder may hold (counted at submit time); a streamed "
                                         "folder has no image cap.")

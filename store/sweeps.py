@@ -17,6 +17,7 @@ from typing import Callable
 
 from sqlalchemy import delete, select, update
 
+from store import quotas
 from store.artifacts import ID_PATTERN, issued_id
 from store.db import Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, Sweep, WeightsRecord, utcnow
 from store.dispatch import dispatch
@@ -54,15 +55,19 @@ def params_of(resolved_spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- create
 def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid: dict, children: list[dict],
-                 max_active: int, idempotency: tuple[str, str] | None = None) -> tuple[Sweep, list[str]]:
+                 max_active: int, idempotency: tuple[str, str] | None = None,
+                 artifacts_quota: quotas.Quota | None = None) -> tuple[Sweep, list[str]]:
     """Store the sweep and the children that fit under the owner's cap as queued jobs, all in one
     transaction; the rest are held. `children`: entries with spec, resolved, total_steps, name, tags,
     metadata (validated by the caller). Returns (sweep, ids of the jobs created: the caller dispatches).
     `idempotency` = (key, body hash), stored with the sweep (the jobs' table: a key names one job or one
-    sweep); a twin that committed first raises IdempotencyConflict."""
+    sweep); a twin that committed first raises IdempotencyConflict. `artifacts_quota`: every child counts
+    as a kept job now, held ones included (QuotaExceeded: nothing is stored)."""
     with store.sessions.begin() as s:
         store.lock_owners(s, [owner])
         check_unused(s, owner, idempotency)
+        if artifacts_quota is not None:
+            quotas.check(s, owner, "artifacts", artifacts_quota, adding_bytes=0, adding_count=len(children))
         sweep = Sweep(owner=owner, name=name, status="active", base=base, grid=grid, children=len(children),
                       held=[], held_count=0)
         s.add(sweep)

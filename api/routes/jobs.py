@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 from api.context import Context, get_context
 from api.errors import ApiError
 from api.idempotency import replayed
+from api.quotas import limits, quota_error
 from api.event_hub import EventHub, StreamSlots
 from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, event_json, job_json
 from api.submission import resolve
@@ -25,6 +26,7 @@ from store.dispatch import dispatch
 from store.idempotency import IdempotencyConflict
 from store.jobs import TooManyActiveJobs, UploadGone
 from store.object_store import is_store_outage
+from store.quotas import QuotaExceeded
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "cancelling", "requeued")
@@ -64,7 +66,10 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
                                    idempotency=(idempotency_key, digest) if idempotency_key else None,
                                    max_active=cap,
                                    dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
-                                   weights_id=spec.model.weights, **labels)
+                                   weights_id=spec.model.weights, artifacts_quota=limits(ctx)["artifacts"],
+                                   **labels)
+    except QuotaExceeded as exc:
+        raise quota_error(exc, field=None) from None
     except IdempotencyConflict:
         return _replay(ctx, idempotency_key, digest, response)
     except TooManyActiveJobs:

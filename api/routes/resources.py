@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.context import Context, get_context
 from api.errors import ApiError, from_value_error
+from api.quotas import limits, quota_error, refuse_upload_early
 from api.schemas import architecture_json, dataset_json
 from api.uploads import place_upload, streamed_upload
 from rigl_core.models.architecture import Architecture, ArchitectureError, Limits
@@ -20,6 +21,7 @@ from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model,
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 from store import deletion
 from store.uploads import program_of
+from store.quotas import QuotaExceeded
 
 router = APIRouter(prefix="/v1", tags=["resources"])
 
@@ -109,13 +111,19 @@ def delete_dataset(dataset_id: str, ctx: Context = Depends(get_context)) -> dict
 async def upload_dataset(request: Request, name: str = Query(..., min_length=1, max_length=200),
                          format: str = Query("npz", pattern="^(npz|safetensors)$"),
                          ctx: Context = Depends(get_context)) -> dict:
-    """Raw body: a .npz or .safetensors file with x, y (optionally x_val, y_val). Never unpickled."""
+    """Raw body: a .npz or .safetensors file with x, y (optionally x_val, y_val). Never unpickled. Counts
+    against the owner's datasets quota."""
+    await refuse_upload_early(request, ctx, "datasets")
     async with streamed_upload(request, ctx.artifacts.root / "datasets", f".{format}", ctx.settings.max_upload_bytes,
                                "invalid_dataset") as upload:
         meta = await run_in_threadpool(_inspect_upload, upload.path, ctx.settings)
         # a database call: in the threadpool, never on the event loop (this route is async for the stream)
-        row = await run_in_threadpool(ctx.store.uploads.add_dataset, name=name, format=format, size=upload.size,
-                                      sha256=upload.sha256, owner=ctx.principal, **meta)
+        try:
+            row = await run_in_threadpool(ctx.store.uploads.add_dataset, limits(ctx)["datasets"], name=name,
+                                          format=format, size=upload.size, sha256=upload.sha256,
+                                          owner=ctx.principal, **meta)
+        except QuotaExceeded as exc:
+            raise quota_error(exc) from None
         await place_upload(ctx, upload.path, ctx.artifacts.dataset_key(row.id, format), keep_local=False,
                            undo=lambda: deletion.delete_dataset(ctx.store, ctx.artifacts, row.id))
         return dataset_json(row)

@@ -17,12 +17,14 @@ from pydantic import ValidationError
 from api.context import Context, get_context
 from api.errors import ApiError, _loc_to_field, named_field
 from api.idempotency import replayed
+from api.quotas import limits, quota_error
 from api.schemas import LABELS, SweepSubmission, sweep_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
 from store import sweeps as stored
 from store.idempotency import IdempotencyConflict
 from store.dispatch import dispatch
+from store.quotas import QuotaExceeded
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 AXIS_OF_FIELD = {f"{section}.{field}": axis for axis, (section, field) in stored.AXES.items()}
@@ -93,7 +95,10 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
     try:
         sweep, created = stored.create_sweep(ctx.store, ctx.principal, submission.name, {**body, **labels}, grid,
                                              entries, ctx.settings.max_active_jobs_per_owner,
-                                             (idempotency_key, digest) if idempotency_key else None)
+                                             (idempotency_key, digest) if idempotency_key else None,
+                                             artifacts_quota=limits(ctx)["artifacts"])
+    except QuotaExceeded as exc:
+        raise quota_error(exc, field=None) from None
     except IdempotencyConflict:  # its twin committed while this one validated: answer with that sweep
         return _replay(ctx, idempotency_key, digest, response)
     for job_id in created:

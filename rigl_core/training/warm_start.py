@@ -32,10 +32,19 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
-def read_header(path: str | os.PathLike, field: str = "model.weights") -> dict[str, tuple[int, ...]]:
-    """The tensors a safetensors file declares, {name: shape}, from its header alone; checks that the
-    header is well formed and that its tensors tile the data exactly (so the file is what it says).
-    Raises ValueError naming `field`."""
+def read_header(path: str | os.PathLike, field: str = "model.weights", max_header_bytes: int = MAX_HEADER_BYTES,
+                max_tensors: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The tensors a safetensors file declares, {name: shape}, from its header alone (read_tensor_index)."""
+    return {name: shape for name, (_dtype, shape) in
+            read_tensor_index(path, field, max_header_bytes, max_tensors).items()}
+
+
+def read_tensor_index(path: str | os.PathLike, field: str = "model.weights", max_header_bytes: int = MAX_HEADER_BYTES,
+                      max_tensors: int | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of the tensors a safetensors file declares, from its header alone; checks
+    that the header is well formed and that its tensors tile the data exactly (so the file is what it
+    says). A header over `max_header_bytes` is refused from the file's first 8 bytes, before any of it
+    is read; more than `max_tensors` entries before any is checked. Raises ValueError naming `field`."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -44,9 +53,12 @@ def read_header(path: str | os.PathLike, field: str = "model.weights") -> dict[s
             if len(head) < 8:
                 raise ValueError(f"{field}: not a safetensors file (shorter than its 8-byte header length)")
             header_bytes = int.from_bytes(head, "little")
-            if header_bytes > MAX_HEADER_BYTES or 8 + header_bytes > size:
+            if 8 + header_bytes > size:
                 raise ValueError(f"{field}: not a safetensors file (its first 8 bytes declare a "
                                  f"{header_bytes:,}-byte header; a pickle or torch.save file is refused)")
+            if header_bytes > max_header_bytes:
+                raise ValueError(f"{field}: the safetensors header is {header_bytes:,} bytes, over the "
+                                 f"{max_header_bytes:,}-byte limit")
             raw = f.read(header_bytes)
     except OSError:
         raise ValueError(f"{field}: the weights file cannot be read") from None
@@ -56,16 +68,22 @@ def read_header(path: str | os.PathLike, field: str = "model.weights") -> dict[s
         raise ValueError(f"{field}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{field}: not a safetensors file (its header is not a JSON object)")
+    try:  # a `\ud800` escape decodes to a lone surrogate, which no safetensors reader (nor database) takes
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field}: not a safetensors file (its header holds an unpaired surrogate)") from None
     header.pop("__metadata__", None)
     if not header:
         raise ValueError(f"{field}: the file holds no tensors")
-    spans, shapes = [], {}
+    if max_tensors is not None and len(header) > max_tensors:
+        raise ValueError(f"{field}: the file holds {len(header):,} tensors, over the limit of {max_tensors:,}")
+    spans, index = [], {}
     for name, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise ValueError(f"{field}: bad safetensors entry for {name[:200]!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_BYTES:
-            raise ValueError(f"{field}: {name[:200]!r} has dtype {str(dtype)[:20]}, not one of {sorted(DTYPE_BYTES)}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise ValueError(f"{field}: {name[:200]!r} has dtype {str(dtype)[:20]!r}, not one of {sorted(DTYPE_BYTES)}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
             raise ValueError(f"{field}: bad shape for {name[:200]!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
@@ -73,7 +91,7 @@ def read_header(path: str | os.PathLike, field: str = "model.weights") -> dict[s
                 or offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]):
             raise ValueError(f"{field}: data_offsets of {name[:200]!r} do not match its shape and dtype")
         spans.append((offsets[0], offsets[1], name))
-        shapes[name] = tuple(shape)
+        index[name] = (dtype, tuple(shape))
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
@@ -82,7 +100,7 @@ def read_header(path: str | os.PathLike, field: str = "model.weights") -> dict[s
     if position != size - 8 - header_bytes:
         raise ValueError(f"{field}: the tensors cover {position:,} bytes but the file holds "
                          f"{size - 8 - header_bytes:,}")
-    return shapes
+    return index
 
 
 def check_values(path: str | os.PathLike, field: str = "model.weights") -> None:

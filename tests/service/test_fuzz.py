@@ -1,5 +1,7 @@
 """Fuzz the API from its own OpenAPI schema (schemathesis): no generated request may get a 5xx.
-Path-traversal attempts on every download route must get a 404."""
+Path-traversal attempts on every download route must get a 404. The seeded mutation fuzzer
+(test_fuzz_seeded.py) adds what a schema rarely generates: NULs and lone surrogates deep in bodies,
+queries and headers, lying uploads, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

@@ -91,7 +91,10 @@ def test_path_probes_all_get_the_same_422_without_a_path(served, tmp_path, path)
     response = api.post("/v1/jobs", json={**FOLDER_JOB, "dataset": {**FOLDER_JOB["dataset"], "path": path}})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
-    assert (error["field"], error["message"]) == ("dataset.path", PATH_MESSAGE)  # identical for every probe
+    if "\x00" in path:  # refused before any route by the text rule (api/text_guard.py): nothing is looked up
+        assert (error["code"], error["field"]) == ("invalid_text", "dataset.path")
+    else:
+        assert (error["field"], error["message"]) == ("dataset.path", PATH_MESSAGE)  # identical for every probe
     assert str(tmp_path) not in response.text and "/root" not in response.text and "/etc" not in response.text
     print(f"\nPROBE {path!r} -> {response.status_code} {error['field']}: {error['message']}")
 
