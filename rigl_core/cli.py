@@ -596,7 +596,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = {"model": model_spec.name, "input_shape": input_shape, "num_classes": num_classes, **plan.to_dict()}
     if args.total_steps is not None:
         result["schedule"] = {"total_steps": args.total_steps, "t_end": schedule.t_end, "delta_t": schedule.delta_t,
-                              "mask_updates": len(schedule.update_steps()), "warnings": schedule_warnings}
+                              "mask_updates": schedule.update_count(), "warnings": schedule_warnings}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -37,6 +37,11 @@ class UpdateSchedule:
     def update_steps(self) -> list[int]:
         return list(range(0, self.t_end, self.delta_t))
 
+    def update_count(self) -> int:
+        """How many steps update the masks, counted without listing them: a job the API refuses for its
+        length (10^10 steps) must be refused at once, not after a list of 10^8 steps."""
+        return len(range(0, self.t_end, self.delta_t))
+
 
 def resolve_t_end(total_steps: int, t_end_fraction: float, t_end_steps: int | None) -> int:
     """T_end in steps; raises ValueError naming the field when it lies after the end of training."""
@@ -68,7 +73,7 @@ def few_updates_warning(method: str, delta_t: int, t_end: int, total_steps: int)
     trained with one or two updates is close to static sparse training, and a newcomer cannot tell why."""
     if method not in UPDATING_METHODS:
         return None
-    updates = len(UpdateSchedule(delta_t, t_end).update_steps())
+    updates = UpdateSchedule(delta_t, t_end).update_count()
     if updates >= FEW_UPDATES:
         return None
     suggested = resolve_delta_t("auto", t_end)

@@ -21,6 +21,28 @@ def test_auto_is_the_papers_100_on_long_runs_and_ten_updates_on_short_ones(t_end
     assert len(UpdateSchedule(delta_t, t_end).update_steps()) >= min(10, t_end)
 
 
+def test_the_update_count_of_a_huge_run_is_worked_out_without_listing_its_steps():
+    """The API checks a submitted job's schedule before refusing it for its length: a JobSpec of 10^10 steps
+    held the API for two minutes and gigabytes while the warning listed its 10^8 update steps (issue 26's
+    newcomer run: test_job_caps took 127 s of the fast tests)."""
+    import tracemalloc
+
+    from rigl_core.sparse.schedules import update_schedule
+    from rigl_core.spec import SparsitySpec
+
+    tracemalloc.start()
+    try:
+        schedule, warnings = update_schedule(SparsitySpec(method="rigl", sparsity=0.9), 10**8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (schedule.t_end, schedule.delta_t, warnings) == (75_000_000, 100, [])
+    assert peak < 1_000_000, f"{peak:,} bytes to count 750,000 updates"
+    assert schedule.update_count() == 750_000
+    assert UpdateSchedule(34, 345).update_count() == len(UpdateSchedule(34, 345).update_steps()) == 11
+    assert UpdateSchedule(7, 1).update_count() == 1 and UpdateSchedule(100, 400).update_count() == 4
+
+
 def test_an_integer_delta_t_is_used_as_given_and_auto_is_the_default():
     assert resolve_delta_t(7, 34) == 7 and resolve_delta_t(100, 34) == 100
     assert ScheduleSpec().delta_t == "auto"  # the paper's 100 on every run as long as the paper's

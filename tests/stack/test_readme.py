@@ -191,6 +191,36 @@ def test_readme_three_line_loop_runs():
     assert scope["rigl"].step_count == 3 * len(loader)
 
 
+def test_readme_three_line_loop_names_what_it_leaves_to_the_reader():
+    """The snippet is a fragment: the prose before it names every variable it uses without defining, and points
+    to the complete loop (a newcomer who ran it as written got a NameError, issue 26)."""
+    import ast
+    import builtins
+
+    tree = ast.parse(THREE_LINES)
+    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    bound |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    free = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    free -= bound | set(dir(builtins))
+    assert free == {"model", "optimizer", "loader", "loss_fn", "epochs"}
+    prose = README[README.index("## RigL in your own training loop"):README.index(THREE_LINES)]
+    assert all(f"`{name}`" in prose for name in free), (free, prose)
+    assert "docs/guide/library.md" in prose and "from rigl_core import RigL" in OWN_LOOP
+
+
+def test_readme_condensed_download_writes_the_file_its_loader_reads():
+    """README's condensed download command names the file the CondensedLinear snippet opens: without `--out` the
+    CLI saves `<job>-model.condensed.safetensors` and the snippet's load_file fails (issue 26)."""
+    from rigl_core.cli import build_parser
+
+    loader = block("python", "README.md", "class CondensedLinear")
+    opened = re.search(r'load_file\("([^"]+)"\)', loader).group(1)
+    for text in (README, DOCS["guide/exports.md"]):
+        command = re.search(r"`(rigl download JOB --format condensed[^`]*)`", text).group(1)
+        args = build_parser().parse_args(command.split()[1:])
+        assert (args.format, args.out) == ("condensed", Path(opened)), command
+
+
 def test_library_own_training_loop(tmp_path, monkeypatch):
     """docs/guide/library.md: the three-line RigL loop trains to the target sparsity leak-free, resumes from its checkpoint,
     and goes on under fp16 with a GradScaler."""
