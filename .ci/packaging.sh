@@ -6,8 +6,9 @@
 #      and `rigl serve` / digits answering with the extra to install (exit 2);
 #   3. py312-install: a Python 3.12 venv with `pip install -e ".[test]"`;
 #   4. py312-tests: that venv runs the fast tests (pyproject's default `-m`).
-# Any failure fails CI. .ci/run starts the first three legs (disk- and network-bound) beside the 3.11 test
-# runs and the last one after them; PACKAGING_WORK names the folder the two calls share (kept, not removed). Measured on the 2-core CI machine (bench/results/packaging.md): build 7-28 s; wheel
+# Any failure fails CI. .ci/run starts the first three legs (disk- and network-bound) beside the fast 3.11
+# tests, waits for them before the slow set, and runs the last one at the end; PACKAGING_WORK names the
+# folder the two calls share (kept, not removed). Measured on the 2-core CI machine (bench/results/packaging.md): build 7-28 s; wheel
 # leg ~1.5 min (60 s install, torch 2.14.1 from the local wheel files; 30 s smoke); py312 leg
 # ~3 min install with a warm pip cache (6.6 min cold: torch cp312 is downloaded) + ~4 min of tests.
 # PACKAGING_LEGS=build,wheel,py312-install,py312-tests picks legs (all by default).
