@@ -171,3 +171,5 @@ def test_concurrent_uploads_never_overshoot_the_count_quota(database, tmp_path):
         assert sorted(outcomes) == ["refused"] * 5 + ["stored"] * 3
         assert len(store.uploads.list_weights("alice")) == 3
         store.engine.dispose()
+    print(f"\nreliability: quota race ({database}): 8 concurrent uploads under a count quota of 3: "
+          f"{outcomes.count('stored')} stored, {outcomes.count('refused')} refused (413)")
