@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from inference import CSRLinear, median_ms, ort_session, sparse_variant, write_results  # noqa: E402
+from overhead import machine_info  # noqa: E402
 
 from rigl_core.export.condensed import save_condensed  # noqa: E402
 from rigl_core.export.condensed_kernel import reference_matmul, unavailable  # noqa: E402
@@ -233,7 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--skip-layers", action="store_true")
-    parser.add_argument("--machine-note", default="shared 2-core Linux VM (AMD EPYC, AVX-512), no GPU")
+    info = machine_info()
+    parser.add_argument("--machine-note", default=f"shared {info['nproc']}-core Linux VM ({info['cpu']}), no GPU")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "condensed_inference")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args(argv)

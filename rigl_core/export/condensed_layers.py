@@ -104,13 +104,19 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _swappable(module: nn.Module, kind: str) -> bool:
-    if kind == "linear":
-        return isinstance(module, nn.Linear)
-    if kind == "conv":
-        return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
-            and not isinstance(module.padding, str)
-    return False
+def _swappable(module: nn.Module, entry: dict) -> bool:
+    """Linear and plain Conv2d layers with some weight left out. A layer that keeps every input of every
+    output (an ERK-dense last layer, say) stays the model's own module: a dense product beats a gather
+    over all of its inputs."""
+    kind = entry["kind"]
+    if kind == "linear" and isinstance(module, nn.Linear):
+        fan_in, rows = module.in_features, module.out_features
+    elif kind == "conv" and isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+            and not isinstance(module.padding, str):
+        fan_in, rows = module.weight[0].numel(), module.out_channels
+    else:
+        return False
+    return not (entry["active"] == rows and entry["k"] == fan_in)
 
 
 def load_condensed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -128,7 +134,7 @@ def condense_into(model: nn.Module, arrays: dict, meta: dict, source: object = "
     for name, entry in meta["layers"].items():
         module_name = name.rpartition(".")[0]
         module = model.get_submodule(module_name)
-        if name.endswith(".weight") and _swappable(module, entry["kind"]):
+        if name.endswith(".weight") and _swappable(module, entry):
             values = torch.from_numpy(layer_values(arrays, name, entry))
             indices = torch.from_numpy(arrays[f"{name}.indices"])
             active = torch.from_numpy(arrays[f"{name}.active"].astype("int64"))

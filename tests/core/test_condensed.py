@@ -53,15 +53,21 @@ def test_condensed_model_equals_the_dense_export(tmp_path, name, shape, swapped)
 
 
 def test_every_kernel_path_agrees(monkeypatch):
+    """Every index type, batch sizes on both sides of BAG_FROM, and fan-ins that leave each tail of the
+    compiled loop's 16- and 8-wide steps (k = 5, 8, 16, 30, 77), with and without a bias."""
     generator = torch.Generator().manual_seed(0)
-    indices = torch.rand(50, 300, generator=generator).topk(30, dim=1).indices.sort(dim=1).values
-    values = torch.randn(50, 30, generator=generator)
-    for batch in (1, 3, 4, 33):
-        x = torch.randn(batch, 300, generator=generator)
-        expected = condensed_kernel.reference_matmul(x, indices, values)
-        for dtype in (torch.int16, torch.int32, torch.int64):
-            got = condensed_kernel.condensed_matmul(x, indices.to(dtype), values)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for fan_in, k in ((300, 30), (300, 77), (200, 5), (200, 8), (250, 16)):
+        indices = torch.rand(50, fan_in, generator=generator).topk(k, dim=1).indices.sort(dim=1).values
+        values, bias = torch.randn(50, k, generator=generator), torch.randn(50, generator=generator)
+        types = (torch.int16, torch.int32, torch.int64) + ((torch.uint8,) if fan_in <= 256 else ())
+        for batch in (1, 3, 4, 33):
+            x = torch.randn(batch, fan_in, generator=generator)
+            expected = condensed_kernel.reference_matmul(x, indices, values)
+            for dtype in types:
+                got = condensed_kernel.condensed_matmul(x, indices.to(dtype), values)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                got = condensed_kernel.condensed_matmul(x, indices.to(dtype), values, bias=bias)
+                torch.testing.assert_close(got, expected + bias, rtol=1e-5, atol=1e-5)
     assert condensed_kernel.unavailable() is None or "compiler" in condensed_kernel.unavailable()
 
 
