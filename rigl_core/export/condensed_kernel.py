@@ -4,9 +4,9 @@
   bound by memory bandwidth. A 90%-sparse condensed layer reads a tenth of the weight bytes, but only if the
   gather, the multiply and the sum run in one pass: eager PyTorch writes the gathered (rows, k) matrix out
   first (barely faster than dense), and Inductor turns the same expression into a scalar loop with a bounds
-  check per element. `condensed_kernel.c` is 20 lines of plain C that the compiler vectorises into
-  AVX2/AVX-512 gathers; it is built once per machine with the system C compiler into a cache folder and
-  loaded with ctypes.
+  check per element. `condensed_kernel.c` is a short plain-C loop with 8-wide AVX2 gathers (the compiler's
+  own vectorisation of the plain loop elsewhere); it is built once per machine with the system C compiler
+  into a cache folder and loaded with ctypes.
 - **More rows, on any device: `F.embedding_bag`.** With the input transposed, (in, batch), each output row
   is a weighted sum of k input rows: exactly an embedding bag with per-sample weights, which PyTorch runs
   with FBGEMM's JIT kernels on CPU (vectorised across the batch, no per-element gather) and its own kernel
