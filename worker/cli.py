@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from worker.metrics import setup as setup_metrics
 
     configure_logging(settings.log_format, args.loglevel.upper())  # text or JSON lines, with job_id
-    setup_metrics(settings.worker_metrics_dir, settings.worker_metrics_port)  # before Celery forks its pool
+    setup_metrics(settings.worker_metrics_dir, settings.worker_metrics_port,  # before Celery forks its pool
+                  settings.worker_metrics_host, settings.metrics_token)
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
             "--queues", ",".join(queues), "--hostname", args.name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
