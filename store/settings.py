@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     job_time_limit_seconds: int = Field(3 * 24 * 3600)
     max_attempts: int = Field(3, ge=1, description="Failed runs (lost workers) before a job fails; clean "
                               "preemptions (SIGTERM, warm shutdown: checkpoint and requeue) don't count.")
+    spec_defer_seconds: float = Field(30, ge=0, description="A worker handed a job whose spec a newer release "
+                                      "wrote (store/spec_version.py) re-sends its message after this long.")
     time_limit_grace_seconds: int = Field(300, ge=1, description="A run checkpoints and ends `time_limit` this "
                                           "long before job_time_limit_seconds; Celery's soft limit is at half of it.")
     db_retry_seconds: float = Field(600, ge=0, description="How long a worker retries a database write that "

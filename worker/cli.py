@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from worker.metrics import setup as setup_metrics
 
     configure_logging(settings.log_format, args.loglevel.upper())  # text or JSON lines, with job_id
+    from store.startup import schema_refuses_start
+
+    if schema_refuses_start(settings, "rigl worker"):  # the API's rule: never start on a schema behind
+        return 2
     setup_metrics(settings.worker_metrics_dir, settings.worker_metrics_port,  # before Celery forks its pool
                   settings.worker_metrics_host, settings.metrics_token)
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",

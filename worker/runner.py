@@ -32,6 +32,7 @@ from store.leases import LeaseLost
 from store.object_store import is_store_outage
 from store.scrub import scrub_paths
 from store.settings import Settings
+from store.spec_version import SPEC_VERSION, spec_body, version_of
 from store.user_paths import check_job_paths, on_this_node
 from worker.devices import owned_devices
 from worker.heartbeat import Heartbeat
@@ -310,7 +311,8 @@ def summary(report: dict) -> dict:
 
 def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
             stop_requested: threading.Event | None = None) -> str:
-    """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
+    """Returns what happened: succeeded, failed, cancelled, requeued, deferred (a spec newer than this
+    release: handed back, store/spec_version.py) or skipped (not ours to run)."""
     return run_slot(job_id, settings, store, stop_requested)[0]
 
 
@@ -374,6 +376,9 @@ class JobRun:
         self.callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
 
     def run(self) -> tuple[str, str]:
+        version = version_of(self.job.resolved_spec)
+        if version > SPEC_VERSION:  # a newer release wrote it: not ours to judge, whether it parses or not
+            return self.defer(version), self.job_id
         self.callback.heartbeat.start()
         try:
             trainer, report = self.train()
@@ -402,12 +407,23 @@ class JobRun:
             except OSError:
                 log.warning("job %s: could not clear its local artifact folder", self.job_id)
 
+    def defer(self, version: int) -> str:
+        """Hand back a job whose spec is newer than this release reads (a rolling upgrade): requeued as a
+        preemption, so no attempt is spent, with the reason on the job; the task re-sends its message after
+        `spec_defer_seconds` (worker/tasks.py), so a worker that can read it takes it meanwhile."""
+        why = (f"its spec is version {version}, this worker reads up to {SPEC_VERSION} (written by a newer "
+               f"release); left queued for a worker that can read it, retried in {self.settings.spec_defer_seconds:g} s")
+        log.warning("job %s: %s", self.job_id, why)
+        requeued = retry_transient(lambda: self.store.leases.requeue(self.job_id, self.token, f"requeued: {why}"),
+                                   self.budget, f"job {self.job_id}: defer")
+        return "deferred" if requeued else "skipped"
+
     def train(self) -> tuple[Trainer, dict]:
         """Train from the job's resume checkpoint if it has one; every event written when it returns."""
         job_id, callback, artifacts = self.job_id, self.callback, self.artifacts
         resolved = on_this_node(materialise(self.job.resolved_spec, artifacts), self.settings)  # keys -> files
         check_job_paths(resolved, self.settings)  # confined to this worker's datasets/uploads dirs
-        trainer = Trainer(JobSpec.model_validate(resolved), callbacks=[callback])
+        trainer = Trainer(JobSpec.model_validate(spec_body(resolved)), callbacks=[callback])
         resume = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(job_id, "resume"), self.budget,
                                  f"job {job_id}: resume checkpoint")
         if resume is not None:
