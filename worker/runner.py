@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -46,7 +47,6 @@ except ImportError:  # pragma: no cover - celery is a dependency of the service
         pass
 
 log = logging.getLogger("rigl.worker")
-NO_SPACE_MESSAGE = "no space left on the artifact volume while writing the checkpoint"
 MAX_PENDING_EVENTS = 5000  # kept while the database is down; beyond it the oldest metrics events go
 
 
@@ -198,7 +198,8 @@ class StoreCallback(Callback):
             self.write_refused = True
         except Exception as error:  # noqa: BLE001 - sorted below
             if is_no_space(error):
-                self.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
+                self.note(f"checkpoint at step {trainer.step} skipped: {no_space_reason(error, self.settings)}; "
+                          "training goes on and the previous checkpoint stays the one to resume from",
                           level="warn", data={"step": trainer.step, "code": "no_space"})
             elif is_transient(error):
                 log.warning("job %s: checkpoint at step %d not recorded (database unavailable); training on",
@@ -208,6 +209,23 @@ class StoreCallback(Callback):
                             "training on", self.job_id, trainer.step, type(error).__name__)
             else:
                 raise
+
+
+def no_space_reason(error: BaseException, settings: Settings) -> str:
+    """"no space left on the artifact volume while writing <artifacts>/jobs/…/file (12,288 bytes free there)":
+    the file the full disk refused (server paths scrubbed) and the room left on its volume."""
+    path = None
+    while error is not None and path is None:
+        path = getattr(error, "path", None) if isinstance(error, NoSpaceError) else None
+        error = error.__cause__ or error.__context__
+    where = Path(path) if path is not None else Path(settings.artifact_dir)
+    folder = next((p for p in (where, *where.parents) if p.is_dir()), None)
+    try:
+        free = f"{shutil.disk_usage(folder).free:,} bytes free there" if folder is not None else "free space unknown"
+    except OSError:
+        free = "free space unknown"
+    what = scrub_paths(str(where), settings) if path is not None else "a file"
+    return f"no space left on the artifact volume while writing {what} ({free})"
 
 
 def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifacts, job_id: str, token: str,
@@ -257,7 +275,7 @@ def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path,
         if artifacts is not None:
             _forget(artifacts, artifacts.key_of(tmp))
         if is_no_space(error):
-            raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
+            raise NoSpaceError(f"no space left on the device while writing {final.name}", final) from error
         raise
     if not retry_transient(lambda: store.leases.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
         tmp.unlink(missing_ok=True)
@@ -461,8 +479,8 @@ class JobRun:
             save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id, self.token, self.job.attempt,
                                    self.budget)
             return "a checkpoint was saved"
-        except NoSpaceError:
-            why, code = "no space left on the artifact volume", "no_space"
+        except NoSpaceError as error:
+            why, code = no_space_reason(error, self.settings), "no_space"
         except Exception as error:  # noqa: BLE001 - a bucket that can't be reached: as a full disk
             if not is_store_outage(error):
                 raise
@@ -503,8 +521,8 @@ class JobRun:
 
     def failed(self, exc: Exception) -> str:
         log.error("job %s failed: %s", self.job_id, traceback.format_exc())
-        if is_no_space(exc):
-            self.finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
+        if is_no_space(exc):  # failed, not requeued: a full volume stays full until an operator acts
+            self.finish("failed", no_space_reason(exc, self.settings), error_code="no_space")
         elif is_store_outage(exc):  # its message names the bucket's endpoint: not shown
             self.finish("failed", "the artifact store was unavailable", error_code="storage_unavailable")
         else:
