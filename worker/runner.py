@@ -372,10 +372,10 @@ def claim_slot(message_job_id: str, settings: Settings, store: JobStore,
                              f"job {message_job_id}: forward")
     if onward is not None and forward is not None:
         log.info("message for job %s: a slot for %d devices, this worker has %d; sent on", message_job_id,
-                 onward, devices)
+                 onward, devices, extra={"job_id": message_job_id})
         forward(onward)
         return "forwarded"
-    log.info("message for job %s: nothing run (%s)", message_job_id, token)
+    log.info("message for job %s: nothing run (%s)", message_job_id, token, extra={"job_id": message_job_id})
     return "skipped"
 
 
@@ -397,6 +397,7 @@ class JobRun:
         version = version_of(self.job.resolved_spec)
         if version > SPEC_VERSION:  # a newer release wrote it: not ours to judge, whether it parses or not
             return self.defer(version), self.job_id
+        log.info("job %s: attempt %d started", self.job_id, self.job.attempt)
         self.callback.heartbeat.start()
         try:
             trainer, report = self.train()
@@ -532,6 +533,8 @@ class JobRun:
         return "failed"
 
     def finish(self, status: str, message: str, **kwargs) -> None:
+        log.info("job %s: %s%s", self.job_id, status, f" ({kwargs['error_code']}: {message})"
+                 if kwargs.get("error_code") else "")
         try:
             retry_transient(lambda: self.store.leases.finish(self.job_id, self.token, status, message, **kwargs),
                             self.budget, f"job {self.job_id}: finish")

@@ -36,6 +36,9 @@ def train(self, job_id: str) -> str:
     from worker.retry import is_transient, retry_transient
     from worker.runner import run_slot
 
+    from service_common.log_context import job_id_var
+
+    job_id_var.set(job_id)  # this process's lines name the message's job (the run's own, once it claims one)
     if shutting_down.is_set():
         raise Reject("this worker is shutting down", requeue=True)
     allow_child_processes()
