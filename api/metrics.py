@@ -12,9 +12,11 @@
 - In `rigl serve` the worker's series too (its prometheus_client multiprocess folder,
   `worker_metrics_dir`; worker/metrics.py), so the embedded mode has a single scrape target.
 
-Owners are labelled by a hash (`owner="h:<12 hex>"`), not by name: owner names are whatever an admin
-typed (often an e-mail), and a metrics endpoint is read by more people and systems than the API's
-data. An operator who knows a name finds its series with `printf %s NAME | sha256sum | cut -c1-12`.
+Owners are labelled by a keyed hash (`owner="h:<12 hex>"`, HMAC-SHA256 with the server's label key,
+store/server_key.py), not by name: owner names are whatever an admin typed (often an e-mail), a metrics
+endpoint is read by more people and systems than the API's data, and a plain sha256 of a guessable name
+is reversed by hashing guesses. An operator who knows a name finds its series with
+`printf %s NAME | openssl dgst -sha256 -hmac "$(cat DATA_DIR/secrets/metrics_label_key)" | …` (first 12 hex).
 With the hash the endpoint exposes only aggregate counts, so it is open by default like `/healthz`
 (Prometheus scrapes it over the internal network); set `metrics_token` (`RIGL_METRICS_TOKEN`) to ask
 for `Authorization: Bearer <token>` where the API port is public.
@@ -23,8 +25,6 @@ for `Authorization: Bearer <token>` where the API port is public.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import threading
 import time
 
@@ -37,24 +37,22 @@ from sqlalchemy import func, select
 
 from api.errors import ApiError
 from api.request_log import route_template
+from service_common.bearer import bearer_allows
 from store.db import Job
 from store.job_state import ACTIVE, CLAIMABLE, TERMINAL
 from store.jobs import JobStore
+from store.server_key import keyed_label, label_key
 from store.settings import Settings
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STATUSES = (*ACTIVE, *TERMINAL)  # every status gets a series, 0 included, so dashboards see no gaps
 
 
-def owner_label(owner: str) -> str:
-    return "h:" + hashlib.sha256(owner.encode()).hexdigest()[:12]
-
-
 class JobsCollector(Collector):
     """Job counts from the database at scrape time, cached for `ttl` seconds."""
 
-    def __init__(self, store: JobStore, ttl: float):
-        self.store, self.ttl = store, ttl
+    def __init__(self, store: JobStore, ttl: float, key: bytes):
+        self.store, self.ttl, self.key = store, ttl, key
         self.lock = threading.Lock()
         self.cached: tuple[float, dict] | None = None
 
@@ -105,7 +103,7 @@ class JobsCollector(Collector):
         active = GaugeMetricFamily("rigl_owner_active_jobs", "Queued and running jobs per owner (hashed name)",
                                    labels=["owner"])
         for owner, count in data["owners"]:
-            active.add_metric([owner_label(owner)], count)
+            active.add_metric([keyed_label(self.key, owner)], count)
         yield active
 
 
@@ -142,7 +140,7 @@ def build_registry(settings: Settings, store: JobStore) -> tuple[CollectorRegist
     registry = CollectorRegistry(auto_describe=True)
     histogram = Histogram("rigl_http_request_duration_seconds", "API request latency by route template",
                           ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=registry)
-    registry.register(JobsCollector(store, settings.metrics_cache_seconds))
+    registry.register(JobsCollector(store, settings.metrics_cache_seconds, label_key(settings)))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -165,11 +163,9 @@ def install(app: FastAPI, settings: Settings, store: JobStore) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:  # plain def: the job counts may wait on the database
-        if token:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                raise ApiError(401, "unauthorized", "/metrics wants Authorization: Bearer <RIGL_METRICS_TOKEN>",
-                               "Authorization", headers={"WWW-Authenticate": "Bearer"})
+        if not bearer_allows(request.headers.get("authorization"), token):
+            raise ApiError(401, "unauthorized", "/metrics wants Authorization: Bearer <RIGL_METRICS_TOKEN>",
+                           "Authorization", headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestMetrics, histogram=histogram)

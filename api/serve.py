@@ -114,13 +114,11 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from store.migrations import SchemaBehind
+    from store.startup import schema_refuses_start
 
-    try:
-        app = create_app(settings)  # opens the database: upgrades its schema, or refuses when told not to
-    except SchemaBehind as exc:
-        print(f"rigl serve: {exc}", file=sys.stderr, flush=True)
+    if schema_refuses_start(settings, "rigl serve"):  # upgrades the schema, or refuses when told not to
         return 2
+    app = create_app(settings)
     # open event streams would hold a graceful shutdown forever: give them a few seconds
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                             log_config=None,  # its lines through ours

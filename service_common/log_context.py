@@ -74,6 +74,7 @@ def configure_logging(fmt: str = "text", level: str | int = "INFO", stream=None)
     handler.addFilter(ContextFilter())
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn(...) as `py.warnings` records: one format for every line
     if logging.getLogger("alembic").level == logging.NOTSET:  # a line per migration plugin at every start
         logging.getLogger("alembic").setLevel(logging.WARNING)
     return handler

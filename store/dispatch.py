@@ -23,7 +23,8 @@ def dispatch(store: JobStore, enqueue: Callable[[str], None], job_id: str) -> bo
     try:
         enqueue(job_id)
     except Exception as exc:  # noqa: BLE001 - kombu raises several kinds; all mean "not sent"
-        log.warning("job %s: broker unavailable (%s); left queued for the reaper", job_id, exc)
+        log.warning("job %s: broker unavailable (%s); left queued for the reaper", job_id, exc,
+                    extra={"job_id": job_id})
         store.mark_undispatched(job_id, f"queued; the broker was unreachable ({type(exc).__name__}), "
                                         "the job will be sent to a worker when it is back")
         return False

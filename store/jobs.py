@@ -28,6 +28,7 @@ from store.job_state import (ACTIVE, CLAIMABLE, TERMINAL, UNDISPATCHED, WAITING_
                              lock_owners)
 from store.leases import Leases
 from store.settings import Settings
+from store.spec_version import stamped
 from store.uploads import Uploads
 
 
@@ -103,7 +104,8 @@ class JobStore:
         """The rows of one new queued job, in the caller's transaction (which holds the owner's lock and has
         checked the cap): create_job's, and a sweep's release of held children (store/sweeps.py)."""
         tags = list(dict.fromkeys(tags or []))  # once each, in the order given
-        job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
+        # the stored spec carries its spec_version (store/spec_version.py)
+        job = Job(spec=spec, resolved_spec=stamped(resolved_spec), total_steps=total_steps, owner=owner,
                   devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
                   method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id)
         session.add(job)

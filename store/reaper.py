@@ -46,10 +46,10 @@ class Reaper(BackgroundLoop):
             return []
         requeued = self.store.leases.requeue_stale(self.lease_seconds)
         for job_id in requeued:
-            log.warning("job %s lost its worker; requeued", job_id)
+            log.warning("job %s lost its worker; requeued", job_id, extra={"job_id": job_id})
             dispatch(self.store, self.enqueue, job_id)
         for job_id in redispatch(self.store, self.enqueue):
-            log.info("job %s sent to the broker, which is reachable again", job_id)
+            log.info("job %s sent to the broker, which is reachable again", job_id, extra={"job_id": job_id})
         self.release_sweep_children()
         return requeued
 

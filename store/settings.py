@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     job_time_limit_seconds: int = Field(3 * 24 * 3600)
     max_attempts: int = Field(3, ge=1, description="Failed runs (lost workers) before a job fails; clean "
                               "preemptions (SIGTERM, warm shutdown: checkpoint and requeue) don't count.")
+    spec_defer_seconds: float = Field(30, ge=0, description="A worker handed a job whose spec a newer release "
+                                      "wrote (store/spec_version.py) re-sends its message after this long.")
     time_limit_grace_seconds: int = Field(300, ge=1, description="A run checkpoints and ends `time_limit` this "
                                           "long before job_time_limit_seconds; Celery's soft limit is at half of it.")
     db_retry_seconds: float = Field(600, ge=0, description="How long a worker retries a database write that "
@@ -140,10 +142,16 @@ class Settings(BaseSettings):
     metrics: bool = Field(True, description="Serve Prometheus metrics at the API's /metrics (api/metrics.py).")
     metrics_token: str | None = Field(None, repr=False,
                                       description="If set, /metrics wants `Authorization: Bearer <this>`.")
+    metrics_label_key: str | None = Field(None, repr=False, description="Key of the HMAC that labels owners "
+                                          "on /metrics (store/server_key.py); None: a random one made once in "
+                                          "data_dir/secrets/metrics_label_key.")
     metrics_cache_seconds: float = Field(5.0, ge=0, description="How long /metrics reuses its database counts "
                                          "(jobs by status, queue, per owner): a scrape storm costs one query set.")
     worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="A worker serves its Prometheus "
                                             "metrics on this port (worker/metrics.py); None: no port.")
+    worker_metrics_host: str = Field("127.0.0.1", description="Address the worker's metrics port listens on: "
+                                     "loopback by default; compose sets 0.0.0.0 (its internal network only, "
+                                     "never published) so Prometheus reaches it. It wants metrics_token when set.")
     worker_metrics_dir: Path | None = Field(None, description="prometheus_client multiprocess folder of the "
                                             "worker; `rigl serve` sets it and its API exports those series too.")
     log_format: str = Field("text", pattern="^(text|json)$", description="Log lines: `text` (readable) or "
@@ -175,6 +183,7 @@ class Settings(BaseSettings):
             if url is not None:
                 refuse_placeholder(f"RIGL_{name.upper()}_URL", url_password(url))
         refuse_placeholder("RIGL_METRICS_TOKEN", self.metrics_token)
+        refuse_placeholder("RIGL_METRICS_LABEL_KEY", self.metrics_label_key)
         return self
 
     @field_validator("artifact_url", "s3_endpoint_url", "s3_region")

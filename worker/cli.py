@@ -29,10 +29,19 @@ def run(args: argparse.Namespace) -> int:
     queues = worker_queues(settings.queue, owned_devices(settings))  # slot classes 1 … devices
     from worker.metrics import setup as setup_metrics
 
-    configure_logging(settings.log_format, args.loglevel.upper())  # text or JSON lines, with job_id
-    setup_metrics(settings.worker_metrics_dir, settings.worker_metrics_port)  # before Celery forks its pool
-    argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
+    handler = configure_logging(settings.log_format, args.loglevel.upper())  # text or JSON lines, with job_id
+    from store.startup import schema_refuses_start
+
+    if schema_refuses_start(settings, "rigl worker"):  # the API's rule: never start on a schema behind
+        return 2
+    setup_metrics(settings.worker_metrics_dir, settings.worker_metrics_port,  # before Celery forks its pool
+                  settings.worker_metrics_host, settings.metrics_token)
+    from worker.log_output import QUIET_ARGS, take_over
+
+    app = worker_app(settings)
+    take_over(app, handler)  # Celery's banner, prints and notices as log lines too (worker/log_output.py)
+    argv = [*QUIET_ARGS, "worker", "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
             "--queues", ",".join(queues), "--hostname", args.name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle"]
-    worker_app(settings).worker_main(argv)
+    app.worker_main(argv)
     return 0

@@ -30,6 +30,9 @@ class Heartbeat(threading.Thread):
         self.lock = threading.Lock()  # one beat at a time: the thread's and a final beat_now()
 
     def run(self) -> None:
+        from service_common.log_context import job_id_var
+
+        job_id_var.set(self.job_id)  # a thread starts with empty context variables: its lines name the job too
         failures = 0
         while not self.stopping.wait(self.interval):
             try:

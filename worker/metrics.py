@@ -7,7 +7,11 @@ process could not be scraped. In multiprocess mode every process writes its valu
 files in one folder (PROMETHEUS_MULTIPROC_DIR, set by `setup` before Celery forks); the worker's main
 process, which lives as long as the worker, serves the sum of all of them on `worker_metrics_port`,
 so counters outlive the job processes, and a pool process's live gauges are dropped when it exits.
-- compose: one port per worker container; Prometheus finds the containers by DNS (docker/prometheus.yml).
+The port listens on `worker_metrics_host` (127.0.0.1 unless set) and wants the API's `metrics_token`
+(`Authorization: Bearer …`, service_common/bearer.py) when one is set: job ids and throughput are not
+for every host on the network.
+- compose: one port per worker container, bound to 0.0.0.0 on the compose network only (never published);
+  Prometheus finds the containers by DNS and sends the token (docker/prometheus.yml).
 - `rigl serve`: the API reads the worker's folder (`worker_metrics_dir`) and adds these series to its
   own /metrics (api/metrics.py), so the embedded mode keeps a single scrape target and no extra port.
 Not chosen: pushing values into the database or Redis for the API to export (a write on the training
@@ -45,10 +49,11 @@ _meter: contextvars.ContextVar["JobMeter | None"] = contextvars.ContextVar("rigl
 _series: SimpleNamespace | None = None
 
 
-def setup(folder: Path | None, port: int | None) -> Path | None:
+def setup(folder: Path | None, port: int | None, host: str = "127.0.0.1", token: str | None = None) -> Path | None:
     """In the worker's main process, before Celery forks its pool: multiprocess mode in `folder`
     (emptied: counters restart with the worker, which Prometheus' rate() expects) and, with a port,
-    the HTTP endpoint. Neither set: nothing (the series stay in each process, unread)."""
+    the HTTP endpoint on `host`, wanting `token` when set. Neither set: nothing (the series stay in
+    each process, unread)."""
     if folder is None and port is None:
         return None
     if folder is None:  # one per port: two workers on a host need two ports anyway
@@ -66,13 +71,40 @@ def setup(folder: Path | None, port: int | None) -> Path | None:
 
     worker_process_shutdown.connect(_process_exited, weak=False)
     if port is not None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
         FolderCollector(registry, path=str(folder))
-        start_http_server(port, registry=registry)
-        log.info("worker metrics on port %d (multiprocess folder %s)", port, folder)
+        serve(registry, port, host, token)
+        log.info("worker metrics on %s:%d%s (multiprocess folder %s)", host, port,
+                 ", token required" if token else "", folder)
     return folder
+
+
+def serve(registry, port: int, host: str = "127.0.0.1", token: str | None = None):
+    """prometheus_client's exposition app on `host`:`port` in a daemon thread, behind the metrics token
+    (401 without it). Returns the server (its `server_address` is where it listens; `shutdown()` stops it)."""
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+    from service_common.bearer import bearer_allows
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if not bearer_allows(environ.get("HTTP_AUTHORIZATION"), token):
+            start_response("401 Unauthorized", [("Content-Type", "application/json"),
+                                                ("WWW-Authenticate", "Bearer")])
+            return [b'{"error": {"code": "unauthorized", "message": "/metrics wants Authorization: Bearer '
+                    b'<RIGL_METRICS_TOKEN>", "field": "Authorization"}}']
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, name="rigl-worker-metrics", daemon=True).start()
+    return server
 
 
 def _process_exited(pid=None, **_kwargs) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -32,6 +33,7 @@ from store.leases import LeaseLost
 from store.object_store import is_store_outage
 from store.scrub import scrub_paths
 from store.settings import Settings
+from store.spec_version import SPEC_VERSION, spec_body, version_of
 from store.user_paths import check_job_paths, on_this_node
 from worker.devices import owned_devices
 from worker.heartbeat import Heartbeat
@@ -45,7 +47,6 @@ except ImportError:  # pragma: no cover - celery is a dependency of the service
         pass
 
 log = logging.getLogger("rigl.worker")
-NO_SPACE_MESSAGE = "no space left on the artifact volume while writing the checkpoint"
 MAX_PENDING_EVENTS = 5000  # kept while the database is down; beyond it the oldest metrics events go
 
 
@@ -197,7 +198,8 @@ class StoreCallback(Callback):
             self.write_refused = True
         except Exception as error:  # noqa: BLE001 - sorted below
             if is_no_space(error):
-                self.note(f"checkpoint at step {trainer.step} skipped: no space left on the artifact volume",
+                self.note(f"checkpoint at step {trainer.step} skipped: {no_space_reason(error, self.settings)}; "
+                          "training goes on and the previous checkpoint stays the one to resume from",
                           level="warn", data={"step": trainer.step, "code": "no_space"})
             elif is_transient(error):
                 log.warning("job %s: checkpoint at step %d not recorded (database unavailable); training on",
@@ -207,6 +209,23 @@ class StoreCallback(Callback):
                             "training on", self.job_id, trainer.step, type(error).__name__)
             else:
                 raise
+
+
+def no_space_reason(error: BaseException, settings: Settings) -> str:
+    """"no space left on the artifact volume while writing <artifacts>/jobs/…/file (12,288 bytes free there)":
+    the file the full disk refused (server paths scrubbed) and the room left on its volume."""
+    path = None
+    while error is not None and path is None:
+        path = getattr(error, "path", None) if isinstance(error, NoSpaceError) else None
+        error = error.__cause__ or error.__context__
+    where = Path(path) if path is not None else Path(settings.artifact_dir)
+    folder = next((p for p in (where, *where.parents) if p.is_dir()), None)
+    try:
+        free = f"{shutil.disk_usage(folder).free:,} bytes free there" if folder is not None else "free space unknown"
+    except OSError:
+        free = "free space unknown"
+    what = scrub_paths(str(where), settings) if path is not None else "a file"
+    return f"no space left on the artifact volume while writing {what} ({free})"
 
 
 def save_resume_checkpoint(trainer: Trainer, store: JobStore, artifacts: Artifacts, job_id: str, token: str,
@@ -256,7 +275,7 @@ def publish(store: JobStore, job_id: str, token: str, attempt: int, final: Path,
         if artifacts is not None:
             _forget(artifacts, artifacts.key_of(tmp))
         if is_no_space(error):
-            raise NoSpaceError(f"no space left on the device while writing {final.name}") from error
+            raise NoSpaceError(f"no space left on the device while writing {final.name}", final) from error
         raise
     if not retry_transient(lambda: store.leases.holds_lease(job_id, token), budget, f"job {job_id}: lease check"):
         tmp.unlink(missing_ok=True)
@@ -310,7 +329,8 @@ def summary(report: dict) -> dict:
 
 def run_job(job_id: str, settings: Settings, store: JobStore | None = None,
             stop_requested: threading.Event | None = None) -> str:
-    """Returns what happened: succeeded, failed, cancelled, requeued or skipped (not ours to run)."""
+    """Returns what happened: succeeded, failed, cancelled, requeued, deferred (a spec newer than this
+    release: handed back, store/spec_version.py) or skipped (not ours to run)."""
     return run_slot(job_id, settings, store, stop_requested)[0]
 
 
@@ -352,10 +372,10 @@ def claim_slot(message_job_id: str, settings: Settings, store: JobStore,
                              f"job {message_job_id}: forward")
     if onward is not None and forward is not None:
         log.info("message for job %s: a slot for %d devices, this worker has %d; sent on", message_job_id,
-                 onward, devices)
+                 onward, devices, extra={"job_id": message_job_id})
         forward(onward)
         return "forwarded"
-    log.info("message for job %s: nothing run (%s)", message_job_id, token)
+    log.info("message for job %s: nothing run (%s)", message_job_id, token, extra={"job_id": message_job_id})
     return "skipped"
 
 
@@ -374,6 +394,10 @@ class JobRun:
         self.callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
 
     def run(self) -> tuple[str, str]:
+        version = version_of(self.job.resolved_spec)
+        if version > SPEC_VERSION:  # a newer release wrote it: not ours to judge, whether it parses or not
+            return self.defer(version), self.job_id
+        log.info("job %s: attempt %d started", self.job_id, self.job.attempt)
         self.callback.heartbeat.start()
         try:
             trainer, report = self.train()
@@ -402,12 +426,23 @@ class JobRun:
             except OSError:
                 log.warning("job %s: could not clear its local artifact folder", self.job_id)
 
+    def defer(self, version: int) -> str:
+        """Hand back a job whose spec is newer than this release reads (a rolling upgrade): requeued as a
+        preemption, so no attempt is spent, with the reason on the job; the task re-sends its message after
+        `spec_defer_seconds` (worker/tasks.py), so a worker that can read it takes it meanwhile."""
+        why = (f"its spec is version {version}, this worker reads up to {SPEC_VERSION} (written by a newer "
+               f"release); left queued for a worker that can read it, retried in {self.settings.spec_defer_seconds:g} s")
+        log.warning("job %s: %s", self.job_id, why)
+        requeued = retry_transient(lambda: self.store.leases.requeue(self.job_id, self.token, f"requeued: {why}"),
+                                   self.budget, f"job {self.job_id}: defer")
+        return "deferred" if requeued else "skipped"
+
     def train(self) -> tuple[Trainer, dict]:
         """Train from the job's resume checkpoint if it has one; every event written when it returns."""
         job_id, callback, artifacts = self.job_id, self.callback, self.artifacts
         resolved = on_this_node(materialise(self.job.resolved_spec, artifacts), self.settings)  # keys -> files
         check_job_paths(resolved, self.settings)  # confined to this worker's datasets/uploads dirs
-        trainer = Trainer(JobSpec.model_validate(resolved), callbacks=[callback])
+        trainer = Trainer(JobSpec.model_validate(spec_body(resolved)), callbacks=[callback])
         resume = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(job_id, "resume"), self.budget,
                                  f"job {job_id}: resume checkpoint")
         if resume is not None:
@@ -445,8 +480,8 @@ class JobRun:
             save_resume_checkpoint(trainer, self.store, self.artifacts, self.job_id, self.token, self.job.attempt,
                                    self.budget)
             return "a checkpoint was saved"
-        except NoSpaceError:
-            why, code = "no space left on the artifact volume", "no_space"
+        except NoSpaceError as error:
+            why, code = no_space_reason(error, self.settings), "no_space"
         except Exception as error:  # noqa: BLE001 - a bucket that can't be reached: as a full disk
             if not is_store_outage(error):
                 raise
@@ -487,8 +522,8 @@ class JobRun:
 
     def failed(self, exc: Exception) -> str:
         log.error("job %s failed: %s", self.job_id, traceback.format_exc())
-        if is_no_space(exc):
-            self.finish("failed", NO_SPACE_MESSAGE, error_code="no_space")
+        if is_no_space(exc):  # failed, not requeued: a full volume stays full until an operator acts
+            self.finish("failed", no_space_reason(exc, self.settings), error_code="no_space")
         elif is_store_outage(exc):  # its message names the bucket's endpoint: not shown
             self.finish("failed", "the artifact store was unavailable", error_code="storage_unavailable")
         else:
@@ -498,6 +533,8 @@ class JobRun:
         return "failed"
 
     def finish(self, status: str, message: str, **kwargs) -> None:
+        log.info("job %s: %s%s", self.job_id, status, f" ({kwargs['error_code']}: {message})"
+                 if kwargs.get("error_code") else "")
         try:
             retry_transient(lambda: self.store.leases.finish(self.job_id, self.token, status, message, **kwargs),
                             self.budget, f"job {self.job_id}: finish")

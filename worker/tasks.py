@@ -36,6 +36,9 @@ def train(self, job_id: str) -> str:
     from worker.retry import is_transient, retry_transient
     from worker.runner import run_slot
 
+    from service_common.log_context import job_id_var
+
+    job_id_var.set(job_id)  # this process's lines name the message's job (the run's own, once it claims one)
     if shutting_down.is_set():
         raise Reject("this worker is shutting down", requeue=True)
     allow_child_processes()
@@ -56,14 +59,25 @@ def train(self, job_id: str) -> str:
             if is_transient(error):  # the database stayed down longer than db_retry_seconds: try later
                 raise Reject(f"database unavailable: {type(error).__name__}", requeue=True) from error
             raise
-        if outcome == "requeued":  # checkpointed; send it to the next worker (or leave it to the reaper)
-            retry_transient(lambda: dispatch(store, lambda job: enqueue_train(self.app, job, settings.queue), ran),
-                            settings.db_retry_seconds, f"job {ran}: requeue message")
+        if outcome in ("requeued", "deferred"):  # checkpointed, or a spec too new for this worker: send it on
+            send_on(self.app, store, settings, ran, outcome)
         elif outcome in ("succeeded", "failed", "cancelled"):  # a slot under its owner's cap came free
             release_sweep_children(store, settings, self.app)
         return outcome
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def send_on(app, store, settings, job_id: str, outcome: str) -> None:
+    """The message of a job this worker handed back: at once after a preemption (the next worker resumes it),
+    `spec_defer_seconds` later when its spec was too new here (store/spec_version.py), so an old worker
+    doesn't take it straight back and spin; unsent (broker down): the reaper sends it."""
+    from store.dispatch import dispatch
+    from worker.retry import retry_transient
+
+    countdown = settings.spec_defer_seconds if outcome == "deferred" else None
+    retry_transient(lambda: dispatch(store, lambda job: enqueue_train(app, job, settings.queue, countdown), job_id),
+                    settings.db_retry_seconds, f"job {job_id}: requeue message")
 
 
 def release_sweep_children(store, settings, app) -> None:

@@ -27,6 +27,7 @@ from store.idempotency import IdempotencyConflict
 from store.jobs import TooManyActiveJobs, UploadGone
 from store.object_store import is_store_outage
 from store.quotas import QuotaExceeded
+from store.spec_version import spec_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "cancelling", "requeued")
@@ -264,7 +265,7 @@ def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
     from rigl_core.models.registry import build_model, resolve_task
     from rigl_core.sparse.plan import make_plan
 
-    spec = JobSpec.model_validate(job.resolved_spec)
+    spec = JobSpec.model_validate(spec_body(job.resolved_spec))
     if spec.model.program is not None:  # the program fixes its shapes; this node's copy of its file
         from store.artifacts import MissingArtifact
 

@@ -20,10 +20,12 @@ CHECKPOINT_VERSION = 1
 
 
 class NoSpaceError(OSError):
-    """The disk filled up while writing a checkpoint (the partial file has been removed)."""
+    """The disk filled up while writing a file (the partial file has been removed); `path`: the file that
+    could not be written, so the error can say where and how much room is left there."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
         super().__init__(errno.ENOSPC, message)
+        self.path = None if path is None else Path(path)
 
     def __str__(self) -> str:
         return self.strerror
@@ -70,7 +72,8 @@ def save_checkpoint(trainer, path: str | os.PathLike) -> Path:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if is_no_space(exc):
-            raise NoSpaceError(f"no space left on the device while writing the checkpoint {path.name}") from exc
+            raise NoSpaceError(f"no space left on the device while writing the checkpoint {path.name}",
+                               path) from exc
         raise
     return path
 

@@ -92,11 +92,19 @@ def ensure_schema(engine: Engine, auto_upgrade: bool = True) -> SchemaState:
         raise SchemaBehind(f"the database schema is {state.describe()}; run `rigl db upgrade` against it "
                            "(RIGL_DB_AUTO_UPGRADE=0 turns off the upgrade on start)")
     before, after = upgrade(engine)
-    if before is None and not state.has_tables:
+    log_upgrade(before, after, state.has_tables)
+    return schema_state(engine)
+
+
+def log_upgrade(before: str | None, after: str | None, had_tables: bool) -> None:
+    """What an upgrade on start did. A replica that found the schema behind, then waited on the lock while
+    another replica upgraded it, ran no DDL: it says so (it used to log "upgraded 0006 -> 0006")."""
+    if before == after:
+        log.info("database schema at %s, no upgrade needed (another process upgraded it)", after)
+    elif before is None and not had_tables:
         log.info("database schema created at %s", after)
     else:
         log.warning("database schema upgraded: %s -> %s", before or "made before migrations", after)
-    return schema_state(engine)
 
 
 def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | None]:

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.service import JOB, ROOT, free_port, serve_process, wait_for
+from store.server_key import keyed_label, label_key
 from store.settings import Settings
 
 
@@ -53,7 +54,7 @@ def test_request_histogram_and_job_gauges_move(api):
     assert value(after, "rigl_jobs", status="queued") - value(before, "rigl_jobs", status="queued") == 1
     assert value(after, "rigl_queue_depth") == value(before, "rigl_queue_depth") + 1
     assert value(after, "rigl_queue_oldest_age_seconds") > 0
-    owner = "h:" + hashlib.sha256(b"local").hexdigest()[:12]
+    owner = keyed_label(label_key(api.settings), "local")
     assert value(after, "rigl_owner_active_jobs", owner=owner) == 1
 
     assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code in (200, 202)
@@ -121,7 +122,61 @@ def test_request_ids_access_log_json_and_owner_hashing(tmp_path):
     assert post["time"].endswith("+00:00")
     assert key not in stream.getvalue()  # the key's id, never the key
     assert "alice" not in samples  # owners are hashed on /metrics
-    assert "h:" + hashlib.sha256(b"alice@example.com").hexdigest()[:12] in samples
+    assert keyed_label(label_key(settings), "alice@example.com") in samples
+
+
+def test_owner_labels_are_keyed_not_a_plain_sha256_of_the_name(tmp_path):
+    """sha256(name) is reversed by hashing guessed names: the label is an HMAC with the server's key, which
+    is made once, kept in the data dir (0600) and reused, or set by RIGL_METRICS_LABEL_KEY."""
+    import os
+
+    from api.app import create_app
+    from store.jobs import JobStore
+    from store.keys import create_key
+    from store.server_key import KEY_FILE
+
+    settings = Settings(data_dir=tmp_path, auth=True, metrics_cache_seconds=0).resolved()
+    _row, key = create_key(JobStore(settings.database_url), "alice@example.com")
+    with TestClient(create_app(settings, enqueue=lambda job_id: None, reaper=False)) as client:
+        assert client.post("/v1/jobs", json=JOB, headers={"Authorization": f"Bearer {key}"}).status_code == 201
+        owners = [dict(labels)["owner"] for name, labels in scrape(client.get("/metrics").text)
+                  if name == "rigl_owner_active_jobs"]
+    assert len(owners) == 1
+    assert owners[0] != "h:" + hashlib.sha256(b"alice@example.com").hexdigest()[:12]
+    assert owners[0] == keyed_label(label_key(settings), "alice@example.com")
+    stored = tmp_path / KEY_FILE
+    assert os.stat(stored).st_mode & 0o777 == 0o600 and len(stored.read_text().strip()) == 64
+    assert label_key(settings) == label_key(settings)  # made once, then read back
+    other = Settings(data_dir=tmp_path, metrics_label_key="k" * 32)
+    assert keyed_label(label_key(other), "alice@example.com") != owners[0]
+
+
+def test_worker_metrics_port_listens_on_loopback_and_wants_the_token():
+    """The worker's port: 127.0.0.1 unless RIGL_WORKER_METRICS_HOST says otherwise, and, with
+    RIGL_METRICS_TOKEN set, 401 without `Authorization: Bearer <token>`, 200 with it."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from worker.metrics import serve
+
+    assert Settings().worker_metrics_host == "127.0.0.1"
+    registry = CollectorRegistry()
+    Counter("rigl_worker_test_things", "a series to find", registry=registry).inc()
+    open_port, guarded_port = free_port(), free_port()
+    servers = [serve(registry, open_port), serve(registry, guarded_port, Settings().worker_metrics_host, "s3cret")]
+    try:
+        assert [server.server_address[0] for server in servers] == ["127.0.0.1", "127.0.0.1"]
+        assert "rigl_worker_test_things_total 1.0" in httpx.get(f"http://127.0.0.1:{open_port}/metrics").text
+        url = f"http://127.0.0.1:{guarded_port}/metrics"
+        refused = httpx.get(url)
+        assert refused.status_code == 401 and refused.json()["error"]["field"] == "Authorization"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        allowed = httpx.get(url, headers={"Authorization": "Bearer s3cret"})
+        assert allowed.status_code == 200 and "rigl_worker_test_things_total 1.0" in allowed.text
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 @pytest.mark.slow

@@ -241,13 +241,69 @@ def test_a_full_artifact_volume_fails_the_job_no_space_and_leaves_no_temp_files(
     assert run_job(job_id, settings, store) == "failed"
     job = store.get_job(job_id)
     assert job.error_code == "no_space", (job.error_code, job.error_message)
-    assert job.error_message == "no space left on the artifact volume while writing the checkpoint"
+    assert job.error_message.startswith("no space left on the artifact volume while writing <artifacts>/jobs/")
+    assert "bytes free there)" in job.error_message
     warnings = [e for e in store.events.list_events(job_id, limit=1000) if e.level == "warn" and e.type == "message"]
     assert warnings and "no space" in warnings[0].message  # periodic checkpoints skipped, training went on
     assert job.step == 69  # all 3 epochs trained; the final export is what could not be written
     leftovers = [p.name for p in (small_volume / "jobs" / job_id).iterdir()]
     assert not [name for name in leftovers if name.endswith(".tmp")], leftovers
     assert store.checkpoints.list_checkpoints(job_id) == []
+
+
+def test_a_volume_that_fills_mid_run_keeps_the_last_good_checkpoint_and_every_other_file(tmp_path, small_volume,
+                                                                                          store, monkeypatch):
+    """The volume fills right after the job's first checkpoint (step 10): the later checkpoints are refused
+    half-written and skipped, the step-10 file and row stay intact, the job ends `failed` / `no_space` with
+    the file it could not write and the room left, and another job's artifacts are untouched."""
+    import hashlib
+    import os
+    import re
+
+    import worker.runner as runner
+    from store.artifacts import sha256_file
+
+    settings = Settings(data_dir=tmp_path, artifact_dir=small_volume, cancel_poll_seconds=0.2, lease_seconds=30,
+                        checkpoint_every_steps=10, checkpoint_min_seconds=0).resolved()
+    other = small_volume / "jobs" / "job_other"  # a finished job's files, already on the volume
+    other.mkdir(parents=True)
+    for name in ("model.safetensors", "report.json"):
+        (other / name).write_bytes(os.urandom(64 * 1024))
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in other.iterdir()}
+    real_save, saved = runner.save_resume_checkpoint, []
+
+    def save_then_fill(trainer, *args, **kwargs):  # the real save; after the first, the volume is full
+        name = real_save(trainer, *args, **kwargs)
+        saved.append(trainer.step)
+        if len(saved) == 1:
+            free = os.statvfs(small_volume)
+            (small_volume / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 16 * 1024))
+        return name
+
+    monkeypatch.setattr(runner, "save_resume_checkpoint", save_then_fill)
+    job_id = submit(store, spec=small(3))
+    assert run_job(job_id, settings, store) == "failed"
+    job = store.get_job(job_id)
+    assert saved == [10] and job.step == 69  # one good checkpoint; all 3 epochs trained after the disk filled
+    assert job.error_code == "no_space"
+    found = re.fullmatch(r"no space left on the artifact volume while writing <artifacts>/jobs/" + job_id +
+                         r"/(\S+) \(([\d,]+) bytes free there\)", job.error_message)
+    assert found, job.error_message
+    assert int(found[2].replace(",", "")) < 16 * 1024
+    skipped = [e.message for e in store.events.list_events(job_id, limit=1000) if e.level == "warn"]
+    assert skipped and all("previous checkpoint stays" in m for m in skipped), skipped
+    resume = store.checkpoints.latest_checkpoint(job_id, "resume")
+    kept = small_volume / "jobs" / job_id / resume.filename
+    assert resume.step == 10 and sha256_file(kept) == resume.sha256  # the last good one, whole
+    files = [p.name for p in (small_volume / "jobs" / job_id).iterdir()]
+    assert not [name for name in files if name.endswith(".tmp")], files
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in other.iterdir()} == before
+
+
+def run_job(job_id, settings, store):
+    from worker.runner import run_job as run
+
+    return run(job_id, settings, store)
 
 
 def test_a_stop_request_during_a_database_outage_still_requeues(settings, store, monkeypatch):

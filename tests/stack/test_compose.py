@@ -387,3 +387,17 @@ def test_images_ship_the_dashboard_assets():
     assert all(any(fnmatch.fnmatch(a, pattern) for pattern in patterns) for a in assets), (assets, patterns)
     dockerfile = (ROOT / "docker" / "api.Dockerfile").read_text()
     assert "COPY api ./api" in dockerfile and 'RUN pip install ".[service]"' in dockerfile
+
+
+def test_worker_metrics_ports_stay_on_the_compose_network_and_want_the_token():
+    """Workers listen on 127.0.0.1 by default; compose opens their port to its own network only (no `ports:`),
+    hands them the metrics token, and Prometheus sends it to them as to the API."""
+    for name in ("worker-gpu0", "worker-gpu1", "worker-cpu", "worker-8gpu"):
+        service = SERVICES[name]
+        assert service["environment"]["RIGL_WORKER_METRICS_HOST"] == "0.0.0.0", name
+        assert service["environment"]["RIGL_METRICS_TOKEN_FILE"] == "/run/secrets/metrics_token", name
+        assert "metrics_token" in service["secrets"] and "ports" not in service, name
+    assert Settings().worker_metrics_host == "127.0.0.1"
+    prometheus = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    worker_job = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "rigl-worker")
+    assert worker_job["authorization"] == {"credentials_file": "/run/secrets/metrics_token"}
