@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from store import quotas
+from store import quotas, webhooks
 from store.artifacts import issued_id
 from store.checkpoints import Checkpoints
 from store.claims import Claims
@@ -53,6 +53,7 @@ class JobStore:
         """`settings`: the database's pool sizes and upgrade rule (None: from the environment)."""
         self.engine = make_engine(database_url, settings)
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
+        webhooks.install(self.sessions)  # status changes write their webhook deliveries (the outbox)
         parts = (self.engine, self.sessions)
         self.claims, self.leases, self.events = Claims(*parts), Leases(*parts), EventLog(*parts)
         self.checkpoints, self.uploads, self.idempotency = Checkpoints(*parts), Uploads(*parts), Idempotency(*parts)
