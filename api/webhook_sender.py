@@ -91,9 +91,14 @@ class WebhookSender(BackgroundLoop):
     def __init__(self, store: JobStore, settings: Settings):
         super().__init__("rigl-webhooks", settings.webhook_interval_seconds, log)
         self.store, self.settings = store, settings
+        self.prune_at = 0.0  # the first pass prunes
 
     def work(self) -> int:
-        """One pass (`run_once`): send every due delivery; how many attempts were made."""
+        """One pass (`run_once`): send every due delivery; how many attempts were made. About once an hour,
+        prune finished deliveries past webhooks.KEEP_DAYS."""
+        if time.monotonic() >= self.prune_at:
+            self.prune_at = time.monotonic() + 3600
+            webhooks.prune(self.store)
         sent = 0
         while batch := webhooks.due(self.store):
             for delivery, hook in batch:

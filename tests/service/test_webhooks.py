@@ -296,3 +296,18 @@ def test_endpoints_per_owner_are_capped(make_api):
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "events.0"
     with api.store.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Webhook)) == 2
+
+
+def test_finished_deliveries_are_pruned_after_30_days(api, receiver):
+    from store import webhooks
+
+    hook = register(api, receiver.url)
+    api.post("/v1/jobs", json=JOB)
+    sender(api).run_once()
+    api.post(f"/v1/webhooks/{hook['id']}/test")  # pending: never pruned
+    assert webhooks.prune(api.store) == 0
+    with api.store.sessions.begin() as s:
+        for row in s.scalars(select(WebhookDelivery)):
+            row.created_at = row.created_at.replace(year=row.created_at.year - 1)
+    assert webhooks.prune(api.store) == 1
+    assert [d["event_type"] for d in deliveries(api, hook["id"])] == ["webhook.test"]
