@@ -15,9 +15,12 @@ from sqlalchemy import func, select
 
 from api.webhook_sender import WebhookSender
 from helpers.doc_pages import block
-from helpers.service import JOB
+from helpers.service import JOB, postgres_available, temporary_postgres_database
 from store.db import Job, Webhook, WebhookDelivery
 from store.job_state import set_status
+
+
+needs_pg = pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL on 127.0.0.1:5432")
 
 
 class Receiver:
@@ -60,10 +63,24 @@ def receiver():
     server.close()
 
 
-@pytest.fixture()
-def api(make_api):
-    """Private and loopback addresses allowed (the receiver is on 127.0.0.1); retries due at once."""
-    return make_api(webhook_allow_private=True, webhook_retry_base_seconds=0)
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
+def api(request, make_api, make_settings):
+    """Private and loopback addresses allowed (the receiver is on 127.0.0.1); retries due at once. On a
+    SQLite file and on a real PostgreSQL database."""
+    overrides = {"webhook_allow_private": True, "webhook_retry_base_seconds": 0}
+    if request.param == "sqlite":
+        yield make_api(**overrides)
+        return
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with temporary_postgres_database() as url:
+        settings = make_settings(database_url=url, auth=False, **overrides)
+        with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as client:
+            client.settings, client.store = settings, client.app.state.context.store
+            yield client
+            client.store.engine.dispose()
 
 
 def sender(api) -> WebhookSender:
@@ -311,3 +328,24 @@ def test_finished_deliveries_are_pruned_after_30_days(api, receiver):
             row.created_at = row.created_at.replace(year=row.created_at.year - 1)
     assert webhooks.prune(api.store) == 1
     assert [d["event_type"] for d in deliveries(api, hook["id"])] == ["webhook.test"]
+
+
+@pytest.mark.slow
+def test_rigl_serve_delivers_a_trained_jobs_changes(tmp_path, receiver):
+    """`rigl serve` (API + worker processes): a job trained by the worker reaches the receiver as queued,
+    running and succeeded, sent by the API's sender, each signed."""
+    import httpx
+
+    from helpers.service import serve_process, wait_for
+
+    with serve_process(tmp_path / "data", RIGL_WEBHOOK_ALLOW_PRIVATE="1",
+                       RIGL_WEBHOOK_INTERVAL_SECONDS="0.2") as (base, _process):
+        hook = httpx.post(f"{base}/v1/webhooks", json={"url": receiver.url}, timeout=30).json()
+        job = httpx.post(f"{base}/v1/jobs", json=JOB, timeout=30).json()
+        types = lambda: [json.loads(r["body"])["type"] for r in receiver.requests]  # noqa: E731
+        wait_for(lambda: "job.succeeded" in types(), 180, what="the job.succeeded delivery")
+    assert types() == ["job.queued", "job.running", "job.succeeded"]
+    verify = verify_from_docs()
+    for request in receiver.requests:
+        assert json.loads(request["body"])["data"]["id"] == job["id"]
+        assert verify(request["body"], request["headers"]["Rigl-Signature"], hook["secret"])
