@@ -51,7 +51,8 @@ def main() -> None:
         with TestClient(create_app(settings, enqueue=lambda _id: None, reaper=False)) as api:
             store = api.app.state.context.store
             keys = {owner: {"Authorization": f"Bearer {create_key(store, owner)[1]}"} for owner in ("plain", "hooked")}
-            assert api.post("/v1/webhooks", json={"url": "http://10.0.0.1/hook"}, headers=keys["hooked"]).status_code == 201
+            hook = api.post("/v1/webhooks", json={"url": "http://10.0.0.1/hook"}, headers=keys["hooked"])
+            assert hook.status_code == 201, hook.text
             variants = {"no hook": keys["plain"], "hook, no webhooks": keys["plain"], "hook, 1 webhook": keys["hooked"]}
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
             for _ in range(20):  # warm up (imports, first model builds)
