@@ -15,7 +15,8 @@ from api import metrics
 from api.request_log import RequestLog
 from api.text_guard import TextGuard
 from api.origin_guard import OriginGuard, split_list
-from api.routes import jobs, programs, resources, sweeps, usage, weights
+from api.routes import jobs, programs, resources, sweeps, usage, webhooks, weights
+from api.webhook_sender import WebhookSender
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
@@ -33,14 +34,18 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         context.artifacts.remove_orphan_uploads(settings.orphan_upload_seconds)  # left by a crash mid-upload
-        lost_job_reaper = janitor = None
+        lost_job_reaper = janitor = sender = None
         if reaper:
             if settings.reaper:  # one process acts at a time (store/leader.py); workers run it too
                 lost_job_reaper = start_reaper(store, context.enqueue, settings.database_url, settings.lease_seconds,
                                        settings.reaper_interval_seconds, settings.max_active_jobs_per_owner)
             janitor = Janitor(store, context.artifacts, settings.cleanup_interval_seconds, settings.retention_days)
             janitor.start()
+            sender = WebhookSender(store, settings)  # every replica: deliveries are taken one at a time
+            sender.start()
         yield
+        if sender is not None:
+            sender.stop()
         if lost_job_reaper is not None:
             lost_job_reaper.stop()
         if janitor is not None:
@@ -56,6 +61,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     app.include_router(programs.router)
     app.include_router(sweeps.router)
     app.include_router(usage.router)
+    app.include_router(webhooks.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])

@@ -21,33 +21,44 @@ MAX_METADATA_BYTES = 16 * 1024
 LABELS = ("name", "tags", "metadata")
 
 
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# One definition of each label rule, shared by submission (JobSubmission) and edits (LabelsPatch)
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN,
+                            description="A label for lists and the dashboard (not unique; no control characters).")]
+Tags = Annotated[list[Annotated[str, StringConstraints(pattern=TAG_PATTERN)]], Field(
+    max_length=MAX_TAGS,
+    description=f"At most {MAX_TAGS}, each 1-64 of a-z 0-9 _ . : - ; `GET /v1/jobs?tag=` filters by one.")]
+METADATA_DESCRIPTION = (f"Free JSON object: at most {MAX_METADATA_KEYS} keys and {MAX_METADATA_BYTES // 1024} KiB as "
+                        "compact JSON; stored and returned as given.")
+
+
+def bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """The metadata caps (keys, compact JSON bytes, finite numbers): at submit and after an edit's merge."""
+    if len(value) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} keys ({len(value)} given)")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except ValueError:
+        raise ValueError("numbers must be finite (no NaN or Infinity)") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as compact JSON ({size} given)")
+    return value
+
+
 class JobSubmission(JobSpec):
     """`POST /v1/jobs`: a JobSpec plus the user's labels for the job. The labels are stored beside the
     spec, never in it (`job_spec()`), so workers and `rigl train` see the same JobSpec as before."""
 
-    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                             description="A label for lists and the dashboard (not unique; no control characters).")
-    tags: list[Annotated[str, StringConstraints(pattern=TAG_PATTERN)]] = Field(
-        default_factory=list, max_length=MAX_TAGS,
-        description=f"At most {MAX_TAGS}, each 1-64 of a-z 0-9 _ . : - ; `GET /v1/jobs?tag=` filters by one.")
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description=f"Free JSON object: at most {MAX_METADATA_KEYS} keys and "
-        f"{MAX_METADATA_BYTES // 1024} KiB as compact JSON; stored and returned as given.")
+    name: Name | None = None
+    tags: Tags = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict, description=METADATA_DESCRIPTION)
 
     @field_validator("metadata")
     @classmethod
     def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(value) > MAX_METADATA_KEYS:
-            raise ValueError(f"at most {MAX_METADATA_KEYS} keys ({len(value)} given)")
-        try:
-            size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
-        except ValueError:
-            raise ValueError("numbers must be finite (no NaN or Infinity)") from None
-        except RecursionError:
-            raise ValueError("nested too deeply") from None
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as compact JSON ({size} given)")
-        return value
+        return bounded_metadata(value)
 
     def job_spec(self) -> JobSpec:
         """The JobSpec without the labels (already validated: built, not validated again)."""
@@ -170,7 +181,7 @@ class SweepSubmission(BaseModel):
     """`POST /v1/sweeps`: a base job (a JobSpec with optional name/tags/metadata) and the grid."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: Name | None = None
     base: JobSubmission
     grid: SweepGrid
 

@@ -144,7 +144,18 @@ def _add_client_commands(sub) -> None:
     submit.add_argument("--name", help="a label for the job (lists, dashboard)")
     submit.add_argument("--tag", action="append", dest="tags", metavar="TAG", help="a tag (repeatable); "
                         "`rigl jobs --tag` filters by one")
+    _add_metadata_flag(submit, "a metadata entry (repeatable; VALUE is text); `rigl jobs --metadata` filters by it")
     submit.set_defaults(handler=cmd_submit)
+    label = sub.add_parser("label", help="edit a job's name, tags or metadata (what is not given stays)")
+    label.add_argument("job_id")
+    label.add_argument("--name", help="the new name")
+    label.add_argument("--tag", action="append", dest="tags", metavar="TAG",
+                       help="the new tags (repeatable; replaces the job's tags)")
+    label.add_argument("--no-tags", action="store_true", help="remove every tag")
+    _add_metadata_flag(label, "set a metadata entry (repeatable; VALUE is text; other keys stay)")
+    label.add_argument("--drop-metadata", action="append", default=[], metavar="KEY", help="delete a metadata key "
+                       "(repeatable)")
+    label.set_defaults(handler=cmd_label)
     status = sub.add_parser("status", help="show a job")
     status.add_argument("job_id")
     status.add_argument("--json", action="store_true")
@@ -172,6 +183,7 @@ def _add_client_commands(sub) -> None:
     jobs.add_argument("--tag", help="only jobs with this tag")
     jobs.add_argument("--name-prefix", help="only jobs whose name starts with this (case-sensitive)")
     jobs.add_argument("--method", help="only jobs of this sparsity method")
+    _add_metadata_flag(jobs, "only jobs whose metadata KEY is VALUE (repeatable: all must hold)")
     jobs.set_defaults(handler=cmd_jobs)
     usage = sub.add_parser("usage", help="what you store on the service against your storage quotas")
     usage.add_argument("--json", action="store_true")
@@ -199,15 +211,45 @@ def _job_line(job) -> str:
     return line + (f"  {labels}" if labels else "")
 
 
+def _add_metadata_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", dest="metadata",
+                        type=_metadata_entry, help=what)
+
+
+def _metadata_entry(text: str) -> tuple[str, str]:
+    """`--metadata KEY=VALUE`: VALUE stays text (a version `1.10` is not the number 1.1)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as team=vision, got {text!r}")
+    return key, value
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise UsageError(f"file: {args.file} does not exist")
     body = _apply_sets(_read_config(args.file, flag=None), args.set_fields)
     body.update({k: v for k, v in (("name", args.name), ("tags", args.tags)) if v})  # labels beside the spec
+    if args.metadata:  # added to the file's own metadata
+        body["metadata"] = {**(body.get("metadata") or {}), **dict(args.metadata)}
     job = _client().submit(body)
     print(job.id)
     if args.wait:
         return _follow(job.id)
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    changes: dict = {}
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.tags or args.no_tags:
+        changes["tags"] = [] if args.no_tags else args.tags
+    metadata = {**{key: None for key in args.drop_metadata}, **dict(args.metadata)}
+    if metadata:
+        changes["metadata"] = metadata
+    if not changes:
+        raise UsageError("label: give --name, --tag, --no-tags, --metadata or --drop-metadata")
+    print(_job_line(_client().label(args.job_id, **changes)))
     return 0
 
 
@@ -247,7 +289,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     for job in _client().list(status=args.status, limit=args.limit, tag=args.tag, name_prefix=args.name_prefix,
-                              method=args.method):
+                              method=args.method, metadata=dict(args.metadata)):
         print(_job_line(job))
     return 0
 

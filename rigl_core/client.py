@@ -199,10 +199,13 @@ class Client:
         return Job(self, self._request("GET", f"/v1/jobs/{job_id}").json())
 
     def list(self, status: str | None = None, limit: int = 20, after: str | None = None, tag: str | None = None,
-             name_prefix: str | None = None, method: str | None = None) -> list[Job]:
-        """Newest first; the filters combine (`tag`: one of the job's tags, `method`: the sparsity method)."""
+             name_prefix: str | None = None, method: str | None = None, metadata: dict | None = None) -> list[Job]:
+        """Newest first; the filters combine (`tag`: one of the job's tags, `method`: the sparsity method,
+        `metadata`: {key: value} that the job's metadata must hold, each value a string, int or bool)."""
         filters = {"status": status, "after": after, "tag": tag, "name_prefix": name_prefix, "method": method}
-        params = {"limit": limit, **{k: v for k, v in filters.items() if v}}
+        params = {"limit": limit, **{k: v for k, v in filters.items() if v},
+                  **{f"metadata.{k}": json.dumps(v) if isinstance(v, bool) else str(v)
+                     for k, v in (metadata or {}).items()}}
         return [Job(self, j) for j in self._request("GET", "/v1/jobs", params=params).json()["data"]]
 
     def iter_jobs(self, status: str | None = None) -> Iterator[Job]:
@@ -218,6 +221,16 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return Job(self, self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def label(self, job_id: str, **changes: Any) -> Job:
+        """Edit a job's labels: `name=`, `tags=` (the new list), `metadata=` (merged into the job's: a key
+        set to None is deleted); a label not passed stays, and None clears `name` or `tags`. The server's
+        JSON merge patch (`PATCH /v1/jobs/{id}`); repeating it changes nothing more, so it is retried."""
+        unknown = set(changes) - {"name", "tags", "metadata"}
+        if unknown:
+            raise TypeError(f"label() takes name, tags and metadata, not {', '.join(sorted(unknown))}")
+        return Job(self, self._request("PATCH", f"/v1/jobs/{job_id}", json=changes,
+                                       headers={"Content-Type": "application/merge-patch+json"}).json())
 
     def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll: float = 1.0,
              _job: Job | None = None) -> Job:

@@ -1,4 +1,5 @@
-"""Tables: jobs, job_tags, events (monotonic ids), checkpoints, architectures, datasets, weights, sweeps.
+"""Tables: jobs, job_tags, events (monotonic ids), checkpoints, architectures, datasets, weights, sweeps,
+webhooks and their deliveries.
 
 The schema is made and changed by the migrations in store/migrations (never create_all): every model
 change comes with a revision there, and tests/test_migrations.py fails when the two differ. Opening a
@@ -239,3 +240,40 @@ class PendingDeletion(Base):
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Webhook(Base):
+    """An owner's endpoint for job and sweep state changes (store/webhooks.py). The secret signs each body
+    (HMAC-SHA256): it is kept as given (the sender needs it) and shown only once, at creation."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("wh"))
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(80))
+    events: Mapped[list | None] = mapped_column(JSON, nullable=True)  # event types it wants; None: all
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: written in the transaction of the change it reports (the outbox), sent and
+    retried by the API's webhook sender; `log` holds each attempt (status code, error, duration)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))
+    # no foreign key: deleting an endpoint must never fail a job's status change that is writing its delivery
+    webhook_id: Mapped[str] = mapped_column(String(40))  # ix_webhook_deliveries_hook
+    event_id: Mapped[str] = mapped_column(String(40))  # the same for every endpoint of one event (dedupe)
+    event_type: Mapped[str] = mapped_column(String(40))  # job.succeeded, sweep.finished, …
+    payload: Mapped[str] = mapped_column(Text)  # the exact body sent, so every retry is signed the same
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    log: Mapped[list] = mapped_column(JSON, default=list)
+
+
+Index("ix_webhook_deliveries_due", WebhookDelivery.status, WebhookDelivery.next_attempt_at)  # the sender's pass
+Index("ix_webhook_deliveries_hook", WebhookDelivery.webhook_id, WebhookDelivery.created_at)  # an endpoint's log

@@ -29,10 +29,14 @@ class StorePart:
         self.engine, self.sessions = engine, sessions
 
     def write_lock(self, session) -> None:
-        """SQLite: take the database's write lock now (a deferred transaction takes it at its first
-        write), so reading candidates and claiming one is atomic there. PostgreSQL locks rows instead."""
-        if self.engine.dialect.name == "sqlite":
-            session.execute(update(Job).where(false()).values(attempt=Job.attempt))
+        write_lock(session)
+
+
+def write_lock(session) -> None:
+    """SQLite: take the database's write lock now (a deferred transaction takes it at its first
+    write), so reading candidates and claiming one is atomic there. PostgreSQL locks rows instead."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Job).where(false()).values(attempt=Job.attempt))
 
 
 def lock_owners(session, owners: Iterable[str]) -> None:

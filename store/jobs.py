@@ -9,14 +9,14 @@ cancel, dispatch marks) are its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from store import quotas
+from store import quotas, webhooks
 from store.artifacts import issued_id
 from store.checkpoints import Checkpoints
 from store.claims import Claims
@@ -25,8 +25,9 @@ from store.engine import make_engine, make_sessionmaker
 from store.events import EventLog
 from store.idempotency import Idempotency, IdempotencyConflict, check_unused, remember
 from store.job_state import (ACTIVE, CLAIMABLE, TERMINAL, UNDISPATCHED, WAITING_FOR_DEVICES, lock_job_events,
-                             lock_owners)
+                             lock_owners, write_lock)
 from store.leases import Leases
+from store.metadata_filter import metadata_equals
 from store.settings import Settings
 from store.spec_version import stamped
 from store.uploads import Uploads
@@ -53,6 +54,7 @@ class JobStore:
         """`settings`: the database's pool sizes and upgrade rule (None: from the environment)."""
         self.engine = make_engine(database_url, settings)
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
+        webhooks.install(self.sessions)  # status changes write their webhook deliveries (the outbox)
         parts = (self.engine, self.sessions)
         self.claims, self.leases, self.events = Claims(*parts), Leases(*parts), EventLog(*parts)
         self.checkpoints, self.uploads, self.idempotency = Checkpoints(*parts), Uploads(*parts), Idempotency(*parts)
@@ -147,10 +149,12 @@ class JobStore:
 
     def list_jobs(self, limit: int = 20, after: str | None = None, status: str | None = None,
                   owner: str | None = None, tag: str | None = None, name_prefix: str | None = None,
-                  method: str | None = None) -> tuple[list[SimpleNamespace], bool]:
+                  method: str | None = None, metadata: Iterable[tuple[str, str]] = ()
+                  ) -> tuple[list[SimpleNamespace], bool]:
         """Newest first, as read-only snapshots of the rows (a third cheaper than ORM objects); `after` is the id
         of the last job of the previous page. The filters combine (AND); `name_prefix` is case-sensitive on
-        both databases (SQLite's LIKE is not, hence substr)."""
+        both databases (SQLite's LIKE is not, hence substr); `metadata`: (key, value) pairs, each a
+        store/metadata_filter.py match."""
         with self.sessions() as s:
             query = select(Job.__table__).order_by(Job.seq.desc())  # rows as snapshots, as get_job_view: no ORM
             if owner is not None:
@@ -163,6 +167,8 @@ class JobStore:
                 query = query.where(func.substr(Job.name, 1, len(name_prefix)) == name_prefix)
             if method:
                 query = query.where(Job.method == method)
+            for key, value in metadata:
+                query = query.where(metadata_equals(Job.meta, self.engine.dialect.name, key, value))
             if after:
                 if not issued_id(after):
                     raise KeyError(after)
@@ -175,6 +181,37 @@ class JobStore:
                 query = query.where(Job.seq < anchor)
             rows = [SimpleNamespace(**row) for row in s.execute(query.limit(limit + 1)).mappings()]
         return rows[:limit], len(rows) > limit
+
+    def update_labels(self, job_id: str, owner: str | None, changes: Callable[[Job], dict]) -> Job | None:
+        """Edit a job's name, tags and metadata in one transaction with the job row locked: `changes(job)`
+        returns the new values of the labels to set (it may raise, and nothing is written). A `labels`
+        event records what changed. None: no such job for this owner (deleted, or another owner's)."""
+        if not issued_id(job_id):
+            return None
+        with self.sessions.begin() as s:
+            write_lock(s)  # SQLite: read-merge-write is atomic (PostgreSQL: the row lock below)
+            query = select(Job).where(Job.id == job_id).with_for_update()
+            if owner is not None:
+                query = query.where(Job.owner == owner)
+            job = s.scalars(query).first()
+            if job is None:
+                return None
+            new = changes(job)
+            current = {"name": job.name, "tags": job.tags or [], "metadata": job.meta or {}}
+            changed = {key: value for key, value in new.items() if value != current[key]}
+            if "name" in changed:
+                job.name = changed["name"]
+            if "metadata" in changed:
+                job.meta = changed["metadata"] or None
+            if "tags" in changed:
+                job.tags = changed["tags"] or None
+                s.execute(delete(JobTag).where(JobTag.job_id == job_id))
+                s.add_all(JobTag(job_id=job_id, tag=tag) for tag in changed["tags"])
+            if changed:
+                lock_job_events(s, job_id)
+                s.add(Event(job_id=job_id, type="labels", message="labels changed: " + ", ".join(changed),
+                            data=changed))
+        return job
 
     def request_cancel(self, job_id: str, owner: str | None = None) -> Job | None:
         """Conditional UPDATEs (`WHERE status …`), never read-then-write: on SQLite the read is not in the

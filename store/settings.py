@@ -100,6 +100,20 @@ class Settings(BaseSettings):
                                          "with their artifacts by the API's cleanup pass; None: kept.")
     cleanup_interval_seconds: float = Field(60, gt=0, description="How often the API's cleanup pass runs "
                                             "(pending deletions, resume checkpoints of finished jobs, retention).")
+    webhook_allow_private: bool = Field(False, description="Webhooks may send to private (10/8, 172.16/12, "
+                                        "192.168/16, fc00::/7) and loopback addresses; link-local, multicast and "
+                                        "reserved ones still need webhook_allowed_networks.")
+    webhook_allowed_networks: str = Field("", description="Comma-separated CIDRs webhooks may send to whatever "
+                                          "their kind (e.g. 10.1.2.0/24 for an internal receiver).")
+    webhook_timeout_seconds: float = Field(5, gt=0, le=30, description="Connect and read timeout of one "
+                                           "webhook delivery attempt.")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery before it is "
+                                      "marked failed.")
+    webhook_retry_base_seconds: float = Field(10, ge=0, description="Wait before a delivery's second try; "
+                                              "each next wait is 4 times longer (10 s, 40 s, 160 s, 640 s).")
+    webhook_interval_seconds: float = Field(2, gt=0, description="How often the API's webhook sender looks "
+                                            "for deliveries that are due.")
+    max_webhooks_per_owner: int = Field(10, ge=1, le=100, description="Webhook endpoints one owner may have.")
     orphan_upload_seconds: float = Field(600, ge=0, description="`.upload-*` temp files older than this are "
                                          "removed at API startup (an upload in progress is younger).")
     checkpoint_every_steps: int = Field(200, ge=1)

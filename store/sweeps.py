@@ -17,7 +17,7 @@ from typing import Callable
 
 from sqlalchemy import delete, select, update
 
-from store import quotas
+from store import quotas, webhooks
 from store.artifacts import ID_PATTERN, issued_id
 from store.db import Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, Sweep, WeightsRecord, utcnow
 from store.dispatch import dispatch
@@ -186,7 +186,9 @@ def cancel_sweep(store: JobStore, sweep_id: str, owner: str | None = None) -> Sw
         return None
     with store.sessions.begin() as s:
         store.lock_owners(s, [sweep.owner])  # after this, no release creates another child
-        s.execute(update(Sweep).where(Sweep.id == sweep_id).values(status="cancelled"))
+        if s.execute(update(Sweep).where(Sweep.id == sweep_id, Sweep.status != "cancelled")
+                     .values(status="cancelled")).rowcount == 1:
+            webhooks.sweep_cancelled(s, sweep)
     for job in sweep_jobs(store, sweep_id):
         if job.status not in TERMINAL:
             store.request_cancel(job.id)

@@ -1,4 +1,4 @@
-"""Jobs: create, list, get, cancel, events (poll and SSE), metrics, sparsity, checkpoints."""
+"""Jobs: create, list, get, edit labels, cancel, events (poll and SSE), metrics, sparsity, checkpoints."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from fastapi.responses import FileResponse, RedirectResponse, Response, Streamin
 from starlette.background import BackgroundTask
 
 from api.context import Context, get_context
-from api.errors import ApiError
+from api.errors import ApiError, from_value_error
 from api.idempotency import replayed
+from api.labels import MERGE_PATCH, LabelsPatch, changes
 from api.quotas import limits, quota_error
 from api.event_hub import EventHub, StreamSlots
 from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, event_json, job_json
@@ -25,6 +26,7 @@ from store.deletion import delete_job as delete_stored_job
 from store.dispatch import dispatch
 from store.idempotency import IdempotencyConflict
 from store.jobs import TooManyActiveJobs, UploadGone
+from store.metadata_filter import KEY_PATTERN as METADATA_KEY, MAX_FILTERS as MAX_METADATA_FILTERS
 from store.object_store import is_store_outage
 from store.quotas import QuotaExceeded
 from store.spec_version import spec_body
@@ -94,21 +96,41 @@ def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | N
 
 
 @router.get("")
-def list_jobs(limit: int = Query(20, ge=1, le=100), after: str | None = Query(None, max_length=40),
+def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = Query(None, max_length=40),
               status: str | None = Query(None), tag: str | None = Query(None, pattern=TAG_PATTERN),
               name_prefix: str | None = Query(None, min_length=1, max_length=200), method: str | None = Query(None),
               ctx: Context = Depends(get_context)) -> dict:
-    """Newest first, `limit` a page, `after` the last id of the previous page; the filters combine."""
+    """Newest first, `limit` a page, `after` the last id of the previous page; the filters combine.
+
+    `metadata.KEY=VALUE` (repeatable, at most 8): jobs whose metadata KEY (top level) is the string VALUE,
+    or the integer or boolean spelled so (`metadata.epochs=5`, `metadata.ablation=true`)."""
     if status is not None and status not in STATUSES:
         raise ApiError(422, "invalid_request", f"status must be one of {', '.join(STATUSES)}", "status")
     if method is not None and method not in METHODS:
         raise ApiError(422, "invalid_request", f"method must be one of {', '.join(METHODS)}", "method")
     try:
         jobs, has_more = ctx.store.list_jobs(limit, after, status, ctx.owner, tag=tag, name_prefix=name_prefix,
-                                             method=method)
+                                             method=method, metadata=_metadata_filters(request))
     except KeyError:
         raise ApiError(422, "invalid_request", f"no job {after!r} to page after", "after") from None
     return {"object": "list", "data": [job_json(j, admin=ctx.owner is None) for j in jobs], "has_more": has_more}
+
+
+def _metadata_filters(request: Request) -> list[tuple[str, str]]:
+    """The `metadata.KEY=VALUE` query parameters, checked (422 naming the parameter)."""
+    found = []
+    for name, value in request.query_params.multi_items():
+        if not name.startswith("metadata."):
+            continue
+        key = name.removeprefix("metadata.")
+        if not METADATA_KEY.match(key):
+            raise ApiError(422, "invalid_request", "a metadata filter's key is 1-64 of A-Z a-z 0-9 _ . : -", name)
+        if not 1 <= len(value) <= 1024:
+            raise ApiError(422, "invalid_request", "a metadata filter's value is 1-1024 characters", name)
+        found.append((key, value))
+    if len(found) > MAX_METADATA_FILTERS:
+        raise ApiError(422, "invalid_request", f"at most {MAX_METADATA_FILTERS} metadata filters", "metadata")
+    return found
 
 
 @router.get("/{job_id}")
@@ -119,6 +141,26 @@ def get_job(job_id: str, ctx: Context = Depends(get_context)) -> Response:
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
     return Response(json.dumps(job_json(job, admin=ctx.owner is None)), media_type="application/json")
+
+
+@router.patch("/{job_id}", openapi_extra={"requestBody": {"content": {MERGE_PATCH: {"schema": {
+    "$ref": "#/components/schemas/LabelsPatch"}}}}})
+def edit_labels(job_id: str, patch: LabelsPatch, ctx: Context = Depends(get_context)) -> dict:
+    """Edit the job's `name`, `tags` and `metadata`, any job status. A JSON merge patch (RFC 7396; sent as
+    application/merge-patch+json or application/json): a member left out stays, `null` removes it, `tags`
+    is replaced whole, `metadata` is merged key by key (`null` deletes a key). The result obeys the
+    submission's rules. The job's events get a `labels` event with what changed."""
+
+    def new_values(job) -> dict:
+        try:
+            return changes(patch, job.meta)
+        except ValueError as exc:
+            raise from_value_error(exc, code="invalid_request") from None
+
+    job = ctx.store.update_labels(job_id, ctx.owner, new_values)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
+    return job_json(job, admin=ctx.owner is None)
 
 
 @router.post("/{job_id}/cancel", status_code=202)

@@ -270,7 +270,8 @@ function jobView(view, jobId) {
   const log = h("ol", { class: "log", id: "event-log" });
   const spec = h("pre", { class: "spec", id: "job-spec" });
   const layerHead = h("thead"), layerBody = h("tbody");
-  view.replaceChildren(header, summary,
+  const labels = labelsForm(jobId, job => { data.job = job; render(); });
+  view.replaceChildren(header, labels.form, summary,
     h("section", { class: "grid" }, ...ids.map(id => charts[id])),
     h("h2", {}, "Layers"), h("table", { class: "jobs layers", id: "layer-table" }, layerHead, layerBody),
     h("section", { class: "two" },
@@ -295,7 +296,8 @@ function jobView(view, jobId) {
       onclick: async () => {
         try { data.job = await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" }); render(); } catch (err) { banner(err.message); }
       } }, "Cancel job");
-    header.replaceChildren(h("h1", {}, "Job ", h("code", {}, job.id)), statusBadge(job.status), progressBar(job), cancel);
+    const edit = h("button", { id: "edit-labels", onclick: () => labels.open(data.job) }, "Edit labels");
+    header.replaceChildren(h("h1", {}, "Job ", h("code", {}, job.id)), statusBadge(job.status), progressBar(job), edit, cancel);
     const totals = data.totals || {};
     const latest = data.updates[data.updates.length - 1];
     const facts = [
@@ -443,6 +445,56 @@ function jobView(view, jobId) {
   refreshJob().then(() => { if (data.job) streamEvents(jobId, onEvent, state); });
   const poll = setInterval(() => { if (data.job && !TERMINAL.has(data.job.status)) refreshJob(); }, 2000);
   return () => { state.stopped = true; state.controller.abort(); clearInterval(poll); };
+}
+
+/** The job page's label editor: name, tags and metadata, sent as one JSON merge patch (PATCH /v1/jobs/{id})
+ *  that turns the job's labels into the form's. Built once, so a redraw never loses what is being typed. */
+function labelsForm(jobId, onSaved) {
+  const input = (id, attrs) => h("input", { type: "text", id, ...(attrs || {}) });
+  const name = input("edit-name", { maxlength: 200, placeholder: "none" });
+  const tags = input("edit-tags", { placeholder: "e.g. sweep, gpu" });
+  const metadata = h("textarea", { id: "edit-metadata", rows: 4, spellcheck: "false" });
+  let before = {};
+  const form = h("form", { id: "labels-form", class: "form", hidden: true,
+    onsubmit: async event => {
+      event.preventDefault();
+      let meta;
+      try { meta = metadata.value.trim() ? JSON.parse(metadata.value) : {}; } catch (err) {
+        banner(`metadata: not JSON (${err.message})`); return;
+      }
+      const patch = { name: name.value.trim() || null,
+        tags: tags.value.split(",").map(s => s.trim()).filter(Boolean), metadata: mergeDiff(before, meta) };
+      try {
+        const job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`, { method: "PATCH", body: patch });
+        form.hidden = true; banner(""); onSaved(job);
+      } catch (err) { banner(err.message); }
+    } },
+    h("label", {}, h("span", {}, "Name"), name),
+    h("label", {}, h("span", {}, "Tags"), tags, h("small", { class: "muted" }, "comma-separated; a-z 0-9 _ . : -")),
+    h("label", {}, h("span", {}, "Metadata (JSON object)"), metadata),
+    h("div", {}, h("button", { class: "primary", type: "submit", id: "save-labels" }, "Save"), " ",
+      h("button", { type: "button", onclick: () => { form.hidden = true; } }, "Close")));
+  function open(job) {
+    before = job.metadata || {};
+    name.value = job.name || "";
+    tags.value = (job.tags || []).join(", ");
+    metadata.value = JSON.stringify(before, null, 2);
+    form.hidden = false;
+  }
+  return { form, open };
+}
+
+/** The JSON merge patch (RFC 7396) that turns object `a` into object `b`: a removed key is null. */
+function mergeDiff(a, b) {
+  const isObject = v => v !== null && typeof v === "object" && !Array.isArray(v);
+  if (!isObject(a) || !isObject(b)) return b;
+  const patch = {};
+  for (const key of Object.keys(a)) if (!(key in b)) patch[key] = null;
+  for (const [key, value] of Object.entries(b)) {
+    if (JSON.stringify(a[key]) === JSON.stringify(value)) continue;
+    patch[key] = isObject(a[key]) && isObject(value) ? mergeDiff(a[key], value) : value;
+  }
+  return patch;
 }
 
 // ------------------------------------------------------------------ submit form

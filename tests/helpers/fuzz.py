@@ -44,7 +44,7 @@ BODIES = {
 }
 QUERIES = {
     "/v1/jobs": {"limit": 5, "after": "job_" + "0" * 20, "status": "queued", "tag": "fuzz", "name_prefix": "fu",
-                 "method": "rigl"},
+                 "method": "rigl", "metadata.k": "v"},
     "/v1/sweeps": {"limit": 5},
     "/v1/jobs/{id}/events": {"after": 0, "limit": 10},
     "/v1/jobs/{id}/metrics": {"max_points": 10},
@@ -56,7 +56,8 @@ ID_ROUTES = [("GET", "/v1/jobs/{id}"), ("POST", "/v1/jobs/{id}/cancel"), ("DELET
              ("GET", "/v1/architectures/{id}"), ("DELETE", "/v1/architectures/{id}"), ("GET", "/v1/datasets/{id}"),
              ("DELETE", "/v1/datasets/{id}"), ("GET", "/v1/weights/{id}"), ("DELETE", "/v1/weights/{id}"),
              ("GET", "/v1/sweeps/{id}"), ("POST", "/v1/sweeps/{id}/cancel"), ("DELETE", "/v1/sweeps/{id}")]
-LISTS = ["/v1/jobs", "/v1/sweeps", "/v1/architectures", "/v1/datasets", "/v1/weights", "/v1/usage", "/healthz"]
+LISTS = ["/v1/jobs", "/v1/sweeps", "/v1/architectures", "/v1/datasets", "/v1/weights", "/v1/usage", "/v1/webhooks",
+         "/healthz"]
 HEADERS = ["Idempotency-Key", "X-Request-ID", "Last-Event-ID", "Authorization", "Content-Type", "Accept"]
 
 

@@ -239,6 +239,16 @@ def test_dashboard_shows_and_filters_labels(served):
         expect(summary).to_contain_text("resnet sweep")
         expect(summary.locator(".tag")).to_have_text(["sweep", "gpu"])
         expect(page.locator("#job-metadata")).to_have_text('{"commit":"abc123"}')
+        page.click("#edit-labels")  # the label editor PATCHes the job
+        page.fill("#edit-name", "resnet sweep v2")
+        page.fill("#edit-tags", "sweep")
+        page.fill("#edit-metadata", '{"team": "vision"}')
+        page.click("#save-labels")
+        expect(summary).to_contain_text("resnet sweep v2")
+        expect(page.locator("#job-metadata")).to_have_text('{"team":"vision"}')
+        edited = httpx.get(f"{base}/v1/jobs/{sweep}", timeout=30).json()
+        assert (edited["name"], edited["tags"]) == ("resnet sweep v2", ["sweep"])
+        assert edited["metadata"] == {"team": "vision"}
 
         page.goto(f"{base}/#/submit")  # the form sends the labels too
         page.fill("#f-name", "from the form")
@@ -276,3 +286,155 @@ def test_cli_submits_with_labels_and_filters(served, tmp_path):
     assert len(listed) == 1 and listed[0].startswith(job_id) and "'from the cli' #cli #cli-2" in listed[0]
     assert rigl("jobs", "--tag", "cli", "--method", "set") == ""
     assert rigl("jobs", "--name-prefix", "from the").splitlines()[0].startswith(job_id)
+
+
+# ---------------------------------------------------------------------------------------------- edits (PATCH)
+def test_patch_edits_only_the_given_labels_and_merges_metadata(api):
+    job = submit(api, name="before", tags=["a", "b"], metadata={"team": "vision", "lr": {"base": 0.1, "warm": 5},
+                                                               "drop": 1})
+    response = api.patch(f"/v1/jobs/{job['id']}", json={"metadata": {"lr": {"warm": None, "decay": "cos"},
+                                                                     "drop": None, "new": [1, 2]}})
+    assert response.status_code == 200, response.json()
+    edited = response.json()
+    assert edited["metadata"] == {"team": "vision", "lr": {"base": 0.1, "decay": "cos"}, "new": [1, 2]}
+    assert (edited["name"], edited["tags"]) == ("before", ["a", "b"])  # not given: unchanged
+
+    merge = {"Content-Type": "application/merge-patch+json"}
+    response = api.patch(f"/v1/jobs/{job['id']}", content=b'{"name": "after", "tags": ["c", "c", "d"]}', headers=merge)
+    assert response.status_code == 200, response.json()
+    fetched = api.get(f"/v1/jobs/{job['id']}").json()
+    assert (fetched["name"], fetched["tags"], fetched["metadata"]["team"]) == ("after", ["c", "d"], "vision")
+    assert ids(api, "tag=a") == [] and ids(api, "tag=c") == [job["id"]]  # the tag filter follows (JobTag rows)
+
+    cleared = api.patch(f"/v1/jobs/{job['id']}", json={"name": None, "tags": None, "metadata": None}).json()
+    assert (cleared["name"], cleared["tags"], cleared["metadata"]) == (None, [], {})
+    assert ids(api, "tag=c") == []
+    events = [e for e in api.get(f"/v1/jobs/{job['id']}/events").json()["data"] if e["type"] == "labels"]
+    assert [sorted(e["data"]) for e in events] == [["metadata"], ["name", "tags"], ["metadata", "name", "tags"]]
+    assert events[1]["data"] == {"name": "after", "tags": ["c", "d"]}
+    unchanged = api.patch(f"/v1/jobs/{job['id']}", json={"name": None})  # no change: no event
+    assert unchanged.status_code == 200
+    assert len([e for e in api.get(f"/v1/jobs/{job['id']}/events").json()["data"] if e["type"] == "labels"]) == 3
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"name": ""}, "name"),
+    ({"name": "line\nbreak"}, "name"),
+    ({"tags": ["ok", "Upper"]}, "tags.1"),
+    ({"tags": [f"t{i}" for i in range(21)]}, "tags"),
+    ({"metadata": ["not", "an", "object"]}, "metadata"),
+    ({"metadata": {f"k{i}": i for i in range(65)}}, "metadata"),
+    ({"spec": {}}, "spec"),  # only labels can be edited
+])
+def test_bad_patches_are_422_naming_the_field_and_change_nothing(sqlite_api, body, field):
+    job = submit(sqlite_api, name="kept", metadata={"k": 1})
+    response = sqlite_api.patch(f"/v1/jobs/{job['id']}", json=body)
+    assert response.status_code == 422 and response.json()["error"]["field"] == field, response.json()
+    after = sqlite_api.get(f"/v1/jobs/{job['id']}").json()
+    assert (after["name"], after["metadata"]) == ("kept", {"k": 1})
+
+
+def test_a_merge_that_outgrows_the_caps_is_refused(sqlite_api):
+    job = submit(sqlite_api, metadata={f"k{i:02d}": "v" * 200 for i in range(64)})  # 64 keys: the cap
+    response = sqlite_api.patch(f"/v1/jobs/{job['id']}", json={"metadata": {"one_more": 1}})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "metadata", response.json()
+    assert "after the merge" in response.json()["error"]["message"]
+    swapped = sqlite_api.patch(f"/v1/jobs/{job['id']}", json={"metadata": {"k00": None, "one_more": 1}})
+    assert swapped.status_code == 200 and "one_more" in swapped.json()["metadata"]
+
+
+def test_patch_of_a_deleted_or_missing_job_is_404(sqlite_api):
+    job = submit(sqlite_api)
+    assert sqlite_api.delete(f"/v1/jobs/{job['id']}").status_code == 200
+    for job_id in (job["id"], "job_00000000000000000000", "nonsense"):
+        response = sqlite_api.patch(f"/v1/jobs/{job_id}", json={"name": "x"})
+        assert response.status_code == 404 and response.json()["error"]["field"] == "job_id"
+
+
+def test_only_the_owner_or_an_admin_can_patch(make_api):
+    from store.keys import create_key
+
+    api = make_api(auth=True)
+    alice, bob, admin = (create_key(api.store, owner, admin=owner == "root")[1] for owner in ("alice", "bob", "root"))
+    as_ = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
+    job = api.post("/v1/jobs", json={**JOB, "name": "alice's"}, headers=as_(alice)).json()
+    refused = api.patch(f"/v1/jobs/{job['id']}", json={"name": "bob's now"}, headers=as_(bob))
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"  # as if missing
+    assert api.patch(f"/v1/jobs/{job['id']}", json={"name": "x"}).status_code == 401
+    assert api.patch(f"/v1/jobs/{job['id']}", json={"tags": ["mine"]}, headers=as_(alice)).status_code == 200
+    assert api.patch(f"/v1/jobs/{job['id']}", json={"name": "by admin"}, headers=as_(admin)).status_code == 200
+    seen = api.get(f"/v1/jobs/{job['id']}", headers=as_(alice)).json()
+    assert (seen["name"], seen["tags"]) == ("by admin", ["mine"])
+
+
+# ---------------------------------------------------------------------------------------------- metadata filter
+def test_metadata_filters_combine_and_page(api):
+    a = submit(api, metadata={"team": "vision", "epochs": 5, "ablation": True, "lr": 0.5})
+    b = submit(api, metadata={"team": "vision", "epochs": "5", "nested": {"team": "nlp"}})
+    c = submit(api, metadata={"team": "nlp", "epochs": 50, "ablation": False})
+    d = submit(api, metadata={"team": ["vision"], "note": None})  # not scalars: never match
+    e = submit(api, tags=["x"])  # no metadata at all
+    newest_first = lambda *jobs: [j["id"] for j in sorted(jobs, key=lambda j: j["created_at"])][::-1]  # noqa: E731
+
+    assert ids(api, "metadata.team=vision") == newest_first(a, b)
+    assert ids(api, "metadata.team=nlp") == [c["id"]]  # a nested key is not a top-level one
+    assert ids(api, "metadata.epochs=5") == newest_first(a, b)  # the integer 5 and the string "5"
+    assert ids(api, "metadata.ablation=true") == [a["id"]]
+    assert ids(api, "metadata.ablation=false") == [c["id"]]
+    assert ids(api, "metadata.lr=0.5") == [a["id"]]
+    assert ids(api, "metadata.note=null") == [] and ids(api, "metadata.missing=x") == []
+    assert ids(api, "metadata.team=vision&metadata.epochs=5&metadata.ablation=true") == [a["id"]]  # ANDed
+    assert ids(api, "metadata.team=vision&metadata.team=nlp") == []
+    assert ids(api, "metadata.team=vision&tag=x") == []
+    assert d["id"] not in ids(api, "metadata.team=vision") and e["id"] in ids(api, "")
+
+    api.patch(f"/v1/jobs/{c['id']}", json={"metadata": {"team": "vision"}})  # the filter reads the edit
+    pages, after = [], None  # pagination walks the filtered list
+    while True:
+        page = api.get("/v1/jobs?metadata.team=vision&limit=1" + (f"&after={after}" if after else "")).json()
+        pages += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            break
+        after = pages[-1]
+    assert pages == newest_first(a, b, c)
+
+
+@pytest.mark.parametrize("query,field", [("metadata.=x", "metadata."), ("metadata.a%20b=x", "metadata.a b"),
+                                         ('metadata.a"b=x', 'metadata.a"b'), ("metadata.k=", "metadata.k"),
+                                         ("&".join(f"metadata.k{i}=v" for i in range(9)), "metadata")])
+def test_bad_metadata_filters_are_422_naming_the_parameter(sqlite_api, query, field):
+    response = sqlite_api.get(f"/v1/jobs?{query}")
+    assert response.status_code == 422 and response.json()["error"]["field"] == field, response.json()
+
+
+def test_cli_submits_metadata_labels_a_job_and_filters(sqlite_api, tmp_path, monkeypatch, capsys):
+    """`rigl submit --metadata`, `rigl label`, `rigl jobs --metadata` through the client against the API in
+    process (the client's HTTP session is the TestClient)."""
+    import json
+
+    from rigl_core import cli
+    from rigl_core.client import Client
+
+    def in_process_client():
+        client = Client("http://testserver", retries=0)
+        client.http = sqlite_api
+        return client
+
+    monkeypatch.setattr(cli, "_client", in_process_client)
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({**JOB, "metadata": {"from_file": "yes"}}))
+    assert cli.main(["submit", str(spec), "--metadata", "team=vision", "--metadata", "version=1.10"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert sqlite_api.get(f"/v1/jobs/{job_id}").json()["metadata"] == {"from_file": "yes", "team": "vision",
+                                                                       "version": "1.10"}  # text, not 1.1
+    assert cli.main(["label", job_id, "--name", "relabelled", "--tag", "cli", "--metadata", "team=nlp",
+                     "--drop-metadata", "from_file"]) == 0
+    assert "'relabelled' #cli" in capsys.readouterr().out
+    job = sqlite_api.get(f"/v1/jobs/{job_id}").json()
+    assert (job["name"], job["tags"], job["metadata"]) == ("relabelled", ["cli"], {"team": "nlp", "version": "1.10"})
+    assert cli.main(["jobs", "--metadata", "team=nlp", "--metadata", "version=1.10"]) == 0
+    assert capsys.readouterr().out.startswith(job_id)
+    assert cli.main(["jobs", "--metadata", "team=vision"]) == 0 and capsys.readouterr().out == ""
+    assert cli.main(["label", job_id, "--no-tags"]) == 0
+    assert sqlite_api.get(f"/v1/jobs/{job_id}").json()["tags"] == []
+    assert cli.main(["label", job_id]) == 2  # nothing to change: a usage error
