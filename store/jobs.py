@@ -20,7 +20,7 @@ from store import quotas
 from store.artifacts import issued_id
 from store.checkpoints import Checkpoints
 from store.claims import Claims
-from store.db import DatasetRecord, Event, Job, JobTag, WeightsRecord, utcnow
+from store.db import DatasetRecord, Event, Job, JobTag, PendingDeletion, WeightsRecord, utcnow
 from store.engine import make_engine, make_sessionmaker
 from store.events import EventLog
 from store.idempotency import Idempotency, IdempotencyConflict, check_unused, remember
@@ -58,7 +58,8 @@ class JobStore:
 
     def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local",
                    idempotency: tuple[str, str] | None = None, max_active: int | None = None,
-                   dataset_id: str | None = None, weights_id: str | None = None, name: str | None = None,
+                   dataset_id: str | None = None, weights_id: str | None = None, source_job_id: str | None = None,
+                   name: str | None = None,
                    tags: list[str] | None = None, metadata: dict | None = None,
                    artifacts_quota: quotas.Quota | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
@@ -68,7 +69,9 @@ class JobStore:
         after taking the owner's lock row (TooManyActiveJobs), so concurrent submissions can't overshoot.
         `dataset_id`: an uploaded dataset the job reads; it must still exist under its owner's lock, so a
         concurrent `DELETE /v1/datasets/{id}` either sees this job or makes this one fail (UploadGone).
-        `weights_id`: the same for uploaded weights (`model.weights`).
+        `weights_id`: the same for uploaded weights (`model.weights`), and `source_job_id` for the job whose
+        export it starts from (`model.init_from_job`: a concurrent `DELETE /v1/jobs/{id}` of it either sees
+        this job and answers 409, or makes this one fail).
         `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows.
         `artifacts_quota`: the owner's job-artifacts quota (store/quotas.py), checked under the same lock
         (QuotaExceeded)."""
@@ -79,6 +82,8 @@ class JobStore:
                     owners.add(s.scalar(select(DatasetRecord.owner).where(DatasetRecord.id == dataset_id)) or owner)
                 if weights_id is not None:
                     owners.add(s.scalar(select(WeightsRecord.owner).where(WeightsRecord.id == weights_id)) or owner)
+                if source_job_id is not None:
+                    owners.add(s.scalar(select(Job.owner).where(Job.id == source_job_id)) or owner)
                 self.lock_owners(s, owners)
                 check_unused(s, owner, idempotency)
                 if max_active is not None and count_active_in(s, owner) >= max_active:
@@ -89,6 +94,8 @@ class JobStore:
                     raise UploadGone("dataset.path")
                 if weights_id is not None and s.get(WeightsRecord, weights_id) is None:
                     raise UploadGone("model.weights")
+                if source_job_id is not None and not source_job_kept(s, source_job_id):
+                    raise UploadGone("model.init_from_job")
                 job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata)
                 remember(s, owner, idempotency, job.id)
         except IntegrityError:
@@ -228,6 +235,12 @@ def count_active_in(session, owner: str) -> int:
     """The owner's queued and running jobs, in the caller's transaction (after the owner's lock: exact)."""
     return session.scalar(select(func.count()).select_from(Job).where(
         Job.owner == owner, Job.status.in_(ACTIVE))) or 0
+
+
+def source_job_kept(session, job_id: str) -> bool:
+    """Whether a job another starts from (`model.init_from_job`) is still there and not being deleted."""
+    return (session.scalar(select(Job.status).where(Job.id == job_id)) == "succeeded"
+            and session.get(PendingDeletion, job_id) is None)
 
 
 def required_devices(spec: dict) -> int:

@@ -23,7 +23,7 @@ from store.db import Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, S
 from store.dispatch import dispatch
 from store.idempotency import check_unused, remember
 from store.job_state import TERMINAL
-from store.jobs import JobStore, count_active_in
+from store.jobs import JobStore, count_active_in, source_job_kept
 
 log = logging.getLogger("rigl.sweeps")
 
@@ -84,7 +84,7 @@ def _add_child(store: JobStore, session, sweep: Sweep, entry: dict) -> Job:
                              entry.get("name"), entry.get("tags"), entry.get("metadata"), sweep_id=sweep.id)
     gone = _gone_upload(session, entry["resolved"], entry["spec"])
     if gone is not None:  # deleted while the child was held: a visible failed child, not a lost one
-        message = f"the uploaded {gone} was deleted before this sweep child could start"
+        message = f"the {gone} was deleted before this sweep child could start"
         job.status, job.finished_at, job.error_code, job.error_message = "failed", utcnow(), "upload_gone", message
         session.add(Event(job_id=job.id, type="status", level="error", message=message, data={"status": "failed"}))
     return job
@@ -93,10 +93,13 @@ def _add_child(store: JobStore, session, sweep: Sweep, entry: dict) -> Job:
 def _gone_upload(session, resolved: dict, spec: dict) -> str | None:
     dataset = spec.get("dataset") or {}
     if dataset.get("name") == "tensors" and session.get(DatasetRecord, dataset.get("path")) is None:
-        return "dataset"
+        return "uploaded dataset"
     weights = (spec.get("model") or {}).get("weights")
     if weights is not None and session.get(WeightsRecord, weights) is None:
-        return "weights"
+        return "uploaded weights"
+    source = (spec.get("model") or {}).get("init_from_job")
+    if source is not None and not source_job_kept(session, source):
+        return f"job {source!r} it starts from"
     return None
 
 

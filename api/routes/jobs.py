@@ -21,7 +21,7 @@ from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, eve
 from api.submission import resolve
 from rigl_core.export.formats import EXPORT_FORMATS
 from rigl_core.spec import JobSpec, SparsitySpec
-from store.deletion import delete_job as delete_stored_job
+from store.deletion import InUse, delete_job as delete_stored_job
 from store.dispatch import dispatch
 from store.idempotency import IdempotencyConflict
 from store.jobs import TooManyActiveJobs, UploadGone
@@ -66,7 +66,8 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
                                    idempotency=(idempotency_key, digest) if idempotency_key else None,
                                    max_active=cap,
                                    dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
-                                   weights_id=spec.model.weights, artifacts_quota=limits(ctx)["artifacts"],
+                                   weights_id=spec.model.weights, source_job_id=spec.model.init_from_job,
+                                   artifacts_quota=limits(ctx)["artifacts"],
                                    **labels)
     except QuotaExceeded as exc:
         raise quota_error(exc, field=None) from None
@@ -75,11 +76,17 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
     except TooManyActiveJobs:
         raise _too_many_jobs(cap) from None
     except UploadGone as exc:
-        gone = f"weights {spec.model.weights!r}" if exc.field == "model.weights" else f"dataset {spec.dataset.path!r}"
-        raise ApiError(422, "invalid_job", f"no uploaded {gone}", exc.field) from None
+        gone = {"model.weights": f"uploaded weights {spec.model.weights!r}",
+                "model.init_from_job": f"job {spec.model.init_from_job!r} (deleted meanwhile)"
+                }.get(exc.field, f"uploaded dataset {spec.dataset.path!r}")
+        raise ApiError(422, "invalid_job", f"no {gone}", exc.field) from None
     if not dispatch(ctx.store, ctx.enqueue, job.id):  # stored and accepted; the reaper sends it later
         job = ctx.store.get_job(job.id)
     return job_json(job)
+
+
+def _used_by(holder_id: str) -> str:
+    return f"sweep {holder_id!r} (a held child)" if holder_id.startswith("sweep_") else f"job {holder_id!r}"
 
 
 def _too_many_jobs(cap: int) -> ApiError:
@@ -133,8 +140,14 @@ def cancel_job(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 def delete_job(job_id: str, response: Response, ctx: Context = Depends(get_context)) -> dict:
     """Delete a job with its events, checkpoints and artifacts. A finished or queued job is gone at once
     (200). A running one is cancelled and answered 202; it is deleted, with no further call, once its
-    worker has stopped it (it shows `cancelling`, then 404)."""
-    outcome = delete_stored_job(ctx.store, ctx.artifacts, job_id, ctx.owner)
+    worker has stopped it (it shows `cancelling`, then 404). 409 while a queued or running job (or a
+    sweep's held child) starts from this job's export (`model.init_from_job`). Of concurrent deletions
+    of one job exactly one answers 200 `deleted: true`; the others answer as a repeated delete does, 404."""
+    try:
+        outcome = delete_stored_job(ctx.store, ctx.artifacts, job_id, ctx.owner)
+    except InUse as exc:
+        raise ApiError(409, "in_use", f"job {job_id!r} is started from by active {_used_by(exc.job_id)}; cancel "
+                                      "it or wait for it to finish", "job_id") from None
     if outcome is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
     if outcome == "deleted":

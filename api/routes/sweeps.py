@@ -22,6 +22,7 @@ from api.schemas import LABELS, SweepSubmission, sweep_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
 from store import sweeps as stored
+from store.deletion import InUse
 from store.idempotency import IdempotencyConflict
 from store.dispatch import dispatch
 from store.quotas import QuotaExceeded
@@ -144,8 +145,13 @@ def cancel_sweep(sweep_id: str, ctx: Context = Depends(get_context)) -> dict:
 @router.delete("/{sweep_id}")
 def delete_sweep(sweep_id: str, response: Response, ctx: Context = Depends(get_context)) -> dict:
     """Delete the sweep and its children with their artifacts (as DELETE /v1/jobs/{id}). 202 when some
-    child was running: it is cancelled and deleted once its worker has stopped it."""
-    done = stored.delete_sweep(ctx.store, ctx.artifacts, sweep_id, ctx.owner)
+    child was running: it is cancelled and deleted once its worker has stopped it. 409 when an active job
+    starts from a child's export (`model.init_from_job`): the sweep is cancelled, that child is kept."""
+    try:
+        done = stored.delete_sweep(ctx.store, ctx.artifacts, sweep_id, ctx.owner)
+    except InUse as exc:
+        raise ApiError(409, "in_use", f"a child of sweep {sweep_id!r} is started from by active job or sweep "
+                                      f"{exc.job_id!r}; cancel it or wait for it to finish", "sweep_id") from None
     if done is None:
         raise ApiError(404, "not_found", f"no sweep {sweep_id!r}", "sweep_id")
     if done["pending"]:
