@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have.")
     max_sweep_children: int = Field(64, ge=1, le=1024, description="Most jobs one sweep's grid may make "
                                     "(children past the active-job cap wait in the sweep, they don't fail).")
+    max_sweep_children_per_owner: int = Field(256, ge=1, description="Unfinished sweep children one owner may "
+                                              "have at once: held ones plus queued or running sweep jobs (a new "
+                                              "sweep past it gets 429).")
     max_body_bytes: int = Field(1024 * 1024, description="JSON request body cap (bytes received).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Dataset upload cap.")
     max_upload_inflated_bytes: int = Field(2 * 1024**3, ge=1, description="Most bytes an upload's arrays may "

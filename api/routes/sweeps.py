@@ -73,6 +73,11 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
     if size > ctx.settings.max_sweep_children:
         raise ApiError(422, "invalid_sweep", f"the grid makes {size} jobs; at most {ctx.settings.max_sweep_children}",
                        "grid")
+    cap = ctx.settings.max_sweep_children_per_owner
+    with ctx.store.sessions() as s:  # cheap early answer, before every child is resolved; create_sweep enforces it
+        unfinished = stored.unfinished_children(s, ctx.principal)
+    if unfinished + size > cap:
+        raise _too_many_children(cap, unfinished, size)
     body = submission.base.model_dump(mode="json", exclude_unset=True)
     labels = {key: body.pop(key) for key in LABELS if key in body}  # body is now the JobSpec alone
     prefix = (labels.get("name") or submission.name or "sweep")[:150]
@@ -97,7 +102,9 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
         sweep, created = stored.create_sweep(ctx.store, ctx.principal, submission.name, {**body, **labels}, grid,
                                              entries, ctx.settings.max_active_jobs_per_owner,
                                              (idempotency_key, digest) if idempotency_key else None,
-                                             artifacts_quota=limits(ctx)["artifacts"])
+                                             artifacts_quota=limits(ctx)["artifacts"], max_children=cap)
+    except stored.TooManySweepChildren as exc:
+        raise _too_many_children(cap, exc.unfinished, exc.adding) from None
     except QuotaExceeded as exc:
         raise quota_error(exc, field=None) from None
     except IdempotencyConflict:  # its twin committed while this one validated: answer with that sweep
@@ -105,6 +112,14 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
     for job_id in created:
         dispatch(ctx.store, ctx.enqueue, job_id)  # unsent: the reaper sends it (store/dispatch.py)
     return _view(ctx, stored.get_sweep(ctx.store, sweep.id))
+
+
+def _too_many_children(cap: int, unfinished: int, adding: int) -> ApiError:
+    """As the active-job cap answers (429, Retry-After), naming the grid that would pass it."""
+    return ApiError(429, "too_many_sweep_children", f"at most {cap} unfinished sweep children per owner "
+                                                    f"(held, queued or running); {unfinished} now, this grid makes "
+                                                    f"{adding}; retry when some end, or cancel a sweep", "grid",
+                    headers={"Retry-After": "30"})
 
 
 def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
