@@ -31,6 +31,10 @@ from store.settings import Settings
 from store.uploads import Uploads
 
 
+# a job row's columns for the read-only snapshots, without the stored plan (only the sparsity route reads it)
+ROW_COLUMNS = tuple(column for column in Job.__table__.c if column.name != "plan")
+
+
 class TooManyActiveJobs(Exception):
     """The owner already has `max_active` queued or running jobs."""
 
@@ -61,7 +65,7 @@ class JobStore:
                    dataset_id: str | None = None, weights_id: str | None = None, source_job_id: str | None = None,
                    name: str | None = None,
                    tags: list[str] | None = None, metadata: dict | None = None,
-                   artifacts_quota: quotas.Quota | None = None) -> Job:
+                   artifacts_quota: quotas.Quota | None = None, plan: dict | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
         requests with one key create one job (the loser gets IdempotencyConflict and replays).
 
@@ -74,7 +78,8 @@ class JobStore:
         this job and answers 409, or makes this one fail).
         `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows.
         `artifacts_quota`: the owner's job-artifacts quota (store/quotas.py), checked under the same lock
-        (QuotaExceeded)."""
+        (QuotaExceeded). `plan`: the sparsity plan measured at submission (api/submission.py), kept for
+        GET /v1/jobs/{id}/sparsity."""
         try:
             with self.sessions.begin() as s:
                 owners = {owner}
@@ -96,7 +101,7 @@ class JobStore:
                     raise UploadGone("model.weights")
                 if source_job_id is not None and not source_job_kept(s, source_job_id):
                     raise UploadGone("model.init_from_job")
-                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata)
+                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata, plan=plan)
                 remember(s, owner, idempotency, job.id)
         except IntegrityError:
             if idempotency is None:
@@ -106,13 +111,14 @@ class JobStore:
 
     @staticmethod
     def add_job_rows(session, spec: dict, resolved_spec: dict, total_steps: int, owner: str, name: str | None = None,
-                     tags: list[str] | None = None, metadata: dict | None = None, sweep_id: str | None = None) -> Job:
+                     tags: list[str] | None = None, metadata: dict | None = None, sweep_id: str | None = None,
+                     plan: dict | None = None) -> Job:
         """The rows of one new queued job, in the caller's transaction (which holds the owner's lock and has
         checked the cap): create_job's, and a sweep's release of held children (store/sweeps.py)."""
         tags = list(dict.fromkeys(tags or []))  # once each, in the order given
         job = Job(spec=spec, resolved_spec=resolved_spec, total_steps=total_steps, owner=owner,
                   devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
-                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id)
+                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id, plan=plan)
         session.add(job)
         session.flush()
         session.add_all(JobTag(job_id=job.id, tag=tag) for tag in tags)
@@ -128,6 +134,17 @@ class JobStore:
         with self.sessions() as s:
             return count_active_in(s, owner)
 
+    def job_plan(self, job_id: str) -> dict | None:
+        """The sparsity plan stored at submission; None for jobs stored before revision 0009 (or whose
+        classes only the worker knows)."""
+        with self.sessions() as s:
+            return s.scalar(select(Job.plan).where(Job.id == job_id))
+
+    def set_job_plan(self, job_id: str, plan: dict) -> None:
+        """Keep a plan measured after submission (an older job's, once), so it is measured only once."""
+        with self.sessions.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.plan.is_(None)).values(plan=plan))
+
     def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         if not issued_id(job_id):
             return None
@@ -137,7 +154,7 @@ class JobStore:
                 query = query.where(Job.owner == owner)
             return s.scalars(query).first()
 
-    _VIEW = select(Job.__table__).where(Job.id == bindparam("job_id"))
+    _VIEW = select(*ROW_COLUMNS).where(Job.id == bindparam("job_id"))
 
     def get_job_view(self, job_id: str, owner: str | None = None) -> SimpleNamespace | None:
         """A read-only snapshot of the row with a precompiled Core query: 3× cheaper than the ORM,
@@ -157,7 +174,7 @@ class JobStore:
         of the last job of the previous page. The filters combine (AND); `name_prefix` is case-sensitive on
         both databases (SQLite's LIKE is not, hence substr)."""
         with self.sessions() as s:
-            query = select(Job.__table__).order_by(Job.seq.desc())  # rows as snapshots, as get_job_view: no ORM
+            query = select(*ROW_COLUMNS).order_by(Job.seq.desc())  # rows as snapshots, as get_job_view: no ORM
             if owner is not None:
                 query = query.where(Job.owner == owner)
             if status:

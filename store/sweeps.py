@@ -105,7 +105,8 @@ def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid
 
 def _add_child(store: JobStore, session, sweep: Sweep, entry: dict) -> Job:
     job = store.add_job_rows(session, entry["spec"], entry["resolved"], entry["total_steps"], sweep.owner,
-                             entry.get("name"), entry.get("tags"), entry.get("metadata"), sweep_id=sweep.id)
+                             entry.get("name"), entry.get("tags"), entry.get("metadata"), sweep_id=sweep.id,
+                             plan=entry.get("plan"))
     gone = _gone_upload(session, entry["resolved"], entry["spec"])
     if gone is not None:  # deleted while the child was held: a visible failed child, not a lost one
         message = f"the {gone} was deleted before this sweep child could start"

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response, Streamin
 from starlette.background import BackgroundTask
 
 from api.context import Context, get_context
-from api.errors import ApiError
+from api.errors import ApiError, from_value_error
 from api.idempotency import replayed
 from api.quotas import limits, quota_error
 from api.event_hub import EventHub, StreamSlots
@@ -60,10 +60,10 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
     cap = ctx.settings.max_active_jobs_per_owner
     if ctx.store.count_active(ctx.principal) >= cap:  # cheap early answer; create_job enforces it atomically
         raise _too_many_jobs(cap)
-    resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
+    resolved, total_steps, plan = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
     try:
         job = ctx.store.create_job(body, resolved, total_steps, owner=ctx.principal,
-                                   idempotency=(idempotency_key, digest) if idempotency_key else None,
+                                   idempotency=(idempotency_key, digest) if idempotency_key else None, plan=plan,
                                    max_active=cap,
                                    dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
                                    weights_id=spec.model.weights, source_job_id=spec.model.init_from_job,
@@ -266,39 +266,52 @@ def metrics(job_id: str, max_points: int | None = Query(None, ge=10, le=100_000)
 
 @router.get("/{job_id}/sparsity")
 def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
-    """The per-layer report: measured once the job succeeded, the plan (targets) before."""
+    """The per-layer report: measured once the job succeeded, the plan (targets) before. The plan is the
+    one measured at submission and stored with the job: reading it never builds the model. A job stored
+    before plans were kept has its plan measured once, bounded as at submission, and stored."""
     job = _job_or_404(ctx, job_id)
     raw = ctx.artifacts.read_bytes(ctx.artifacts.job_key(job_id, "report.json")) if job.status == "succeeded" else None
     if raw is not None:
         report = json.loads(raw)
         return {"object": "sparsity", "job_id": job_id, "final": True, "layers": report["layers"],
                 "totals": report["totals"], "leak_check": report["leak_check"]}
-    from rigl_core.data.describe import describe
-    from rigl_core.models.registry import build_model, resolve_task
-    from rigl_core.sparse.plan import make_plan
+    plan = ctx.store.job_plan(job_id)
+    if plan is None:
+        plan = _measure_plan(ctx, JobSpec.model_validate(job.resolved_spec))
+        ctx.store.set_job_plan(job_id, plan)
+    return {"object": "sparsity", "job_id": job_id, "final": False, "layers": plan["layers"],
+            "totals": plan["totals"]}
 
-    spec = JobSpec.model_validate(job.resolved_spec)
+
+def _measure_plan(ctx: Context, spec: JobSpec) -> dict:
+    """The plan of a job stored without one, measured as at submission (api/model_build.py)."""
+    from rigl_core.data.describe import describe
+    from rigl_core.models.registry import resolve_task
+    from api.model_build import measure
+    from api.submission import model_bounds
+
+    model = spec.model.model_dump(mode="json")
     if spec.model.program is not None:  # the program fixes its shapes; this node's copy of its file
         from store.artifacts import MissingArtifact
 
         try:
-            local = ctx.artifacts.fetch(spec.model.program)
+            model["program"] = str(ctx.artifacts.fetch(spec.model.program))
         except MissingArtifact:
             raise ApiError(409, "not_ready", "the job's program has been deleted", "job_id") from None
-        model = build_model("program", None, None, device="meta", program=str(local))
-        input_shape = model.input_shape
+        input_shape, num_classes = [], None
     else:
         shape = describe(spec.dataset)
         input_shape = shape.input_shape if shape else (spec.model.input_shape or [])
         num_classes = spec.model.num_classes or (shape.num_classes if shape else None)
         if not input_shape or num_classes is None:
             raise ApiError(409, "not_ready", "the report is available when the job has succeeded", "job_id")
-        model = build_model(spec.model.name, num_classes, input_shape, spec.model.hidden_sizes, device="meta",
-                            architecture=spec.model.architecture, hf=spec.model.hf,
-                            task=resolve_task(spec.training.task, spec.model.hf))
-    plan = make_plan(model, input_shape, spec.sparsity).to_dict()
-    return {"object": "sparsity", "job_id": job_id, "final": False, "layers": plan["layers"],
-            "totals": plan["totals"]}
+    try:
+        measured = measure(json.dumps(model, sort_keys=True), json.dumps(list(input_shape)), num_classes,
+                           spec.sparsity.model_dump_json(), resolve_task(spec.training.task, spec.model.hf), None,
+                           False, model_bounds(ctx.settings))
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+    return measured["plan"]
 
 
 @router.get("/{job_id}/checkpoints")

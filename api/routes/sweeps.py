@@ -91,11 +91,11 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
             field, message = named_field(_loc_to_field(first["loc"]), message)
             raise _child_error(None if field == "body" else field, message, params) from None
         try:
-            resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
+            resolved, total_steps, plan = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
         except ApiError as exc:
             raise _child_error(exc.field, exc.message, params) from None
         label = "/".join(str(value) if axis != "seed" else f"seed{value}" for axis, value in params.items())
-        entries.append({"spec": tree, "resolved": resolved, "total_steps": total_steps,
+        entries.append({"spec": tree, "resolved": resolved, "total_steps": total_steps, "plan": plan,
                         "params": stored.params_of(resolved), "name": f"{prefix} {label}"[:200],
                         "tags": labels.get("tags"), "metadata": labels.get("metadata")})
     try:
