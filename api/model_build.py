@@ -91,9 +91,24 @@ def _fork_server():
     with _context_lock:
         if _context is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["api.model_build", "rigl_core.models.registry", "rigl_core.sparse.plan"])
+            context.set_forkserver_preload(["api.model_build_warmup"])
             _context = context
         return _context
+
+
+def start_early() -> None:
+    """Start the fork server in the background (a serving API calls it at startup), so the first submission
+    does not wait for its imports."""
+    def start():
+        from multiprocessing import forkserver
+
+        _fork_server()
+        try:
+            forkserver.ensure_running()
+        except Exception:  # noqa: BLE001 - the first build starts it again, and reports what fails
+            pass
+
+    threading.Thread(target=start, name="model-build-forkserver", daemon=True).start()
 
 
 def run_bounded(function, args: tuple, bounds: Bounds):

@@ -76,7 +76,7 @@ class Job(Base):
     # the sparsity plan (per-layer rows and totals) measured at submission, which GET /v1/jobs/{id}/sparsity
     # serves until the job's report exists: reads never rebuild the model (revision 0009). Deferred: only that
     # route reads it (JobStore.job_plan).
-    plan: Mapped[dict | None] = mapped_column(JSON, nullable=True, deferred=True)
+    plan: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True, deferred=True)
 
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only
