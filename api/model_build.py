@@ -85,6 +85,36 @@ def _measure(model_json: str, input_shape_json: str, num_classes: int | None, sp
     return out
 
 
+def plan(model: dict, input_shape: list[int] | None, num_classes: int | None, sparsity_json: str, task: str,
+         bounds: Bounds) -> dict:
+    """`POST /v1/plan`: {input_shape, num_classes, plan (the whole Plan.to_dict, as `rigl plan`)} of the model,
+    built in a bounded child as at submission (a program fixes both shapes)."""
+    from rigl_core.models.budget import check_estimate
+
+    check_estimate(model, bounds.max_modules)
+    return run_bounded(_plan, (json.dumps(model), json.dumps(input_shape), num_classes, sparsity_json, task), bounds)
+
+
+def _plan(model_json: str, input_shape_json: str, num_classes: int | None, sparsity_json: str, task: str,
+          max_modules: int) -> dict:
+    from rigl_core.models.budget import check_built
+    from rigl_core.models.registry import build_model, check_model
+    from rigl_core.sparse.plan import make_plan
+    from rigl_core.spec import ModelSpec, SparsitySpec
+
+    spec = json.loads(model_json)
+    model = ModelSpec.model_validate(spec)
+    input_shape = json.loads(input_shape_json)
+    meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
+                       architecture=model.architecture, hf=model.hf, task=task, program=model.program)
+    check_built(meta, spec, max_modules)
+    if model.program is not None:  # its example input and its logits fix both shapes
+        input_shape, num_classes = list(meta.input_shape), meta.program_classes
+    check_model(meta, input_shape, num_classes, task)
+    return {"input_shape": input_shape, "num_classes": num_classes,
+            "plan": make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json)).to_dict()}
+
+
 # ---------------------------------------------------------------------------------------------- the child
 def _fork_server():
     global _context

@@ -60,6 +60,8 @@ def test_a_5000_layer_hf_config_is_refused_before_anything_is_built(api, builds)
     assert _error(api.post("/v1/jobs", json=gpt2))["field"] == "model.hf.n_layer"
     sweep = api.post("/v1/sweeps", json={"base": hf_job(5000), "grid": {"seed": [0, 1]}})
     assert _error(sweep)["field"] == "base.model.hf.num_hidden_layers"
+    planned = api.post("/v1/plan", json={"model": hf_job(5000)["model"], "input_shape": [8], "num_classes": 2})
+    assert _error(planned)["field"] == "model.hf.num_hidden_layers"
     assert builds["n"] == 0
 
 
