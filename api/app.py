@@ -11,6 +11,7 @@ from api import dashboard, errors
 from api.context import Context, celery_enqueue
 from api.janitor import Janitor
 from api.limits import BodyLimit
+from api.model_build import start_early
 from api import metrics
 from api.request_log import RequestLog
 from api.text_guard import TextGuard
@@ -35,7 +36,8 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     async def lifespan(_app: FastAPI):
         context.artifacts.remove_orphan_uploads(settings.orphan_upload_seconds)  # left by a crash mid-upload
         lost_job_reaper = janitor = sender = None
-        if reaper:
+        if reaper:  # a serving app (rigl serve, uvicorn): also get the model checker's fork server ready
+            start_early()
             if settings.reaper:  # one process acts at a time (store/leader.py); workers run it too
                 lost_job_reaper = start_reaper(store, context.enqueue, settings.database_url, settings.lease_seconds,
                                        settings.reaper_interval_seconds, settings.max_active_jobs_per_owner)

@@ -2,17 +2,17 @@
 
 Uploaded architectures, programs and datasets are referenced by id and resolved to server-side content;
 users never name server paths. The model is built on the meta device against the dataset's shape,
-so impossible architectures/datasets fail here with a 422 naming the field, not later in a worker.
+so impossible architectures/datasets fail here with a 422 naming the field, not later in a worker;
+it is built in a bounded child process, after the spec's own layer counts were checked
+(api/model_build.py), and its sparsity plan is kept with the job.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 
 from rigl_core.data.holdout import training_size
-from rigl_core.models.registry import build_model, check_model, resolve_task
-from rigl_core.sparse.plan import make_plan
+from rigl_core.models.registry import resolve_task
 from rigl_core.sparse.schedules import resolve_t_end
 from rigl_core.spec import UPLOADED_ARCHITECTURE, UPLOADED_WEIGHTS, JobSpec
 from store.artifacts import Artifacts
@@ -22,12 +22,14 @@ from store.uploads import program_of
 
 from api.costs import check_costs, planned_steps
 from api.errors import ApiError, from_value_error
+from api.model_build import Bounds, measure
 from api.server_datasets import resolve_server_dataset
 
 
 def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Settings, owner: str | None
-            ) -> tuple[dict, int]:
-    """Returns (resolved spec as JSON, total training steps) or raises ApiError."""
+            ) -> tuple[dict, int, dict | None]:
+    """Returns (resolved spec as JSON, total training steps, the sparsity plan: per-layer rows and totals,
+    None when the data's classes are only known to the worker) or raises ApiError."""
     tree = spec.model_dump(mode="json")
     model, dataset = tree["model"], tree["dataset"]
     if UPLOADED_ARCHITECTURE.match(model["name"]):
@@ -58,26 +60,24 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         input_shape, num_classes, num_train = resolve_server_dataset(spec.dataset, dataset, settings)
     resolved = JobSpec.model_validate(tree)
     num_classes = resolved.model.num_classes or num_classes
+    plan = None
     try:
         flops_per_example = None
         if num_classes is not None:
             task = resolve_task(resolved.training.task, resolved.model.hf)
             run_steps = planned_steps(resolved, num_train) if num_train is not None else None
             checked = {**tree["model"], "program": program_file} if program_file else tree["model"]
-            params, flops_per_example = _checked_params(json.dumps(checked, sort_keys=True),
-                                                        json.dumps(input_shape), num_classes,
-                                                        resolved.sparsity.model_dump_json(), task, run_steps)
+            measured = measure(json.dumps(checked, sort_keys=True), json.dumps(input_shape), num_classes,
+                               resolved.sparsity.model_dump_json(), task, run_steps, weights_field is not None,
+                               model_bounds(settings))
+            params, flops_per_example, plan = measured["params"], measured["flops_per_example"], measured["plan"]
             if params > settings.max_params:
                 raise ApiError(422, "too_large", f"{params:,} parameters is over the limit of "
                                                  f"{settings.max_params:,}", "model")
             if weights_field is not None:  # names and shapes against the model, from the file's header
                 from rigl_core.training.warm_start import check_matches
 
-                architecture = json.dumps(tree["model"].get("architecture"), sort_keys=True)
-                shapes, tied = _state_shapes(model["name"], architecture, json.dumps(model.get("hidden_sizes")),
-                                             json.dumps(input_shape), num_classes,
-                                             json.dumps(model.get("hf"), sort_keys=True), task, program_file)
-                check_matches(weights_shapes, shapes, weights_field, tied)
+                check_matches(weights_shapes, measured["shapes"], weights_field, measured["tied"])
         if resolved.training.epochs > settings.max_epochs:
             raise ApiError(422, "invalid_job", f"at most {settings.max_epochs} epochs", "training.epochs")
         total_steps = check_costs(resolved, settings, num_train, flops_per_example)
@@ -88,7 +88,12 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         raise
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc) from None
-    return tree, total_steps
+    return tree, total_steps, plan
+
+
+def model_bounds(settings: Settings) -> Bounds:
+    """What checking one model may spend (api/model_build.py), from the settings."""
+    return Bounds(settings.max_model_modules, settings.max_model_build_seconds, settings.max_model_build_bytes)
 
 
 def resolve_program(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None) -> str | None:
@@ -175,38 +180,3 @@ def _local_copy(artifacts: Artifacts, key: str, size: int, field: str) -> str:
         return str(artifacts.fetch(key, size))
     except MissingArtifact:
         raise ApiError(422, "invalid_job", "the file is no longer in the artifact store", field) from None
-
-
-@functools.lru_cache(maxsize=64)
-def _state_shapes(name: str, architecture_json: str, hidden_sizes_json: str, input_shape_json: str,
-                  num_classes: int, hf_json: str = "null", task: str = "auto", program: str | None = None
-                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """({state_dict name: shape}, tied names) of the model built on the meta device (cached: sweeps
-    reuse one model)."""
-    from rigl_core.models.architecture import Architecture
-    from rigl_core.training.warm_start import expected_shapes, tied_names
-
-    architecture = json.loads(architecture_json)
-    meta = build_model(name, num_classes, json.loads(input_shape_json), json.loads(hidden_sizes_json), device="meta",
-                       architecture=Architecture.model_validate(architecture) if architecture else None,
-                       hf=json.loads(hf_json), task=task, program=program)
-    return expected_shapes(meta), tied_names(meta)
-
-
-@functools.lru_cache(maxsize=512)
-def _checked_params(model_json: str, input_shape_json: str, num_classes: int, sparsity_json: str,
-                    task: str = "classification", total_steps: int | None = None) -> tuple[int, float]:
-    """Build on the meta device, run one forward and plan the sparsity; cached, since sweeps resubmit
-    the same model many times. Returns (parameters, training FLOPs per example: the plan's training
-    FLOPs ratio × 3 × dense forward FLOPs; `total_steps`, when known, puts T_end, ΔT "auto" and the
-    real number of mask updates into that ratio). Raises ValueError naming the field."""
-    from rigl_core.spec import ModelSpec, SparsitySpec
-
-    model = ModelSpec.model_validate_json(model_json)
-    input_shape = json.loads(input_shape_json)
-    meta = build_model(model.name, num_classes, input_shape, model.hidden_sizes, device="meta",
-                       architecture=model.architecture, hf=model.hf, task=task, program=model.program)
-    check_model(meta, input_shape, num_classes, task)
-    plan = make_plan(meta, input_shape, SparsitySpec.model_validate_json(sparsity_json), total_steps=total_steps)
-    dense_forward = sum(layer.flops_dense for layer in plan.layers)
-    return sum(p.numel() for p in meta.parameters()), 3 * dense_forward * plan.training_flops_ratio()

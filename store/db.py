@@ -74,6 +74,10 @@ class Job(Base):
     meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     method: Mapped[str | None] = mapped_column(String(16), nullable=True)  # sparsity.method, for the list filter
     sweep_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)  # store/sweeps.py
+    # the sparsity plan (per-layer rows and totals) measured at submission, which GET /v1/jobs/{id}/sparsity
+    # serves until the job's report exists: reads never rebuild the model (revision 0009). Deferred: only that
+    # route reads it (JobStore.job_plan).
+    plan: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True, deferred=True)
 
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only

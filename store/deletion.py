@@ -19,8 +19,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from store.artifacts import ID_PATTERN, Artifacts
-from store.db import (ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, WeightsRecord,
-                      utcnow)
+from store.db import (ArchitectureRecord, Base, Checkpoint, DatasetRecord, Event, Job, PendingDeletion, Sweep,
+                      WeightsRecord, utcnow)
 from store.job_state import ACTIVE, CLAIMABLE, TERMINAL
 from store.jobs import JobStore
 from store.uploads import program_of
@@ -38,18 +38,28 @@ class InUse(Exception):
 
 # ---------------------------------------------------------------------------------------------- jobs
 def delete_job(store: JobStore, artifacts: Artifacts, job_id: str, owner: str | None = None) -> str | None:
-    """`DELETE /v1/jobs/{id}`. Returns None (no such job for this owner), "deleted" (gone now), or
-    "pending" (it was running: cancellation was requested and the cleanup pass deletes it once it stopped)."""
+    """`DELETE /v1/jobs/{id}`. Returns None (no such job for this owner, or another call deleted it
+    meanwhile: exactly one of concurrent deletions answers "deleted"), "deleted" (gone now), or
+    "pending" (it was running: cancellation was requested and the cleanup pass deletes it once it
+    stopped). InUse: an active job (or a sweep's held child) starts from this job's export
+    (`model.init_from_job`), as uploaded weights in use are refused.
+
+    Every transaction here takes the owner's lock row, then the job row (FOR UPDATE), before any other
+    row, so concurrent deletions queue on the job instead of deadlocking on its child rows."""
     if not ID_PATTERN.match(job_id):  # never issued by us (and a NUL byte is an error in PostgreSQL)
+        return None
+    with store.sessions() as s:
+        query = select(Job.owner).where(Job.id == job_id)
+        job_owner = s.scalar(query.where(Job.owner == owner) if owner is not None else query)
+    if job_owner is None:
         return None
     for _ in range(10):  # compare-and-set on the status: a worker may finish the job meanwhile
         with store.sessions.begin() as s:
-            query = select(Job.status).where(Job.id == job_id)
-            if owner is not None:
-                query = query.where(Job.owner == owner)
-            status = s.scalar(query.with_for_update())
+            store.lock_owners(s, [job_owner])  # a job submitted from this one commits before, or finds it gone
+            status = s.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
             if status is None:
                 return None
+            _refuse_if_started_from(s, job_id)
             _mark_pending(store, s, job_id)
             if status not in TERMINAL:
                 new = "cancelled" if status in CLAIMABLE else "cancelling"
@@ -65,29 +75,60 @@ def delete_job(store: JobStore, artifacts: Artifacts, job_id: str, owner: str | 
         break
     else:
         return "pending"
-    if status in TERMINAL:
-        return "deleted" if purge_job(store, artifacts, job_id) else "pending"
-    return "pending"
+    if status not in TERMINAL:
+        return "pending"
+    outcome = _purge(store, artifacts, job_id)
+    return {"deleted": "deleted", "gone": None}.get(outcome, "pending")
 
 
 def purge_job(store: JobStore, artifacts: Artifacts, job_id: str) -> bool:
-    """Remove a finished job's files, then all its rows. False (nothing done) when it is not finished."""
+    """Remove a finished job's files, then all its rows (or what an interrupted purge left of them).
+    False (nothing done) when it is not finished."""
+    return _purge(store, artifacts, job_id) != "busy"
+
+
+def _purge(store: JobStore, artifacts: Artifacts, job_id: str) -> str:
+    """"deleted": this call removed the job row; "gone": there was none (another call removed it; any
+    leftover rows are removed); "busy": the job is not finished, or a row referring to it was written
+    meanwhile (the next cleanup pass finishes it). Each transaction locks the job row first."""
     with store.sessions.begin() as s:
-        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        status = s.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
         if status is not None and status not in TERMINAL:
-            return False
-        _mark_pending(store, s, job_id)
+            return "busy"
+        if status is not None:
+            _mark_pending(store, s, job_id)
     artifacts.remove_job_dir(job_id)
     try:
         with store.sessions.begin() as s:
+            s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
             for table in reversed(Base.metadata.sorted_tables):  # children before the job row
                 if "job_id" in table.c and table.name != Job.__tablename__:
                     s.execute(delete(table).where(table.c.job_id == job_id))
-            s.execute(delete(Job).where(Job.id == job_id))
+            removed = s.execute(delete(Job).where(Job.id == job_id)).rowcount == 1
     except IntegrityError:  # a row referring to it was written meanwhile: the next cleanup pass finishes it
         log.warning("job %s: deletion deferred to the next cleanup pass", job_id)
-        return False
-    return True
+        return "busy"
+    return "deleted" if removed else "gone"
+
+
+def started_from(resolved_spec: dict | None, spec: dict | None, job_id: str) -> bool:
+    """Whether a job (its submitted and resolved specs) starts from `job_id`'s export: the submitted
+    `model.init_from_job`, or the resolved `model.weights` key under that job's artifacts."""
+    source = ((spec or {}).get("model") or {}).get("init_from_job")
+    weights = ((resolved_spec or {}).get("model") or {}).get("weights")
+    return source == job_id or (isinstance(weights, str) and weights.startswith(f"jobs/{job_id}/"))
+
+
+def _refuse_if_started_from(session, job_id: str) -> None:
+    """InUse naming the first active job, or held sweep child (its sweep), that starts from `job_id`."""
+    for dependant, spec, resolved in session.execute(select(Job.id, Job.spec, Job.resolved_spec)
+                                                     .where(Job.status.in_(ACTIVE)).order_by(Job.seq)):
+        if started_from(resolved, spec, job_id):
+            raise InUse(dependant)
+    for sweep_id, held in session.execute(select(Sweep.id, Sweep.held).where(Sweep.status == "active",
+                                                                             Sweep.held_count > 0)):
+        if any(started_from(entry.get("resolved"), entry.get("spec"), job_id) for entry in held or []):
+            raise InUse(sweep_id)
 
 
 def _mark_pending(store: JobStore, session, job_id: str) -> None:

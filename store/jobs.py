@@ -20,7 +20,7 @@ from store import quotas, webhooks
 from store.artifacts import issued_id
 from store.checkpoints import Checkpoints
 from store.claims import Claims
-from store.db import DatasetRecord, Event, Job, JobTag, WeightsRecord, utcnow
+from store.db import DatasetRecord, Event, Job, JobTag, PendingDeletion, WeightsRecord, utcnow
 from store.engine import make_engine, make_sessionmaker
 from store.events import EventLog
 from store.idempotency import Idempotency, IdempotencyConflict, check_unused, remember
@@ -31,6 +31,10 @@ from store.metadata_filter import metadata_equals
 from store.settings import Settings
 from store.spec_version import stamped
 from store.uploads import Uploads
+
+
+# a job row's columns for the read-only snapshots, without the stored plan (only the sparsity route reads it)
+ROW_COLUMNS = tuple(column for column in Job.__table__.c if column.name != "plan")
 
 
 class TooManyActiveJobs(Exception):
@@ -61,9 +65,10 @@ class JobStore:
 
     def create_job(self, spec: dict, resolved_spec: dict, total_steps: int, owner: str = "local",
                    idempotency: tuple[str, str] | None = None, max_active: int | None = None,
-                   dataset_id: str | None = None, weights_id: str | None = None, name: str | None = None,
+                   dataset_id: str | None = None, weights_id: str | None = None, source_job_id: str | None = None,
+                   name: str | None = None,
                    tags: list[str] | None = None, metadata: dict | None = None,
-                   artifacts_quota: quotas.Quota | None = None) -> Job:
+                   artifacts_quota: quotas.Quota | None = None, plan: dict | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
         requests with one key create one job (the loser gets IdempotencyConflict and replays).
 
@@ -71,10 +76,13 @@ class JobStore:
         after taking the owner's lock row (TooManyActiveJobs), so concurrent submissions can't overshoot.
         `dataset_id`: an uploaded dataset the job reads; it must still exist under its owner's lock, so a
         concurrent `DELETE /v1/datasets/{id}` either sees this job or makes this one fail (UploadGone).
-        `weights_id`: the same for uploaded weights (`model.weights`).
+        `weights_id`: the same for uploaded weights (`model.weights`), and `source_job_id` for the job whose
+        export it starts from (`model.init_from_job`: a concurrent `DELETE /v1/jobs/{id}` of it either sees
+        this job and answers 409, or makes this one fail).
         `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows.
         `artifacts_quota`: the owner's job-artifacts quota (store/quotas.py), checked under the same lock
-        (QuotaExceeded)."""
+        (QuotaExceeded). `plan`: the sparsity plan measured at submission (api/submission.py), kept for
+        GET /v1/jobs/{id}/sparsity."""
         try:
             with self.sessions.begin() as s:
                 owners = {owner}
@@ -82,6 +90,8 @@ class JobStore:
                     owners.add(s.scalar(select(DatasetRecord.owner).where(DatasetRecord.id == dataset_id)) or owner)
                 if weights_id is not None:
                     owners.add(s.scalar(select(WeightsRecord.owner).where(WeightsRecord.id == weights_id)) or owner)
+                if source_job_id is not None:
+                    owners.add(s.scalar(select(Job.owner).where(Job.id == source_job_id)) or owner)
                 self.lock_owners(s, owners)
                 check_unused(s, owner, idempotency)
                 if max_active is not None and count_active_in(s, owner) >= max_active:
@@ -92,7 +102,9 @@ class JobStore:
                     raise UploadGone("dataset.path")
                 if weights_id is not None and s.get(WeightsRecord, weights_id) is None:
                     raise UploadGone("model.weights")
-                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata)
+                if source_job_id is not None and not source_job_kept(s, source_job_id):
+                    raise UploadGone("model.init_from_job")
+                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata, plan=plan)
                 remember(s, owner, idempotency, job.id)
         except IntegrityError:
             if idempotency is None:
@@ -102,14 +114,15 @@ class JobStore:
 
     @staticmethod
     def add_job_rows(session, spec: dict, resolved_spec: dict, total_steps: int, owner: str, name: str | None = None,
-                     tags: list[str] | None = None, metadata: dict | None = None, sweep_id: str | None = None) -> Job:
+                     tags: list[str] | None = None, metadata: dict | None = None, sweep_id: str | None = None,
+                     plan: dict | None = None) -> Job:
         """The rows of one new queued job, in the caller's transaction (which holds the owner's lock and has
         checked the cap): create_job's, and a sweep's release of held children (store/sweeps.py)."""
         tags = list(dict.fromkeys(tags or []))  # once each, in the order given
         # the stored spec carries its spec_version (store/spec_version.py)
         job = Job(spec=spec, resolved_spec=stamped(resolved_spec), total_steps=total_steps, owner=owner,
                   devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
-                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id)
+                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id, plan=plan)
         session.add(job)
         session.flush()
         session.add_all(JobTag(job_id=job.id, tag=tag) for tag in tags)
@@ -125,6 +138,17 @@ class JobStore:
         with self.sessions() as s:
             return count_active_in(s, owner)
 
+    def job_plan(self, job_id: str) -> dict | None:
+        """The sparsity plan stored at submission; None for jobs stored before revision 0009 (or whose
+        classes only the worker knows)."""
+        with self.sessions() as s:
+            return s.scalar(select(Job.plan).where(Job.id == job_id))
+
+    def set_job_plan(self, job_id: str, plan: dict) -> None:
+        """Keep a plan measured after submission (an older job's, once), so it is measured only once."""
+        with self.sessions.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.plan.is_(None)).values(plan=plan))
+
     def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         if not issued_id(job_id):
             return None
@@ -134,7 +158,7 @@ class JobStore:
                 query = query.where(Job.owner == owner)
             return s.scalars(query).first()
 
-    _VIEW = select(Job.__table__).where(Job.id == bindparam("job_id"))
+    _VIEW = select(*ROW_COLUMNS).where(Job.id == bindparam("job_id"))
 
     def get_job_view(self, job_id: str, owner: str | None = None) -> SimpleNamespace | None:
         """A read-only snapshot of the row with a precompiled Core query: 3× cheaper than the ORM,
@@ -156,7 +180,7 @@ class JobStore:
         both databases (SQLite's LIKE is not, hence substr); `metadata`: (key, value) pairs, each a
         store/metadata_filter.py match."""
         with self.sessions() as s:
-            query = select(Job.__table__).order_by(Job.seq.desc())  # rows as snapshots, as get_job_view: no ORM
+            query = select(*ROW_COLUMNS).order_by(Job.seq.desc())  # rows as snapshots, as get_job_view: no ORM
             if owner is not None:
                 query = query.where(Job.owner == owner)
             if status:
@@ -267,6 +291,12 @@ def count_active_in(session, owner: str) -> int:
     """The owner's queued and running jobs, in the caller's transaction (after the owner's lock: exact)."""
     return session.scalar(select(func.count()).select_from(Job).where(
         Job.owner == owner, Job.status.in_(ACTIVE))) or 0
+
+
+def source_job_kept(session, job_id: str) -> bool:
+    """Whether a job another starts from (`model.init_from_job`) is still there and not being deleted."""
+    return (session.scalar(select(Job.status).where(Job.id == job_id)) == "succeeded"
+            and session.get(PendingDeletion, job_id) is None)
 
 
 def required_devices(spec: dict) -> int:

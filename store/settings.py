@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have.")
     max_sweep_children: int = Field(64, ge=1, le=1024, description="Most jobs one sweep's grid may make "
                                     "(children past the active-job cap wait in the sweep, they don't fail).")
+    max_sweep_children_per_owner: int = Field(256, ge=1, description="Unfinished sweep children one owner may "
+                                              "have at once: held ones plus queued or running sweep jobs (a new "
+                                              "sweep past it gets 429).")
     max_body_bytes: int = Field(1024 * 1024, description="JSON request body cap (bytes received).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Dataset upload cap.")
     max_upload_inflated_bytes: int = Field(2 * 1024**3, ge=1, description="Most bytes an upload's arrays may "
@@ -89,6 +92,14 @@ class Settings(BaseSettings):
     max_imagefolder_bytes: int = Field(8 * 1024**3, ge=1, description="imagefolder with loader memory: most bytes "
                                        "its decoded images may take (images × 3 × image_size²).")
     max_params: int = Field(100_000_000, description="Largest model a job may train.")
+    max_model_modules: int = Field(2_000, ge=10, description="Most modules a job's model may have (the largest "
+                                   "timm model has ~1,800, a 126-layer Llama ~1,650); a model.hf config's layer "
+                                   "counts (≥ 10 modules a layer) and an architecture's layers are checked before "
+                                   "anything is built, the built model's count after.")
+    max_model_build_seconds: float = Field(60, gt=0, description="Most seconds checking one model (build on the "
+                                           "meta device, one forward, the plan) may take in its child process.")
+    max_model_build_bytes: int = Field(2 * 1024**3, ge=256 * 1024**2, description="Most memory (address space) "
+                                       "checking one model may add in its child process.")
     max_epochs: int = Field(10_000)
     max_total_steps: int = Field(10_000_000, ge=1, le=2**31 - 1,
                                  description="Most optimizer steps one job may take (epochs × steps per epoch).")

@@ -15,15 +15,15 @@ import itertools
 import logging
 from typing import Callable
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from store import quotas, webhooks
 from store.artifacts import ID_PATTERN, issued_id
 from store.db import Checkpoint, DatasetRecord, Event, IdempotencyRecord, Job, Sweep, WeightsRecord, utcnow
 from store.dispatch import dispatch
 from store.idempotency import check_unused, remember
-from store.job_state import TERMINAL
-from store.jobs import JobStore, count_active_in
+from store.job_state import ACTIVE, TERMINAL
+from store.jobs import JobStore, count_active_in, source_job_kept
 
 log = logging.getLogger("rigl.sweeps")
 
@@ -54,18 +54,42 @@ def params_of(resolved_spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- create
+class TooManySweepChildren(Exception):
+    """The owner's unfinished sweep children plus the new sweep's would pass `max_children`."""
+
+    def __init__(self, max_children: int, unfinished: int, adding: int):
+        super().__init__(f"{unfinished} unfinished sweep children + {adding} is over {max_children}")
+        self.max_children, self.unfinished, self.adding = max_children, unfinished, adding
+
+
+def unfinished_children(session, owner: str) -> int:
+    """The owner's sweep children not finished: held in active sweeps, or queued/running jobs of a sweep
+    (in the caller's transaction; after the owner's lock: exact)."""
+    held = session.scalar(select(func.coalesce(func.sum(Sweep.held_count), 0))
+                          .where(Sweep.owner == owner, Sweep.status == "active")) or 0
+    jobs = session.scalar(select(func.count()).select_from(Job)
+                          .where(Job.owner == owner, Job.sweep_id.is_not(None), Job.status.in_(ACTIVE))) or 0
+    return int(held) + int(jobs)
+
+
 def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid: dict, children: list[dict],
                  max_active: int, idempotency: tuple[str, str] | None = None,
-                 artifacts_quota: quotas.Quota | None = None) -> tuple[Sweep, list[str]]:
+                 artifacts_quota: quotas.Quota | None = None,
+                 max_children: int | None = None) -> tuple[Sweep, list[str]]:
     """Store the sweep and the children that fit under the owner's cap as queued jobs, all in one
     transaction; the rest are held. `children`: entries with spec, resolved, total_steps, name, tags,
     metadata (validated by the caller). Returns (sweep, ids of the jobs created: the caller dispatches).
     `idempotency` = (key, body hash), stored with the sweep (the jobs' table: a key names one job or one
     sweep); a twin that committed first raises IdempotencyConflict. `artifacts_quota`: every child counts
-    as a kept job now, held ones included (QuotaExceeded: nothing is stored)."""
+    as a kept job now, held ones included (QuotaExceeded: nothing is stored). `max_children`: the owner's
+    cap on unfinished sweep children, counted under the same lock (TooManySweepChildren: nothing is stored)."""
     with store.sessions.begin() as s:
         store.lock_owners(s, [owner])
         check_unused(s, owner, idempotency)
+        if max_children is not None:
+            unfinished = unfinished_children(s, owner)
+            if unfinished + len(children) > max_children:
+                raise TooManySweepChildren(max_children, unfinished, len(children))
         if artifacts_quota is not None:
             quotas.check(s, owner, "artifacts", artifacts_quota, adding_bytes=0, adding_count=len(children))
         sweep = Sweep(owner=owner, name=name, status="active", base=base, grid=grid, children=len(children),
@@ -81,10 +105,11 @@ def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid
 
 def _add_child(store: JobStore, session, sweep: Sweep, entry: dict) -> Job:
     job = store.add_job_rows(session, entry["spec"], entry["resolved"], entry["total_steps"], sweep.owner,
-                             entry.get("name"), entry.get("tags"), entry.get("metadata"), sweep_id=sweep.id)
+                             entry.get("name"), entry.get("tags"), entry.get("metadata"), sweep_id=sweep.id,
+                             plan=entry.get("plan"))
     gone = _gone_upload(session, entry["resolved"], entry["spec"])
     if gone is not None:  # deleted while the child was held: a visible failed child, not a lost one
-        message = f"the uploaded {gone} was deleted before this sweep child could start"
+        message = f"the {gone} was deleted before this sweep child could start"
         job.status, job.finished_at, job.error_code, job.error_message = "failed", utcnow(), "upload_gone", message
         session.add(Event(job_id=job.id, type="status", level="error", message=message, data={"status": "failed"}))
     return job
@@ -93,10 +118,13 @@ def _add_child(store: JobStore, session, sweep: Sweep, entry: dict) -> Job:
 def _gone_upload(session, resolved: dict, spec: dict) -> str | None:
     dataset = spec.get("dataset") or {}
     if dataset.get("name") == "tensors" and session.get(DatasetRecord, dataset.get("path")) is None:
-        return "dataset"
+        return "uploaded dataset"
     weights = (spec.get("model") or {}).get("weights")
     if weights is not None and session.get(WeightsRecord, weights) is None:
-        return "weights"
+        return "uploaded weights"
+    source = (spec.get("model") or {}).get("init_from_job")
+    if source is not None and not source_job_kept(session, source):
+        return f"job {source!r} it starts from"
     return None
 
 

@@ -22,7 +22,7 @@ from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, eve
 from api.submission import resolve
 from rigl_core.export.formats import EXPORT_FORMATS
 from rigl_core.spec import JobSpec, SparsitySpec
-from store.deletion import delete_job as delete_stored_job
+from store.deletion import InUse, delete_job as delete_stored_job
 from store.dispatch import dispatch
 from store.idempotency import IdempotencyConflict
 from store.jobs import TooManyActiveJobs, UploadGone
@@ -63,13 +63,14 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
     cap = ctx.settings.max_active_jobs_per_owner
     if ctx.store.count_active(ctx.principal) >= cap:  # cheap early answer; create_job enforces it atomically
         raise _too_many_jobs(cap)
-    resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
+    resolved, total_steps, plan = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
     try:
         job = ctx.store.create_job(body, resolved, total_steps, owner=ctx.principal,
-                                   idempotency=(idempotency_key, digest) if idempotency_key else None,
+                                   idempotency=(idempotency_key, digest) if idempotency_key else None, plan=plan,
                                    max_active=cap,
                                    dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
-                                   weights_id=spec.model.weights, artifacts_quota=limits(ctx)["artifacts"],
+                                   weights_id=spec.model.weights, source_job_id=spec.model.init_from_job,
+                                   artifacts_quota=limits(ctx)["artifacts"],
                                    **labels)
     except QuotaExceeded as exc:
         raise quota_error(exc, field=None) from None
@@ -78,11 +79,17 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
     except TooManyActiveJobs:
         raise _too_many_jobs(cap) from None
     except UploadGone as exc:
-        gone = f"weights {spec.model.weights!r}" if exc.field == "model.weights" else f"dataset {spec.dataset.path!r}"
-        raise ApiError(422, "invalid_job", f"no uploaded {gone}", exc.field) from None
+        gone = {"model.weights": f"uploaded weights {spec.model.weights!r}",
+                "model.init_from_job": f"job {spec.model.init_from_job!r} (deleted meanwhile)"
+                }.get(exc.field, f"uploaded dataset {spec.dataset.path!r}")
+        raise ApiError(422, "invalid_job", f"no {gone}", exc.field) from None
     if not dispatch(ctx.store, ctx.enqueue, job.id):  # stored and accepted; the reaper sends it later
         job = ctx.store.get_job(job.id)
     return job_json(job)
+
+
+def _used_by(holder_id: str) -> str:
+    return f"sweep {holder_id!r} (a held child)" if holder_id.startswith("sweep_") else f"job {holder_id!r}"
 
 
 def _too_many_jobs(cap: int) -> ApiError:
@@ -176,8 +183,14 @@ def cancel_job(job_id: str, ctx: Context = Depends(get_context)) -> dict:
 def delete_job(job_id: str, response: Response, ctx: Context = Depends(get_context)) -> dict:
     """Delete a job with its events, checkpoints and artifacts. A finished or queued job is gone at once
     (200). A running one is cancelled and answered 202; it is deleted, with no further call, once its
-    worker has stopped it (it shows `cancelling`, then 404)."""
-    outcome = delete_stored_job(ctx.store, ctx.artifacts, job_id, ctx.owner)
+    worker has stopped it (it shows `cancelling`, then 404). 409 while a queued or running job (or a
+    sweep's held child) starts from this job's export (`model.init_from_job`). Of concurrent deletions
+    of one job exactly one answers 200 `deleted: true`; the others answer as a repeated delete does, 404."""
+    try:
+        outcome = delete_stored_job(ctx.store, ctx.artifacts, job_id, ctx.owner)
+    except InUse as exc:
+        raise ApiError(409, "in_use", f"job {job_id!r} is started from by active {_used_by(exc.job_id)}; cancel "
+                                      "it or wait for it to finish", "job_id") from None
     if outcome is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}", "job_id")
     if outcome == "deleted":
@@ -296,39 +309,52 @@ def metrics(job_id: str, max_points: int | None = Query(None, ge=10, le=100_000)
 
 @router.get("/{job_id}/sparsity")
 def sparsity(job_id: str, ctx: Context = Depends(get_context)) -> dict:
-    """The per-layer report: measured once the job succeeded, the plan (targets) before."""
+    """The per-layer report: measured once the job succeeded, the plan (targets) before. The plan is the
+    one measured at submission and stored with the job: reading it never builds the model. A job stored
+    before plans were kept has its plan measured once, bounded as at submission, and stored."""
     job = _job_or_404(ctx, job_id)
     raw = ctx.artifacts.read_bytes(ctx.artifacts.job_key(job_id, "report.json")) if job.status == "succeeded" else None
     if raw is not None:
         report = json.loads(raw)
         return {"object": "sparsity", "job_id": job_id, "final": True, "layers": report["layers"],
                 "totals": report["totals"], "leak_check": report["leak_check"]}
-    from rigl_core.data.describe import describe
-    from rigl_core.models.registry import build_model, resolve_task
-    from rigl_core.sparse.plan import make_plan
+    plan = ctx.store.job_plan(job_id)
+    if plan is None:
+        plan = _measure_plan(ctx, JobSpec.model_validate(spec_body(job.resolved_spec)))
+        ctx.store.set_job_plan(job_id, plan)
+    return {"object": "sparsity", "job_id": job_id, "final": False, "layers": plan["layers"],
+            "totals": plan["totals"]}
 
-    spec = JobSpec.model_validate(spec_body(job.resolved_spec))
+
+def _measure_plan(ctx: Context, spec: JobSpec) -> dict:
+    """The plan of a job stored without one, measured as at submission (api/model_build.py)."""
+    from rigl_core.data.describe import describe
+    from rigl_core.models.registry import resolve_task
+    from api.model_build import measure
+    from api.submission import model_bounds
+
+    model = spec.model.model_dump(mode="json")
     if spec.model.program is not None:  # the program fixes its shapes; this node's copy of its file
         from store.artifacts import MissingArtifact
 
         try:
-            local = ctx.artifacts.fetch(spec.model.program)
+            model["program"] = str(ctx.artifacts.fetch(spec.model.program))
         except MissingArtifact:
             raise ApiError(409, "not_ready", "the job's program has been deleted", "job_id") from None
-        model = build_model("program", None, None, device="meta", program=str(local))
-        input_shape = model.input_shape
+        input_shape, num_classes = [], None
     else:
         shape = describe(spec.dataset)
         input_shape = shape.input_shape if shape else (spec.model.input_shape or [])
         num_classes = spec.model.num_classes or (shape.num_classes if shape else None)
         if not input_shape or num_classes is None:
             raise ApiError(409, "not_ready", "the report is available when the job has succeeded", "job_id")
-        model = build_model(spec.model.name, num_classes, input_shape, spec.model.hidden_sizes, device="meta",
-                            architecture=spec.model.architecture, hf=spec.model.hf,
-                            task=resolve_task(spec.training.task, spec.model.hf))
-    plan = make_plan(model, input_shape, spec.sparsity).to_dict()
-    return {"object": "sparsity", "job_id": job_id, "final": False, "layers": plan["layers"],
-            "totals": plan["totals"]}
+    try:
+        measured = measure(json.dumps(model, sort_keys=True), json.dumps(list(input_shape)), num_classes,
+                           spec.sparsity.model_dump_json(), resolve_task(spec.training.task, spec.model.hf), None,
+                           False, model_bounds(ctx.settings))
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+    return measured["plan"]
 
 
 @router.get("/{job_id}/checkpoints")

@@ -16,8 +16,7 @@ from api.uploads import place_upload, streamed_upload
 from rigl_core.models.architecture import Architecture, ArchitectureError, Limits
 from rigl_core.data.epochs import suggested_epochs
 from rigl_core.models.build import infer
-from rigl_core.models.registry import (BUILTIN_MODELS, build_model, check_model, default_input_shape, default_num_classes,
-                              resolve_task)
+from rigl_core.models.registry import BUILTIN_MODELS, default_input_shape, default_num_classes, resolve_task
 from rigl_core.spec import DATASETS, DatasetSpec, ModelSpec, SparsitySpec
 from store import deletion
 from store.uploads import program_of
@@ -160,8 +159,10 @@ def _dataset_shape(dataset: DatasetSpec | None, ctx: Context) -> tuple[list[int]
 
 @router.post("/plan")
 def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
-    """The same plan as `rigl plan`: per-layer densities and FLOPs, without training."""
-    from rigl_core.sparse.plan import make_plan
+    """The same plan as `rigl plan`: per-layer densities and FLOPs, without training. The model is built in a
+    bounded child process, as at submission (api/model_build.py)."""
+    from api.model_build import plan as bounded_plan
+    from api.submission import model_bounds
     from rigl_core.spec import UPLOADED_ARCHITECTURE
 
     model = body.model
@@ -175,18 +176,15 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
                            "model.name")
         architecture = Architecture.model_validate(row.spec)
     name = "custom" if architecture is not None else model.name
-    program = None
-    if model.program is not None:  # its example input and its logits fix both shapes
+    spec = {"name": name, "hidden_sizes": model.hidden_sizes, "hf": model.hf,
+            "architecture": architecture.model_dump(mode="json", exclude_none=True) if architecture else None}
+    if model.program is not None:  # its example input and its logits fix both shapes (in the child)
         from api.submission import resolve_program
 
         data_shape, data_classes = _dataset_shape(body.dataset, ctx)
-        local = resolve_program({"program": model.program}, ctx.store, ctx.artifacts, ctx.owner)
-        try:
-            program = build_model("program", body.num_classes or model.num_classes or data_classes,
-                                  body.input_shape or data_shape, device="meta", program=local)
-        except ValueError as exc:
-            raise from_value_error(exc, code="invalid_request") from None
-        input_shape, num_classes = program.input_shape, program.program_classes
+        spec.update(name="program", program=resolve_program({"program": model.program}, ctx.store, ctx.artifacts,
+                                                            ctx.owner))
+        input_shape, num_classes = body.input_shape or data_shape, body.num_classes or model.num_classes or data_classes
     elif architecture is not None:
         input_shape = architecture.input_shape
         num_classes = body.num_classes or model.num_classes or infer(architecture)[1][-1]
@@ -196,11 +194,9 @@ def plan(body: PlanRequest, ctx: Context = Depends(get_context)) -> dict:
         num_classes = body.num_classes or model.num_classes or data_classes or default_num_classes(name)
     try:
         task = resolve_task(body.task, model.hf)
-        meta = program if program is not None else build_model(
-            name, num_classes, input_shape, model.hidden_sizes, device="meta", architecture=architecture,
-            hf=model.hf, task=task)
-        check_model(meta, input_shape, num_classes, task)
-        result = make_plan(meta, input_shape, body.sparsity).to_dict()
+        built = bounded_plan(spec, input_shape, num_classes, body.sparsity.model_dump_json(), task,
+                             model_bounds(ctx.settings))
     except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise from_value_error(exc, code="invalid_request") from None
+    input_shape, num_classes, result = built["input_shape"], built["num_classes"], built["plan"]
     return {"object": "plan", "model": name, "input_shape": input_shape, "num_classes": num_classes, **result}

@@ -22,6 +22,7 @@ from api.schemas import LABELS, SweepSubmission, sweep_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
 from store import sweeps as stored
+from store.deletion import InUse
 from store.idempotency import IdempotencyConflict
 from store.dispatch import dispatch
 from store.quotas import QuotaExceeded
@@ -72,6 +73,11 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
     if size > ctx.settings.max_sweep_children:
         raise ApiError(422, "invalid_sweep", f"the grid makes {size} jobs; at most {ctx.settings.max_sweep_children}",
                        "grid")
+    cap = ctx.settings.max_sweep_children_per_owner
+    with ctx.store.sessions() as s:  # cheap early answer, before every child is resolved; create_sweep enforces it
+        unfinished = stored.unfinished_children(s, ctx.principal)
+    if unfinished + size > cap:
+        raise _too_many_children(cap, unfinished, size)
     body = submission.base.model_dump(mode="json", exclude_unset=True)
     labels = {key: body.pop(key) for key in LABELS if key in body}  # body is now the JobSpec alone
     prefix = (labels.get("name") or submission.name or "sweep")[:150]
@@ -85,18 +91,20 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
             field, message = named_field(_loc_to_field(first["loc"]), message)
             raise _child_error(None if field == "body" else field, message, params) from None
         try:
-            resolved, total_steps = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
+            resolved, total_steps, plan = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
         except ApiError as exc:
             raise _child_error(exc.field, exc.message, params) from None
         label = "/".join(str(value) if axis != "seed" else f"seed{value}" for axis, value in params.items())
-        entries.append({"spec": tree, "resolved": resolved, "total_steps": total_steps,
+        entries.append({"spec": tree, "resolved": resolved, "total_steps": total_steps, "plan": plan,
                         "params": stored.params_of(resolved), "name": f"{prefix} {label}"[:200],
                         "tags": labels.get("tags"), "metadata": labels.get("metadata")})
     try:
         sweep, created = stored.create_sweep(ctx.store, ctx.principal, submission.name, {**body, **labels}, grid,
                                              entries, ctx.settings.max_active_jobs_per_owner,
                                              (idempotency_key, digest) if idempotency_key else None,
-                                             artifacts_quota=limits(ctx)["artifacts"])
+                                             artifacts_quota=limits(ctx)["artifacts"], max_children=cap)
+    except stored.TooManySweepChildren as exc:
+        raise _too_many_children(cap, exc.unfinished, exc.adding) from None
     except QuotaExceeded as exc:
         raise quota_error(exc, field=None) from None
     except IdempotencyConflict:  # its twin committed while this one validated: answer with that sweep
@@ -104,6 +112,14 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
     for job_id in created:
         dispatch(ctx.store, ctx.enqueue, job_id)  # unsent: the reaper sends it (store/dispatch.py)
     return _view(ctx, stored.get_sweep(ctx.store, sweep.id))
+
+
+def _too_many_children(cap: int, unfinished: int, adding: int) -> ApiError:
+    """As the active-job cap answers (429, Retry-After), naming the grid that would pass it."""
+    return ApiError(429, "too_many_sweep_children", f"at most {cap} unfinished sweep children per owner "
+                                                    f"(held, queued or running); {unfinished} now, this grid makes "
+                                                    f"{adding}; retry when some end, or cancel a sweep", "grid",
+                    headers={"Retry-After": "30"})
 
 
 def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
@@ -144,8 +160,13 @@ def cancel_sweep(sweep_id: str, ctx: Context = Depends(get_context)) -> dict:
 @router.delete("/{sweep_id}")
 def delete_sweep(sweep_id: str, response: Response, ctx: Context = Depends(get_context)) -> dict:
     """Delete the sweep and its children with their artifacts (as DELETE /v1/jobs/{id}). 202 when some
-    child was running: it is cancelled and deleted once its worker has stopped it."""
-    done = stored.delete_sweep(ctx.store, ctx.artifacts, sweep_id, ctx.owner)
+    child was running: it is cancelled and deleted once its worker has stopped it. 409 when an active job
+    starts from a child's export (`model.init_from_job`): the sweep is cancelled, that child is kept."""
+    try:
+        done = stored.delete_sweep(ctx.store, ctx.artifacts, sweep_id, ctx.owner)
+    except InUse as exc:
+        raise ApiError(409, "in_use", f"a child of sweep {sweep_id!r} is started from by active job or sweep "
+                                      f"{exc.job_id!r}; cancel it or wait for it to finish", "sweep_id") from None
     if done is None:
         raise ApiError(404, "not_found", f"no sweep {sweep_id!r}", "sweep_id")
     if done["pending"]:

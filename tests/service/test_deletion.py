@@ -47,9 +47,9 @@ def rows_of(store, job_id: str) -> dict:
     return counts
 
 
-def finished_job(store, artifacts, status: str = "succeeded") -> str:
+def finished_job(store, artifacts, status: str = "succeeded", owner: str = "alice") -> str:
     """A job as a worker leaves it: claimed, a resume checkpoint on the way, exports, then finished."""
-    created = store.create_job(JOB, JOB, 10, owner="alice")
+    created = store.create_job(JOB, JOB, 10, owner=owner)
     job, token = store.claims.claim(created.id, max_attempts=3)
     assert job.id == created.id  # the only claimable job
     folder = artifacts.job_dir(job.id)
@@ -251,9 +251,114 @@ def test_with_a_real_worker_a_deleted_running_job_ends_cancelled_then_gone(tmp_p
                 assert set(rows_of(store, long).values()) == {0}, rows_of(store, long)
                 assert not (tmp_path / "artifacts" / "jobs" / long).exists()
                 for route in ("/v1/jobs/{}", "/v1/datasets/{}", "/v1/architectures/{}"):  # NUL: an error in PostgreSQL
-                    response = api.delete(route.format("job_%00"))  # refused by the text guard, before the store
-                    assert response.status_code == 422 and response.json()["error"]["field"] == "path", response.text
+                    refused = api.delete(route.format("job_%00"))  # the text guard's 422, before any query
+                    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_text"
                 assert worker.poll() is None
         finally:
             stop(worker)
             cleanup_redis_queue(queue)
+
+
+def exported_job(store, artifacts, owner: str = "alice") -> str:
+    """A succeeded job of JOB's model with a real dense export (a safetensors state_dict), as
+    `model.init_from_job` reads it."""
+    from safetensors.torch import save_file
+
+    from rigl_core.models.registry import build_model
+
+    created = store.create_job(JOB, JOB, 10, owner=owner)
+    job, token = store.claims.claim(created.id, max_attempts=3)
+    path = artifacts.job_dir(job.id) / "dense.safetensors"
+    save_file(build_model("mlp", 10, [1, 8, 8]).state_dict(), str(path))
+    store.checkpoints.add_checkpoint(job.id, "dense", 5, path.name, "0" * 64, path.stat().st_size)
+    assert store.leases.finish(job.id, token, "succeeded", "done")
+    return job.id
+
+
+def test_deleting_a_job_another_active_job_starts_from_is_409_naming_it(service):
+    """`model.init_from_job: src` is rewritten into a key under src's artifacts: deleting src under a
+    queued job used to answer 200, and the queued job failed when it ran."""
+    from store.artifacts import Artifacts
+
+    artifacts = Artifacts(service.settings.artifact_dir)
+    alice = service.as_("alice")
+    source = exported_job(service.store, artifacts)
+    response = service.post("/v1/jobs", json={**JOB, "model": {"name": "mlp", "init_from_job": source}},
+                            headers=alice)
+    assert response.status_code == 201, response.text
+    dependant = response.json()["id"]
+    refused = service.delete(f"/v1/jobs/{source}", headers=alice)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "in_use" and error["field"] == "job_id" and dependant in error["message"]
+    assert service.get(f"/v1/jobs/{source}", headers=alice).json()["status"] == "succeeded"  # untouched
+    assert (service.settings.artifact_dir / "jobs" / source / "dense.safetensors").is_file()
+    assert service.post(f"/v1/jobs/{dependant}/cancel", headers=alice).status_code == 202
+    assert service.delete(f"/v1/jobs/{source}", headers=alice).json() == {"id": source, "object": "job",
+                                                                          "deleted": True}
+
+
+def test_a_job_submitted_from_a_job_being_deleted_is_refused(service):
+    """The submission read the source before a concurrent DELETE marked it: the creating transaction
+    looks again under the owner's lock, so the new job never points at a deleted export."""
+    from store.artifacts import Artifacts
+    from store.deletion import _mark_pending
+    from store.jobs import UploadGone
+
+    artifacts = Artifacts(service.settings.artifact_dir)
+    source = exported_job(service.store, artifacts)
+    with service.store.sessions.begin() as s:
+        _mark_pending(service.store, s, source)
+    spec = {**JOB, "model": {"name": "mlp", "init_from_job": source}}
+    with pytest.raises(UploadGone) as gone:
+        service.store.create_job(spec, spec, 10, owner="alice", source_job_id=source)
+    assert gone.value.field == "model.init_from_job"
+
+
+def test_deleting_a_job_a_held_sweep_child_starts_from_is_409(make_api):
+    from store.artifacts import Artifacts
+
+    client = make_api(max_active_jobs_per_owner=1)
+    source = exported_job(client.store, Artifacts(client.settings.artifact_dir), owner="local")
+    base = {**JOB, "model": {"name": "mlp", "init_from_job": source}}
+    sweep = client.post("/v1/sweeps", json={"base": base, "grid": {"seed": [1, 2]}})
+    assert sweep.status_code == 201, sweep.text
+    child = next(c["id"] for c in sweep.json()["children"] if c["id"])
+    assert client.post(f"/v1/jobs/{child}/cancel").status_code == 202  # the other child is still held
+    refused = client.delete(f"/v1/jobs/{source}")
+    assert refused.status_code == 409 and sweep.json()["id"] in refused.json()["error"]["message"]
+
+
+@pytest.mark.skipif(not postgres_available() and not os.environ.get("CI"), reason="needs PostgreSQL")
+def test_concurrent_deletes_of_one_job_delete_it_once_without_errors_on_postgresql(make_api):
+    """Ten DELETEs of one job at once used to deadlock on its child rows (answered 503) and several
+    answered `deleted: true`. Each transaction now locks the job row first: one answers 200, the others
+    answer as a repeated delete does (404), and nothing is left."""
+    import threading
+
+    from store.artifacts import Artifacts
+
+    with temporary_postgres_database() as url:
+        client = make_api(database_url=url, auth=False)
+        artifacts = Artifacts(client.settings.artifact_dir)
+        for _round in range(3):
+            job_id = finished_job(client.store, artifacts, owner="local")
+            client.store.events.add_events(job_id, [{"type": "metrics", "data": {"loss": float(i)}}
+                                                    for i in range(200)])
+            start, answers = threading.Barrier(10), []
+
+            def delete():
+                start.wait()
+                answers.append(client.delete(f"/v1/jobs/{job_id}"))
+
+            threads = [threading.Thread(target=delete) for _ in range(10)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            codes = sorted(a.status_code for a in answers)
+            assert codes == [200] + [404] * 9, [a.text for a in answers]
+            assert [a.json() for a in answers if a.status_code == 200] == [{"id": job_id, "object": "job",
+                                                                             "deleted": True}]
+            assert set(rows_of(client.store, job_id).values()) == {0}, rows_of(client.store, job_id)
+        client.store.engine.dispose()

@@ -228,6 +228,61 @@ def test_the_owner_cap_holds_children_and_they_are_released_as_jobs_end(service)
     assert [c["params"]["sparsity"] for c in state["children"]] == [0.5, 0.5, 0.8, 0.8, 0.9, 0.9]
 
 
+def test_an_owner_s_unfinished_sweep_children_are_capped(service):
+    """Eight sweeps of one owner used to hold 492 children; now held plus queued or running sweep children
+    are capped per owner (429 naming the grid, as the active-job cap answers), and freed as they end."""
+    api, store, sent, _settings = service(max_active_jobs_per_owner=2, max_sweep_children_per_owner=6)
+    first = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [0, 1, 2, 3]}})
+    assert first.status_code == 201 and first.json()["progress"]["by_status"] == {"queued": 2, "held": 2}
+    refused = api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [4, 5, 6]}})
+    error = _error(refused, 429)
+    assert error["code"] == "too_many_sweep_children" and error["field"] == "grid" and "Retry-After" in refused.headers
+    assert "4 now" in error["message"] and len(api.get("/v1/sweeps").json()["data"]) == 1  # nothing stored
+    assert api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [4, 5]}}).status_code == 201  # 6: fits
+    assert api.post("/v1/jobs", json=JOB).status_code == 429  # (the active-job cap, unchanged)
+    _finish(store, sent[0], 0.9)  # a finished child frees its place
+    assert _error(api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [7, 8]}}), 429)["field"] == "grid"
+    assert api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [7]}}).status_code == 201
+    api.post(f"/v1/sweeps/{first.json()['id']}/cancel")  # cancelled: held and queued children end
+    assert api.post("/v1/sweeps", json={"base": JOB, "grid": {"seed": [8, 9, 10]}}).status_code == 201
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_concurrent_sweeps_never_pass_the_children_cap(service, database):
+    """The cap is counted under the owner's lock row in the creating transaction (as the active-job cap):
+    racing sweeps that each pass the early check still can't overshoot it."""
+    import contextlib
+    import threading
+
+    from helpers.service import postgres_available, temporary_postgres_database
+    from store.sweeps import TooManySweepChildren, create_sweep, unfinished_children
+
+    if database == "postgresql" and not postgres_available():
+        pytest.skip("needs PostgreSQL on 127.0.0.1:5432")
+    with (temporary_postgres_database() if database == "postgresql" else contextlib.nullcontext(None)) as url:
+        _api, store, _sent, _settings = service(**({"database_url": url, "auth": False} if url else {}))
+        entries = [{"spec": JOB, "resolved": JOB, "total_steps": 10, "params": {}, "name": f"c{i}"} for i in range(3)]
+        barrier, outcomes = threading.Barrier(8), []
+
+        def create():
+            barrier.wait()
+            try:
+                create_sweep(store, "alice", None, JOB, {"seed": [0, 1, 2]}, entries, 2, max_children=10)
+                outcomes.append("created")
+            except TooManySweepChildren:
+                outcomes.append("capped")
+
+        threads = [threading.Thread(target=create) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes) == ["capped"] * 5 + ["created"] * 3
+        with store.sessions() as s:
+            assert unfinished_children(s, "alice") == 9
+        store.engine.dispose()
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_the_worker_side_release_is_atomic_under_the_cap(service, database):
     """Two sweeps of one owner and concurrent releases: never more active jobs than the cap."""

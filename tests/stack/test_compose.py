@@ -339,8 +339,8 @@ def test_compose_worker_command_runs_a_job_on_real_redis(tmp_path):
                                 artifact_dir=tmp_path / "artifacts").resolved()
             store = JobStore(database_url)
             spec = JobSpec.model_validate(JOB)
-            resolved, total = resolve(spec, store, Artifacts(settings.artifact_dir), settings, None)
-            job = store.create_job(JOB, resolved, total)
+            resolved, total, plan = resolve(spec, store, Artifacts(settings.artifact_dir), settings, None)
+            job = store.create_job(JOB, resolved, total, plan=plan)
             celery_enqueue(settings)(job.id)
             done = wait_for(lambda: (lambda j: j if j.status in ("succeeded", "failed") else None)(
                 store.get_job(job.id)), 120, what="the job")

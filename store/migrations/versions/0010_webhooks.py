@@ -4,14 +4,14 @@ Additive: two new tables, so older replicas keep working through a rolling deplo
 deliveries; changes they make are not reported until they are replaced).
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
