@@ -101,8 +101,9 @@ def _old_route_plan(spec: dict) -> dict:
     from rigl_core.models.registry import build_model, resolve_task
     from rigl_core.sparse.plan import make_plan
     from rigl_core.spec import JobSpec
+    from store.spec_version import spec_body
 
-    job = JobSpec.model_validate(spec)
+    job = JobSpec.model_validate(spec_body(spec))
     shape = describe(job.dataset)
     input_shape = shape.input_shape if shape else job.model.input_shape
     num_classes = job.model.num_classes or shape.num_classes
