@@ -22,7 +22,8 @@ SUITES = [f"tests/service/test_{name}.py" for name in (
 # Round 3: the surface added since (weights, quotas, text inputs, deletion, model bounds, sweeps) and the
 # operator's side (metrics port, logs, schema checks, disk full). Run separately so its table stands alone.
 ROUND3 = [f"tests/service/test_{name}.py" for name in (
-    "weights_header", "storage_quotas", "text_inputs", "fuzz_seeded", "deletion", "secret_settings")]
+    "weights_header", "storage_quotas", "text_inputs", "fuzz_seeded", "deletion", "secret_settings", "model_bounds",
+    "sweeps", "worker_logs", "worker_lease", "metrics", "schema_on_start", "spec_versions", "webhooks")]
 FIGURE = re.compile(r"^(?:reliability|fuzz(?: \(\w+\))?): .*$", flags=re.M)
 
 
@@ -86,7 +87,13 @@ def main() -> None:
         *round3,
         "",
         "Seeded fuzz: every route family, with NULs, lone surrogates, huge numbers and wrong types mixed into "
-        "otherwise valid requests (tests/helpers/fuzz.py); a 5xx fails the test.",
+        "otherwise valid requests (tests/helpers/fuzz.py); a 5xx fails the test. Also asserted in these suites, "
+        "without a figure of their own: placeholder and unreadable secret files stop the service; the worker's "
+        "metrics port listens on 127.0.0.1 and wants the token, owner labels are HMAC-SHA256 with a server key; "
+        "a worker refuses a schema behind the code with auto-upgrade off, and hands a job whose spec is newer "
+        "than it reads back without spending an attempt; webhooks refuse loopback, private, link-local "
+        "(169.254.169.254), multicast, CGNAT and IPv4-mapped addresses at creation and again at send time, "
+        "and follow no redirect.",
     ]) + "\n"
     out = ROOT / "bench" / "results" / "reliability.md"
     out.write_text(text)

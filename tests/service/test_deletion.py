@@ -362,3 +362,5 @@ def test_concurrent_deletes_of_one_job_delete_it_once_without_errors_on_postgres
                                                                              "deleted": True}]
             assert set(rows_of(client.store, job_id).values()) == {0}, rows_of(client.store, job_id)
         client.store.engine.dispose()
+    print("\nreliability: concurrent deletes: 3 rounds of 10 DELETEs of one job on PostgreSQL: each round one 200, "
+          "nine 404, 0 5xx, no row left")

@@ -63,6 +63,8 @@ def test_a_5000_layer_hf_config_is_refused_before_anything_is_built(api, builds)
     planned = api.post("/v1/plan", json={"model": hf_job(5000)["model"], "input_shape": [8], "num_classes": 2})
     assert _error(planned)["field"] == "model.hf.num_hidden_layers"
     assert builds["n"] == 0
+    print("\nreliability: model budget: 5,000-layer BERT and 20,000-layer GPT-2 configs (job, sweep, plan) -> "
+          "4 refusals (422 naming the layer field), 0 models built")
 
 
 def test_layer_and_module_caps_follow_the_setting_for_every_kind_of_model(make_api, builds):

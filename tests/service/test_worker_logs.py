@@ -72,7 +72,7 @@ def test_every_worker_line_is_json_and_job_lines_carry_the_job_id(tmp_path):
     assert about and all(record["job_id"] == lost for record in about), [r for r in about if r["job_id"] != lost]
     requeued = [r for r in parsed if r["logger"] == "rigl.reaper" and "lost its worker; requeued" in r["message"]]
     assert requeued and requeued[0]["job_id"] == lost
-    print(f"worker lines: {len(parsed)} (stdout {sum(n == 'stdout' for n, _ in lines)}, stderr "
+    print(f"\nreliability: worker logs: {len(parsed)} lines (stdout {sum(n == 'stdout' for n, _ in lines)}, stderr "
           f"{sum(n == 'stderr' for n, _ in lines)}), all JSON; {sum(r['job_id'] == lost for r in parsed)} carry the "
           f"job's id")
 
