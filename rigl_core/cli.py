@@ -161,6 +161,11 @@ def _add_client_commands(sub) -> None:
                           help="condensed: jobs trained with sparsity.structure fan-in (method srigl)")
     download.add_argument("--out", type=Path, help="file or directory (default: the server's file name, reduced to a safe base name, here)")
     download.set_defaults(handler=cmd_download)
+    register = sub.add_parser("register", help="register a finished job's model in MLflow's model registry")
+    register.add_argument("job_id")
+    register.add_argument("name", help="the registered model's name (created when missing)")
+    register.add_argument("--json", action="store_true")
+    register.set_defaults(handler=cmd_register)
     sweep = sub.add_parser("sweep", help="submit a sweep file ({base, grid, name}) to the service")
     sweep.add_argument("file", type=Path)
     sweep.add_argument("--wait", action="store_true", help="then poll until every child ended and print the table")
@@ -242,6 +247,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     print(_client().download(args.job_id, format=args.format, path=args.out))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    version = _client().register(args.job_id, args.name)
+    print(json.dumps(version, indent=2) if args.json else
+          f"{version['name']} version {version['version']} (MLflow run {version['run_id']})")
     return 0
 
 
