@@ -699,13 +699,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rigl_core.training.run import run_training
 
     spec = spec_from_args(args)
-    report = run_training(
-        spec,
-        args.out,
-        progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-    )
+    tracker = _mlflow_tracker(spec)
+    try:
+        report = run_training(
+            spec,
+            args.out,
+            progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            callbacks=[tracker] if tracker is not None else [],
+        )
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("cancelled" if sys.exc_info()[0] is KeyboardInterrupt else "failed", timeout=30)
+        raise
+    if tracker is not None:
+        from rigl_core.integrations.mlflow import run_files
+
+        files, onnx, extra = run_files(p for p in sorted(Path(args.out).iterdir())
+                                       if p.name == "report.json" or p.name.startswith("model."))
+        tracker.finish("succeeded", report, files, onnx, extra)
+        if tracker.info() is not None:
+            print(f"MLflow run {tracker.info()['run_id']} in experiment {tracker.info()['experiment']!r}")
     _warn_partial_sparsity(report)
     for warning in report.get("schedule_warnings", []):  # too few mask updates for the method to work
         print(f"warning: {warning}", file=sys.stderr)
@@ -720,6 +735,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("exports store " + check["values"] + " values: " + ", ".join(
             f"{k} {check['metrics'][k]:.4f} ({v:+.4f})" for k, v in check["change"].items()))
     return 0
+
+
+def _mlflow_tracker(spec):
+    """An MLflow callback when the JobSpec's tracking.mlflow or MLFLOW_TRACKING_URI names a tracking server."""
+    from rigl_core.integrations.mlflow import MlflowCallback, resolve_target
+
+    tracking = spec.tracking.model_dump(mode="json") if spec.tracking is not None else None
+    target = resolve_target(tracking, os.environ.get("MLFLOW_TRACKING_URI"),
+                            os.environ.get("MLFLOW_EXPERIMENT_NAME") or "rigl")
+    if target is None:
+        return None
+    return MlflowCallback(target, params=spec.model_dump(mode="json", exclude={"tracking"}),
+                          tags={"rigl.method": spec.sparsity.method, "rigl.sparsity": spec.sparsity.sparsity},
+                          warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from rigl_core.export.pipeline import OutputFile, TrainedRun, write_outputs
+from rigl_core.integrations.mlflow import run_files
 from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import DATASET_KEY, PROGRAM_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
@@ -37,7 +38,7 @@ from worker.devices import owned_devices
 from worker.heartbeat import Heartbeat
 from worker.metrics import JobMeter, observed
 from worker.retry import is_transient, retry_transient
-from worker.tracking import WARNING_CODE, job_tracker, tracked_files
+from worker.tracking import WARNING_CODE, job_tracker
 
 try:  # the Celery task's fallback when the cooperative time-limit check could not stop the run in time
     from celery.exceptions import SoftTimeLimitExceeded
@@ -513,7 +514,7 @@ class JobRun:
         tracker = self.tracker
         if tracker is None or tracker.finished:
             return
-        files, onnx, extra = tracked_files(self.published) \
+        files, onnx, extra = run_files(path for _kind, path in self.published) \
             if status == "succeeded" else ([], None, [])
         report = None
         if result is not None:

@@ -1,6 +1,6 @@
 """A job's MLflow run, from the worker's side: whether and where (the JobSpec's `tracking.mlflow` over the
 deployment's `mlflow_tracking_uri`), the run's tags (method, sparsity, owner, job id, sweep), and which
-of the job's published files go to it. The logging itself is rigl_core/integrations/mlflow.py; this
+of the job's published files go to it (rigl_core's run_files). The logging itself is rigl_core/integrations/mlflow.py; this
 module only wires it to a job. MLflow is never the source of truth and never fails a job: a missing
 extra or a server that is down is a warning event on the job.
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
-from rigl_core.export.formats import ONNX_EXPORT, PACKED_EXPORT, REPORT
 from rigl_core.integrations.mlflow import MlflowCallback, asked_for, resolve_target
 from rigl_core.optional import MissingExtra
 from store.db import Job
@@ -44,14 +42,3 @@ def job_tracker(job: Job, settings: Settings, warn: Callable[[str], None]) -> Ml
     except MissingExtra as error:
         warn(f"not logged to MLflow: {error}")
         return None
-
-
-def tracked_files(published: list[tuple[str, Path]]) -> tuple[list[tuple[Path, str]], Path | None,
-                                                                             list[Path]]:
-    """(artifacts: (path, folder) of the report and every export, the ONNX export for the MLflow model or
-    None, the files that go into the model beside it: the sparse packed export)."""
-    files = [(path, "" if path.name == REPORT else "exports") for _kind, path in published]
-    names = {path.name: path for _kind, path in published}
-    onnx = names.get(ONNX_EXPORT)
-    extra = [names[PACKED_EXPORT]] if PACKED_EXPORT in names else []
-    return files, onnx, extra

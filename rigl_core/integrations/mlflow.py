@@ -319,6 +319,18 @@ class MlflowCallback(Callback):
             self.client.log_artifacts(self.run_id, str(folder), MODEL_PATH)
 
 
+def run_files(paths: Iterable[Path]) -> tuple[list[tuple[Path, str]], Path | None, list[Path]]:
+    """What of a run's written files goes where: (artifacts as (path, folder): the report at the top, the
+    exports under exports/; the ONNX export, which becomes the MLflow model, or None; the files that go
+    into that model beside it: the sparse packed export)."""
+    from rigl_core.export.formats import ONNX_EXPORT, PACKED_EXPORT, REPORT
+
+    paths = list(paths)
+    names = {path.name: path for path in paths}
+    files = [(path, "" if path.name == REPORT else "exports") for path in paths]
+    return files, names.get(ONNX_EXPORT), [names[PACKED_EXPORT]] if PACKED_EXPORT in names else []
+
+
 def save_onnx_model(onnx_path: Path, dest: Path, extra_files: Iterable[Path] = (), metadata: dict | None = None
                     ) -> Path:
     """An MLflow model folder (ONNX flavor) of our ONNX export, with `extra_files` (the sparse exports)."""

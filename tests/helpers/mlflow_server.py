@@ -60,7 +60,7 @@ def mlflow_server(folder: Path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=5)  # its gunicorn/uvicorn children may outlive a TERM
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

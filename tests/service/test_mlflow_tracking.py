@@ -96,3 +96,45 @@ def test_a_resumed_job_continues_its_run(make_api, tracking_uri):
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`rigl.job_id` = '{job_id}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].info.run_id == api.get(f"/v1/jobs/{job_id}").json()["result"]["mlflow"]["run_id"]
+
+
+def test_rigl_serve_logs_its_jobs_and_rigl_register_registers_one(tracking_uri, tmp_path, capsys, monkeypatch):
+    """The whole path through real processes: `rigl serve` (API and worker) with RIGL_MLFLOW_TRACKING_URI,
+    `rigl submit --wait`, then the client CLI's `rigl register JOB NAME`."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from helpers.service import embedded_service
+    from rigl_core.cli import main
+
+    with embedded_service(tmp_path / "data", RIGL_MLFLOW_TRACKING_URI=tracking_uri) as url:
+        monkeypatch.setenv("RIGL_API_URL", url)
+        spec = tmp_path / "job.json"
+        spec.write_text(json.dumps({**JOB, "training": {"epochs": 1, "batch_size": 64}}))
+        assert main(["submit", str(spec), "--wait"]) == 0
+        job_id = capsys.readouterr().out.split()[0]
+        assert main(["register", job_id, "served-model", "--json"]) == 0
+        version = json.loads(capsys.readouterr().out)
+        assert main(["register", "job_0123456789abcdef0123", "served-model"]) == 2
+        assert "no job" in capsys.readouterr().err
+    assert version["name"] == "served-model" and version["job_id"] == job_id
+    stored = MlflowClient(tracking_uri).get_model_version("served-model", version["version"])
+    assert stored.tags["rigl.job_id"] == job_id and stored.run_id == version["run_id"]
+
+
+def test_rigl_train_logs_a_local_run(tracking_uri, tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from rigl_core.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "local-runs")
+    assert main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "warning" not in out.err
+    run_id = out.out.split("MLflow run ")[1].split()[0]
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["dataset.name"] == "digits"
+    assert {a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id)} >= {"report.json", "exports", "model"}
