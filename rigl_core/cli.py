@@ -700,6 +700,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     tracker = _mlflow_tracker(spec)
+    if tracker is not None:
+        tracker.start()  # the run opens while the data loads and the model is built
     try:
         report = run_training(
             spec,

@@ -156,8 +156,8 @@ class Settings(BaseSettings):
                                             "the 'mlflow' extra on the workers and the API.")
     mlflow_experiment: str = Field("rigl", min_length=1, max_length=500, description="The MLflow experiment of "
                                    "jobs whose tracking.mlflow names none.")
-    mlflow_batch_steps: int = Field(50, ge=1, description="A worker sends a job's logged steps to MLflow in "
-                                    "one log_batch every this many (and at every evaluation).")
+    mlflow_flush_seconds: float = Field(5.0, ge=0, description="A worker sends a job's buffered metrics to "
+                                        "MLflow in one log_batch at most this often (and at the end).")
     fault_kill_at_step: int | None = Field(None, description="Tests only: the worker SIGKILLs itself at this step.")
 
     @classmethod

@@ -416,6 +416,8 @@ class JobRun:
         job_id, callback, artifacts = self.job_id, self.callback, self.artifacts
         resolved = on_this_node(materialise(self.job.resolved_spec, artifacts), self.settings)  # keys -> files
         check_job_paths(resolved, self.settings)  # confined to this worker's datasets/uploads dirs
+        if self.tracker is not None:
+            self.tracker.start()  # the run opens while the Trainer loads the data and builds the model
         trainer = Trainer(JobSpec.model_validate(resolved),
                           callbacks=[callback, *([self.tracker] if self.tracker is not None else [])])
         resume = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(job_id, "resume"), self.budget,

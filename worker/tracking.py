@@ -38,7 +38,7 @@ def job_tracker(job: Job, settings: Settings, warn: Callable[[str], None]) -> Ml
     params = {key: value for key, value in spec.items() if key != "tracking"}
     try:
         return MlflowCallback(target, params=params, tags={k: v for k, v in tags.items() if v is not None},
-                              job_id=job.id, warn=warn, batch_steps=settings.mlflow_batch_steps)
+                              job_id=job.id, warn=warn, flush_seconds=settings.mlflow_flush_seconds)
     except MissingExtra as error:
         warn(f"not logged to MLflow: {error}")
         return None

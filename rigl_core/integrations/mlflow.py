@@ -9,8 +9,9 @@ rides along as its extra file) that `register_model` turns into a registered mod
 The caller's own records stay the source of truth, so MLflow never slows or fails a run: every call
 goes through one background thread (`Sender`), is retried `retries` times with doubling backoff, and
 a call that still fails becomes a warning (`warn`, delivered on the training thread) after which the
-run's logging stops. Metrics are buffered and sent with `log_batch` every `batch_steps` logged steps
-and at every evaluation, so a training step only appends to a list.
+run's logging stops. Metrics are buffered as plain tuples and sent with `log_batch` at most every
+`flush_seconds` (checked at logged steps and evaluations; and when a batch is full), so a training step
+only appends to a list, and a fast run makes a few requests a minute, not one per epoch.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class MlflowCallback(Callback):
     warning event on the job). Call `finish` once the run has ended."""
 
     def __init__(self, target: MlflowTarget, params: dict | None = None, tags: dict | None = None,
-                 job_id: str | None = None, warn: Callable[[str], None] | None = None, batch_steps: int = 50,
+                 job_id: str | None = None, warn: Callable[[str], None] | None = None, flush_seconds: float = 5.0,
                  retries: int = 3, backoff: float = 0.5, http_timeout: float = 10.0):
         _mlflow()
         # our own retries (in Sender) replace the MLflow HTTP client's: its defaults retry a refused
@@ -197,23 +198,28 @@ class MlflowCallback(Callback):
         self.client = MlflowClient(tracking_uri=target.uri)
         self.params, self.tags = params or {}, {k: str(v) for k, v in (tags or {}).items()}
         self._warn = warn
-        self.batch_steps = max(1, batch_steps)
+        self.flush_seconds = flush_seconds
         self.sender = Sender(retries, backoff)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self.pending: list = []  # mlflow Metric entities not sent yet
-        self.steps_pending = 0
+        self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step) not sent yet
+        self.last_flush = time.monotonic()
         self.started = False
         self.finished = False
 
     # ------------------------------------------------------------------ the run
-    def start(self) -> None:
-        """Open (or, for a resumed job, find) the run and log params and tags: queued, never blocking."""
+    def start(self, wait: float = 0.0) -> None:
+        """Open (or, for a resumed job, find) the run and log params and tags, in the sender thread; waits
+        up to `wait` seconds for it (call it before training: the run is open before the first step)."""
         if self.started:
             return
         self.started = True
         self.sender.start()
         self.sender.submit("opening the run", self._open)
+        if wait > 0:
+            opened = threading.Event()
+            self.sender.submit("opened", opened.set)
+            opened.wait(wait)
 
     def _open(self) -> None:
         from mlflow.entities import Param, RunTag
@@ -246,32 +252,36 @@ class MlflowCallback(Callback):
 
     # ------------------------------------------------------------------ metrics
     def _add(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(key, value, now, step) for key, value in values.items())
+        self.pending.extend((key, value, now, step) for key, value in values.items())
+
+    def _due(self) -> None:
+        if len(self.pending) >= MAX_METRICS_PER_BATCH or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
 
     def flush(self) -> None:
-        """Hand the buffered metrics to the sender, in batches MLflow accepts."""
-        batch, self.pending, self.steps_pending = self.pending, [], 0
+        """Hand the buffered metrics to the sender, in batches MLflow accepts (the entities are built there)."""
+        batch, self.pending, self.last_flush = self.pending, [], time.monotonic()
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            chunk = batch[i:i + MAX_METRICS_PER_BATCH]
-            self.sender.submit("logging metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
+            self.sender.submit("logging metrics", lambda chunk=batch[i:i + MAX_METRICS_PER_BATCH]: self._send(chunk))
         self.deliver_warnings()
+
+    def _send(self, chunk: list[tuple[str, float, int, int]]) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.run_id, metrics=[Metric(*values) for values in chunk])
 
     def on_step(self, trainer, metrics):
         if not self.started:
             self.start()
         self._add(numeric(metrics), trainer.step)
-        self.steps_pending += 1
-        if self.steps_pending >= self.batch_steps:
-            self.flush()
+        self._due()
 
     def on_eval(self, trainer, metrics):
         if not self.started:
             self.start()
         self._add({**numeric(metrics), **layer_sparsity(trainer)}, trainer.step)
-        self.flush()
+        self._due()
 
     def on_mask_update(self, trainer, update):
         self._add({f"mask/{k}": v for k, v in numeric(update.to_dict()).items()}, update.step)
