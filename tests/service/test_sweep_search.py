@@ -73,3 +73,45 @@ def test_an_optuna_sweep_asks_its_first_trials_into_the_job_database_s_own_study
     study = optuna.load_study(study_name=sweep["id"], storage=optuna_storage(api.settings.database_url))
     assert [t.params["training.lr"] for t in study.trials] == [c["point"]["training.lr"] for c in sweep["children"]]
     assert (tmp_path / "rigl.db.optuna.db").exists()  # beside the job database, not in its schema
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_run_by_a_real_worker_spends_its_budget_and_prunes_a_poor_child(tmp_path):
+    """`rigl serve` (API with the reaper every 0.5 s, one Celery worker): 6 trials over a learning-rate
+    range that reaches hopeless values (seed 6 draws 0.11, 0.0066, 0.19, then 1.7e-5, 1.1e-6, 1.7e-5), 2 at a
+    time; the median pruner stops the hopeless ones once two trials have finished."""
+    pytest.importorskip("optuna")
+    import httpx
+
+    from helpers.service import embedded_service, wait_for
+
+    body = {"name": "lr-search", "base": {**JOB, "training": {"epochs": 20, "batch_size": 64}},
+            "strategy": "optuna", "trials": 6, "parallel": 2, "seed": 6,
+            "ranges": {"training.lr": {"low": 1e-6, "high": 0.5, "log": True}}}
+    with embedded_service(tmp_path / "data", log_path=tmp_path / "serve.log",
+                          RIGL_REAPER_INTERVAL_SECONDS="0.5") as url:
+        created = httpx.post(f"{url}/v1/sweeps", json=body, timeout=60)
+        assert created.status_code == 201, created.text
+        sweep_id = created.json()["id"]
+        seen: list[int] = []
+
+        def finished():  # progress: a child ending restarts nothing, the budget bounds the wait
+            state = httpx.get(f"{url}/v1/sweeps/{sweep_id}", timeout=30).json()
+            seen.append(state["progress"]["finished"])
+            pruned_marked = all(c["status"] != "cancelled" or (c["error"] or {}).get("code") == "pruned"
+                                for c in state["children"])
+            return state if state["status"] == "finished" and pruned_marked else None
+
+        state = wait_for(finished, 600, interval=1.0, what="the sweep's 6 trials")
+        jobs = [httpx.get(f"{url}/v1/jobs/{c['id']}", timeout=30).json() for c in state["children"]]
+    assert len(state["children"]) == 6 and sorted(c["trial"] for c in state["children"]) == list(range(6))
+    pruned = [c for c in state["children"] if c["pruned"]]
+    assert pruned and state["pruned"] == len(pruned)
+    assert all(c["status"] == "cancelled" and c["error"]["code"] == "pruned" for c in pruned)
+    assert all(c["point"]["training.lr"] < 1e-4 for c in pruned)
+    best = state["best"]
+    assert best["val_accuracy"] == max(c["val_accuracy"] for c in state["children"] if c["val_accuracy"] is not None)
+    assert best["params"]["training.lr"] > 1e-3 and best["val_accuracy"] > 0.8
+    by_id = {j["id"]: j for j in jobs}
+    assert all(by_id[c["id"]]["spec"]["training"]["lr"] == c["point"]["training.lr"] for c in state["children"])
+    assert state["frontier"]["flops"]  # the Pareto front as for a grid
