@@ -115,3 +115,36 @@ def test_an_optuna_sweep_run_by_a_real_worker_spends_its_budget_and_prunes_a_poo
     by_id = {j["id"]: j for j in jobs}
     assert all(by_id[c["id"]]["spec"]["training"]["lr"] == c["point"]["training.lr"] for c in state["children"])
     assert state["frontier"]["flops"]  # the Pareto front as for a grid
+
+
+def test_on_postgresql_the_study_lives_in_its_own_schema_and_ours_stays_at_head(make_api):
+    """Optuna stamps its own Alembic revision and has no table prefix: in a schema of its own it never
+    touches our tables or our `alembic_version`, and a reaper pass (report, tell, ask) works there."""
+    pytest.importorskip("optuna")
+    from sqlalchemy import create_engine, inspect
+
+    from helpers.service import postgres_available, temporary_postgres_database
+    from store.migrations import schema_diff, schema_state
+    from store.search import advance_searches
+
+    if not postgres_available():
+        pytest.skip("needs PostgreSQL on 127.0.0.1:5432")
+    with temporary_postgres_database() as url:
+        api = make_api(database_url=url, auth=False)
+        body = {"base": JOB, "strategy": "optuna", "trials": 3, "parallel": 1,
+                "ranges": {"sparsity.schedule.alpha": {"low": 0.1, "high": 0.5}}}
+        sweep = api.post("/v1/sweeps", json=body).json()
+        assert len(sweep["children"]) == 1
+        first = sweep["children"][0]["id"]
+        api.store.request_cancel(first)  # a queued child cancelled: told as failed, and the next trial asked
+        advance_searches(api.store, api.sent.append, url, max_active=20)
+        sweep = api.get(f"/v1/sweeps/{sweep['id']}").json()
+        assert [c["trial"] for c in sweep["children"]] == [0, 1] and api.sent[-1] == sweep["children"][1]["id"]
+        engine = create_engine(url)
+        try:
+            tables = inspect(engine)
+            assert "trials" in tables.get_table_names(schema="optuna")
+            assert "trials" not in tables.get_table_names() and "version_info" not in tables.get_table_names()
+            assert schema_state(engine).at_head and schema_diff(engine) == []
+        finally:
+            engine.dispose()
