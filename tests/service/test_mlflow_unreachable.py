@@ -40,3 +40,18 @@ def test_the_service_refuses_a_job_tracking_uri_that_is_not_http(api):
     response = api.post("/v1/jobs", json={**JOB, "tracking": {"mlflow": "file:///etc/mlruns"}})
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "tracking.mlflow.uri"
+
+
+def test_register_answers_409_for_a_job_without_a_run_and_404_for_none(make_api):
+    from worker.runner import run_job
+
+    api = make_api(mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
+    job_id = api.post("/v1/jobs", json=JOB).json()["id"]
+    queued = api.post(f"/v1/jobs/{job_id}/register", json={"name": "m"})
+    assert queued.status_code == 409 and queued.json()["error"]["code"] == "not_finished"
+    assert run_job(job_id, api.settings) == "succeeded"  # MLflow down: no run was made
+    untracked = api.post(f"/v1/jobs/{job_id}/register", json={"name": "m"})
+    assert untracked.status_code == 409 and untracked.json()["error"]["code"] == "not_tracked"
+    assert api.post("/v1/jobs/job_0123456789abcdef0123/register", json={"name": "m"}).status_code == 404
+    bad = api.post(f"/v1/jobs/{job_id}/register", json={"name": "a/b"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "name"
