@@ -16,7 +16,7 @@ from api import metrics
 from api.request_log import RequestLog
 from api.text_guard import TextGuard
 from api.origin_guard import OriginGuard, split_list
-from api.routes import jobs, programs, resources, sweeps, usage, webhooks, weights
+from api.routes import jobs, programs, registry, resources, sweeps, usage, webhooks, weights
 from api.webhook_sender import WebhookSender
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
     app.state.context = context
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(registry.router)
     app.include_router(resources.router)
     app.include_router(weights.router)
     app.include_router(programs.router)

@@ -6,10 +6,13 @@ import datetime as dt
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from rigl_core.sparse.schedules import update_schedule
 from rigl_core.spec import JobSpec, SparsitySpec
+from store.search import RANGE_FIELDS, best_trial
 from store.db import ArchitectureRecord, Checkpoint, DatasetRecord, Event, Job, WeightsRecord
 from store.uploads import program_of
 
@@ -177,13 +180,64 @@ class SweepGrid(BaseModel):
         return value
 
 
+class SweepRange(BaseModel):
+    """A numeric range a random or optuna sweep draws a JobSpec field from."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    low: float
+    high: float
+    log: bool = Field(False, description="Draw log-uniformly (low must be > 0).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SweepRange":
+        if not self.low < self.high:
+            raise ValueError("low must be less than high")
+        if self.log and self.low <= 0:
+            raise ValueError("log needs low > 0")
+        return self
+
+
+class SweepPruner(BaseModel):
+    """How an optuna sweep stops poor children early, from their per-epoch val_accuracy."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["median", "successive_halving", "none"] = Field(
+        "median", description="median: Optuna's MedianPruner; successive_halving: its SuccessiveHalvingPruner.")
+    startup_trials: int = Field(2, ge=0, le=1000, description="median: finished trials before any is pruned.")
+    warmup_evals: int = Field(1, ge=0, le=100_000, description="Evaluations (epochs) a child runs before it can "
+                              "be pruned (successive_halving: its min_resource).")
+
+
 class SweepSubmission(BaseModel):
-    """`POST /v1/sweeps`: a base job (a JobSpec with optional name/tags/metadata) and the grid."""
+    """`POST /v1/sweeps`: a base job (a JobSpec with optional name/tags/metadata), the axes (`grid`), and how
+    to search them: every combination (`grid`), or `trials` points drawn at random or by Optuna (TPE),
+    which also draw numeric `ranges`."""
 
     model_config = ConfigDict(extra="forbid")
     name: Name | None = None
     base: JobSubmission
-    grid: SweepGrid
+    grid: SweepGrid = Field(default_factory=SweepGrid)
+    strategy: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every combination of the axes. random: `trials` points, each axis a uniform "
+        "choice and each range uniform (log-uniform with log), reproducible from `seed`. optuna: `trials` points "
+        "asked from an Optuna study (TPE) as children finish, poor children pruned (`pruner`).")
+    trials: int | None = Field(None, ge=1, le=1024, description="random/optuna: how many children (the budget).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random/optuna: the sampler's seed.")
+    ranges: dict[str, SweepRange] = Field(default_factory=dict, max_length=8, description="random/optuna: JobSpec "
+                                          "field -> {low, high, log}; fields: " + ", ".join(RANGE_FIELDS) + ".")
+    parallel: int | None = Field(None, ge=1, le=256, description="optuna: children running at once (default "
+                                 "min(trials, 4)); each finished one lets the study ask the next.")
+    pruner: SweepPruner | None = Field(None, description="optuna: early stopping (default: median).")
+
+    @field_validator("ranges")
+    @classmethod
+    def _known_fields(cls, value: dict[str, SweepRange]) -> dict[str, SweepRange]:
+        for path, spec in value.items():
+            if path not in RANGE_FIELDS:
+                raise ValueError(f"{path!r} is not a range field; use one of {', '.join(RANGE_FIELDS)}")
+            if RANGE_FIELDS[path] is int and (spec.low != int(spec.low) or spec.high != int(spec.high)):
+                raise ValueError(f"{path}: low and high must be whole numbers")
+        return value
 
 
 def sweep_json(sweep, children: list[dict], table: dict) -> dict:
@@ -194,7 +248,12 @@ def sweep_json(sweep, children: list[dict], table: dict) -> dict:
     finished = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
     total = sweep.children
     status = "cancelled" if sweep.status == "cancelled" else "finished" if finished == total else "active"
-    return {"id": sweep.id, "object": "sweep", "name": sweep.name, "status": status,
+    search = getattr(sweep, "search", None) or {}
+    searched = {"strategy": search.get("strategy", "grid"), "trials": search.get("trials"),
+                "seed": search.get("seed"), "ranges": search.get("ranges") or {}, "parallel": search.get("parallel"),
+                "pruner": search.get("pruner"), "best": best_trial(children) if search else None,
+                "pruned": sum(1 for child in children if child.get("pruned"))}
+    return {"id": sweep.id, "object": "sweep", "name": sweep.name, "status": status, **searched,
             "created_at": iso(sweep.created_at), "grid": sweep.grid, "base": sweep.base,
             "progress": {"total": total, "finished": finished, "fraction": finished / total if total else 1.0,
                          "by_status": counts},

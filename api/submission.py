@@ -42,6 +42,11 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
         model["architecture"], model["name"] = record.spec, "custom"
     program_file = resolve_program(model, store, artifacts, owner)
     weights_field, weights_shapes = _resolve_weights(model, store, artifacts, settings, owner)
+    mlflow_uri = ((tree.get("tracking") or {}).get("mlflow") or {}).get("uri")
+    if mlflow_uri is not None and mlflow_uri.split(":", 1)[0].lower() not in ("http", "https"):
+        raise ApiError(422, "invalid_job", "the service logs to an MLflow server: give an http(s):// tracking URI "
+                                           "(a file or database URI would be opened on the worker)",
+                       "tracking.mlflow.uri")
     if dataset.get("data_dir") is not None:
         raise ApiError(422, "invalid_job", "the server sets data_dir; leave it out", "dataset.data_dir")
     if dataset.get("download"):

@@ -172,6 +172,11 @@ def _add_client_commands(sub) -> None:
                           help="condensed: jobs trained with sparsity.structure fan-in (method srigl)")
     download.add_argument("--out", type=Path, help="file or directory (default: the server's file name, reduced to a safe base name, here)")
     download.set_defaults(handler=cmd_download)
+    register = sub.add_parser("register", help="register a finished job's model in MLflow's model registry")
+    register.add_argument("job_id")
+    register.add_argument("name", help="the registered model's name (created when missing)")
+    register.add_argument("--json", action="store_true")
+    register.set_defaults(handler=cmd_register)
     sweep = sub.add_parser("sweep", help="submit a sweep file ({base, grid, name}) to the service")
     sweep.add_argument("file", type=Path)
     sweep.add_argument("--wait", action="store_true", help="then poll until every child ended and print the table")
@@ -284,6 +289,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     print(_client().download(args.job_id, format=args.format, path=args.out))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    version = _client().register(args.job_id, args.name)
+    print(json.dumps(version, indent=2) if args.json else
+          f"{version['name']} version {version['version']} (MLflow run {version['run_id']})")
     return 0
 
 
@@ -729,13 +741,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rigl_core.training.run import run_training
 
     spec = spec_from_args(args)
-    report = run_training(
-        spec,
-        args.out,
-        progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-    )
+    tracker = _mlflow_tracker(spec)
+    if tracker is not None:
+        tracker.start()  # the run opens while the data loads and the model is built
+    try:
+        report = run_training(
+            spec,
+            args.out,
+            progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            callbacks=[tracker] if tracker is not None else [],
+        )
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("cancelled" if sys.exc_info()[0] is KeyboardInterrupt else "failed", timeout=30)
+        raise
+    if tracker is not None:
+        from rigl_core.integrations.mlflow import run_files
+
+        files, onnx, extra = run_files(p for p in sorted(Path(args.out).iterdir())
+                                       if p.name == "report.json" or p.name.startswith("model."))
+        tracker.finish("succeeded", report, files, onnx, extra)
+        if tracker.info() is not None:
+            print(f"MLflow run {tracker.info()['run_id']} in experiment {tracker.info()['experiment']!r}")
     _warn_partial_sparsity(report)
     for warning in report.get("schedule_warnings", []):  # too few mask updates for the method to work
         print(f"warning: {warning}", file=sys.stderr)
@@ -750,6 +779,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("exports store " + check["values"] + " values: " + ", ".join(
             f"{k} {check['metrics'][k]:.4f} ({v:+.4f})" for k, v in check["change"].items()))
     return 0
+
+
+def _mlflow_tracker(spec):
+    """An MLflow callback when the JobSpec's tracking.mlflow or MLFLOW_TRACKING_URI names a tracking server."""
+    from rigl_core.integrations.mlflow import MlflowCallback, resolve_target
+
+    tracking = spec.tracking.model_dump(mode="json") if spec.tracking is not None else None
+    target = resolve_target(tracking, os.environ.get("MLFLOW_TRACKING_URI"),
+                            os.environ.get("MLFLOW_EXPERIMENT_NAME") or "rigl")
+    if target is None:
+        return None
+    return MlflowCallback(target, params=spec.model_dump(mode="json", exclude={"tracking"}),
+                          tags={"rigl.method": spec.sparsity.method, "rigl.sparsity": spec.sparsity.sparsity},
+                          warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:

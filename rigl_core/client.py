@@ -198,6 +198,11 @@ class Client:
     def get(self, job_id: str) -> Job:
         return Job(self, self._request("GET", f"/v1/jobs/{job_id}").json())
 
+    def register(self, job_id: str, name: str) -> dict:
+        """Register a succeeded job's MLflow model as a new version of model `name` (the service logs jobs to
+        MLflow); returns the model version (name, version, run_id, source, lineage tags)."""
+        return self._request("POST", f"/v1/jobs/{job_id}/register", retry=False, json={"name": name}).json()
+
     def list(self, status: str | None = None, limit: int = 20, after: str | None = None, tag: str | None = None,
              name_prefix: str | None = None, method: str | None = None, metadata: dict | None = None) -> list[Job]:
         """Newest first; the filters combine (`tag`: one of the job's tags, `method`: the sparsity method,

@@ -15,12 +15,13 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from rigl_core.spec import DatasetSpec, ExportSpec, JobSpec, ModelSpec, ScheduleSpec, SparsitySpec, TrainingSpec
+from rigl_core.spec import (DatasetSpec, ExportSpec, JobSpec, MlflowSpec, ModelSpec, ScheduleSpec, SparsitySpec,
+                            TrainingSpec)
 
 START, END = "<!-- jobspec-reference:start -->", "<!-- jobspec-reference:end -->"
 SECTIONS = [("model", ModelSpec), ("dataset", DatasetSpec), ("sparsity", SparsitySpec),
             ("sparsity.schedule", ScheduleSpec), ("training", TrainingSpec),
-            ("export", ExportSpec)]
+            ("export", ExportSpec), ("tracking.mlflow", MlflowSpec)]
 
 
 def _type_name(annotation) -> str:

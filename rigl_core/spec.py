@@ -541,6 +541,50 @@ class ExportSpec(_Strict):
         "`inference_latency_ms`, for the sweep page's latency Pareto view.")
 
 
+MLFLOW_URI_SCHEMES = ("http", "https", "file", "sqlite", "databricks", "postgresql", "mysql")
+
+
+class MlflowSpec(_Strict):
+    """Where this job's MLflow run goes (rigl_core/integrations/mlflow.py). Shorthands: a URI string sets
+    `uri`, `true` is `{}` (the deployment's server, this job's defaults), `false` turns tracking off."""
+
+    enabled: bool = Field(True, description="false: no MLflow run for this job, even where the deployment sets "
+                          "a tracking URI.")
+    uri: str | None = Field(None, min_length=1, max_length=2048, description="Tracking URI of this job's run "
+                            "(http(s)://host:port of an MLflow server; `rigl train` also takes file: and sqlite: "
+                            "URIs). Default: the deployment's (the service's RIGL_MLFLOW_TRACKING_URI, or "
+                            "MLFLOW_TRACKING_URI).")
+    experiment: str | None = Field(None, min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$",
+                                   description="Experiment name (created if missing). Default: the "
+                                   "deployment's (service: RIGL_MLFLOW_EXPERIMENT, 'rigl').")
+    run_name: str | None = Field(None, min_length=1, max_length=250, pattern=r"^[^\x00-\x1f\x7f]+$",
+                                 description="Run name. Default: the job's name, else its id.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: object) -> object:
+        if isinstance(data, bool):
+            return {"enabled": data}
+        if isinstance(data, str):
+            return {"uri": data}
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is not None and value.split(":", 1)[0].lower() not in MLFLOW_URI_SCHEMES:
+            raise ValueError(f"a tracking URI starting {', '.join(s + ':' for s in MLFLOW_URI_SCHEMES)}")
+        return value
+
+
+class TrackingSpec(_Strict):
+    """Experiment trackers this job reports to, besides the job store (which stays the source of truth)."""
+
+    mlflow: MlflowSpec | None = Field(None, description="An MLflow run: the JobSpec as params, per-step and "
+                                      "per-layer metrics, the report and the exports as artifacts. A URI "
+                                      "string, true/false, or {uri, experiment, run_name, enabled}.")
+
+
 class JobSpec(_Strict):
     """A complete training job."""
 
@@ -552,6 +596,8 @@ class JobSpec(_Strict):
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    tracking: TrackingSpec | None = Field(None, description="Experiment tracking (MLflow): where this job's "
+                                          "run is logged, besides the job store.")
 
     @model_validator(mode="before")
     @classmethod

@@ -192,6 +192,9 @@ class Sweep(Base):
     children: Mapped[int] = mapped_column(Integer)  # grid size: jobs created + held
     held: Mapped[list] = mapped_column(JSON)  # children not created yet, in grid order
     held_count: Mapped[int] = mapped_column(Integer, default=0)  # len(held), for an indexed release query
+    # strategy random/optuna: budget, ranges, pruner, and optuna's trial of each child (store/search.py);
+    # None: a grid
+    search: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -6,8 +6,8 @@ judged by the database's clock, the one heartbeats are stamped with, so a worker
 is neither reaped while alive nor kept alive when dead. A run found this way counts as a failed
 attempt (a clean SIGTERM requeue does not), and the attempt cap in `Claims.claim` ends a job that
 keeps killing its worker. It also sends the messages that could not be sent while the broker was
-down (store/dispatch.py), and releases sweep children held by the per-owner cap (store/sweeps.py)
-once their owner's jobs have ended.
+down (store/dispatch.py), releases sweep children held by the per-owner cap (store/sweeps.py)
+once their owner's jobs have ended, and moves optuna sweeps on (store/search.py).
 
 It runs in every API replica and every worker (`RIGL_REAPER`), so lost jobs come back even when no
 API is up; a LeaderLock (store/leader.py) lets exactly one of them act at a time, and another takes
@@ -51,6 +51,7 @@ class Reaper(BackgroundLoop):
         for job_id in redispatch(self.store, self.enqueue):
             log.info("job %s sent to the broker, which is reachable again", job_id, extra={"job_id": job_id})
         self.release_sweep_children()
+        self.advance_searches()
         return requeued
 
     def release_sweep_children(self) -> list[str]:
@@ -59,6 +60,14 @@ class Reaper(BackgroundLoop):
 
         cap = self.max_active if self.max_active is not None else get_settings().max_active_jobs_per_owner
         return release_held(self.store, self.enqueue, cap)
+
+    def advance_searches(self) -> None:
+        """Optuna sweeps: report, prune, tell and ask (store/search.py); nothing without such a sweep."""
+        from store.search import advance_searches
+        from store.settings import get_settings
+
+        cap = self.max_active if self.max_active is not None else get_settings().max_active_jobs_per_owner
+        advance_searches(self.store, self.enqueue, self.store.engine.url.render_as_string(hide_password=False), cap)
 
     def stop(self) -> None:
         super().stop()

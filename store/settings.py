@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from store.secret_settings import SecretFiles, refuse_placeholder, url_password, with_password
@@ -181,6 +181,16 @@ class Settings(BaseSettings):
                                             "worker; `rigl serve` sets it and its API exports those series too.")
     log_format: str = Field("text", pattern="^(text|json)$", description="Log lines: `text` (readable) or "
                             "`json` (one object a line, with request_id / job_id).")
+    mlflow_tracking_uri: str | None = Field(None, validation_alias=AliasChoices("RIGL_MLFLOW_TRACKING_URI",
+                                            "MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+                                            description="Every job is an MLflow run on this tracking server "
+                                            "(RIGL_MLFLOW_TRACKING_URI, or MLflow's own MLFLOW_TRACKING_URI); a "
+                                            "JobSpec's tracking.mlflow can name another, or turn it off. Needs "
+                                            "the 'mlflow' extra on the workers and the API.")
+    mlflow_experiment: str = Field("rigl", min_length=1, max_length=500, description="The MLflow experiment of "
+                                   "jobs whose tracking.mlflow names none.")
+    mlflow_flush_seconds: float = Field(5.0, ge=0, description="A worker sends a job's buffered metrics to "
+                                        "MLflow in one log_batch at most this often (and at the end).")
     fault_kill_at_step: int | None = Field(None, description="Tests only: the worker SIGKILLs itself at this step.")
 
     @classmethod

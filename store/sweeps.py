@@ -74,8 +74,8 @@ def unfinished_children(session, owner: str) -> int:
 
 def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid: dict, children: list[dict],
                  max_active: int, idempotency: tuple[str, str] | None = None,
-                 artifacts_quota: quotas.Quota | None = None,
-                 max_children: int | None = None) -> tuple[Sweep, list[str]]:
+                 artifacts_quota: quotas.Quota | None = None, max_children: int | None = None,
+                 search: dict | None = None) -> tuple[Sweep, list[str]]:
     """Store the sweep and the children that fit under the owner's cap as queued jobs, all in one
     transaction; the rest are held. `children`: entries with spec, resolved, total_steps, name, tags,
     metadata (validated by the caller). Returns (sweep, ids of the jobs created: the caller dispatches).
@@ -93,7 +93,7 @@ def create_sweep(store: JobStore, owner: str, name: str | None, base: dict, grid
         if artifacts_quota is not None:
             quotas.check(s, owner, "artifacts", artifacts_quota, adding_bytes=0, adding_count=len(children))
         sweep = Sweep(owner=owner, name=name, status="active", base=base, grid=grid, children=len(children),
-                      held=[], held_count=0)
+                      held=[], held_count=0, search=search)
         s.add(sweep)
         s.flush()
         remember(s, owner, idempotency, sweep.id)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from rigl_core.export.pipeline import OutputFile, TrainedRun, write_outputs
+from rigl_core.integrations.mlflow import run_files
 from rigl_core.spec import JobSpec
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import DATASET_KEY, PROGRAM_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
@@ -39,6 +40,7 @@ from worker.devices import owned_devices
 from worker.heartbeat import Heartbeat
 from worker.metrics import JobMeter, observed
 from worker.retry import is_transient, retry_transient
+from worker.tracking import WARNING_CODE, job_tracker
 
 try:  # the Celery task's fallback when the cooperative time-limit check could not stop the run in time
     from celery.exceptions import SoftTimeLimitExceeded
@@ -392,6 +394,11 @@ class JobRun:
         limit = settings.job_time_limit_seconds
         deadline = started + max(limit / 2, limit - settings.time_limit_grace_seconds)
         self.callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
+        self.tracker = job_tracker(job, settings, self._tracking_warning)  # an MLflow run, or None
+        self.published: list[tuple[str, Path]] = []  # (kind, path) of the files `publish` placed
+
+    def _tracking_warning(self, message: str) -> None:
+        self.callback.note(message, level="warn", data={"code": WARNING_CODE})
 
     def run(self) -> tuple[str, str]:
         version = version_of(self.job.resolved_spec)
@@ -420,6 +427,8 @@ class JobRun:
         except Exception as exc:  # noqa: BLE001 - any failure ends the job with a readable error
             return self.failed(exc), self.job_id
         finally:
+            if self.tracker is not None and not self.tracker.finished:  # requeued or lost: the run stays open
+                self.tracker.finish("requeued", timeout=10.0)
             self.callback.heartbeat.stop()
             try:
                 self.artifacts.release_job(self.job_id)  # a bucket holds the job's files; this node's copies go
@@ -442,7 +451,10 @@ class JobRun:
         job_id, callback, artifacts = self.job_id, self.callback, self.artifacts
         resolved = on_this_node(materialise(self.job.resolved_spec, artifacts), self.settings)  # keys -> files
         check_job_paths(resolved, self.settings)  # confined to this worker's datasets/uploads dirs
-        trainer = Trainer(JobSpec.model_validate(spec_body(resolved)), callbacks=[callback])
+        if self.tracker is not None:
+            self.tracker.start()  # the run opens while the Trainer loads the data and builds the model
+        trainer = Trainer(JobSpec.model_validate(spec_body(resolved)),
+                          callbacks=[callback, *([self.tracker] if self.tracker is not None else [])])
         resume = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(job_id, "resume"), self.budget,
                                  f"job {job_id}: resume checkpoint")
         if resume is not None:
@@ -502,6 +514,7 @@ class JobRun:
 
         for output, path in write_outputs(TrainedRun.of(trainer, report), self.artifacts.job_dir(job_id), put,
                                           self.skipped):
+            self.published.append((output.kind, path))
             if not output.is_export:
                 continue
             sha, size = sha256_file(path), path.stat().st_size
@@ -532,9 +545,32 @@ class JobRun:
             self.finish("failed", message, error_code=code)
         return "failed"
 
+    def end_tracking(self, status: str, result: dict | None) -> None:
+        """End the job's MLflow run before the job itself (its warnings are events of the job): on success
+        with the report, the exports and the MLflow model, and the run's place in the job's result."""
+        tracker = self.tracker
+        if tracker is None or tracker.finished:
+            return
+        files, onnx, extra = run_files(path for _kind, path in self.published) \
+            if status == "succeeded" else ([], None, [])
+        report = None
+        if result is not None:
+            report = {"totals": {k: result.get(k) for k in ("sparsity", "overall_sparsity", "inference_flops_ratio",
+                                                            "training_flops_ratio")},
+                      "final_metrics": result.get("final_metrics"), "steps": result.get("steps")}
+        tracker.finish(status, report, files, onnx, extra)
+        if result is not None and tracker.info() is not None:
+            result["mlflow"] = tracker.info()
+        if self.callback.pending:
+            self.callback.sync(self.callback.step or 0)
+
     def finish(self, status: str, message: str, **kwargs) -> None:
         log.info("job %s: %s%s", self.job_id, status, f" ({kwargs['error_code']}: {message})"
                  if kwargs.get("error_code") else "")
+        try:
+            self.end_tracking(status, kwargs.get("result"))
+        except Exception:  # noqa: BLE001 - MLflow never decides how a job ends
+            log.warning("job %s: ending its MLflow run failed: %s", self.job_id, traceback.format_exc())
         try:
             retry_transient(lambda: self.store.leases.finish(self.job_id, self.token, status, message, **kwargs),
                             self.budget, f"job {self.job_id}: finish")

@@ -18,10 +18,13 @@ from api.context import Context, get_context
 from api.errors import ApiError, _loc_to_field, named_field
 from api.idempotency import replayed
 from api.quotas import limits, quota_error
-from api.schemas import LABELS, SweepSubmission, sweep_json
+from api.schemas import LABELS, SweepPruner, SweepSubmission, sweep_json
 from api.submission import resolve
 from rigl_core.spec import JobSpec
+from rigl_core.optional import MissingExtra, require
+from store import search as searching
 from store import sweeps as stored
+from store.db import new_id
 from store.deletion import InUse
 from store.idempotency import IdempotencyConflict
 from store.dispatch import dispatch
@@ -67,12 +70,16 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
         if replay is not None:
             return replay
     grid = submission.grid.model_dump(exclude_none=True)
-    if not grid:
-        raise ApiError(422, "invalid_sweep", "give at least one axis: " + _axes_named(), "grid")
-    size = math.prod(len(values) for values in grid.values())
-    if size > ctx.settings.max_sweep_children:
-        raise ApiError(422, "invalid_sweep", f"the grid makes {size} jobs; at most {ctx.settings.max_sweep_children}",
-                       "grid")
+    search = _search_of(submission, grid, ctx.settings.max_sweep_children)
+    if search is None:
+        if not grid:
+            raise ApiError(422, "invalid_sweep", "give at least one axis: " + _axes_named(), "grid")
+        size = math.prod(len(values) for values in grid.values())
+        if size > ctx.settings.max_sweep_children:
+            raise ApiError(422, "invalid_sweep", f"the grid makes {size} jobs; at most "
+                           f"{ctx.settings.max_sweep_children}", "grid")
+    else:  # random: `trials` children, held as a grid's are; optuna asks them as others finish, under the same cap
+        size = search["trials"] if search["strategy"] == "random" else min(search["parallel"], search["trials"])
     cap = ctx.settings.max_sweep_children_per_owner
     with ctx.store.sessions() as s:  # cheap early answer, before every child is resolved; create_sweep enforces it
         unfinished = stored.unfinished_children(s, ctx.principal)
@@ -81,8 +88,13 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
     body = submission.base.model_dump(mode="json", exclude_unset=True)
     labels = {key: body.pop(key) for key in LABELS if key in body}  # body is now the JobSpec alone
     prefix = (labels.get("name") or submission.name or "sweep")[:150]
+    if search is not None and search["strategy"] == "optuna":
+        return _create_optuna(ctx, submission, grid, search, body, labels, prefix, idempotency_key, digest, response)
+    points = stored.expand(body, grid) if search is None else \
+        [(params, searching.point_tree(body, params)) for params in
+         searching.sample_random(grid, search["ranges"], search["trials"], search["seed"])]
     entries = []
-    for params, tree in stored.expand(body, grid):
+    for params, tree in points:
         try:
             spec = JobSpec.model_validate(tree)
         except ValidationError as exc:
@@ -94,15 +106,18 @@ def create_sweep(submission: SweepSubmission, response: Response, ctx: Context =
             resolved, total_steps, plan = resolve(spec, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
         except ApiError as exc:
             raise _child_error(exc.field, exc.message, params) from None
-        label = "/".join(str(value) if axis != "seed" else f"seed{value}" for axis, value in params.items())
+        label = "/".join(str(value) if axis != "seed" else f"seed{value}" for axis, value in params.items()
+                         if axis in stored.AXES)
+        name = f"{prefix} {label}" if search is None else searching.label(prefix, len(entries), params)
         entries.append({"spec": tree, "resolved": resolved, "total_steps": total_steps, "plan": plan,
-                        "params": stored.params_of(resolved), "name": f"{prefix} {label}"[:200],
+                        "params": stored.params_of(resolved), "name": name[:200],
                         "tags": labels.get("tags"), "metadata": labels.get("metadata")})
     try:
         sweep, created = stored.create_sweep(ctx.store, ctx.principal, submission.name, {**body, **labels}, grid,
                                              entries, ctx.settings.max_active_jobs_per_owner,
                                              (idempotency_key, digest) if idempotency_key else None,
-                                             artifacts_quota=limits(ctx)["artifacts"], max_children=cap)
+                                             artifacts_quota=limits(ctx)["artifacts"], max_children=cap,
+                                             search=search)
     except stored.TooManySweepChildren as exc:
         raise _too_many_children(cap, exc.unfinished, exc.adding) from None
     except QuotaExceeded as exc:
@@ -120,6 +135,91 @@ def _too_many_children(cap: int, unfinished: int, adding: int) -> ApiError:
                                                     f"(held, queued or running); {unfinished} now, this grid makes "
                                                     f"{adding}; retry when some end, or cancel a sweep", "grid",
                     headers={"Retry-After": "30"})
+
+
+def _search_of(submission: SweepSubmission, grid: dict, most: int) -> dict | None:
+    """The sweep's `search` column: None for a grid (whose search-only fields are refused)."""
+    if submission.strategy == "grid":
+        for field in ("trials", "parallel", "pruner"):
+            if getattr(submission, field) is not None:
+                raise ApiError(422, "invalid_sweep", f"{field} applies to strategy random or optuna", field)
+        if submission.ranges:
+            raise ApiError(422, "invalid_sweep", "ranges apply to strategy random or optuna", "ranges")
+        return None
+    if submission.trials is None:
+        raise ApiError(422, "invalid_sweep", f"strategy {submission.strategy} needs a budget: trials", "trials")
+    if submission.trials > most:
+        raise ApiError(422, "invalid_sweep", f"{submission.trials} trials; at most {most}", "trials")
+    if not grid and not submission.ranges:
+        raise ApiError(422, "invalid_sweep", "give at least one axis or range", "grid")
+    if "sparsity" in grid and "sparsity.sparsity" in submission.ranges:
+        raise ApiError(422, "invalid_sweep", "sparsity is both an axis and a range; give one", "ranges")
+    if submission.strategy == "random" and (submission.parallel is not None or submission.pruner is not None):
+        field = "parallel" if submission.parallel is not None else "pruner"
+        raise ApiError(422, "invalid_sweep", f"{field} applies to strategy optuna", field)
+    search = {"strategy": submission.strategy, "trials": submission.trials, "seed": submission.seed,
+              "ranges": {path: r.model_dump() for path, r in submission.ranges.items()}}
+    if submission.strategy == "optuna":
+        search["parallel"] = submission.parallel or min(submission.trials, 4)
+        search["pruner"] = (submission.pruner or SweepPruner()).model_dump()
+    return search
+
+
+def _create_optuna(ctx: Context, submission: SweepSubmission, grid: dict, search: dict, body: dict, labels: dict,
+                   prefix: str, idempotency_key: str | None, digest: str, response: Response) -> dict:
+    """Validate the base once and every axis value and range end on it, start the study in the job
+    database, ask the first trials that fit (store/search.py asks the rest as children finish)."""
+    try:
+        require("optuna", "optuna", "Sweeps with strategy optuna")
+    except MissingExtra as error:
+        raise ApiError(422, "invalid_sweep", str(error), "strategy") from None
+    try:
+        base = JobSpec.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field, message = named_field(_loc_to_field(first["loc"]), str(first["msg"]).removeprefix("Value error, "))
+        raise ApiError(422, "invalid_sweep", message, f"base.{field}" if field != "body" else "base") from None
+    try:
+        resolved, total_steps, _plan = resolve(base, ctx.store, ctx.artifacts, ctx.settings, ctx.owner)
+    except ApiError as exc:
+        raise _child_error(exc.field, exc.message, {}) from None
+    for axis, values in grid.items():
+        for value in values:
+            _check_point(resolved, {axis: value}, f"grid.{axis}")
+    for path, spec in search["ranges"].items():
+        for end in ("low", "high"):
+            value = int(spec[end]) if searching.RANGE_FIELDS[path] is int else spec[end]
+            _check_point(resolved, {path: value}, f"ranges.{path}")
+    sweep_id = new_id("sweep")
+    storage = searching.optuna_storage(ctx.settings.database_url)
+    try:
+        searching.create_study(storage, sweep_id)
+        cap = ctx.settings.max_active_jobs_per_owner
+        first = max(0, min(search["parallel"], search["trials"], cap - ctx.store.count_active(ctx.principal)))
+        points = [searching.ask(storage, sweep_id, {**search, "asked": i}, grid) for i in range(first)]
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+    search = {**search, "resolved": resolved, "total_steps": total_steps, "spec": body,
+              "labels": {"prefix": prefix, "tags": labels.get("tags"), "metadata": labels.get("metadata")}}
+    try:
+        sweep, created = searching.create_search_sweep(
+            ctx.store, ctx.principal, submission.name, {**body, **labels}, grid, search, points,
+            ctx.settings.max_active_jobs_per_owner, (idempotency_key, digest) if idempotency_key else None,
+            artifacts_quota=limits(ctx)["artifacts"], sweep_id=sweep_id)
+    except QuotaExceeded as exc:
+        raise quota_error(exc, field=None) from None
+    except IdempotencyConflict:
+        return _replay(ctx, idempotency_key, digest, response)
+    for job_id in created:
+        dispatch(ctx.store, ctx.enqueue, job_id)
+    return _view(ctx, stored.get_sweep(ctx.store, sweep.id))
+
+
+def _check_point(resolved: dict, params: dict, field: str) -> None:
+    tree, error = searching.make_child({}, resolved, params)
+    if error is not None:
+        raise ApiError(422, "invalid_sweep", error, field)
 
 
 def _replay(ctx: Context, key: str, digest: str, response: Response) -> dict | None:
@@ -178,11 +278,16 @@ def delete_sweep(sweep_id: str, response: Response, ctx: Context = Depends(get_c
 def _view(ctx: Context, sweep) -> dict:
     jobs = stored.sweep_jobs(ctx.store, sweep.id)
     sizes = stored.packed_sizes(ctx.store, [job.id for job in jobs if job.status == "succeeded"])
+    search = sweep.search or {}
+    trials, pruned = search.get("jobs") or {}, search.get("pruned") or {}
     children = []
     for job in jobs:
         result = job.result or {}
+        point = {path: searching.get_path(job.resolved_spec or {}, path) for path in search.get("ranges") or {}}
         children.append({
             "id": job.id, "status": job.status, "params": stored.params_of(job.resolved_spec or {}),
+            "point": {**{axis: stored.params_of(job.resolved_spec or {})[axis] for axis in sweep.grid}, **point}
+            if search else None, "trial": trials.get(job.id), "pruned": pruned.get(job.id),
             "progress": (job.step / job.total_steps) if job.total_steps else 0.0,
             "val_accuracy": (result.get("final_metrics") or {}).get("val_accuracy"),
             "inference_flops_ratio": result.get("inference_flops_ratio"),
@@ -190,7 +295,8 @@ def _view(ctx: Context, sweep) -> dict:
             "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None})
     held_status = "cancelled" if sweep.status == "cancelled" else "held"
     for entry in sweep.held or []:
-        children.append({"id": None, "status": held_status, "params": entry["params"], "progress": 0.0,
+        children.append({"id": None, "status": held_status, "params": entry["params"], "point": None, "trial": None,
+                         "pruned": None, "progress": 0.0,
                          "val_accuracy": None, "inference_flops_ratio": None, "packed_bytes": None,
                          "latency_ms": None, "error": None})
     return sweep_json(sweep, children, stored.aggregate(children))

@@ -31,6 +31,7 @@ function h(tag, attrs, ...children) {
 const $ = sel => document.querySelector(sel);
 const pct = v => (Number.isFinite(v) ? (100 * v).toFixed(1) + "%" : "—");
 const num = (v, d = 4) => (Number.isFinite(v) ? v.toFixed(d) : "—");
+const sig = v => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toPrecision(3)) : String(v));  // a search's drawn values
 const when = iso => (iso ? new Date(iso).toLocaleString() : "—");
 
 function banner(message, kind) {
@@ -747,7 +748,7 @@ function sweepView(view, sweepId) {
         .map(t => h("th", {}, t)))), groups),
     h("h2", {}, "Children"),
     h("table", { class: "jobs", id: "sweep-children" }, h("thead", {}, h("tr", {},
-      ["Job", "Status", "Method", "Structure", "Distribution", "Sparsity", "Seed", "Progress", "Val accuracy", "Latency (ms)"]
+      ["Job", "Status", "Method", "Structure", "Distribution", "Sparsity", "Seed", "Trial", "Progress", "Val accuracy", "Latency (ms)"]
         .map(t => h("th", {}, t)))), children));
   let sweep = null;
   const structureOf = params => params.structure || "unstructured";  // children from before structure was an axis
@@ -765,7 +766,10 @@ function sweepView(view, sweepId) {
   function render() {
     const p = sweep.progress;
     head.replaceChildren(h("p", {}, statusBadge(sweep.status), ` ${sweep.name || ""} — ${p.finished}/${p.total} children finished (`,
-      Object.entries(p.by_status).map(([k, v]) => `${k} ${v}`).join(", "), ")"));
+      Object.entries(p.by_status).map(([k, v]) => `${k} ${v}`).join(", "), ")"),
+      sweep.strategy && sweep.strategy !== "grid" ? h("p", { id: "sweep-search" }, `${sweep.strategy} search, ${sweep.trials} trials` +
+        (sweep.pruned ? `, ${sweep.pruned} pruned` : "") + (sweep.best ? ` — best: ${sweep.best.id} (val_accuracy ${num(sweep.best.val_accuracy)}; ` +
+        Object.entries(sweep.best.params).map(([k, v]) => `${k} ${sig(v)}`).join(", ") + ")" : "")) : "");
     cancel.hidden = sweep.status !== "active";
     chart(flops, "inference_flops_ratio", "flops", "inference FLOPs (× dense)");
     chart(size, "packed_bytes", "size", "packed export (bytes)");
@@ -779,9 +783,13 @@ function sweepView(view, sweepId) {
       h("td", {}, num(g.latency_ms, 3)),
       h("td", {}, Object.entries(g.on_frontier || {}).filter(([, on]) => on).map(([k]) => k).join(", ") || "—"))));
     children.replaceChildren(...sweep.children.map(c => h("tr", {},
-      h("td", {}, c.id ? h("a", { href: `#/jobs/${c.id}` }, c.id) : "—"), h("td", {}, statusBadge(c.status)),
+      h("td", {}, c.id ? h("a", { href: `#/jobs/${c.id}` }, c.id) : "—"),
+      h("td", {}, c.pruned ? h("span", { class: "status status-pruned", title: c.pruned }, "pruned") : statusBadge(c.status)),
       h("td", {}, c.params.method), h("td", {}, structureOf(c.params)), h("td", {}, c.params.distribution),
-      h("td", {}, pct(c.params.sparsity)), h("td", {}, String(c.params.seed)), h("td", {}, pct(c.progress)),
+      h("td", {}, pct(c.params.sparsity)), h("td", {}, String(c.params.seed)),
+      h("td", { title: c.point ? JSON.stringify(c.point) : "" }, c.trial === null || c.trial === undefined ? "—" : `#${c.trial} ` +
+        Object.entries(c.point || {}).filter(([k]) => k.includes(".")).map(([k, v]) => `${k.split(".").pop()} ${sig(v)}`).join(" ")),
+      h("td", {}, pct(c.progress)),
       h("td", {}, pct(c.val_accuracy)), h("td", {}, num(c.latency_ms, 3)))));
   }
   async function load() {

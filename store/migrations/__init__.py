@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-HEAD = "0010"  # the newest revision in versions/ (tests/test_migrations.py checks it)
+HEAD = "0011"  # the newest revision in versions/ (tests/test_migrations.py checks it)
 FIRST_RELEASE = "0001"
 LOCK_KEY = 0x7269676C  # PostgreSQL advisory lock id of schema upgrades ("rigl")
 VERSION_TABLE = "alembic_version"

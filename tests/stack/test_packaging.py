@@ -21,7 +21,7 @@ CORE = {"torch", "torchvision", "pydantic", "safetensors", "numpy", "tqdm"}
 # Packages of the extras that library users must not get, and what stands for them in sys.modules.
 BLOCKED = ["fastapi", "celery", "sqlalchemy", "sklearn", "matplotlib", "httpx", "yaml", "uvicorn",
            "pydantic_settings", "mnist1d", "starlette", "psycopg", "alembic", "redis", "kombu", "boto3",
-           "botocore", "prometheus_client"]
+           "botocore", "prometheus_client", "mlflow", "optuna"]
 
 
 def _name(requirement: str) -> str:
