@@ -50,7 +50,7 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
     return app
 
 
-def enqueue_train(app: Celery, job_id: str, queue: str) -> None:
-    """Send one training slot for `job_id` to `queue` (raises when the broker can't be reached:
-    store/dispatch.py turns that into a job left for the reaper)."""
-    app.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+def enqueue_train(app: Celery, job_id: str, queue: str, countdown: float | None = None) -> None:
+    """Send one training slot for `job_id` to `queue`, to start `countdown` seconds from now (None: at once);
+    raises when the broker can't be reached: store/dispatch.py turns that into a job left for the reaper."""
+    app.send_task(TRAIN_TASK, args=[job_id], queue=queue, countdown=countdown)

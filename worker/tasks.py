@@ -59,6 +59,10 @@ def train(self, job_id: str) -> str:
         if outcome == "requeued":  # checkpointed; send it to the next worker (or leave it to the reaper)
             retry_transient(lambda: dispatch(store, lambda job: enqueue_train(self.app, job, settings.queue), ran),
                             settings.db_retry_seconds, f"job {ran}: requeue message")
+        elif outcome == "waiting":  # its gang could not be placed on the Ray cluster: offer it again later
+            retry_transient(lambda: dispatch(store, lambda job: enqueue_train(self.app, job, settings.queue,
+                                                                              settings.ray_retry_seconds), ran),
+                            settings.db_retry_seconds, f"job {ran}: retry message")
         elif outcome in ("succeeded", "failed", "cancelled"):  # a slot under its owner's cap came free
             release_sweep_children(store, settings, self.app)
         return outcome
