@@ -96,7 +96,16 @@ def connect(address: str) -> bool:
     """Join the Ray cluster as a driver; True when this call connected (and should disconnect)."""
     if ray.is_initialized():
         return False
-    ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    import sys
+
+    # A Celery pool process's stderr is a logging proxy without a file descriptor, and ray.init enables
+    # faulthandler on sys.stderr: give it the process's real stderr for that call.
+    proxy = sys.stderr
+    sys.stderr = sys.__stderr__
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    finally:
+        sys.stderr = proxy
     return True
 
 
@@ -145,7 +154,11 @@ def run_rank(config: dict) -> str | None:
         started = time.monotonic() - max(0.0, time.time() - config["started_at"])  # the supervisor's start
         resume = tuple(config["resume"]) if config["resume"] else None
         run = JobRun(job, config["token"], settings, store, artifacts, None, started, gang=gang, resume=resume)
+        places = gang_places(gang)
         if gang.rank == 0:
+            nodes = len({place["node"] for place in places})
+            run.callback.note(f"gang of {gang.world_size} ranks on {nodes} Ray nodes",
+                              data={"code": "gang_started", "ranks": places})
             return run.run()[0]
         run.build_trainer([]).fit()
         return None
@@ -153,6 +166,20 @@ def run_rank(config: dict) -> str | None:
         if store is not None:
             store.engine.dispose()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def gang_places(gang: Gang) -> list[dict]:
+    """Where every rank runs ({rank, host, pid, node}), gathered over the gang's process group: rank 0 notes
+    it on the job, so an operator sees which Ray node holds which rank."""
+    import socket
+
+    import torch.distributed as dist
+
+    place = {"rank": gang.rank, "host": socket.gethostname(), "pid": os.getpid(),
+             "node": ray.get_runtime_context().get_node_id()}
+    places: list = [None] * gang.world_size
+    dist.all_gather_object(places, place)
+    return places
 
 
 def supervise(run) -> str:
