@@ -81,7 +81,7 @@ class Trainer:
         self.task = Task(resolve_task(t.task, spec.model.hf), t.label_smoothing)
         self._build_model()
         self.accumulate_steps = resolve_accumulation(t, self.world_size)
-        self.batch_order = BatchOrder(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
+        self.batch_order = BatchOrder(self.feed.num_train, t.batch_size, t.seed, self.world_size, self.rank,
                                       self.accumulate_steps)
         self.steps_per_epoch = self.batch_order.steps_per_epoch
         self.total_steps = total_steps(t, self.feed.num_train, self.world_size)
