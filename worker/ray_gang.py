@@ -138,8 +138,7 @@ def run_rank(config: dict) -> str | None:
     """One rank of the gang, in a Ray Train worker: build the job's Trainer with this rank's Gang and train.
     Rank 0 runs the job as a one-node worker would (events, checkpoints, exports, its end) and returns the
     outcome; the other ranks only train."""
-    from worker.runner import JobRun  # the runner imports this module only when it supervises a gang
-
+    JobRun = config["run_class"]  # worker.runner.JobRun, handed over by the supervisor (which that module runs)
     context = ray.train.get_context()
     gang = Gang(context.get_world_rank(), context.get_world_size(), context.get_local_world_size(),
                 ray.train.torch.get_device())
@@ -193,7 +192,7 @@ def supervise(run) -> str:
         if not can_place(shape, settings.ray_placement_timeout_seconds):
             return give_back(run, shape)
         resume = run.resume_file()
-        config = {"job_id": run.job_id, "token": run.token, "settings": sent_settings(settings),
+        config = {"run_class": type(run), "job_id": run.job_id, "token": run.token, "settings": sent_settings(settings),
                   "resume": list(resume) if resume else None,
                   "started_at": time.time() - (time.monotonic() - run.started)}
         trainer = TorchTrainer(
