@@ -1,12 +1,14 @@
 """Jobs on several nodes, for real: a local Ray cluster of two nodes (one CPU each, `ray.cluster_utils.Cluster`),
 PostgreSQL, Redis, the S3 test server, the API in process and a real Celery worker that supervises each gang
-(worker/ray_gang.py). The ranks are Ray Train workers on gloo; nodes share no folder (each rank caches the
+(worker/ray_gang.py) through Ray Client (`ray://`), as a worker outside the Ray cluster does. The ranks are Ray Train workers on gloo; nodes share no folder (each rank caches the
 bucket into a temp folder of its own).
 
 - a 2-node × 1-rank job of the digits MLP: its ranks agree bit for bit at the end, and its weights and masks are
   those of the same job on one node with 2 devices (same seed, same global batch);
 - a rank killed mid-job: the job is requeued once and resumes from its last checkpoint; nothing lost;
-- a gang the cluster cannot place: the job stays queued and holds nothing of the cluster.
+- a gang the cluster cannot place: the job stays queued and holds nothing of the cluster;
+- a SIGTERM of the supervising worker: the gang checkpoints, the job requeues, the next worker resumes it;
+- a cancel: every rank stops, the cluster is free again.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ pytest.importorskip("ray.train", reason="the 'ray' extra (pip install \"rigl-ser
 pytest.importorskip("moto.server", reason="moto's S3 server is not installed")
 
 from helpers.s3 import AWS_ENV, moto_server, new_bucket  # noqa: E402
-from helpers.service import (REDIS, ROOT, cleanup_redis_queue, job_history, postgres_available,  # noqa: E402
-                             redis_available, start_worker, stop, temporary_postgres_database, wait_for)
+from helpers.service import (REDIS, ROOT, cleanup_redis_queue, free_port, job_history,  # noqa: E402
+                             postgres_available, redis_available, start_worker, stop, temporary_postgres_database,
+                             wait_for)
 from store.settings import Settings  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
@@ -54,24 +57,27 @@ def gang_stack(tmp_path_factory):
     with moto_server() as endpoint, temporary_postgres_database() as database_url:
         bucket = new_bucket(endpoint)
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        client_port = free_port()  # the worker reaches the cluster through Ray Client, as compose and KubeRay do
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                                "ray_client_server_port": client_port})
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         common = {"database_url": database_url, "broker_url": REDIS, "queue": queue,
                   "artifact_url": f"s3://{bucket}/artifacts", "s3_endpoint_url": endpoint,
-                  "ray_address": cluster.address, "ray_placement_timeout_seconds": 5, "ray_retry_seconds": 2,
+                  "ray_address": f"ray://127.0.0.1:{client_port}", "ray_placement_timeout_seconds": 5, "ray_retry_seconds": 2,
                   "lease_seconds": 20, "cancel_poll_seconds": 0.3, "checkpoint_every_steps": 10,
                   "checkpoint_min_seconds": 0}
         env = {**os.environ, **AWS_ENV, "RIGL_DATA_DIR": str(tmp / "worker"),
                **{f"RIGL_{key.upper()}": str(value) for key, value in common.items()}}
-        worker = start_worker(env, tmp / "worker.log")
+        workers = [start_worker(env, tmp / "worker.log")]
         settings = Settings(data_dir=tmp / "api", auth=False, reaper_interval_seconds=1, **common)
         try:
             with TestClient(create_app(settings)) as api:
                 yield SimpleNamespace(api=api, cluster=cluster, endpoint=endpoint, bucket=bucket, tmp=tmp,
-                                      worker_log=tmp / "worker.log")
+                                      worker_log=tmp / "worker.log", workers=workers, env=env)
         finally:
-            stop(worker, timeout=60)
+            for worker in workers:
+                stop(worker, timeout=60)
             cluster.shutdown()
             cleanup_redis_queue(queue)
 
@@ -190,3 +196,51 @@ def test_a_gang_the_cluster_cannot_place_stays_queued_holding_nothing(gang_stack
     assert api.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
     final = _finished(api, job_id, 120)
     assert final["status"] == "cancelled" and final["attempt"] == 0
+
+
+def _training(api, job_id: str, past: int):
+    def well_in():
+        state = api.get(f"/v1/jobs/{job_id}").json()
+        return state if _gang_places(api, job_id) and state["progress"]["step"] >= past else None
+
+    return wait_for(well_in, 600, interval=0.5, what=f"the gang to train past step {past}")
+
+
+def test_sigterm_of_the_supervisor_checkpoints_the_gang_and_the_next_worker_resumes_it(gang_stack):
+    """A worker's warm shutdown: rank 0 (on the Ray cluster) checkpoints and requeues, the supervisor exits, and
+    the next worker's gang resumes from that checkpoint."""
+    api = gang_stack.api
+    job = {**GANG_JOB, "training": {**GANG_JOB["training"], "epochs": 4}}
+    job_id = api.post("/v1/jobs", json=job).json()["id"]
+    _training(api, job_id, 15)
+    first = gang_stack.workers[0]
+    first.send_signal(signal.SIGTERM)  # the Celery worker's warm shutdown
+    first.wait(timeout=120)
+    statuses, _, _ = job_history(api, job_id)
+    assert statuses[-1] == "requeued", statuses
+    gang_stack.workers[0] = start_worker(gang_stack.env, gang_stack.tmp / "worker.log")
+    final = _finished(api, job_id, 600)
+    assert final["status"] == "succeeded", final["error"]
+    statuses, resumed, _ = job_history(api, job_id)
+    assert statuses == ["queued", "running", "requeued", "running", "succeeded"], statuses
+    assert len(resumed) == 1 and resumed[0] >= 15 and final["attempt"] == 2
+    _assert_same_weights(_dense(api, job_id), _one_node_reference(job))
+
+
+def test_cancelling_a_gang_stops_every_rank(gang_stack):
+    import ray
+
+    api = gang_stack.api
+    job = {**GANG_JOB, "training": {**GANG_JOB["training"], "epochs": 20}}
+    job_id = api.post("/v1/jobs", json=job).json()["id"]
+    _training(api, job_id, 10)
+    assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    final = _finished(api, job_id, 300)
+    assert final["status"] == "cancelled" and final["progress"]["step"] < final["progress"]["total_steps"]
+    ray.init(address=gang_stack.cluster.address, logging_level="ERROR")
+    try:  # the gang is gone: both CPUs free again, no placement group held
+        wait_for(lambda: ray.available_resources().get("CPU") == 2.0, 60, what="the gang's CPUs back")
+        held = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        assert held == []
+    finally:
+        ray.shutdown()
