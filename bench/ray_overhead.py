@@ -150,7 +150,8 @@ def main() -> None:
         f"path's start-up, {med(gang, 'ray_start_s'):.1f} s (median) pass before our code runs on the ranks: Ray "
         "Train's controller, two worker actors that import torch, and the process group; the rest is the ranks "
         "building the Trainer (the dataset, the model) and the first step, as in DDP. A job pays the start-up "
-        "once per run (and again after a requeue); the step time ratio is what a long job pays. Per run, in order (start-up s, step ms): DDP "
+        "once per run (and again after a requeue); the step time ratio is what a long job pays. Per run, in "
+        "order (start-up s, step ms): DDP "
         + ", ".join(f"({r['startup_s']:.1f}, {1000 * r['step_s']:.1f})" for r in ddp) + "; Ray "
         + ", ".join(f"({r['startup_s']:.1f}, {1000 * r['step_s']:.1f})" for r in gang) + ".",
         "",

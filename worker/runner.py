@@ -301,10 +301,11 @@ def summary(report: dict) -> dict:
         "train_seconds": report["train_seconds"],
         "steps": report["steps"],
         "leak_check_ok": report["leak_check"]["ok"],
-        # how it ran: processes, micro-batches, autocast dtype, share of time spent waiting for data, and the
+        # how it ran: processes (all ranks), nodes, whether the ranks ended identical, micro-batches, autocast
+        # dtype, share of time spent waiting for data, and the
         # measured batch-1 CPU latency (the sweep page's latency frontier)
-        **{key: report[key] for key in ("devices", "nodes", "replicas_agree", "accumulate_steps", "precision", "data_wait_share", "export",
-                                        "inference_latency_ms")
+        **{key: report[key] for key in ("devices", "nodes", "replicas_agree", "accumulate_steps", "precision",
+                                        "data_wait_share", "export", "inference_latency_ms")
            if key in report},
     }
 

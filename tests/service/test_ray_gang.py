@@ -1,7 +1,8 @@
-"""Jobs on several nodes, for real: a local Ray cluster of two nodes (one CPU each, `ray.cluster_utils.Cluster`),
-PostgreSQL, Redis, the S3 test server, the API in process and a real Celery worker that supervises each gang
-(worker/ray_gang.py) through Ray Client (`ray://`), as a worker outside the Ray cluster does. The ranks are Ray Train workers on gloo; nodes share no folder (each rank caches the
-bucket into a temp folder of its own).
+"""Jobs on several nodes, for real: a local Ray cluster of two nodes (one CPU each,
+`ray.cluster_utils.Cluster`), PostgreSQL, Redis, the S3 test server, the API in process and a real Celery
+worker that supervises each gang (worker/ray_gang.py) through Ray Client (`ray://`), as a worker outside the
+Ray cluster does. The ranks are Ray Train workers on gloo; nodes share no folder (each rank caches the bucket
+into a temp folder of its own).
 
 - a 2-node × 1-rank job of the digits MLP: its ranks agree bit for bit at the end, and its weights and masks are
   those of the same job on one node with 2 devices (same seed, same global batch);
@@ -56,15 +57,17 @@ def gang_stack(tmp_path_factory):
     queue = f"rigl-gang-{uuid.uuid4().hex[:8]}"
     with moto_server() as endpoint, temporary_postgres_database() as database_url:
         bucket = new_bucket(endpoint)
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-        client_port = free_port()  # the worker reaches the cluster through Ray Client, as compose and KubeRay do
+        saved_path = os.environ.get("PYTHONPATH")  # the Ray nodes' workers import this checkout's code
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), saved_path or ""])
+        client_port = free_port()  # the worker reaches the cluster through Ray Client, as in compose and KubeRay
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                                 "ray_client_server_port": client_port})
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         common = {"database_url": database_url, "broker_url": REDIS, "queue": queue,
                   "artifact_url": f"s3://{bucket}/artifacts", "s3_endpoint_url": endpoint,
-                  "ray_address": f"ray://127.0.0.1:{client_port}", "ray_placement_timeout_seconds": 5, "ray_retry_seconds": 2,
+                  "ray_address": f"ray://127.0.0.1:{client_port}", "ray_placement_timeout_seconds": 5,
+                  "ray_retry_seconds": 2,
                   "lease_seconds": 20, "cancel_poll_seconds": 0.3, "checkpoint_every_steps": 10,
                   "checkpoint_min_seconds": 0}
         env = {**os.environ, **AWS_ENV, "RIGL_DATA_DIR": str(tmp / "worker"),
@@ -79,6 +82,10 @@ def gang_stack(tmp_path_factory):
             for worker in workers:
                 stop(worker, timeout=60)
             cluster.shutdown()
+            if saved_path is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved_path
             cleanup_redis_queue(queue)
 
 

@@ -86,7 +86,8 @@ def _gpus(service: dict) -> list[str]:
     devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     for device in devices:
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], device
-    return [gpu for device in devices for gpu in device.get("device_ids", ["all"] if device.get("count") == "all" else [])]
+    return [gpu for device in devices
+            for gpu in device.get("device_ids", ["all"] if device.get("count") == "all" else [])]
 
 
 def _bytes(size: str) -> int:
