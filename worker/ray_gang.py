@@ -55,6 +55,8 @@ log = logging.getLogger("rigl.worker")
 NOT_SENT = {"data_dir", "artifact_dir", "database_password", "broker_password", "broker_url", "metrics_token",
             "worker_metrics_port", "worker_metrics_dir", "reaper", "worker_devices"}
 COLLECTIVE_TIMEOUT_S = 600
+# Ray Train's own run records (no checkpoints: ours go to the bucket); a folder that exists on every node
+RAY_STORAGE = os.path.join(tempfile.gettempdir(), "rigl-ray")
 LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerHealthCheckFailedError",
         "NodeDiedError", "DistBackendError")  # a rank's process or node went away, not a training error
 
@@ -200,8 +202,7 @@ def supervise(run) -> str:
             torch_config=TorchConfig(backend="nccl" if shape.gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
             scaling_config=ScalingConfig(num_workers=shape.ranks, use_gpu=shape.gpu,
                                          resources_per_worker=shape.resources, placement_strategy=shape.strategy),
-            run_config=RunConfig(name=f"rigl-{run.job_id}-a{run.job.attempt}",
-                                 storage_path=str(settings.data_dir / "ray"),
+            run_config=RunConfig(name=f"rigl-{run.job_id}-a{run.job.attempt}", storage_path=RAY_STORAGE,
                                  failure_config=FailureConfig(max_failures=0)))
         log.info("job %s: starting its gang on the Ray cluster: %s", run.job_id, shape.describe())
         outcome, error = fit_watching(trainer, run)

@@ -33,7 +33,7 @@ from helpers.service import (REDIS, ROOT, cleanup_redis_queue, free_port, job_hi
 from store.settings import Settings  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (postgres_available() and redis_available()),
+              pytest.mark.skipif(not (postgres_available() and redis_available()) and not os.environ.get("CI"),
                                  reason="needs PostgreSQL and Redis (tests/README.md)")]
 
 GANG_JOB = {"model": {"name": "mlp", "hidden_sizes": [64, 32]}, "dataset": {"name": "digits"},
