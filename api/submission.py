@@ -64,6 +64,7 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
     else:  # the datasets directory is their implicit data_dir; an imagefolder path is resolved and confined
         input_shape, num_classes, num_train = resolve_server_dataset(spec.dataset, dataset, settings)
     resolved = JobSpec.model_validate(tree)
+    check_nodes(resolved, settings)
     num_classes = resolved.model.num_classes or num_classes
     plan = None
     try:
@@ -99,6 +100,21 @@ def resolve(spec: JobSpec, store: JobStore, artifacts: Artifacts, settings: Sett
 def model_bounds(settings: Settings) -> Bounds:
     """What checking one model may spend (api/model_build.py), from the settings."""
     return Bounds(settings.max_model_modules, settings.max_model_build_seconds, settings.max_model_build_bytes)
+
+
+def check_nodes(spec: JobSpec, settings: Settings) -> None:
+    """A job on several nodes runs on the deployment's Ray cluster, its ranks sharing no folder: without a
+    Ray cluster and a bucket it could never start, so it is refused now (422), naming what to configure."""
+    nodes = spec.training.nodes
+    if nodes <= 1:
+        return
+    missing = [name for name, value in (("RIGL_RAY_ADDRESS", settings.ray_address),
+                                        ("RIGL_ARTIFACT_URL", settings.artifact_url)) if not value]
+    if missing:
+        raise ApiError(422, "invalid_job", f"training.nodes: {nodes} nodes need a Ray cluster and a shared "
+                                           f"artifact bucket, and this service has no {' and no '.join(missing)} "
+                                           "configured (docs: operations/multi-node); submit with nodes: 1",
+                       "training.nodes")
 
 
 def resolve_program(model: dict, store: JobStore, artifacts: Artifacts, owner: str | None) -> str | None:

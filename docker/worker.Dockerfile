@@ -36,6 +36,13 @@ RUN pip install --no-deps --force-reinstall . && rm -rf build
 RUN useradd --create-home --uid 10001 rigl && mkdir -p /data /datasets && chown rigl /data
 USER rigl
 
+# Jobs on several nodes (training.nodes): every worker may supervise one on a Ray cluster, and the Ray nodes run
+# this image too (docker-compose.yml profile ray, docker/kuberay-raycluster.yaml): the ray extra, installed after
+# the steps shared with the API image.
+USER root
+RUN pip install ".[ray]" && rm -rf build
+USER rigl
+
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # Celery answers `inspect ping` while a job trains (prefork pool); docker-compose.yml's worker healthcheck is
 # this, word for word. `uname -n` is the %h of the node name (podman's exec, which runs healthchecks, has no

@@ -473,6 +473,10 @@ class TrainingSpec(_Strict):
     devices: int | Literal["all"] = Field(
         1, description="Processes (one per GPU) that train this job together with DistributedDataParallel: "
         "NCCL on CUDA, gloo on CPU. 'all': every visible GPU (1 on CPU). batch_size is the global batch.")
+    nodes: int = Field(
+        1, ge=1, le=64, description="Nodes that train this job together, each running `devices` processes (one "
+        "per GPU): nodes × devices ranks in one DistributedDataParallel job. More than 1 runs only in the service, "
+        "on its Ray cluster (RIGL_RAY_ADDRESS); devices must then be a number. batch_size is the global batch.")
     accumulate_steps: int | Literal["auto"] = Field(
         1, description="Micro-batches whose gradients make one step: each device runs "
         "batch_size / (devices × accumulate_steps) samples at a time. auto: the fewest that keep a "
@@ -504,13 +508,18 @@ class TrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainingSpec":
+        if self.nodes > 1 and not isinstance(self.devices, int):
+            raise ValueError("training.devices: give the number of GPUs per node (not 'all') when nodes > 1")
         devices = self.devices if isinstance(self.devices, int) else 1
         steps = self.accumulate_steps if isinstance(self.accumulate_steps, int) else 1
+        if self.nodes > 1 and self.batch_size % (self.nodes * devices * steps):
+            raise ValueError(f"training.batch_size: {self.batch_size} is not divisible by nodes × devices × "
+                             f"accumulate_steps ({self.nodes} × {devices} × {steps})")
         if self.batch_size % (devices * steps):
             raise ValueError(f"training.batch_size: {self.batch_size} is not divisible by devices × accumulate_steps "
                              f"({devices} × {steps})")
-        if self.devices != 1 and self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError("training.device: name 'cuda' (not one GPU) when devices > 1")
+        if (self.devices != 1 or self.nodes != 1) and self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError("training.device: name 'cuda' (not one GPU) when devices > 1 or nodes > 1")
         return self
 
     @field_validator("milestones")

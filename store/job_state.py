@@ -20,6 +20,7 @@ CLAIMABLE = ("queued", "requeued")
 ACTIVE = ("queued", "running", "requeued", "cancelling")  # what the per-owner cap counts
 UNDISPATCHED = "broker_unavailable"  # error code of a queued job whose message is not in the broker yet
 WAITING_FOR_DEVICES = "waiting_for_devices"  # a queued job that a worker passed over: it owns too few devices
+WAITING_FOR_NODES = "waiting_for_nodes"  # a queued job on several nodes whose gang the Ray cluster could not place
 
 
 class StorePart:

@@ -301,6 +301,11 @@ def source_job_kept(session, job_id: str) -> bool:
 
 def required_devices(spec: dict) -> int:
     """The fewest devices a worker must own to run a job: `training.devices`, or 1 for "all" (any worker
-    runs it, on all of its own devices)."""
-    value = (spec.get("training") or {}).get("devices", 1)
+    runs it, on all of its own devices). A job on several nodes (`training.nodes` > 1) trains on the Ray
+    cluster; the worker only supervises it, so any worker can (1)."""
+    training = spec.get("training") or {}
+    nodes = training.get("nodes", 1)
+    if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes > 1:
+        return 1
+    value = training.get("devices", 1)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1

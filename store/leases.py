@@ -109,6 +109,22 @@ class Leases(StorePart):
                 s.add(Event(job_id=job_id, type="status", message=message, data={"status": "requeued"}))
         return result.rowcount == 1
 
+    def give_back(self, job_id: str, token: str, code: str, message: str) -> bool:
+        """A claimed job that could not start (a gang the Ray cluster cannot place yet): back to `queued`
+        as if never claimed (its attempt not counted, no lease, nothing held), with `code` and `message`
+        shown on it. Only while `token` holds the lease; False otherwise."""
+        with self.sessions.begin() as s:
+            job = s.scalars(select(Job).where(Job.id == job_id, Job.lease_token == token,
+                                              Job.status == "running").with_for_update()).first()
+            if job is None:
+                return False
+            job.attempt = max(0, job.attempt - 1)
+            job.started_at = job.started_at if job.attempt else None
+            job.lease_token, job.worker, job.heartbeat_at = None, None, None
+            job.error_code, job.error_message = code, message
+            set_status(s, job, "queued", message)
+        return True
+
     def stale_jobs(self, lease_seconds: float) -> list[str]:
         """Running jobs whose last heartbeat is older than `lease_seconds` by the database's clock."""
         with self.sessions() as s:

@@ -72,3 +72,13 @@ def with_password(url: str, password: str) -> str:
     user = parts.netloc.rpartition("@")[0].partition(":")[0] if "@" in parts.netloc else ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def without_password(url: str) -> str:
+    """`url` with any password removed (the user kept): what may travel to another process, which adds the
+    password from its own RIGL_<NAME>_PASSWORD(_FILE)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}@{host}"))

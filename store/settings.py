@@ -146,6 +146,14 @@ class Settings(BaseSettings):
     worker_devices: int | None = Field(None, ge=1, le=64, description="Devices this worker owns (a job with "
                                        "training.devices: N runs only on a worker owning ≥ N; 'all' uses all of them). "
                                        "Default: the visible CUDA GPUs, or 1 on a host without one.")
+    ray_address: str | None = Field(None, description="Ray cluster that runs jobs on several nodes "
+                                    "(training.nodes > 1; worker/ray_gang.py): `ray://head:10001` (Ray Client), or "
+                                    "`head:6379` where the worker runs on a Ray node; None: such jobs are refused.")
+    ray_placement_timeout_seconds: float = Field(60, gt=0, description="How long a worker waits for the Ray "
+                                                 "cluster to place a job's whole gang (nodes × devices ranks) "
+                                                 "before giving the job back to the queue, untouched.")
+    ray_retry_seconds: float = Field(30, gt=0, description="A job whose gang could not be placed is offered "
+                                     "to the workers again after this long.")
     lease_seconds: float = Field(120, gt=0, description="A running job whose heartbeat is older is requeued.")
     reaper_interval_seconds: float = Field(15, gt=0, description="How often the reaper looks for lost jobs.")
     reaper: bool = Field(True, description="Run the reaper in this API replica or worker; one process of the "
@@ -220,6 +228,12 @@ class Settings(BaseSettings):
         refuse_placeholder("RIGL_METRICS_TOKEN", self.metrics_token)
         refuse_placeholder("RIGL_METRICS_LABEL_KEY", self.metrics_label_key)
         return self
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        """An empty variable (compose passes `${X:-}`) means unset."""
+        return value.strip() or None if value is not None else None
 
     @field_validator("artifact_url", "s3_endpoint_url", "s3_region")
     @classmethod

@@ -26,6 +26,7 @@ from typing import Callable
 from rigl_core.export.pipeline import OutputFile, TrainedRun, write_outputs
 from rigl_core.integrations.mlflow import run_files
 from rigl_core.spec import JobSpec
+from rigl_core.training.distributed import Gang
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
 from store.artifacts import DATASET_KEY, PROGRAM_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
@@ -321,10 +322,11 @@ def summary(report: dict) -> dict:
         "train_seconds": report["train_seconds"],
         "steps": report["steps"],
         "leak_check_ok": report["leak_check"]["ok"],
-        # how it ran: processes, micro-batches, autocast dtype, share of time spent waiting for data, and the
+        # how it ran: processes (all ranks), nodes, whether the ranks ended identical, micro-batches, autocast
+        # dtype, share of time spent waiting for data, and the
         # measured batch-1 CPU latency (the sweep page's latency frontier)
-        **{key: report[key] for key in ("devices", "accumulate_steps", "precision", "data_wait_share", "export",
-                                        "inference_latency_ms")
+        **{key: report[key] for key in ("devices", "nodes", "replicas_agree", "accumulate_steps", "precision",
+                                        "data_wait_share", "export", "inference_latency_ms")
            if key in report},
     }
 
@@ -384,26 +386,42 @@ def claim_slot(message_job_id: str, settings: Settings, store: JobStore,
 class JobRun:
     """One claimed job, trained under its lease: `run` trains it, then ends it one of three ways: stopped
     early (`stopped`: requeued, out of time or cancelled), finished (`publish`: its outputs, then
-    succeeded), or failed (`failed`). Returns the outcome and the job's id."""
+    succeeded), or failed (`failed`). Returns the outcome and the job's id.
+
+    A job on several nodes (`training.nodes` > 1) is not trained here: this run supervises its gang on the
+    Ray cluster (worker/ray_gang.py), whose rank 0 runs a JobRun of its own with `gang` set (the same
+    lease token, the same ending) and `resume` pinned by the supervisor, so every rank resumes alike."""
 
     def __init__(self, job: Job, token: str, settings: Settings, store: JobStore, artifacts: Artifacts,
-                 stop_requested: threading.Event | None, started: float):
+                 stop_requested: threading.Event | None, started: float, gang: Gang | None = None,
+                 resume: tuple[str, int] | None | bool = True):
+        self.gang = gang
+        self.resume = resume  # True: the latest resume checkpoint; else the (file name, size) to resume or None
         self.job, self.job_id, self.token = job, job.id, token
         self.settings, self.store, self.artifacts = settings, store, artifacts
         self.budget = settings.db_retry_seconds
+        self.started = started
         limit = settings.job_time_limit_seconds
         deadline = started + max(limit / 2, limit - settings.time_limit_grace_seconds)
         self.callback = StoreCallback(store, artifacts, job, token, settings, stop_requested, deadline)
-        self.tracker = job_tracker(job, settings, self._tracking_warning)  # an MLflow run, or None
+        # an MLflow run, or None; a gang's supervisor has none (its rank 0 tracks the job)
+        self.tracker = None if self.on_several_nodes else job_tracker(job, settings, self._tracking_warning)
         self.published: list[tuple[str, Path]] = []  # (kind, path) of the files `publish` placed
 
     def _tracking_warning(self, message: str) -> None:
         self.callback.note(message, level="warn", data={"code": WARNING_CODE})
 
+    @property
+    def on_several_nodes(self) -> bool:
+        """This run supervises a gang on the Ray cluster (it is not one of the gang's ranks)."""
+        return self.gang is None and (self.job.resolved_spec.get("training") or {}).get("nodes", 1) > 1
+
     def run(self) -> tuple[str, str]:
         version = version_of(self.job.resolved_spec)
         if version > SPEC_VERSION:  # a newer release wrote it: not ours to judge, whether it parses or not
             return self.defer(version), self.job_id
+        if self.on_several_nodes:
+            return self.supervise(), self.job_id
         log.info("job %s: attempt %d started", self.job_id, self.job.attempt)
         self.callback.heartbeat.start()
         try:
@@ -446,19 +464,57 @@ class JobRun:
                                    self.budget, f"job {self.job_id}: defer")
         return "deferred" if requeued else "skipped"
 
-    def train(self) -> tuple[Trainer, dict]:
-        """Train from the job's resume checkpoint if it has one; every event written when it returns."""
-        job_id, callback, artifacts = self.job_id, self.callback, self.artifacts
+    def supervise(self) -> str:
+        """A job on several nodes: its gang on the Ray cluster (worker/ray_gang.py), this run holding the lease
+        meanwhile. A worker without the `ray` extra fails the job with a message naming it."""
+        from rigl_core.optional import MissingExtra, require
+
+        self.callback.heartbeat.start()
+        try:
+            nodes = self.job.resolved_spec["training"].get("nodes", 1)
+            try:
+                require("ray.train", "ray", f"training.nodes: a job on {nodes} nodes")
+            except MissingExtra as missing:
+                log.error("job %s: %s", self.job_id, missing)
+                self.finish("failed", str(missing), error_code="missing_extra")
+                return "failed"
+            from worker.ray_gang import supervise
+
+            return supervise(self)
+        except LeaseLost:
+            log.warning("job %s: lease lost; its writes were refused, stopping", self.job_id)
+            return "skipped"
+        except Exception as exc:  # noqa: BLE001 - any failure ends the job with a readable error
+            return self.failed(exc)
+        finally:
+            self.callback.heartbeat.stop()
+
+    def resume_file(self) -> tuple[str, int] | None:
+        """(file name, size) of the checkpoint this run resumes from, or None to start afresh."""
+        if self.resume is not True:
+            return self.resume or None
+        row = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(self.job_id, "resume"), self.budget,
+                              f"job {self.job_id}: resume checkpoint")
+        return None if row is None else (row.filename, row.size)
+
+    def build_trainer(self, callbacks: list[Callback]) -> Trainer:
+        """The job's Trainer on this node (its stored files fetched first), resumed from `resume_file()`."""
+        artifacts = self.artifacts
         resolved = on_this_node(materialise(self.job.resolved_spec, artifacts), self.settings)  # keys -> files
         check_job_paths(resolved, self.settings)  # confined to this worker's datasets/uploads dirs
+        trainer = Trainer(JobSpec.model_validate(spec_body(resolved)), callbacks=callbacks, gang=self.gang)
+        resume = self.resume_file()
+        if resume is not None:
+            trainer.load_checkpoint(artifacts.fetch(artifacts.job_key(self.job_id, resume[0]), resume[1]))
+        return trainer
+
+    def train(self) -> tuple[Trainer, dict]:
+        """Train from the job's resume checkpoint if it has one; every event written when it returns."""
+        callback = self.callback
         if self.tracker is not None:
             self.tracker.start()  # the run opens while the Trainer loads the data and builds the model
-        trainer = Trainer(JobSpec.model_validate(spec_body(resolved)),
-                          callbacks=[callback, *([self.tracker] if self.tracker is not None else [])])
-        resume = retry_transient(lambda: self.store.checkpoints.latest_checkpoint(job_id, "resume"), self.budget,
-                                 f"job {job_id}: resume checkpoint")
-        if resume is not None:
-            trainer.load_checkpoint(artifacts.fetch(artifacts.job_key(job_id, resume.filename), resume.size))
+        trainer = self.build_trainer([callback, *([self.tracker] if self.tracker is not None else [])])
+        if trainer.resumed_from is not None:
             callback.step = trainer.step
             callback.note(f"resumed from step {trainer.step}", data={"resumed_from_step": trainer.step})
             callback.flush(force=True)
@@ -534,6 +590,8 @@ class JobRun:
         self.callback.sync(self.callback.step)
 
     def failed(self, exc: Exception) -> str:
+        if self.gang is not None and isinstance(exc, RuntimeError):  # a collective broke: maybe a rank was
+            raise exc  # lost, which is no failure of the job; its supervisor tells (worker/ray_gang.py `settle`)
         log.error("job %s failed: %s", self.job_id, traceback.format_exc())
         if is_no_space(exc):  # failed, not requeued: a full volume stays full until an operator acts
             self.finish("failed", no_space_reason(exc, self.settings), error_code="no_space")

@@ -59,7 +59,7 @@ def train(self, job_id: str) -> str:
             if is_transient(error):  # the database stayed down longer than db_retry_seconds: try later
                 raise Reject(f"database unavailable: {type(error).__name__}", requeue=True) from error
             raise
-        if outcome in ("requeued", "deferred"):  # checkpointed, or a spec too new for this worker: send it on
+        if outcome in ("requeued", "deferred", "waiting"):  # handed back: send its message on
             send_on(self.app, store, settings, ran, outcome)
         elif outcome in ("succeeded", "failed", "cancelled"):  # a slot under its owner's cap came free
             release_sweep_children(store, settings, self.app)
@@ -71,11 +71,12 @@ def train(self, job_id: str) -> str:
 def send_on(app, store, settings, job_id: str, outcome: str) -> None:
     """The message of a job this worker handed back: at once after a preemption (the next worker resumes it),
     `spec_defer_seconds` later when its spec was too new here (store/spec_version.py), so an old worker
-    doesn't take it straight back and spin; unsent (broker down): the reaper sends it."""
+    doesn't take it straight back and spin, `ray_retry_seconds` later when its gang could not be placed on
+    the Ray cluster (`waiting`); unsent (broker down): the reaper sends it."""
     from store.dispatch import dispatch
     from worker.retry import retry_transient
 
-    countdown = settings.spec_defer_seconds if outcome == "deferred" else None
+    countdown = {"deferred": settings.spec_defer_seconds, "waiting": settings.ray_retry_seconds}.get(outcome)
     retry_transient(lambda: dispatch(store, lambda job: enqueue_train(app, job, settings.queue, countdown), job_id),
                     settings.db_retry_seconds, f"job {job_id}: requeue message")
 

@@ -33,9 +33,9 @@ def steps_per_epoch(num_samples: int, batch_size: int, micro_batches: int = 1) -
 
 
 def planned_world_size(t: TrainingSpec) -> int:
-    """The devices a job asks for; `all` counts as 1 where the GPUs are not known (the API server): with
-    one micro-batch per step every tail counts, so the planned length is an upper bound."""
-    return t.devices if isinstance(t.devices, int) else 1
+    """The ranks a job asks for (nodes × devices); `all` counts as 1 where the GPUs are not known (the API
+    server): with one micro-batch per step every tail counts, so the planned length is an upper bound."""
+    return (t.devices if isinstance(t.devices, int) else 1) * t.nodes
 
 
 def total_steps(t: TrainingSpec, num_train: int, world_size: int) -> int:

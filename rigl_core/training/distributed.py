@@ -9,6 +9,10 @@ and tells them after every step, so all ranks stop at the same step and rank 0 c
 
 NCCL carries the gradients on GPUs and gloo on CPU; a small gloo group carries the per-step stop flag
 (so that flag never waits on the GPU).
+
+A job on several nodes (`training.nodes`) is started by an engine with gang scheduling (the service's Ray
+Train module), which forms the process group itself: each of its processes builds a Trainer with a `Gang`
+(its rank, the world size, its device) and `attach`es to that group instead of starting children.
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ def rank_device(device: torch.device, rank: int, world_size: int) -> torch.devic
     return torch.device("cuda", rank)
 
 
+@dataclass(frozen=True)
+class Gang:
+    """This process's place in a job whose process group an engine has already formed (ranks on several
+    nodes): rank `rank` of `world_size`, `local_world_size` of them on this node, training on `device`."""
+
+    rank: int
+    world_size: int
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
 @dataclass
 class Group:
     """This process's place in a multi-device job, and (on rank 0) the other ranks' processes."""
@@ -66,6 +81,7 @@ class Group:
     children: list[subprocess.Popen] = field(default_factory=list)
     workdir: Path | None = None
     threads: int | None = None  # rank 0 on CPU: torch's thread count before the ranks shared the cores
+    owned: bool = True  # False: an engine formed the process group (attach) and destroys it
 
     # --------------------------------------------------------------- collectives
     def stop_flag(self, stop: bool) -> bool:
@@ -73,6 +89,13 @@ class Group:
         flag = torch.tensor([1 if stop else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         return bool(flag.item())
+
+    def agree(self, digest: str) -> bool:
+        """Whether every rank holds the same `digest` (of its weights and masks): replicas that drifted apart
+        (a rank that missed an all-reduce) would otherwise go unnoticed until the export."""
+        digests: list = [None] * self.world_size
+        dist.all_gather_object(digests, digest, group=self.control)
+        return len(set(digests)) == 1
 
     def sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -84,7 +107,7 @@ class Group:
         if abort:
             for child in self.children:
                 child.kill()
-        if dist.is_initialized():
+        if dist.is_initialized() and self.owned:
             dist.destroy_process_group()
         for child in self.children:
             try:
@@ -186,3 +209,18 @@ def _join(group: Group, store) -> None:
     dist.init_process_group(backend, store=store, rank=group.rank, world_size=group.world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     group.control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+
+
+def attach(gang: Gang) -> Group:
+    """A rank of an engine-started job (Gang): join the process group the engine formed, with a gloo group for
+    the stop flag when the gradients go over NCCL. Every rank calls this at the same point (new_group is
+    collective)."""
+    if not dist.is_initialized():
+        raise RuntimeError("training.nodes: this rank's process group was not formed by the engine")
+    if dist.get_world_size() != gang.world_size or dist.get_rank() != gang.rank:
+        raise RuntimeError(f"training.nodes: the engine's process group has rank {dist.get_rank()} of "
+                           f"{dist.get_world_size()}, the job expects rank {gang.rank} of {gang.world_size}")
+    if gang.device.type == "cuda":
+        torch.cuda.set_device(gang.device)
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return Group(gang.rank, gang.world_size, gang.device, control=control, owned=False)

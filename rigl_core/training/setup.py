@@ -71,12 +71,15 @@ def check_tokens_fit_model(spec, model: nn.Module, feed, task, input_shape, num_
 
 
 def start_ranks(trainer) -> None:
-    """Multi-device: form the process group (rank 0 starts the others) and wrap the model in DDP.
+    """Multi-device: form the process group (rank 0 starts the others; on several nodes, join the one the
+    engine formed) and wrap the model in DDP.
     torch.compile wraps last, around DDP, as PyTorch recommends. Sets the trainer's `group` as soon as
     it exists (fit closes it whatever fails next) and `forward_model`, what training calls."""
     trainer.forward_model = trainer.model
     if trainer.world_size > 1:
-        if trainer.rank == 0:
+        if trainer.gang is not None:  # an engine (Ray Train) started every rank and formed the group
+            trainer.group = distributed.attach(trainer.gang)
+        elif trainer.rank == 0:
             trainer.group = distributed.start(trainer.spec.model_dump_json(), trainer.world_size, trainer.device,
                                               trainer.resumed_from)
         else:

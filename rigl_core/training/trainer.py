@@ -31,7 +31,7 @@ from rigl_core.sparse.updates import MaskUpdate
 from rigl_core.spec import JobSpec
 from rigl_core.training import checkpoint, evaluation
 from rigl_core.training.checkpoint import CHECKPOINT_VERSION, NoSpaceError, is_no_space  # noqa: F401  (public)
-from rigl_core.training.distributed import Group, rank_device, resolve_devices
+from rigl_core.training.distributed import Gang, Group, rank_device, resolve_devices
 from rigl_core.training.kernels import configure_kernels, resolve_channels_last
 from rigl_core.training.loop import TrainingLoop
 from rigl_core.training.optim import build_optimizer
@@ -63,23 +63,25 @@ class Trainer:
 
     With `training.devices` > 1 this process is rank 0 of a DistributedDataParallel job: `fit` starts
     the other ranks (rigl_core.training.distributed), and only rank 0 runs callbacks and reports. `rank` and
-    `master_port` are for those other ranks only."""
+    `master_port` are for those other ranks only. With `training.nodes` > 1 an engine starts every rank
+    and forms the process group, and each rank gets its `gang` (its rank, the world size, its device)."""
 
     def __init__(self, spec: JobSpec, callbacks: Sequence[Callback] = (), progress: bool = False,
-                 rank: int = 0, master_port: int | None = None):
+                 rank: int = 0, master_port: int | None = None, gang: Gang | None = None):
         self.spec = spec
         self.callbacks = list(callbacks)
         self.progress = progress
         t = spec.training
-        self.rank = rank
+        self.gang = gang
+        self.rank = gang.rank if gang is not None else rank
         self.master_port = master_port
         self._setup_device()
         seed_everything(t.seed)
-        self.feed = open_feed(spec.dataset, self.device, self.world_size)
+        self.feed = open_feed(spec.dataset, self.device, gang.local_world_size if gang else self.world_size)
         self.task = Task(resolve_task(t.task, spec.model.hf), t.label_smoothing)
         self._build_model()
         self.accumulate_steps = resolve_accumulation(t, self.world_size)
-        self.batch_order = BatchOrder(self.feed.num_train, t.batch_size, t.seed, self.world_size, rank,
+        self.batch_order = BatchOrder(self.feed.num_train, t.batch_size, t.seed, self.world_size, self.rank,
                                       self.accumulate_steps)
         self.steps_per_epoch = self.batch_order.steps_per_epoch
         self.total_steps = total_steps(t, self.feed.num_train, self.world_size)
@@ -103,8 +105,15 @@ class Trainer:
         """This rank's device, the precision and its autocast dtype and scaler, and CUDA kernel settings."""
         t = self.spec.training
         device = resolve_device(t.device)
-        self.world_size = resolve_devices(t.devices, device)
-        self.device = rank_device(device, self.rank, self.world_size)
+        if self.gang is not None:  # a rank of a job on several nodes: the engine placed it
+            self.world_size = self.gang.world_size
+            self.device = self.gang.device if device.type == "cuda" else device
+        elif t.nodes > 1:
+            raise ValueError(f"training.nodes: {t.nodes} nodes run only in the service, on its Ray cluster "
+                             "(RIGL_RAY_ADDRESS); here use nodes: 1 with devices: N")
+        else:
+            self.world_size = resolve_devices(t.devices, device)
+            self.device = rank_device(device, self.rank, self.world_size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(t.precision, self.device)
@@ -146,6 +155,7 @@ class Trainer:
         self.update_made_at: int | None = None  # the step of an update iteration that did not count as one
         self.resumed_from: str | None = None  # the other ranks of a multi-device job resume from it too
         self.group: Group | None = None
+        self.replicas_agree: bool | None = None  # several ranks: every rank's weights and masks the same at the end
         self.forward_model: nn.Module = self.model  # what training calls: DDP- and compile-wrapped
 
     # ------------------------------------------------------------------ the loop
@@ -155,6 +165,8 @@ class Trainer:
         try:
             start_ranks(self)
             TrainingLoop(self).run()
+            if self.group is not None:
+                self.replicas_agree = self.group.agree(self.replica_digest())
             if self.spec.export.values != "fp32" and self.step >= self.total_steps:
                 self.export_check = evaluation.evaluate_export_values(self)
             report = self.report()
@@ -180,6 +192,19 @@ class Trainer:
         return evaluation.evaluate(self)
 
     # ------------------------------------------------------------------ reporting
+    def replica_digest(self) -> str:
+        """SHA-256 of this rank's weights and masks, bit for bit (ranks compare it at the end of `fit`)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        masks = self.sparsifier.state_dict()["masks"]
+        state = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                 **{f"mask.{k}": v for k, v in masks.items()}}
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def nnz(self) -> dict[str, int]:
         return self.rigl.nnz()
 
@@ -206,6 +231,8 @@ class Trainer:
                 "schedule_warnings": self.schedule_warnings,
                 "device": str(self.device),
                 "devices": self.world_size,
+                "nodes": self.spec.training.nodes,
+                **({"replicas_agree": self.replicas_agree} if self.replicas_agree is not None else {}),
                 "accumulate_steps": self.accumulate_steps,
                 "compile": self.spec.training.compile,
                 "data_wait_share": self.data_wait_seconds / self.train_seconds if self.train_seconds else 0.0,

@@ -86,7 +86,8 @@ def _gpus(service: dict) -> list[str]:
     devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     for device in devices:
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], device
-    return [gpu for device in devices for gpu in device["device_ids"]]
+    return [gpu for device in devices
+            for gpu in device.get("device_ids", ["all"] if device.get("count") == "all" else [])]
 
 
 def _bytes(size: str) -> int:
@@ -109,11 +110,29 @@ def test_an_8_gpu_node_runs_eight_1_gpu_workers_or_one_8_gpu_worker():
     assert big["ulimits"]["memlock"] == -1
     assert set(_active(None)) == {"redis", "postgres", "api", "worker-gpu0"}  # the default stack
     for name, service in SERVICES.items():  # every GPU worker owns exactly the GPUs it reserves
-        if _gpus(service):
+        if _gpus(service) and "ray" not in service.get("profiles", []):
             assert service["environment"]["RIGL_WORKER_DEVICES"] == str(len(_gpus(service))), name
             assert service["command"] == SERVICES["worker-gpu0"]["command"], name
             assert service["stop_grace_period"] == "3m" and "inspect ping" in " ".join(service["healthcheck"]["test"])
             assert service["environment"]["RIGL_DATABASE_URL"] == SERVICES["api"]["environment"]["RIGL_DATABASE_URL"]
+
+
+def test_the_ray_profile_adds_a_head_and_a_gpu_node_from_the_worker_image():
+    """Jobs on several nodes: the Ray cluster beside the service, from the image that has the ray extra;
+    every worker and the API learn its address from RIGL_RAY_ADDRESS."""
+    ray = {name: s for name, s in _active("ray").items() if "ray" in s.get("profiles", [])}
+    assert sorted(ray) == ["ray-gpu-worker", "ray-head"]
+    for service in ray.values():
+        assert service["image"] == SERVICES["worker-gpu0"]["image"] and service["command"][:2] == ["ray", "start"]
+        assert service["environment"]["RIGL_DATABASE_URL"] == SERVICES["api"]["environment"]["RIGL_DATABASE_URL"]
+    head, node = ray["ray-head"], ray["ray-gpu-worker"]
+    assert "--head" in head["command"] and "--ray-client-server-port=10001" in head["command"]
+    assert "--num-gpus=0" in head["command"] and "ports" not in head  # the compose network only
+    assert "--address=ray-head:6379" in node["command"] and _gpus(node) == ["all"]
+    assert node["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    for name in ("api", "worker-gpu0", "worker-cpu"):
+        assert SERVICES[name]["environment"]["RIGL_RAY_ADDRESS"] == "${RIGL_RAY_ADDRESS:-}"
+    assert 'pip install ".[ray]"' in (ROOT / "docker" / "worker.Dockerfile").read_text()
 
 
 def test_every_rigl_variable_is_a_setting_and_every_env_example_entry_is_used():

@@ -115,3 +115,20 @@ def test_the_cycle_finder_finds_a_loop_of_two_and_of_three():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def imports_of(path: Path, package: str) -> bool:
+    """Whether `path` imports `package` or one of its modules (module level or inside functions)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(name == package or name.startswith(package + ".") for name in names):
+            return True
+    return False
+
+
+def test_only_the_ray_module_imports_ray():
+    """Ray is an optional extra (`rigl-service[ray]`): only worker/ray_gang.py, loaded for jobs on several
+    nodes, may import it; everything else runs without it."""
+    users = sorted(name for name, path in project_modules().items() if imports_of(path, "ray"))
+    assert users == ["worker.ray_gang"]

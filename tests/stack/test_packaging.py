@@ -21,7 +21,7 @@ CORE = {"torch", "torchvision", "pydantic", "safetensors", "numpy", "tqdm"}
 # Packages of the extras that library users must not get, and what stands for them in sys.modules.
 BLOCKED = ["fastapi", "celery", "sqlalchemy", "sklearn", "matplotlib", "httpx", "yaml", "uvicorn",
            "pydantic_settings", "mnist1d", "starlette", "psycopg", "alembic", "redis", "kombu", "boto3",
-           "botocore", "prometheus_client", "mlflow", "optuna"]
+           "botocore", "prometheus_client", "mlflow", "optuna", "ray"]
 
 
 def _name(requirement: str) -> str:
@@ -57,6 +57,7 @@ def test_extras_cover_the_rest_and_test_brings_them_all():
     wanted = _extra("service") | _extra("report") | _extra("datasets") | _extra("client")
     assert wanted <= _extra("test"), wanted - _extra("test")
     assert "build" in _extra("test")  # CI builds the wheel and sdist with it
+    assert _extra("ray") == {"ray"} and "ray" in _extra("test")  # the multi-node tests run in CI
     assert not CORE & _extra("test"), "an extra pins a core package again"
 
 
