@@ -73,6 +73,8 @@ class Job(Base):
     meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     method: Mapped[str | None] = mapped_column(String(16), nullable=True)  # sparsity.method, for the list filter
     sweep_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)  # store/sweeps.py
+    # the W3C trace context of the submitting request, continued by the worker's runs (service_common/tracing.py)
+    trace_context: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only

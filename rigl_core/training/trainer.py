@@ -147,6 +147,7 @@ class Trainer:
         self.resumed_from: str | None = None  # the other ranks of a multi-device job resume from it too
         self.group: Group | None = None
         self.forward_model: nn.Module = self.model  # what training calls: DDP- and compile-wrapped
+        self.tracer = None  # OpenTelemetry spans while fitting, when configured (rigl_core/integrations/tracing.py)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

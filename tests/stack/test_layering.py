@@ -115,3 +115,24 @@ def test_the_cycle_finder_finds_a_loop_of_two_and_of_three():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+TRACING_MODULES = {"service_common.tracing", "rigl_core.integrations.tracing"}  # one a side
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level names of what `path` imports absolutely (module level and inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_tracing_modules_import_opentelemetry():
+    """Tracing is an extra: every other module works without it (service_common/tracing.py and
+    rigl_core/integrations/tracing.py are the only doors)."""
+    importers = {name for name, path in project_modules().items() if "opentelemetry" in external_imports(path)}
+    assert importers == TRACING_MODULES
