@@ -68,7 +68,7 @@ def _value(any_value):
 class OtlpReceiver:
     """A tiny OTLP/HTTP trace receiver: POST /v1/traces (protobuf), decoded with opentelemetry-proto."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTraceServiceRequest, ExportTraceServiceResponse)
 
@@ -104,7 +104,7 @@ class OtlpReceiver:
             def log_message(self, *_args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -281,7 +281,8 @@ def test_commands_parse_with_our_cli():
     for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
         text = (ROOT / "docker" / dockerfile).read_text()
         assert "torch==2.14.1" in text and "USER rigl" in text and "HEALTHCHECK" in text
-        assert 'RUN pip install ".[service]"' in text  # `rigl serve` / `rigl worker` need the extra
+        # `rigl serve` / `rigl worker` need the service extra; otel: traces when OTEL_* asks (docs/operations/tracing.md)
+        assert 'RUN pip install ".[service,otel]"' in text
         cmd = re.search(r'^CMD (\[.*\])', text, flags=re.M).group(1)
         assert parser.parse_args(yaml.safe_load(cmd)[1:]).handler is not None
 
@@ -386,4 +387,4 @@ def test_images_ship_the_dashboard_assets():
     assert {"static/index.html", "static/app.js", "static/charts.js", "static/style.css"} <= set(assets)
     assert all(any(fnmatch.fnmatch(a, pattern) for pattern in patterns) for a in assets), (assets, patterns)
     dockerfile = (ROOT / "docker" / "api.Dockerfile").read_text()
-    assert "COPY api ./api" in dockerfile and 'RUN pip install ".[service]"' in dockerfile
+    assert "COPY api ./api" in dockerfile and 'RUN pip install ".[service,otel]"' in dockerfile

@@ -1,0 +1,297 @@
+"""What tracing costs (service_common/tracing.py, rigl_core/integrations/tracing.py): per API request and per
+training step, tracing on against off, side by side in one process.
+
+On is the production path: OTEL_EXPORTER_OTLP_ENDPOINT set, a BatchSpanProcessor and the OTLP/HTTP exporter
+sending to a real receiver (tests/helpers/tracing.py's, in a process of its own, so its decoding doesn't
+share this process's interpreter lock).
+
+  requests  Two API apps in process (FastAPI's TestClient, SQLite): one made before tracing was set up (off:
+            FastAPI's telemetry off, its engine unwrapped), one after (on: request spans, SQL spans). The
+            requests alternate between them, order rotated: GET /v1/jobs/{id}, GET /v1/jobs?limit=20 and
+            POST /v1/jobs. Reported: the median latency of each, and the median of the paired differences.
+  training  Trainer.fit on digits (MLP, RigL 90% ERK), tracing on (a configured provider: epoch and mask-update
+            spans) and off (none), alternating. Two schedules: ΔT=100 (the default) and ΔT=5 (a mask update
+            every 5 steps: the worst case for the per-update spans). Timed: trainer.train_seconds / steps.
+
+    python bench/tracing_overhead.py        # ~5 min on the shared 2-core VM
+
+Writes bench/results/tracing_overhead.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from overhead import git_state, loadavg, machine_info  # noqa: E402
+from helpers.service import JOB, free_port  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def receive(port: int, counts) -> None:
+    """The OTLP receiver's process: counts the spans it decoded."""
+    from helpers.tracing import OtlpReceiver
+
+    with OtlpReceiver(port) as receiver:
+        while True:
+            counts.value = len(receiver.spans)
+            time.sleep(0.2)
+
+
+def timed(call) -> tuple[float, float]:
+    """(wall ms, CPU ms of this process: every thread, the exporter's included)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    call()
+    return (time.perf_counter() - started) * 1000, (time.process_time() - cpu) * 1000
+
+
+def bench_requests(repeats: int, posts: int) -> dict:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from service_common import tracing
+    from store.settings import Settings
+
+    def app(folder: str):
+        settings = Settings(data_dir=folder, max_active_jobs_per_owner=10 ** 6).resolved()
+        return TestClient(create_app(settings, enqueue=lambda _job_id: None, reaper=False))
+
+    off = app(tempfile.mkdtemp())  # before setup: nothing instrumented
+    assert tracing.setup("rigl-api") and tracing.enabled()
+    on = app(tempfile.mkdtemp())
+    results: dict = {}
+    with off, on:
+        clients = {"off": off, "on": on}
+        ids = {mode: client.post("/v1/jobs", json=JOB).json()["id"] for mode, client in clients.items()}
+        calls = {
+            "GET /v1/jobs/{id}": lambda mode: clients[mode].get(f"/v1/jobs/{ids[mode]}"),
+            "GET /v1/jobs?limit=20": lambda mode: clients[mode].get("/v1/jobs?limit=20"),
+            "POST /v1/jobs": lambda mode: clients[mode].post("/v1/jobs", json=JOB),
+        }
+        for route, call in calls.items():
+            n = posts if route.startswith("POST") else repeats
+            for mode in clients:  # warm-up
+                for _ in range(5):
+                    call(mode)
+            times = {"off": [], "on": []}
+            cpu = {"off": [], "on": []}
+            for i in range(n):
+                order = ("off", "on") if i % 2 == 0 else ("on", "off")
+                for mode in order:
+                    wall, used = timed(lambda: call(mode))
+                    times[mode].append(wall)
+                    cpu[mode].append(used)
+            paired = [b - a for a, b in zip(times["off"], times["on"])]
+            results[route] = {"n": n, "median_off_ms": statistics.median(times["off"]),
+                              "median_on_ms": statistics.median(times["on"]),
+                              "median_paired_diff_ms": statistics.median(paired),
+                              "overhead_ms": statistics.median(times["on"]) - statistics.median(times["off"]),
+                              "median_cpu_off_ms": statistics.median(cpu["off"]),
+                              "median_cpu_on_ms": statistics.median(cpu["on"]),
+                              "cpu_overhead_ms": statistics.median(cpu["on"]) - statistics.median(cpu["off"]),
+                              # the mean carries the batch exports' share (a median leaves those requests out)
+                              "mean_cpu_off_ms": statistics.fmean(cpu["off"]),
+                              "mean_cpu_on_ms": statistics.fmean(cpu["on"]),
+                              "mean_cpu_overhead_ms": statistics.fmean(cpu["on"]) - statistics.fmean(cpu["off"])}
+            print(route, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[route].items()},
+                  flush=True)
+    tracing.flush()
+    return results
+
+
+class MaskUpdates:
+    """Counts the mask updates of a fit (on and off alike)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_step(self, trainer, metrics): ...
+
+    def on_eval(self, trainer, metrics): ...
+
+    def on_mask_update(self, trainer, update):
+        self.count += 1
+
+    def should_stop(self, trainer):
+        return False
+
+
+def span_costs(n: int = 5000) -> dict:
+    """CPU µs of each thing the training loop does when tracing is on, export included (flushed at the end):
+    the per-step clock read, one mask-update span, one epoch span."""
+    from types import SimpleNamespace
+
+    from rigl_core.integrations.tracing import training_tracer
+    from rigl_core.sparse.updates import LayerUpdate, MaskUpdate
+    from service_common import tracing
+
+    tracer = training_tracer()
+    layer = LayerUpdate(**{name: 1 for name in LayerUpdate.__dataclass_fields__})
+    update = MaskUpdate(step=100, drop_fraction=0.3, layers={"fc1": layer, "fc2": layer, "fc3": layer})
+    trainer = SimpleNamespace(epoch=0, step=0, eval_history=[])
+
+    def cost(call, count):
+        started = time.process_time()
+        for _ in range(count):
+            call()
+        tracing.flush()
+        return (time.process_time() - started) / count * 1e6
+
+    def epoch():
+        with tracer.epoch(trainer):
+            pass
+
+    return {"clock_read_us": cost(tracer.now, n * 20), "mask_update_span_us": cost(lambda: tracer.mask_update(update, 0), n),
+            "epoch_span_us": cost(epoch, n)}
+
+
+def bench_training(repeats: int, epochs: int) -> dict:
+    from opentelemetry import trace
+
+    from helpers.specs import small_spec
+    from helpers.tracing import reset_global_provider
+    from rigl_core.training.trainer import Trainer
+
+    provider = trace.get_tracer_provider()  # bench_requests' (OTLP over HTTP, batched)
+    results = {}
+    for delta_t in (100, 5):
+        spec = small_spec(training__epochs=epochs, sparsity__schedule__delta_t=delta_t, training__log_every_steps=50)
+        per_step = {"off": [], "on": []}
+        cpu_per_step = {"off": [], "on": []}
+        for i in range(repeats + 1):
+            order = ("off", "on") if i % 2 == 0 else ("on", "off")
+            for mode in order:
+                reset_global_provider()
+                if mode == "on":
+                    trace.set_tracer_provider(provider)
+                updates = MaskUpdates()
+                trainer = Trainer(spec, callbacks=[updates])
+                cpu = time.process_time()
+                trainer.fit()
+                cpu = time.process_time() - cpu
+                assert (trainer.tracer is not None) == (mode == "on")
+                if i:  # the first round warms up
+                    per_step[mode].append(trainer.train_seconds / trainer.step * 1000)
+                    cpu_per_step[mode].append(cpu / trainer.step * 1000)
+        ratios = [b / a for a, b in zip(per_step["off"], per_step["on"])]
+        results[f"delta_t={delta_t}"] = {
+            "steps": trainer.step, "epochs": epochs, "mask_updates": updates.count, "repeats": repeats,
+            "median_off_ms_per_step": statistics.median(per_step["off"]),
+            "median_on_ms_per_step": statistics.median(per_step["on"]),
+            "median_paired_ratio": statistics.median(ratios),
+            "ratio_of_medians": statistics.median(per_step["on"]) / statistics.median(per_step["off"]),
+            "ratio_of_minima": min(per_step["on"]) / min(per_step["off"]),
+            "median_cpu_off_ms_per_step": statistics.median(cpu_per_step["off"]),
+            "median_cpu_on_ms_per_step": statistics.median(cpu_per_step["on"]),
+            "cpu_ratio_of_medians": statistics.median(cpu_per_step["on"]) / statistics.median(cpu_per_step["off"]),
+            "per_repeat": [round(r, 3) for r in ratios]}
+        print(f"ΔT={delta_t}", {k: v for k, v in results[f"delta_t={delta_t}"].items() if k != "per_repeat"},
+              flush=True)
+    reset_global_provider()
+    trace.set_tracer_provider(provider)
+    costs = span_costs()
+    for r in results.values():  # what the loop's spans cost at these counts, against the CPU of a step
+        spans_ms = (r["steps"] * costs["clock_read_us"] + r["mask_updates"] * costs["mask_update_span_us"]
+                    + r["epochs"] * costs["epoch_span_us"]) / 1000
+        r["expected_share"] = spans_ms / (r["median_cpu_off_ms_per_step"] * r["steps"])
+    results["span_costs"] = costs
+    print(costs, flush=True)
+    return results
+
+
+def write(report: dict) -> None:
+    m, req, train = report["machine"], report["requests"], dict(report["training"])
+    lines = [
+        "# Tracing overhead: OpenTelemetry on vs off (per API request, per training step)", "",
+        f"Date: {report['date']}. Machine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']}, "
+        f"{m['threads']} torch thread(s), Python {m['python']}. Load average at start {report['load_start']}, "
+        f"at end {report['load_end']} (shared machine; on and off interleaved). Code: commit "
+        f"{report['git'].get('commit')}{' with uncommitted changes' if report['git'].get('rigl_core_dirty') else ''}. "
+        f"Command: `{report['command']}`. Wall time {report['wall_seconds']:.0f} s.", "",
+        "On: OTEL_EXPORTER_OTLP_ENDPOINT set, BatchSpanProcessor, OTLP/HTTP exporter to a receiver in another "
+        f"process ({report['spans_received']} spans received). Off: what a deployment without OTEL_* runs.", "",
+        "## Per request (in process, TestClient, SQLite; goal ≤ 1 ms)", "",
+        "Wall: the request's latency. CPU: this process's CPU time during it, every thread (the exporter's, the "
+        "threadpool's) included: what tracing costs the machine, and far less swayed by the other load.", "",
+        "| request | n (each) | wall off ms | wall on ms | on − off (medians) | median paired difference | "
+        "CPU off ms | CPU on ms | CPU on − off (medians) | CPU on − off (means: exports included) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for route, r in req.items():
+        lines.append(f"| `{route}` | {r['n']} | {r['median_off_ms']:.3f} | {r['median_on_ms']:.3f} | "
+                     f"{r['overhead_ms']:.3f} | {r['median_paired_diff_ms']:.3f} | {r['median_cpu_off_ms']:.3f} | "
+                     f"{r['median_cpu_on_ms']:.3f} | {r['cpu_overhead_ms']:.3f} | {r['mean_cpu_overhead_ms']:.3f} |")
+    lines += ["", "## Per training step (Trainer.fit, digits MLP, RigL 90% ERK, CPU; goal ≤ 1%)", "",
+              "Wall: trainer.train_seconds (training, not evaluation) per step. CPU: the process's CPU time of the "
+              "whole fit (evaluation included) per step.", "",
+              "| schedule | steps | mask updates | repeats | wall off ms/step | wall on ms/step | "
+              "median paired on/off | ratio of medians | ratio of minima | CPU off ms/step | CPU on ms/step | "
+              "CPU on/off |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    costs = train.pop("span_costs")
+    for name, r in train.items():
+        lines.append(f"| {name.replace('delta_t', 'ΔT')} | {r['steps']} | {r['mask_updates']} | {r['repeats']} | "
+                     f"{r['median_off_ms_per_step']:.3f} | {r['median_on_ms_per_step']:.3f} | "
+                     f"{r['median_paired_ratio']:.4f} | {r['ratio_of_medians']:.4f} | {r['ratio_of_minima']:.4f} | "
+                     f"{r['median_cpu_off_ms_per_step']:.3f} | {r['median_cpu_on_ms_per_step']:.3f} | "
+                     f"{r['cpu_ratio_of_medians']:.4f} |")
+    lines += ["", f"Span costs (CPU, export included, {m['nproc']}-core machine above): the clock read every step "
+              f"{costs['clock_read_us']:.3f} µs, a mask-update span {costs['mask_update_span_us']:.1f} µs, an epoch span "
+              f"{costs['epoch_span_us']:.1f} µs. At the counts above that is "
+              + ", ".join(f"{100 * r['expected_share']:.3f}% of the CPU of the {name.replace('delta_t', 'ΔT')} run"
+                          for name, r in train.items())
+              + " (the floor the side-by-side runs can't resolve on a shared machine).", "",
+              "Per-repeat on/off ratios: " + "; ".join(f"{name}: {', '.join(map(str, r['per_repeat']))}"
+                                                          for name, r in train.items()), "",
+              "Raw numbers: `bench/results/tracing_overhead.json`.", ""]
+    (RESULTS / "tracing_overhead.md").write_text("\n".join(lines))
+    (RESULTS / "tracing_overhead.json").write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=800, help="GETs of each kind per mode")
+    parser.add_argument("--posts", type=int, default=300, help="POST /v1/jobs per mode")
+    parser.add_argument("--repeats", type=int, default=20, help="training runs per mode and schedule")
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.pop("OTEL_SDK_DISABLED", None)
+    port = free_port()
+    spawn = multiprocessing.get_context("spawn")
+    counts = spawn.Value("i", 0)
+    receiver = spawn.Process(target=receive, args=(port, counts), daemon=True)
+    receiver.start()
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}", OTEL_SERVICE_NAME="rigl-bench")
+    started, load_start = time.perf_counter(), loadavg()
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(), "git": git_state(), "load_start": load_start,
+              "command": "python bench/tracing_overhead.py " + " ".join(sys.argv[1:]),
+              "requests": bench_requests(args.requests, args.posts),
+              "training": bench_training(args.repeats, args.epochs)}
+    from service_common import tracing
+
+    tracing.flush()
+    time.sleep(1)
+    report.update(load_end=loadavg(), wall_seconds=time.perf_counter() - started, spans_received=counts.value)
+    receiver.terminate()
+    write(report)
+    print((RESULTS / "tracing_overhead.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
