@@ -5,15 +5,19 @@ On is the production path: OTEL_EXPORTER_OTLP_ENDPOINT set, a BatchSpanProcessor
 sending to a real receiver (tests/helpers/tracing.py's, in a process of its own, so its decoding doesn't
 share this process's interpreter lock).
 
-  requests  Two API apps in process (FastAPI's TestClient, SQLite): one made before tracing was set up (off:
-            FastAPI's telemetry off, its engine unwrapped), one after (on: request spans, SQL spans). The
-            requests alternate between them, order rotated: GET /v1/jobs/{id}, GET /v1/jobs?limit=20 and
-            POST /v1/jobs. Reported: the median latency of each, and the median of the paired differences.
+  requests  API apps in process (FastAPI's TestClient, SQLite): two made before tracing was set up (off, and
+            control: FastAPI's telemetry off, engines unwrapped), one after (on: request spans, SQL spans). The
+            requests rotate between them: GET /v1/jobs/{id}, GET /v1/jobs?limit=20 and POST /v1/jobs.
+            Reported: median wall and CPU time of each, the median paired difference, and control − off
+            (what noise alone shows).
   training  Trainer.fit on digits (MLP, RigL 90% ERK), tracing on (a configured provider: epoch and mask-update
-            spans) and off (none), alternating. Two schedules: ΔT=100 (the default) and ΔT=5 (a mask update
-            every 5 steps: the worst case for the per-update spans). Timed: trainer.train_seconds / steps.
+            spans), off and control (off again), rotated. Two schedules: ΔT=100 (the default) and ΔT=5 (a mask
+            update every 5 steps: the worst case for the per-update spans). Timed: trainer.train_seconds and
+            the process's CPU time, per step. Then each span's own CPU cost, export included, and what it
+            comes to at those counts: the floor that side-by-side runs on a shared machine can't resolve.
+  install   the `otel` extra's installed size, and what it adds to the `service` and `test` installs.
 
-    python bench/tracing_overhead.py        # ~5 min on the shared 2-core VM
+    python bench/tracing_overhead.py        # ~4 min on the shared 2-core VM
 
 Writes bench/results/tracing_overhead.md and .json.
 """
@@ -40,6 +44,7 @@ from overhead import git_state, loadavg, machine_info  # noqa: E402
 from helpers.service import JOB, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+MODES = ("off", "on", "control")  # control: tracing off again, so the table shows what noise alone looks like
 
 
 def receive(port: int, counts) -> None:
@@ -70,12 +75,12 @@ def bench_requests(repeats: int, posts: int) -> dict:
         settings = Settings(data_dir=folder, max_active_jobs_per_owner=10 ** 6).resolved()
         return TestClient(create_app(settings, enqueue=lambda _job_id: None, reaper=False))
 
-    off = app(tempfile.mkdtemp())  # before setup: nothing instrumented
+    off, control = app(tempfile.mkdtemp()), app(tempfile.mkdtemp())  # before setup: nothing instrumented
     assert tracing.setup("rigl-api") and tracing.enabled()
     on = app(tempfile.mkdtemp())
     results: dict = {}
-    with off, on:
-        clients = {"off": off, "on": on}
+    with off, control, on:
+        clients = {"off": off, "on": on, "control": control}  # control: a second "off", the noise floor
         ids = {mode: client.post("/v1/jobs", json=JOB).json()["id"] for mode, client in clients.items()}
         calls = {
             "GET /v1/jobs/{id}": lambda mode: clients[mode].get(f"/v1/jobs/{ids[mode]}"),
@@ -87,11 +92,10 @@ def bench_requests(repeats: int, posts: int) -> dict:
             for mode in clients:  # warm-up
                 for _ in range(5):
                     call(mode)
-            times = {"off": [], "on": []}
-            cpu = {"off": [], "on": []}
+            times = {mode: [] for mode in MODES}
+            cpu = {mode: [] for mode in MODES}
             for i in range(n):
-                order = ("off", "on") if i % 2 == 0 else ("on", "off")
-                for mode in order:
+                for mode in MODES[i % 3:] + MODES[:i % 3]:  # order rotated
                     wall, used = timed(lambda: call(mode))
                     times[mode].append(wall)
                     cpu[mode].append(used)
@@ -106,7 +110,9 @@ def bench_requests(repeats: int, posts: int) -> dict:
                               # the mean carries the batch exports' share (a median leaves those requests out)
                               "mean_cpu_off_ms": statistics.fmean(cpu["off"]),
                               "mean_cpu_on_ms": statistics.fmean(cpu["on"]),
-                              "mean_cpu_overhead_ms": statistics.fmean(cpu["on"]) - statistics.fmean(cpu["off"])}
+                              "mean_cpu_overhead_ms": statistics.fmean(cpu["on"]) - statistics.fmean(cpu["off"]),
+                              "control_overhead_ms": statistics.median(times["control"]) - statistics.median(times["off"]),
+                              "control_cpu_overhead_ms": statistics.median(cpu["control"]) - statistics.median(cpu["off"])}
             print(route, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[route].items()},
                   flush=True)
     tracing.flush()
@@ -170,11 +176,10 @@ def bench_training(repeats: int, epochs: int) -> dict:
     results = {}
     for delta_t in (100, 5):
         spec = small_spec(training__epochs=epochs, sparsity__schedule__delta_t=delta_t, training__log_every_steps=50)
-        per_step = {"off": [], "on": []}
-        cpu_per_step = {"off": [], "on": []}
+        per_step = {mode: [] for mode in MODES}
+        cpu_per_step = {mode: [] for mode in MODES}
         for i in range(repeats + 1):
-            order = ("off", "on") if i % 2 == 0 else ("on", "off")
-            for mode in order:
+            for mode in MODES[i % 3:] + MODES[:i % 3]:
                 reset_global_provider()
                 if mode == "on":
                     trace.set_tracer_provider(provider)
@@ -198,6 +203,9 @@ def bench_training(repeats: int, epochs: int) -> dict:
             "median_cpu_off_ms_per_step": statistics.median(cpu_per_step["off"]),
             "median_cpu_on_ms_per_step": statistics.median(cpu_per_step["on"]),
             "cpu_ratio_of_medians": statistics.median(cpu_per_step["on"]) / statistics.median(cpu_per_step["off"]),
+            "control_paired_ratio": statistics.median(c / a for a, c in zip(per_step["off"], per_step["control"])),
+            "control_cpu_ratio_of_medians": statistics.median(cpu_per_step["control"])
+            / statistics.median(cpu_per_step["off"]),
             "per_repeat": [round(r, 3) for r in ratios]}
         print(f"ΔT={delta_t}", {k: v for k, v in results[f"delta_t={delta_t}"].items() if k != "per_repeat"},
               flush=True)
@@ -213,6 +221,51 @@ def bench_training(repeats: int, epochs: int) -> dict:
     return results
 
 
+def closure(requirements: list[str], extras: dict) -> set[str]:
+    """The installed distributions `requirements` bring (this project's own extras expanded)."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    seen, stack = set(), [Requirement(r) for r in requirements]
+    while stack:
+        requirement = stack.pop()
+        name = requirement.name.lower().replace("_", "-")
+        if name == "rigl-service":
+            stack += [Requirement(r) for extra in requirement.extras for r in extras[extra]]
+            continue
+        key = (name, tuple(sorted(requirement.extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        for text in metadata.distribution(name).requires or []:
+            child = Requirement(text)
+            if child.marker is None or any(child.marker.evaluate({"extra": e}) for e in ("", *requirement.extras)):
+                stack.append(child)
+    return {name for name, _extras in seen}
+
+
+def install_size() -> dict:
+    """What the `otel` extra adds to an install of the `service` extra (the images), and to `test` without it."""
+    import importlib.metadata as metadata
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def size(name: str) -> int:
+        dist = metadata.distribution(name)
+        return sum(os.path.getsize(dist.locate_file(f)) for f in dist.files or [] if os.path.exists(dist.locate_file(f)))
+
+    otel = closure(extras["otel"], extras)
+    report = {"otel_closure": sorted(otel), "otel_closure_mb": sum(map(size, otel)) / 1e6}
+    for base in ("service", "test"):
+        others = closure([r.replace(",otel", "") for r in extras[base]], extras)  # test names otel among its extras
+        added = sorted(otel - others)
+        report[f"added_to_{base}"] = added
+        report[f"added_to_{base}_mb"] = sum(map(size, added)) / 1e6
+    return report
+
+
 def write(report: dict) -> None:
     m, req, train = report["machine"], report["requests"], dict(report["training"])
     lines = [
@@ -223,30 +276,42 @@ def write(report: dict) -> None:
         f"{report['git'].get('commit')}{' with uncommitted changes' if report['git'].get('rigl_core_dirty') else ''}. "
         f"Command: `{report['command']}`. Wall time {report['wall_seconds']:.0f} s.", "",
         "On: OTEL_EXPORTER_OTLP_ENDPOINT set, BatchSpanProcessor, OTLP/HTTP exporter to a receiver in another "
-        f"process ({report['spans_received']} spans received). Off: what a deployment without OTEL_* runs.", "",
+        f"process ({report['spans_received']} spans received). Off: what a deployment without OTEL_* runs. "
+        "Control: off again, measured the same way in the same rotation: its distance from off is what noise "
+        "alone does to these numbers on this machine, so an on − off inside it is no measurable cost.", "",
         "## Per request (in process, TestClient, SQLite; goal ≤ 1 ms)", "",
         "Wall: the request's latency. CPU: this process's CPU time during it, every thread (the exporter's, the "
         "threadpool's) included: what tracing costs the machine, and far less swayed by the other load.", "",
         "| request | n (each) | wall off ms | wall on ms | on − off (medians) | median paired difference | "
-        "CPU off ms | CPU on ms | CPU on − off (medians) | CPU on − off (means: exports included) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "CPU off ms | CPU on ms | CPU on − off (medians) | CPU on − off (means: exports included) | "
+        "control − off: wall, CPU (medians) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for route, r in req.items():
         lines.append(f"| `{route}` | {r['n']} | {r['median_off_ms']:.3f} | {r['median_on_ms']:.3f} | "
                      f"{r['overhead_ms']:.3f} | {r['median_paired_diff_ms']:.3f} | {r['median_cpu_off_ms']:.3f} | "
-                     f"{r['median_cpu_on_ms']:.3f} | {r['cpu_overhead_ms']:.3f} | {r['mean_cpu_overhead_ms']:.3f} |")
+                     f"{r['median_cpu_on_ms']:.3f} | {r['cpu_overhead_ms']:.3f} | {r['mean_cpu_overhead_ms']:.3f} | "
+                     f"{r['control_overhead_ms']:.3f}, {r['control_cpu_overhead_ms']:.3f} |")
     lines += ["", "## Per training step (Trainer.fit, digits MLP, RigL 90% ERK, CPU; goal ≤ 1%)", "",
               "Wall: trainer.train_seconds (training, not evaluation) per step. CPU: the process's CPU time of the "
               "whole fit (evaluation included) per step.", "",
               "| schedule | steps | mask updates | repeats | wall off ms/step | wall on ms/step | "
               "median paired on/off | ratio of medians | ratio of minima | CPU off ms/step | CPU on ms/step | "
-              "CPU on/off |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "CPU on/off | control/off: paired wall, CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     costs = train.pop("span_costs")
     for name, r in train.items():
         lines.append(f"| {name.replace('delta_t', 'ΔT')} | {r['steps']} | {r['mask_updates']} | {r['repeats']} | "
                      f"{r['median_off_ms_per_step']:.3f} | {r['median_on_ms_per_step']:.3f} | "
                      f"{r['median_paired_ratio']:.4f} | {r['ratio_of_medians']:.4f} | {r['ratio_of_minima']:.4f} | "
                      f"{r['median_cpu_off_ms_per_step']:.3f} | {r['median_cpu_on_ms_per_step']:.3f} | "
-                     f"{r['cpu_ratio_of_medians']:.4f} |")
+                     f"{r['cpu_ratio_of_medians']:.4f} | {r['control_paired_ratio']:.4f}, "
+                     f"{r['control_cpu_ratio_of_medians']:.4f} |")
+    size = report["install"]
+    lines += ["", "## Install size of the `otel` extra", "",
+              f"Its packages with their dependencies: {len(size['otel_closure'])} distributions, "
+              f"{size['otel_closure_mb']:.1f} MB installed. Added to an install of the `service` extra (the images): "
+              f"{len(size['added_to_service'])}, {size['added_to_service_mb']:.1f} MB "
+              f"({', '.join(size['added_to_service'])}). Added to the rest of `test`: {len(size['added_to_test'])}, "
+              f"{size['added_to_test_mb']:.1f} MB. Sizes: the files each distribution's RECORD lists, on this machine."]
     lines += ["", f"Span costs (CPU, export included, {m['nproc']}-core machine above): the clock read every step "
               f"{costs['clock_read_us']:.3f} µs, a mask-update span {costs['mask_update_span_us']:.1f} µs, an epoch span "
               f"{costs['epoch_span_us']:.1f} µs. At the counts above that is "
@@ -282,7 +347,7 @@ def main() -> None:
               "machine": machine_info(), "git": git_state(), "load_start": load_start,
               "command": "python bench/tracing_overhead.py " + " ".join(sys.argv[1:]),
               "requests": bench_requests(args.requests, args.posts),
-              "training": bench_training(args.repeats, args.epochs)}
+              "training": bench_training(args.repeats, args.epochs), "install": install_size()}
     from service_common import tracing
 
     tracing.flush()
