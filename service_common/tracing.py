@@ -71,7 +71,8 @@ def setup(service_name: str, exporter: Any = None) -> bool:
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
-        provider = TracerProvider(resource=Resource.create(attributes))  # sampler: OTEL_TRACES_SAMPLER
+        provider = TracerProvider(resource=Resource.create(attributes),  # sampler: OTEL_TRACES_SAMPLER
+                                  id_generator=_system_ids())
         provider.sampler = _sampler(provider.sampler)  # before any tracer takes it
         trace.set_tracer_provider(provider)
         if exporter is None:
@@ -82,6 +83,26 @@ def setup(service_name: str, exporter: Any = None) -> bool:
     _provider = provider
     _instrument_libraries(provider)
     return True
+
+
+def _system_ids():
+    """Trace and span ids from the operating system's randomness. The SDK's default draws them from Python's
+    `random`, which the Trainer seeds (a job's run is reproducible): every job with the same seed, and every
+    resumed run of one job, then made the same span ids again."""
+    import random
+
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+    system = random.SystemRandom()
+
+    class SystemIds(IdGenerator):
+        def generate_span_id(self) -> int:
+            return system.getrandbits(64) or 1  # 0 is the invalid id
+
+        def generate_trace_id(self) -> int:
+            return system.getrandbits(128) or 1
+
+    return SystemIds()
 
 
 def _sampler(configured):

@@ -5,6 +5,10 @@ service_common/tracing.py; a library user's own application) gets the Trainer's 
 spans under its current span (the worker's job span); any other process gets `training_tracer() is None`,
 checked once per `fit`, and the loop pays nothing per step. This is rigl_core's one module that imports
 opentelemetry, and only once a configured SDK has imported it already.
+
+The Trainer seeds Python's `random` (runs are reproducible), from which the SDK's default id generator
+draws: give your TracerProvider an `id_generator` of its own (the service's draws from the operating
+system), or runs with the same seed repeat their span ids.
 """
 
 from __future__ import annotations

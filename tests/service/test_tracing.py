@@ -23,16 +23,18 @@ def by_id(spans) -> dict:
 
 def ancestors(span, spans_by_id) -> list[str]:
     """The names from `span`'s parent up to its root (within the spans recorded)."""
-    names = []
-    while span.parent is not None and span.parent.span_id in spans_by_id:
+    names, seen = [], {span.context.span_id}
+    while span.parent is not None and span.parent.span_id in spans_by_id and span.parent.span_id not in seen:
         span = spans_by_id[span.parent.span_id]
+        seen.add(span.context.span_id)
         names.append(span.name)
     return names
 
 
 def test_a_submitted_job_is_one_trace_from_its_request_to_its_mask_updates(make_settings):
     """In process: the API (TestClient) stores the request's trace context with the job; the runner (what the
-    worker's task runs) continues it; epochs and mask updates nest under the job's span."""
+    worker's task runs) continues it; epochs and mask updates nest under the job's span. Two jobs with the same
+    seed: two traces, and no span id made twice (the Trainer seeds Python's `random`)."""
     from fastapi.testclient import TestClient
 
     from api.app import create_app
@@ -42,28 +44,35 @@ def test_a_submitted_job_is_one_trace_from_its_request_to_its_mask_updates(make_
         settings = make_settings()
         with TestClient(create_app(settings, enqueue=lambda _job_id: None, reaper=False)) as client:
             exporter.clear()  # the schema's creation on start is no part of any request
-            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+            job_ids = [client.post("/v1/jobs", json=JOB).json()["id"] for _ in range(2)]
             store = client.app.state.context.store
-            stored = store.get_job(job_id).trace_context
-            assert run_job(job_id, settings, store) == "succeeded"
-            updates = [e for e in client.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
+            stored = store.get_job(job_ids[0]).trace_context
+            assert [run_job(job_id, settings, store) for job_id in job_ids] == ["succeeded"] * 2
+            updates = [e for e in client.get(f"/v1/jobs/{job_ids[0]}/events?limit=1000").json()["data"]
                        if e["type"] == "mask_update"]
         spans = exporter.get_finished_spans()
-    request = next(s for s in spans if s.name == "POST /v1/jobs")
+    assert len({s.context.span_id for s in spans}) == len(spans)
+    requests = [s for s in spans if s.name == "POST /v1/jobs"]
+    runs = [s for s in spans if s.name == "job.run"]
+    assert len(requests) == len(runs) == 2
+    assert {r.context.trace_id for r in requests} == {j.context.trace_id for j in runs} and \
+        len({r.context.trace_id for r in requests}) == 2
+    request = requests[0]
     trace_id = request.context.trace_id
     assert stored["traceparent"].split("-")[1] == format(trace_id, "032x")
-    job = next(s for s in spans if s.name == "job.run")
-    epochs = [s for s in spans if s.name == "epoch"]
-    masks = [s for s in spans if s.name == "mask_update"]
+    job = next(s for s in runs if s.attributes["rigl.job_id"] == job_ids[0])
+    in_trace = [s for s in spans if s.context.trace_id == trace_id]
+    epochs = [s for s in in_trace if s.name == "epoch"]
+    masks = [s for s in in_trace if s.name == "mask_update"]
     index = by_id(spans)
     assert job.context.trace_id == trace_id and "POST /v1/jobs" in ancestors(job, index)
-    assert job.attributes["rigl.job_id"] == job_id and job.attributes["rigl.outcome"] == "succeeded"
+    assert job.attributes["rigl.outcome"] == "succeeded"
     assert [e.attributes["rigl.epoch"] for e in epochs] == [1, 2]
     assert all(index[e.parent.span_id] is job for e in epochs)
     assert len(masks) == len(updates) > 0
     assert sorted(m.attributes["rigl.step"] for m in masks) == sorted(u["data"]["step"] for u in updates)
     assert all(index[m.parent.span_id].name == "epoch" for m in masks)
-    inserts = [s for s in spans if s.name.startswith("INSERT") and s.context.trace_id == trace_id]
+    inserts = [s for s in in_trace if s.name.startswith("INSERT")]
     assert any("INSERT INTO jobs" in s.attributes.get("db.statement", "") for s in inserts)  # SQL of the request
     assert all(s.name != "connect" for s in spans if s.parent is None)  # no trace per background query
 
