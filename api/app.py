@@ -18,6 +18,7 @@ from api.text_guard import TextGuard
 from api.origin_guard import OriginGuard, split_list
 from api.routes import jobs, programs, registry, resources, sweeps, usage, webhooks, weights
 from api.webhook_sender import WebhookSender
+from service_common import tracing
 from store.artifacts import Artifacts
 from store.reaper import start_reaper
 from store.jobs import JobStore
@@ -29,6 +30,7 @@ STREAMED_UPLOADS = (("POST", "/v1/datasets"), ("POST", "/v1/weights"),  # routes
 
 def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = True) -> FastAPI:
     settings = (settings or get_settings()).resolved()
+    tracing.setup("rigl-api")  # OTEL_EXPORTER_OTLP_ENDPOINT: traces over OTLP; before the engine, whose SQL it traces
     store = JobStore(settings.database_url, settings)
     context = Context(settings=settings, store=store, artifacts=Artifacts.from_settings(settings),
                       enqueue=enqueue or celery_enqueue(settings))
@@ -53,7 +55,7 @@ def create_app(settings: Settings | None = None, enqueue=None, reaper: bool = Tr
         if janitor is not None:
             janitor.stop()
 
-    app = FastAPI(title="RigL Service", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="RigL Service", version="0.1.0", lifespan=lifespan, telemetry=tracing.fastapi_telemetry(),
                   description="Train sparse networks with RigL: submit jobs, watch them, download sparse checkpoints.")
     app.state.context = context
     errors.install(app)

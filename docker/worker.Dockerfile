@@ -24,7 +24,7 @@ WORKDIR /app
 # (an empty README.md stands in for the real one, which pyproject.toml names, until then).
 COPY pyproject.toml ./
 RUN touch README.md
-RUN pip install ".[service]"  # the library alone has no API, worker or job store
+RUN pip install ".[service,otel]"  # the library alone has no API, worker or job store; otel: traces (OTEL_*)
 COPY README.md ./
 COPY rigl_core ./rigl_core
 COPY api ./api

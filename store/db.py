@@ -78,6 +78,8 @@ class Job(Base):
     # serves until the job's report exists: reads never rebuild the model (revision 0009). Deferred: only that
     # route reads it (JobStore.job_plan).
     plan: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True, deferred=True)
+    # the W3C trace context of the submitting request, continued by the worker's runs (service_common/tracing.py)
+    trace_context: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 Index("ix_jobs_owner_status", Job.owner, Job.status)  # the per-owner active-job count is index-only

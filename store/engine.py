@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import create_engine, event
+import sqlalchemy
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
@@ -24,8 +25,9 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
     """SQLite gets WAL and a busy timeout so the API and the worker process can share it.
     `settings`: the pool sizes and RIGL_DB_AUTO_UPGRADE (None: read from the environment)."""
     settings = settings or database_settings()
+    # sqlalchemy.create_engine looked up per call: with tracing on, service_common/tracing.py wraps it
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sqlalchemy.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _pragmas(connection, _record):
@@ -38,7 +40,7 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
         # connect_timeout: a worker whose database is unreachable fails fast and retries (worker/retry.py)
         # instead of hanging in connect()
         connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-        engine = create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
+        engine = sqlalchemy.create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
                                max_overflow=settings.db_max_overflow, connect_args=connect_args)
     for attempt in range(5):  # a database that is still starting (compose) gets a few seconds
         try:

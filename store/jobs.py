@@ -68,7 +68,8 @@ class JobStore:
                    dataset_id: str | None = None, weights_id: str | None = None, source_job_id: str | None = None,
                    name: str | None = None,
                    tags: list[str] | None = None, metadata: dict | None = None,
-                   artifacts_quota: quotas.Quota | None = None, plan: dict | None = None) -> Job:
+                   artifacts_quota: quotas.Quota | None = None, plan: dict | None = None,
+                   trace_context: dict | None = None) -> Job:
         """`idempotency` = (key, body hash): stored in the same transaction as the job, so two racing
         requests with one key create one job (the loser gets IdempotencyConflict and replays).
 
@@ -82,7 +83,8 @@ class JobStore:
         `name`, `tags`, `metadata`: the user's labels (validated by the caller); tags also get JobTag rows.
         `artifacts_quota`: the owner's job-artifacts quota (store/quotas.py), checked under the same lock
         (QuotaExceeded). `plan`: the sparsity plan measured at submission (api/submission.py), kept for
-        GET /v1/jobs/{id}/sparsity."""
+        GET /v1/jobs/{id}/sparsity. `trace_context`: the submitting request's W3C trace context (tracing on),
+        which the worker's runs of the job continue (service_common/tracing.py)."""
         try:
             with self.sessions.begin() as s:
                 owners = {owner}
@@ -104,7 +106,8 @@ class JobStore:
                     raise UploadGone("model.weights")
                 if source_job_id is not None and not source_job_kept(s, source_job_id):
                     raise UploadGone("model.init_from_job")
-                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata, plan=plan)
+                job = self.add_job_rows(s, spec, resolved_spec, total_steps, owner, name, tags, metadata, plan=plan,
+                                        trace_context=trace_context)
                 remember(s, owner, idempotency, job.id)
         except IntegrityError:
             if idempotency is None:
@@ -115,14 +118,15 @@ class JobStore:
     @staticmethod
     def add_job_rows(session, spec: dict, resolved_spec: dict, total_steps: int, owner: str, name: str | None = None,
                      tags: list[str] | None = None, metadata: dict | None = None, sweep_id: str | None = None,
-                     plan: dict | None = None) -> Job:
+                     plan: dict | None = None, trace_context: dict | None = None) -> Job:
         """The rows of one new queued job, in the caller's transaction (which holds the owner's lock and has
         checked the cap): create_job's, and a sweep's release of held children (store/sweeps.py)."""
         tags = list(dict.fromkeys(tags or []))  # once each, in the order given
         # the stored spec carries its spec_version (store/spec_version.py)
         job = Job(spec=spec, resolved_spec=stamped(resolved_spec), total_steps=total_steps, owner=owner,
                   devices=required_devices(resolved_spec), name=name, tags=tags or None, meta=metadata,
-                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id, plan=plan)
+                  method=(resolved_spec.get("sparsity") or {}).get("method"), sweep_id=sweep_id, plan=plan,
+                  trace_context=trace_context)
         session.add(job)
         session.flush()
         session.add_all(JobTag(job_id=job.id, tag=tag) for tag in tags)

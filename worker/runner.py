@@ -28,6 +28,7 @@ from rigl_core.integrations.mlflow import run_files
 from rigl_core.spec import JobSpec
 from rigl_core.training.distributed import Gang
 from rigl_core.training.trainer import Callback, NoSpaceError, Trainer, is_no_space
+from service_common import tracing
 from store.artifacts import DATASET_KEY, PROGRAM_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact, sha256_file
 from store.db import Job
 from store.jobs import JobStore
@@ -358,7 +359,10 @@ def run_slot(message_job_id: str, settings: Settings, store: JobStore | None = N
     if isinstance(claimed, str):
         return claimed, None
     job, token = claimed
-    return JobRun(job, token, settings, store, artifacts, stop_requested, started).run()
+    with tracing.job_span(job.id, job.attempt, job.trace_context) as span:  # the submitting request's trace
+        outcome = JobRun(job, token, settings, store, artifacts, stop_requested, started).run()
+        tracing.set_outcome(span, outcome[0])
+    return outcome
 
 
 def claim_slot(message_job_id: str, settings: Settings, store: JobStore,

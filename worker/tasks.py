@@ -10,8 +10,9 @@ import threading
 
 import rigl_core.training.trainer  # noqa: F401 - preload torch in the parent so each fresh child starts fast
 from celery import shared_task
-from celery.signals import worker_shutting_down
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
+from service_common import tracing
 from service_common.celery_app import TRAIN_TASK, enqueue_train
 from worker import reaping  # noqa: F401 - the worker's reaper thread (signals)
 
@@ -104,6 +105,20 @@ def allow_child_processes() -> None:
     import multiprocessing
 
     multiprocessing.current_process()._config["daemon"] = False  # the setter refuses a started process
+
+
+@worker_process_init.connect
+def _start_tracing(**_kwargs) -> None:
+    """Each pool process (a fresh one per job) sets tracing up itself when OTEL_* asks for it: an exporter's
+    thread doesn't survive the fork (service_common/tracing.py)."""
+    tracing.setup("rigl-worker")
+
+
+@worker_process_shutdown.connect
+def _flush_traces(**_kwargs) -> None:
+    """The pool process exits without atexit hooks: export the spans that ended after the job's (the
+    Celery task's own span) before it goes."""
+    tracing.flush()
 
 
 @worker_shutting_down.connect

@@ -22,6 +22,7 @@ from api.schemas import LABELS, TAG_PATTERN, JobSubmission, checkpoint_json, eve
 from api.submission import resolve
 from rigl_core.export.formats import EXPORT_FORMATS
 from rigl_core.spec import JobSpec, SparsitySpec
+from service_common import tracing
 from store.deletion import InUse, delete_job as delete_stored_job
 from store.dispatch import dispatch
 from store.idempotency import IdempotencyConflict
@@ -71,7 +72,7 @@ def create_job(submission: JobSubmission, response: Response, ctx: Context = Dep
                                    dataset_id=spec.dataset.path if spec.dataset.name == "tensors" else None,
                                    weights_id=spec.model.weights, source_job_id=spec.model.init_from_job,
                                    artifacts_quota=limits(ctx)["artifacts"],
-                                   **labels)
+                                   trace_context=tracing.current_context(), **labels)
     except QuotaExceeded as exc:
         raise quota_error(exc, field=None) from None
     except IdempotencyConflict:

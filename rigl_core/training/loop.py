@@ -5,9 +5,11 @@ waiting for data."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 
+from rigl_core.integrations.tracing import training_tracer
 from rigl_core.training.evaluation import evaluate_and_notify
 
 
@@ -40,6 +42,8 @@ class TrainingLoop:
         self.eval_seconds = 0.0
         self.update_iterations_count = trainer.spec.sparsity.schedule.update_iterations_count
         self.window = DataWaitWindow(time.perf_counter(), trainer.data_wait_seconds)
+        # OpenTelemetry spans (epochs, mask updates) when the process configured it; None costs nothing
+        trainer.tracer = training_tracer() if trainer.rank == 0 else None
 
     def run(self) -> None:
         trainer = self.trainer
@@ -47,7 +51,9 @@ class TrainingLoop:
         trainer.model.train()
         try:
             while trainer.step < trainer.total_steps:
-                if self._run_epoch():
+                with trainer.tracer.epoch(trainer) if trainer.tracer is not None else nullcontext():
+                    stop = self._run_epoch()
+                if stop:
                     trainer.stopped_early = trainer.step < trainer.total_steps
                     break
         finally:

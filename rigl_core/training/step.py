@@ -55,7 +55,8 @@ def _forward_backward(trainer, micros) -> torch.Tensor:
 def _optimizer_step(trainer) -> None:
     """As a library user's loop: rigl.step() masks (and clips) the gradients or makes a RigL update
     that replaces the step; SET/GMP updates run in rigl's optimizer step post-hook."""
-    scaler = trainer.scaler
+    scaler, tracer = trainer.scaler, trainer.tracer
+    started = tracer.now() if tracer is not None else 0  # a mask update's span starts with its step
     # the step after an update iteration that did not count (update_iterations_count false) only steps
     if trainer.rigl.step(trainer.step, scaler=scaler, may_update=trainer.update_made_at != trainer.step):
         if scaler is not None:
@@ -66,5 +67,7 @@ def _optimizer_step(trainer) -> None:
         scaler.update()
     update = trainer.rigl.last_update
     if update is not None:
+        if tracer is not None:
+            tracer.mask_update(update, started)
         for cb in trainer.callbacks if trainer.rank == 0 else ():
             cb.on_mask_update(trainer, update)

@@ -157,6 +157,7 @@ class Trainer:
         self.group: Group | None = None
         self.replicas_agree: bool | None = None  # several ranks: every rank's weights and masks the same at the end
         self.forward_model: nn.Module = self.model  # what training calls: DDP- and compile-wrapped
+        self.tracer = None  # OpenTelemetry spans while fitting, when configured (rigl_core/integrations/tracing.py)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

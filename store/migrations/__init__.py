@@ -8,9 +8,10 @@ create_all release up to the last of them, adding only what it lacks (such a dat
 of those releases, with the later tables and without the later columns); 0003 adds job name, tags,
 metadata and method; 0004 makes sizes and parameter counts 64-bit;
 0005 adds sweeps and jobs.sweep_id; 0006 adds the indexes many jobs and workers need (keyset pages,
-event cursors, the fair claim); 0008 adds the weights' tensor index; 0010 adds webhooks and
-their deliveries. A database with no alembic_version table is either empty (migrated from
-nothing) or, holding `jobs`, made by a create_all release: stamped 0001, then upgraded.
+event cursors, the fair claim); 0008 keeps uploaded weights' tensor index; 0009 stores each job's plan;
+0010 adds webhooks and their deliveries; 0011 sweeps' search; 0012 adds jobs.trace_context (the
+submitting request's trace, service_common/tracing.py). A database with no alembic_version table is
+either empty (migrated from nothing) or, holding `jobs`, made by a create_all release: stamped 0001, then upgraded.
 
 Concurrency: an upgrade is one transaction that first takes a lock, so replicas starting together
 migrate once: PostgreSQL's pg_advisory_xact_lock (the others wait, then find the schema at head),
@@ -32,7 +33,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-HEAD = "0011"  # the newest revision in versions/ (tests/test_migrations.py checks it)
+HEAD = "0012"  # the newest revision in versions/ (tests/test_migrations.py checks it)
 FIRST_RELEASE = "0001"
 LOCK_KEY = 0x7269676C  # PostgreSQL advisory lock id of schema upgrades ("rigl")
 VERSION_TABLE = "alembic_version"

@@ -74,7 +74,7 @@ def test_head_is_the_last_revision_of_one_linear_chain():
     scripts = _script_directory()
     assert scripts.get_heads() == [HEAD]
     chain = [s.revision for s in scripts.walk_revisions()]
-    assert chain == ["0011", "0010", "0009", "0008", "0006", "0005", "0004", "0003", "0002", "0001"]
+    assert chain == ["0012", "0011", "0010", "0009", "0008", "0006", "0005", "0004", "0003", "0002", "0001"]
 
 
 def test_migrations_make_exactly_the_models(database_url):

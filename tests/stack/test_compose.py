@@ -135,11 +135,14 @@ def test_the_ray_profile_adds_a_head_and_a_gpu_node_from_the_worker_image():
     assert 'pip install ".[ray]"' in (ROOT / "docker" / "worker.Dockerfile").read_text()
 
 
+IMAGE_VARIABLES = {"RIGL_VERSION", "RIGL_IMAGE_PREFIX"}  # compose's own: which released images it runs
+
+
 def test_every_rigl_variable_is_a_setting_and_every_env_example_entry_is_used():
     fields = {f"RIGL_{name.upper()}" for name in Settings.model_fields}
     fields |= {f"{field}_FILE" for field in fields}  # any setting may be read from a file (store/secret_settings.py)
     text = (ROOT / "docker-compose.yml").read_text()
-    used = set(re.findall(r"\b(RIGL_[A-Z0-9_]+)\s*:", text))
+    used = set(re.findall(r"\b(RIGL_[A-Z0-9_]+)\s*:", text)) - IMAGE_VARIABLES
     assert used and used <= fields, used - fields
     referenced = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
     assert set(ENV_EXAMPLE) <= referenced, set(ENV_EXAMPLE) - referenced
@@ -300,7 +303,8 @@ def test_commands_parse_with_our_cli():
     for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
         text = (ROOT / "docker" / dockerfile).read_text()
         assert "torch==2.14.1" in text and "USER rigl" in text and "HEALTHCHECK" in text
-        assert 'RUN pip install ".[service]"' in text  # `rigl serve` / `rigl worker` need the extra
+        # `rigl serve` / `rigl worker` need the service extra; otel: traces when OTEL_* asks (docs/operations/tracing.md)
+        assert 'RUN pip install ".[service,otel]"' in text
         cmd = re.search(r'^CMD (\[.*\])', text, flags=re.M).group(1)
         assert parser.parse_args(yaml.safe_load(cmd)[1:]).handler is not None
 
@@ -405,7 +409,7 @@ def test_images_ship_the_dashboard_assets():
     assert {"static/index.html", "static/app.js", "static/charts.js", "static/style.css"} <= set(assets)
     assert all(any(fnmatch.fnmatch(a, pattern) for pattern in patterns) for a in assets), (assets, patterns)
     dockerfile = (ROOT / "docker" / "api.Dockerfile").read_text()
-    assert "COPY api ./api" in dockerfile and 'RUN pip install ".[service]"' in dockerfile
+    assert "COPY api ./api" in dockerfile and 'RUN pip install ".[service,otel]"' in dockerfile
 
 
 def test_worker_metrics_ports_stay_on_the_compose_network_and_want_the_token():

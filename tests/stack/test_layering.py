@@ -117,18 +117,29 @@ def test_the_cycle_finder_finds_a_loop_of_two_and_of_three():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def imports_of(path: Path, package: str) -> bool:
-    """Whether `path` imports `package` or one of its modules (module level or inside functions)."""
+TRACING_MODULES = {"service_common.tracing", "rigl_core.integrations.tracing"}  # one a side
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level names of what `path` imports absolutely (module level and inside functions)."""
+    found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-        if any(name == package or name.startswith(package + ".") for name in names):
-            return True
-    return False
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_tracing_modules_import_opentelemetry():
+    """Tracing is an extra: every other module works without it (service_common/tracing.py and
+    rigl_core/integrations/tracing.py are the only doors; the latter takes the module an SDK already loaded)."""
+    importers = {name for name, path in project_modules().items() if "opentelemetry" in external_imports(path)}
+    assert "service_common.tracing" in importers and importers <= TRACING_MODULES
 
 
 def test_only_the_ray_module_imports_ray():
     """Ray is an optional extra (`rigl-service[ray]`): only worker/ray_gang.py, loaded for jobs on several
     nodes, may import it; everything else runs without it."""
-    users = sorted(name for name, path in project_modules().items() if imports_of(path, "ray"))
+    users = sorted(name for name, path in project_modules().items() if "ray" in external_imports(path))
     assert users == ["worker.ray_gang"]

@@ -21,7 +21,7 @@ CORE = {"torch", "torchvision", "pydantic", "safetensors", "numpy", "tqdm"}
 # Packages of the extras that library users must not get, and what stands for them in sys.modules.
 BLOCKED = ["fastapi", "celery", "sqlalchemy", "sklearn", "matplotlib", "httpx", "yaml", "uvicorn",
            "pydantic_settings", "mnist1d", "starlette", "psycopg", "alembic", "redis", "kombu", "boto3",
-           "botocore", "prometheus_client", "mlflow", "optuna", "ray"]
+           "botocore", "prometheus_client", "mlflow", "optuna", "ray", "opentelemetry"]
 
 
 def _name(requirement: str) -> str:
@@ -47,14 +47,15 @@ def test_core_dependencies_are_exactly_the_six():
 
 def test_extras_cover_the_rest_and_test_brings_them_all():
     extras = PROJECT["optional-dependencies"]
-    for name in ("datasets", "report", "client", "service", "models", "lightning", "test"):
+    for name in ("datasets", "report", "client", "service", "models", "lightning", "otel", "test"):
         assert name in extras, name
     assert {"scikit-learn", "mnist1d"} <= _extra("datasets")
     assert "matplotlib" in _extra("report")
     assert {"httpx", "pyyaml"} <= _extra("client")
     assert {"fastapi", "celery", "sqlalchemy", "uvicorn", "httpx"} <= _extra("service")
     assert _extra("datasets") | _extra("report") | _extra("client") <= _extra("service")
-    wanted = _extra("service") | _extra("report") | _extra("datasets") | _extra("client")
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= _extra("otel")
+    wanted = _extra("service") | _extra("report") | _extra("datasets") | _extra("client") | _extra("otel")
     assert wanted <= _extra("test"), wanted - _extra("test")
     assert "build" in _extra("test")  # CI builds the wheel and sdist with it
     assert _extra("ray") == {"ray"} and "ray" in _extra("test")  # the multi-node tests run in CI
