@@ -55,6 +55,7 @@ log = logging.getLogger("rigl.worker")
 NOT_SENT = {"data_dir", "artifact_dir", "database_password", "broker_password", "broker_url", "metrics_token",
             "worker_metrics_port", "worker_metrics_dir", "reaper", "worker_devices"}
 COLLECTIVE_TIMEOUT_S = 600
+CONNECT_ATTEMPTS = 4  # ray.init tries (2, 4, 8 s apart) before a job fails on a cluster it cannot reach
 # Ray Train's own run records (no checkpoints: ours go to the bucket); a folder that exists on every node
 RAY_STORAGE = os.path.join(tempfile.gettempdir(), "rigl-ray")
 LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerHealthCheckFailedError",
@@ -105,7 +106,16 @@ def connect(address: str) -> bool:
     proxy = sys.stderr
     sys.stderr = sys.__stderr__
     try:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+                break
+            except ConnectionError as exc:  # e.g. Ray Client's "Initialization failure from server" while the
+                ray.shutdown()  # previous driver's session is still torn down: a hiccup, not the job's fault
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise
+                log.warning("connecting to the Ray cluster failed (%s); retrying", exc)
+                time.sleep(2.0 * 2 ** attempt)
     finally:
         sys.stderr = proxy
     return True

@@ -287,7 +287,9 @@ def _view(ctx: Context, sweep) -> dict:
         children.append({
             "id": job.id, "status": job.status, "params": stored.params_of(job.resolved_spec or {}),
             "point": {**{axis: stored.params_of(job.resolved_spec or {})[axis] for axis in sweep.grid}, **point}
-            if search else None, "trial": trials.get(job.id), "pruned": pruned.get(job.id),
+            if search else None, "trial": trials.get(job.id),
+            # a child the pruner chose that succeeded before its cancel arrived ran to the end: not pruned
+            "pruned": pruned.get(job.id) if job.status != "succeeded" else None,
             "progress": (job.step / job.total_steps) if job.total_steps else 0.0,
             "val_accuracy": (result.get("final_metrics") or {}).get("val_accuracy"),
             "inference_flops_ratio": result.get("inference_flops_ratio"),
