@@ -34,7 +34,9 @@ def run(suites: list[str]) -> tuple[list[str], list[tuple[str, ...]], str]:
     rows = []
     for line in FIGURE.findall(result.stdout):
         kind, rest = line.split(": ", 1)
-        scenario, figures = rest.split(": ", 1) if kind == "reliability" else (kind, rest)
+        scenario, _, figures = rest.partition(": ") if kind == "reliability" else (kind, "", rest)
+        if not figures:  # a line with no scenario name of its own
+            scenario, figures = kind, rest
         rows.append(f"| {scenario} | {figures} |")
     probes = re.findall(r"^PROBE (.*) -> (\d+) ([\w.]+): (.*)$", result.stdout, flags=re.M)
     summary = re.findall(r"(\d+ (?:passed|failed)[^=]*?) in [\d.]+s", result.stdout)
