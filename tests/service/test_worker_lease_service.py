@@ -250,6 +250,10 @@ import time as _time
 
 _offset = float(_os.environ.get("RIGL_TEST_CLOCK_OFFSET", "0"))
 if _offset:
+    try:  # pandas' C code (sklearn imports it when installed) segfaults on the subclass below: load it first
+        import pandas  # noqa: F401
+    except ImportError:
+        pass
     _real_time, _real_time_ns, _Real = _time.time, _time.time_ns, _datetime.datetime
     _time.time = lambda: _real_time() + _offset
     _time.time_ns = lambda: _real_time_ns() + int(_offset * 1e9)
