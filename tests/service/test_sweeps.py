@@ -568,8 +568,10 @@ def test_the_sweep_page_draws_the_frontier_as_children_finish(tmp_path):
         base = f"http://127.0.0.1:{port}"
         import httpx
 
+        # the first submission of a fresh server waits for the model checker's fork server to warm up
         sweep = httpx.post(f"{base}/v1/sweeps", json={"name": "live", "base": JOB,
-                                                      "grid": {"sparsity": [0.5, 0.9], "seed": [0, 1]}}).json()
+                                                      "grid": {"sparsity": [0.5, 0.9], "seed": [0, 1]}},
+                           timeout=120).json()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"),
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
