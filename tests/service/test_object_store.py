@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from helpers.s3 import AWS_ENV, moto_server, new_bucket
 from helpers.service import (REDIS, ROOT, cleanup_redis_queue, free_port, postgres_available, redis_available,
                              start_worker, temporary_postgres_database, wait_for)
 from store.artifacts import DATASET_KEY, WEIGHTS_KEY, Artifacts, MissingArtifact
@@ -30,54 +31,19 @@ from store.object_store import BadKey, LocalStore, S3Store, check_key
 from store.settings import Settings
 
 pytest.importorskip("boto3")
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on a free port, for the whole session; the AWS variables point boto3 at it."""
     pytest.importorskip("moto.server")
-    port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in AWS_ENV}
-    os.environ.update(AWS_ENV)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.2)
+    with moto_server() as endpoint:
         yield endpoint
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture()
 def bucket(s3_endpoint):
-    import boto3
-
-    name = f"rigl-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return name
+    return new_bucket(s3_endpoint)
 
 
 def s3_settings(tmp_path: Path, folder: str, endpoint: str, bucket: str, **extra) -> Settings:
