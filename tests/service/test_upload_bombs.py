@@ -140,7 +140,7 @@ def _safetensors(header: dict | bytes, data: bytes = b"", header_len: int | None
     return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
 
 
-@pytest.mark.parametrize("name,fmt,body,expected", [
+HOSTILE_HEADERS = [
     ("lying-npz", "npz", _lying_npz(), "holds less data than its header declares"),
     ("shape-vs-size", "npz", None, "does not match its size"),
     ("huge-header", "safetensors", _safetensors(b"{}", header_len=2**40), "over the 1,048,576-byte limit"),
@@ -151,7 +151,11 @@ def _safetensors(header: dict | bytes, data: bytes = b"", header_len: int | None
      "the tensors cover"),
     ("bf16", "safetensors", _safetensors({"x": {"dtype": "BF16", "shape": [1, 1], "data_offsets": [0, 2]}}, b"\0\0"),
      "dtype BF16 is not supported"),
-])
+]
+
+
+# Ids are the names: the bodies hold zip timestamps, and test ids must be the same in every pytest-xdist worker.
+@pytest.mark.parametrize("name,fmt,body,expected", HOSTILE_HEADERS, ids=[case[0] for case in HOSTILE_HEADERS])
 def test_lying_and_oversized_headers_are_refused_with_a_reason(server, name, fmt, body, expected):
     if body is None:  # the .npy header says 100,000×1,000 float32; the zip holds 80 values
         header = io.BytesIO()
