@@ -25,7 +25,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from methods import SETTINGS, label_panel, run_grid  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-METHODS = ["srigl", "rigl", "static"]
+METHODS = ["srigl", "srigl-sparse-first", "rigl", "rigl-dense-first", "static"]
+# Rows that differ from a method only in the first layer (srigl keeps it dense by default, rigl under ER/ERK does
+# not): run under ERK only, where the defaults differ (uniform keeps the first layer dense for every method).
+VARIANTS = {"srigl-sparse-first": ("srigl", {"dense_first_layer": False}),
+            "rigl-dense-first": ("rigl", {"dense_first_layer": True})}
 VIT = {"model": {"name": "vit-tiny"}, "dataset": {"name": "digits"},
        "training": {"epochs": 40, "batch_size": 64, "lr": 0.001, "optimizer": "adamw", "weight_decay": 0.05},
        "schedule": {"delta_t": 25, "alpha": 0.3, "t_end": 0.75}}
@@ -39,9 +43,10 @@ def run_one(job: dict) -> dict:
     from rigl_core.training.trainer import Trainer
 
     setting = VIT if job["dataset"] == "digits-vit" else SETTINGS[job["dataset"]]
+    method, extra = VARIANTS.get(job["method"], (job["method"], {}))
     tree = {"model": setting["model"], "dataset": setting["dataset"],
-            "sparsity": {"method": job["method"], "sparsity": job["sparsity"], "distribution": job["distribution"],
-                         "schedule": setting["schedule"]},
+            "sparsity": {"method": method, "sparsity": job["sparsity"], "distribution": job["distribution"],
+                         "schedule": setting["schedule"], **extra},
             "training": {**setting["training"], "seed": job["seed"], "log_every_steps": 1000}}
     if job.get("epochs"):
         tree["training"]["epochs"] = job["epochs"]
@@ -59,7 +64,7 @@ def grid(quick: bool) -> list[dict]:
     sparsities = [0.9] if quick else [0.9, 0.95, 0.98]
     jobs = [{"dataset": dataset, "method": method, "sparsity": s, "distribution": distribution, "seed": seed}
             for dataset in SETTINGS for seed in seeds for distribution in ("erk", "uniform")
-            for s in sparsities for method in METHODS]
+            for s in sparsities for method in METHODS if distribution == "erk" or method not in VARIANTS]
     jobs += [{"dataset": "digits-vit", "method": method, "sparsity": 0.9, "distribution": "erk", "seed": seed}
              for seed in seeds for method in METHODS]
     for job in jobs if quick else []:
@@ -89,7 +94,10 @@ def markdown(summary: list[dict], meta: dict) -> str:
              "MLP protocols of bench/methods.py: " + "; ".join(
                  f"`{n}` model {json.dumps(s['model'])}, training {json.dumps(s['training'])}, schedule "
                  f"{json.dumps(s['schedule'])}" for n, s in SETTINGS.items()) + f". `digits-vit`: {json.dumps(VIT)}.",
-             "srigl = RigL + constant fan-in + neuron ablation (γ = 0.3 of the layer's first fan-in); "
+             "srigl = RigL + constant fan-in + neuron ablation (γ = 0.3 of the layer's first fan-in) + a dense first "
+             "layer; srigl-sparse-first = the same with the first layer sparse and fan-in too (the reference code's "
+             "default); rigl-dense-first = rigl with the first layer dense (rigl under ERK keeps it sparse; under "
+             "uniform every method keeps it dense, so the two variants run under ERK only). "
              "'ablated' = neurons removed at the end (mean over seeds, of all neurons of the masked layers).", ""]
     table = {(r["dataset"], r["distribution"], r["sparsity"], r["method"]): r for r in summary}
     for dataset in dict.fromkeys(r["dataset"] for r in summary):
@@ -100,15 +108,22 @@ def markdown(summary: list[dict], meta: dict) -> str:
             lines += [f"## {dataset}, {distribution}", "", "| method | " + " | ".join(f"S={s}" for s in sparsities) + " |",
                       "|---" * (len(sparsities) + 1) + "|"]
             for method in METHODS:
+                if not any(k[:2] == (dataset, distribution) and k[3] == method for k in table):
+                    continue
                 cells = []
                 for s in sparsities:
                     r = table.get((dataset, distribution, s, method))
                     extra = f" (ablated {r['ablated']:.1f}/{r['neurons']})" if r and r["ablated"] else ""
                     cells.append(f"{r['mean']:.4f} ± {r['sd']:.4f}{extra}" if r else "—")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            gaps = [table[(dataset, distribution, s, "rigl")]["mean"] - table[(dataset, distribution, s, "srigl")]["mean"]
-                    for s in sparsities]
-            lines += ["", "RigL − SRigL: " + ", ".join(f"S={s}: {g * 100:+.2f} points" for s, g in zip(sparsities, gaps)), ""]
+            lines.append("")
+            for rigl in ("rigl", "rigl-dense-first"):
+                if (dataset, distribution, sparsities[0], rigl) in table:
+                    gaps = [table[(dataset, distribution, s, rigl)]["mean"] - table[(dataset, distribution, s, "srigl")]["mean"]
+                            for s in sparsities]
+                    lines.append(f"{rigl} − srigl: " + ", ".join(f"S={s}: {g * 100:+.2f} points"
+                                                               for s, g in zip(sparsities, gaps)) + "  ")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

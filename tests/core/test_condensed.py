@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from rigl_core import RigL
@@ -87,7 +88,7 @@ def test_condensed_model_runs_the_same_in_onnxruntime(tmp_path):
 
 
 def test_ablated_neurons_output_their_bias_and_are_not_stored(tmp_path):
-    model, rigl = trained("mlp", [1, 8, 8], ablation_threshold=1.0)
+    model, rigl = trained("mlp", [1, 8, 8], ablation_threshold=1.0, dense_first_layer=False)
     active, fan_in = rigl.sparsifier.neuron_counts()["fc1"]
     assert active < 300
     path = save_condensed(model, rigl.masks, tmp_path / "m.safetensors")
@@ -143,6 +144,7 @@ def test_the_docs_plain_pytorch_loader_runs_and_matches(tmp_path, monkeypatch):
     save_condensed(model, rigl.masks, tmp_path / "model.condensed.safetensors")
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own docs
-    x = torch.randn(4, 64)
+    assert "fc1.weight" in load_file(str(tmp_path / "model.condensed.safetensors"))  # srigl's dense first layer
+    x = torch.randn(4, 300)
     with torch.inference_mode():
-        torch.testing.assert_close(scope["fc1"](x), model.fc1(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scope["fc2"](x), model.fc2(x), rtol=1e-4, atol=1e-5)
