@@ -7,7 +7,9 @@
    onnxruntime on the ONNX export of the condensed layer and of the dense one.
 2. Whole models at batch 1 and 64: the MLP (LeNet-300-100 on 1×28×28), `vit-small` (3×32×32) and
    ResNet-18-CIFAR, with random constant fan-in masks at the ERK layer densities of rigl_core's plan (90%),
-   each condensed layer swapped by `load_condensed` from a real condensed export.
+   each condensed layer swapped by `load_condensed` from a real condensed export. Every layer is fan-in
+   (`dense_first_layer: false`); `mlp-dense-first` is the MLP as method srigl trains it by default, its first
+   layer (784→300, 88% of the MLP's weights) dense.
 
 One thread everywhere (torch and onnxruntime); median of `--repeats` rounds, each backend timed in turn in
 every round so the load of other processes hits them alike; speed-up = dense / backend.
@@ -50,7 +52,8 @@ from rigl_core.spec import SparsitySpec  # noqa: E402
 LAYERS = ((768, 3072), (3072, 768))
 LAYER_SPARSITIES = (0.8, 0.9, 0.95, 0.99)
 LAYER_BATCHES = (1, 256)
-MODELS = {"mlp": [1, 28, 28], "vit-small": [3, 32, 32], "resnet18-cifar": [3, 32, 32]}
+MODELS = {"mlp": [1, 28, 28], "mlp-dense-first": [1, 28, 28], "vit-small": [3, 32, 32], "resnet18-cifar": [3, 32, 32]}
+DENSE_FIRST = "-dense-first"  # the model with its first layer dense: what method srigl trains by default
 MODEL_BATCHES = (1, 64)
 warnings.filterwarnings("ignore")
 
@@ -125,8 +128,9 @@ def csr_model(model: nn.Module, masks: dict) -> tuple[nn.Module, int]:
 def fan_in_model(name: str, shape: list[int], sparsity: float) -> tuple[nn.Module, dict]:
     """`name` with random constant fan-in masks at the ERK densities of rigl_core's plan."""
     torch.manual_seed(0)
-    model = build_model(name, 10, shape).eval()
-    plan = make_plan(model, shape, SparsitySpec(sparsity=sparsity, distribution="erk"))
+    model = build_model(name.removesuffix(DENSE_FIRST), 10, shape).eval()
+    plan = make_plan(model, shape, SparsitySpec(sparsity=sparsity, distribution="erk",
+                                                dense_first_layer=name.endswith(DENSE_FIRST)))
     generator = torch.Generator().manual_seed(0)
     masks = {}
     for layer_plan in plan.layers:
@@ -148,7 +152,7 @@ def model_rows(args) -> list[dict]:
     for name in args.models:
         shape = MODELS[name]
         model, masks = fan_in_model(name, shape, 0.9)
-        dense = build_model(name, 10, shape).eval()
+        dense = build_model(name.removesuffix(DENSE_FIRST), 10, shape).eval()
         folder = Path(tempfile.mkdtemp())
         save_condensed(model, masks, folder / "c.safetensors")
         condensed = load_condensed(copy.deepcopy(model), folder / "c.safetensors").eval()
@@ -225,7 +229,7 @@ def goals(results: dict) -> list[str]:
                        f"(goal ≥ 3), {r['csr'] / r['condensed']:.2f}× CSR (goal ≥ 2)")
     for r in results["models"]:
         out.append(f"- {r['model']} batch {r['batch']}: condensed {r['dense'] / r['condensed']:.2f}× dense"
-                   + (" (goal ≥ 2 at batch 1)" if r["batch"] == 1 and r["model"] != "resnet18-cifar" else ""))
+                   + (" (goal ≥ 2 at batch 1)" if r["batch"] == 1 and r["model"] in ("mlp", "vit-small") else ""))
     return out
 
 

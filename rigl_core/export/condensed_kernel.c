@@ -3,12 +3,14 @@
  * One fused loop (gather, multiply, sum) over a constant fan-in layer: `w` and `idx` are (rows, k), row-major.
  * Compiled on first use by rigl_core/export/condensed_kernel.py with -O3 -march=native -ffast-math. With AVX2
  * the loop is written with 8-wide gathers and two accumulators: gcc's own vectorisation of the plain loop
- * (kept below for other CPUs) was about 25% slower on a Xeon with AVX-512 (bench/results/condensed_inference.md).
+ * (kept below for other CPUs) was about 25% slower on an Intel Xeon with AVX-512. AMD's gathers are slower
+ * (on an AMD EPYC with AVX-512 the plain loop took 5.9 µs for 300 rows of 62 where the gathers took 10.5):
+ * there the build defines CONDENSED_PLAIN (bench/results/condensed_inference.md).
  * Plain C, no Python or torch headers: it compiles in well under a second wherever a C compiler is installed.
  */
 #include <stdint.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CONDENSED_PLAIN)
 #include <immintrin.h>
 
 /* Eight indices of each type, widened to the int32 lanes a gather takes. */

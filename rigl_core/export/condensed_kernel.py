@@ -46,25 +46,36 @@ def cache_dir() -> Path:
     return base / "rigl-service" / "kernels"
 
 
-def _cpu_signature() -> bytes:
-    """-march=native code runs only on CPUs with the same features: the cache key includes them."""
+def _cpu_line(*prefixes: bytes) -> bytes:
     try:
         with open("/proc/cpuinfo", "rb") as f:
-            return next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+            return next((line for line in f if line.startswith(prefixes)), b"")
     except OSError:
         return b""
 
 
+def _cpu_signature() -> bytes:
+    """-march=native code runs only on CPUs with the same features: the cache key includes them."""
+    return _cpu_line(b"flags", b"Features")
+
+
+def flags() -> list[str]:
+    """The compiler flags for this CPU: AMD's AVX2 gathers are slower than gcc's own vectorised loop, Intel's
+    faster (condensed_kernel.c), so AMD builds the plain loop."""
+    return [*FLAGS, "-DCONDENSED_PLAIN"] if b"AuthenticAMD" in _cpu_line(b"vendor_id") else list(FLAGS)
+
+
 def _compile(cc: str) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode() + _cpu_signature()).hexdigest()[:16]
+    options = flags()
+    key = hashlib.sha256(source + " ".join([cc, *options]).encode() + _cpu_signature()).hexdigest()[:16]
     target = cache_dir() / f"condensed-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # compile aside, then rename: atomic for other processes
         built = Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *options, str(SOURCE), "-o", str(built)], check=True, capture_output=True, timeout=120)
         os.replace(built, target)
     return target
 

@@ -53,9 +53,16 @@ def test_condensed_model_equals_the_dense_export(tmp_path, name, shape, swapped)
             torch.testing.assert_close(condensed(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_every_kernel_path_agrees(monkeypatch):
+@pytest.mark.parametrize("loop", ["this CPU's", "gathers", "plain"])
+def test_every_kernel_path_agrees(monkeypatch, tmp_path, loop):
     """Every index type, batch sizes on both sides of BAG_FROM, and fan-ins that leave each tail of the
-    compiled loop's 16- and 8-wide steps (k = 5, 8, 16, 30, 77), with and without a bias."""
+    compiled loop's 16- and 8-wide steps (k = 5, 8, 16, 30, 77), with and without a bias; in the build this
+    CPU gets and in both of the C file's loops (explicit AVX2 gathers where the CPU has them, and the plain one)."""
+    if loop != "this CPU's":
+        monkeypatch.setenv("RIGL_KERNEL_CACHE", str(tmp_path))
+        monkeypatch.setattr(condensed_kernel, "_state", {})
+        extra = ["-DCONDENSED_PLAIN"] if loop == "plain" else []
+        monkeypatch.setattr(condensed_kernel, "flags", lambda: [*condensed_kernel.FLAGS, *extra])
     generator = torch.Generator().manual_seed(0)
     for fan_in, k in ((300, 30), (300, 77), (200, 5), (200, 8), (250, 16)):
         indices = torch.rand(50, fan_in, generator=generator).topk(k, dim=1).indices.sort(dim=1).values
