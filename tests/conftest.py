@@ -17,6 +17,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most 8 (each imports torch, ~0.5 GB), unless
+    PYTEST_XDIST_AUTO_NUM_WORKERS says otherwise."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The container test first: it is the longest (minutes), and last it would leave the other workers idle."""
+    items.sort(key=lambda item: item.get_closest_marker("containers") is None)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)  # deterministic and fast for tiny models on a 2-core box

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from api.app import create_app  # noqa: E402
 from store.settings import Settings  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs the whole module (`--dist loadgroup`): test_fuzzed_enough_requests reads the
+# counts the schema's cases leave in this process.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("schema-fuzz")]
 COUNT = {"requests": 0, "5xx": 0}
 METHODS: dict[str, int] = {}  # requests per HTTP method
 DELETES: dict[str, int] = {}  # requests per DELETE route: they are fuzzed too
