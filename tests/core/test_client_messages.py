@@ -144,6 +144,8 @@ def test_rigl_watch_counts_its_rate_from_the_steps_seen_since_attaching(monkeypa
 
 
 def test_ctrl_c_in_rigl_watch_says_the_job_keeps_running(monkeypatch, capsys):
+    # Python's own Ctrl-C handler, whatever this process inherited: a process started in the background by a
+    # non-interactive shell ignores SIGINT, and the watch would then poll forever.
     polls = []
 
     def answer(method, path):
@@ -152,9 +154,13 @@ def test_ctrl_c_in_rigl_watch_says_the_job_keeps_running(monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
         return 200, job_json(10 * len(polls))
 
-    with fake_service(answer) as url:
-        monkeypatch.setenv("RIGL_API_URL", url)
-        assert main(["watch", "job_00ff"]) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with fake_service(answer) as url:
+            monkeypatch.setenv("RIGL_API_URL", url)
+            assert main(["watch", "job_00ff"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert "the job keeps running; `rigl cancel job_00ff` stops it" in err
 
