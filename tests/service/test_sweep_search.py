@@ -86,10 +86,11 @@ def test_an_optuna_sweep_run_by_a_real_worker_spends_its_budget_and_prunes_a_poo
 
     from helpers.service import embedded_service, wait_for
 
-    # 60 epochs (~15 s a child on an idle 2-core VM): a pruned child is still running when its cancel arrives
-    # (the pruner acts on reaper passes, the cancel on the next heartbeat); at 20 epochs the hopeless children
-    # could end first, and one that succeeds is rightly not counted as pruned
-    body = {"name": "lr-search", "base": {**JOB, "training": {"epochs": 60, "batch_size": 64}},
+    # 300 epochs (~25 s a child on an idle AMD EPYC VM, more elsewhere): a pruned child is still running when
+    # its cancel arrives (the pruner acts on reaper passes, the cancel on the next heartbeat). At 60 epochs a
+    # child took 5 s on that machine and every hopeless one ended first; one that succeeds is rightly not
+    # counted as pruned
+    body = {"name": "lr-search", "base": {**JOB, "training": {"epochs": 300, "batch_size": 64}},
             "strategy": "optuna", "trials": 6, "parallel": 2, "seed": 6,
             "ranges": {"training.lr": {"low": 1e-6, "high": 0.5, "log": True}}}
     with embedded_service(tmp_path / "data", log_path=tmp_path / "serve.log",
