@@ -84,7 +84,7 @@ def _parent(pid: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # leases of 2-3 seconds: run alone, after the parallel slow tests (.ci/run)
+@pytest.mark.serial  # leases of 2-3 seconds: one at a time, beside niced tests only (.ci/run)
 @pytest.mark.skipif(not (postgres_available() and redis_available()) and not os.environ.get("CI"),
                     reason="needs PostgreSQL and Redis")
 def test_a_workers_reaper_requeues_a_dead_workers_job_with_no_api_running(tmp_path):

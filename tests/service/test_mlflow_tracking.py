@@ -12,7 +12,8 @@ from helpers.mlflow_server import mlflow_server
 from helpers.service import JOB
 
 mlflow = pytest.importorskip("mlflow")
-pytestmark = pytest.mark.slow
+# One worker runs the module: its MLflow server (the module fixture) starts once, not once per xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-server")]
 
 
 @pytest.fixture(scope="module")

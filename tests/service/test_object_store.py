@@ -425,7 +425,7 @@ def test_a_spec_stored_with_an_absolute_path_still_runs(make_api, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # 3-second leases, and the SIGTERM must land mid-job: run alone (.ci/run)
+@pytest.mark.serial  # 3-second leases, and the SIGTERM must land mid-job: one at a time, beside niced tests only
 @pytest.mark.skipif(not (postgres_available() and redis_available()) and not os.environ.get("CI"),
                     reason="needs PostgreSQL and Redis")
 def test_real_celery_workers_on_two_folders_hand_a_job_over_through_the_bucket(tmp_path, s3_endpoint, bucket):

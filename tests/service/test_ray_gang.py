@@ -32,7 +32,9 @@ from helpers.service import (REDIS, ROOT, cleanup_redis_queue, free_port, job_hi
                              wait_for)
 from store.settings import Settings  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+# One worker runs the module, so one Ray cluster (the module fixture): split over two xdist workers, each started a
+# cluster and their gangs shared two cores (the SIGTERM and lost-rank tests took 120-170 s there, 65 s alone).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster"),
               pytest.mark.skipif(not (postgres_available() and redis_available()) and not os.environ.get("CI"),
                                  reason="needs PostgreSQL and Redis (tests/README.md)")]
 

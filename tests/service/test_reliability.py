@@ -26,7 +26,7 @@ from store.settings import Settings
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.serial,  # leases of a few seconds: run alone, after the parallel slow tests (.ci/run)
+    pytest.mark.serial,  # leases of a few seconds: one at a time, beside niced tests only (.ci/run)
     pytest.mark.skipif(not (postgres_available() and redis_available()) and not os.environ.get("CI"),
                        reason="needs PostgreSQL and Redis"),
 ]

@@ -76,7 +76,7 @@ def test_an_optuna_sweep_asks_its_first_trials_into_the_job_database_s_own_study
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # the pruner's cancel races the child's training: run alone (.ci/run)
+@pytest.mark.serial  # the pruner's cancel races the child's training: one at a time, beside niced tests only (.ci/run)
 def test_an_optuna_sweep_run_by_a_real_worker_spends_its_budget_and_prunes_a_poor_child(tmp_path):
     """`rigl serve` (API with the reaper every 0.5 s, one Celery worker): 6 trials over a learning-rate
     range that reaches hopeless values (seed 6 draws 0.11, 0.0066, 0.19, then 1.7e-5, 1.1e-6, 1.7e-5), 2 at a

@@ -23,7 +23,8 @@ from numpy.lib import format as npy_format
 
 from helpers.service import JOB, serve_process
 
-pytestmark = pytest.mark.slow
+# One worker runs the module: its API processes (the module fixtures) start once, not once per xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("upload-bombs")]
 OCTET = {"Content-Type": "application/octet-stream"}
 
 

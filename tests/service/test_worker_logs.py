@@ -23,7 +23,7 @@ SMALL = {"model": {"name": "mlp", "hidden_sizes": [16]}, "dataset": {"name": "di
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # leases of 2-3 seconds: run alone, after the parallel slow tests (.ci/run)
+@pytest.mark.serial  # leases of 2-3 seconds: one at a time, beside niced tests only (.ci/run)
 def test_every_worker_line_is_json_and_job_lines_carry_the_job_id(tmp_path):
     from store.jobs import JobStore
 
